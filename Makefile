@@ -1,0 +1,35 @@
+# The two commands: `make run` (the default job) and `make test` (the whole suite).
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+# CPU wheel of torch that lies on this kind of machine; clusters with CUDA keep their own build.
+TORCH_CPU ?= torch==2.13.0
+NPROC   ?= 2
+ARGS    ?=
+
+.PHONY: setup run test bench clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	@if ! $(BIN)/python -c "import torch" 2>/dev/null; then \
+	  if command -v nvidia-smi >/dev/null 2>&1; then $(BIN)/pip install -q torch; \
+	  else $(BIN)/pip install -q $(TORCH_CPU); fi; fi
+	$(BIN)/pip install -q -e '.[dev,report]'
+	touch $@
+
+setup: $(VENV)/.installed
+
+run: setup
+	DS_ACCELERATOR=cpu $(BIN)/kintsugi launch --nproc-per-node $(NPROC) --config configs/tiny.toml $(ARGS)
+
+test: setup
+	DS_ACCELERATOR=cpu $(BIN)/python -m pytest -q tests $(ARGS)
+
+bench: setup
+	DS_ACCELERATOR=cpu $(BIN)/python benchmarks/train_throughput.py --json runs/bench/train_throughput.json
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,171 @@
+"""Native files: shards in the safetensors layout plus one JSON manifest per step.
+
+A shard is an 8-byte little-endian header length, a JSON header
+``{key: {"dtype", "shape", "data_offsets"}}`` and raw little-endian bytes: readable by
+``safetensors.safe_open`` and by ``numpy.memmap``, never unpickled. The manifest holds every
+tensor's global shape and dtype, where each chunk of it lies, and a CRC32 per chunk.
+
+A step directory is written as ``step_XXXXXXXX.tmp`` and becomes ``step_XXXXXXXX`` by an
+atomic rename only after its data files and manifest are fsynced; ``latest`` is rewritten
+(write, fsync, rename) after that. A reader never sees a half-written step.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from comms import UserError
+
+FORMAT = "kintsugi"
+VERSION = 1
+MANIFEST = "manifest.json"
+LATEST = "latest"
+
+DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+    torch.uint8: "U8", torch.bool: "BOOL",
+}
+TORCH_DTYPES = {v: k for k, v in DTYPES.items()}
+DTYPE_NAMES = {d: str(d).removeprefix("torch.") for d in DTYPES}
+DTYPE_BY_NAME = {v: k for k, v in DTYPE_NAMES.items()}
+
+
+def step_dirname(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def as_bytes(t: torch.Tensor) -> memoryview:
+    """The tensor's raw bytes without a copy (it must be a contiguous CPU tensor)."""
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+
+
+def crc32(t: torch.Tensor) -> int:
+    return zlib.crc32(as_bytes(t.detach().cpu().contiguous()))
+
+
+def fsync_dir(path: Path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_shard(path: Path, tensors: dict[str, torch.Tensor]) -> dict[str, int]:
+    """Write one shard file and fsync it; returns the CRC32 of every tensor's bytes."""
+    header, offset, cpu = {}, 0, {}
+    for key, t in tensors.items():
+        t = t.detach().cpu().contiguous()
+        cpu[key] = t
+        n = t.numel() * t.element_size()
+        header[key] = {"dtype": DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # safetensors aligns the data start to 8 bytes
+    crcs = {}
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for key, t in cpu.items():
+            data = as_bytes(t)
+            crcs[key] = zlib.crc32(data)
+            f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return crcs
+
+
+class ShardReader:
+    """Reads tensors out of one shard file through a memory map (no pickle, no full load)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            with open(path, "rb") as f:
+                (n,) = struct.unpack("<Q", f.read(8))
+                self.header = json.loads(f.read(n))
+        except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CorruptCheckpoint(f"shard {path} is unreadable ({e})") from None
+        self.data_start = 8 + n
+        self.size = path.stat().st_size
+
+    def read(self, key: str, crc: int | None = None) -> torch.Tensor:
+        meta = self.header.get(key)
+        if meta is None:
+            raise CorruptCheckpoint(f"shard {self.path} has no tensor {key!r}")
+        lo, hi = meta["data_offsets"]
+        if self.data_start + hi > self.size:
+            raise CorruptCheckpoint(f"shard {self.path} is truncated at {key!r}")
+        raw = np.fromfile(self.path, dtype=np.uint8, count=hi - lo, offset=self.data_start + lo)
+        if crc is not None and zlib.crc32(raw) != crc:
+            raise CorruptCheckpoint(f"checksum mismatch for {key!r} in {self.path}")
+        return torch.from_numpy(raw).view(TORCH_DTYPES[meta["dtype"]]).reshape(meta["shape"])
+
+
+class CorruptCheckpoint(UserError):
+    """A step on disk is damaged (bad checksum, truncated or missing file, bad manifest)."""
+
+
+def write_manifest(step_dir: Path, manifest: dict):
+    tmp = step_dir / (MANIFEST + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(manifest, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, step_dir / MANIFEST)
+    fsync_dir(step_dir)
+
+
+def read_manifest(step_dir: Path) -> dict:
+    try:
+        m = json.loads((step_dir / MANIFEST).read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CorruptCheckpoint(f"manifest of {step_dir} is unreadable ({e.__class__.__name__}: {e})") from None
+    if m.get("format") != FORMAT or "tensors" not in m or "step" not in m:
+        raise CorruptCheckpoint(f"{step_dir} is not a Kintsugi checkpoint step (bad manifest)")
+    return m
+
+
+def commit_step(root: Path, tmp_dir: Path, step: int, keep_last: int) -> Path:
+    """Rename a fully written step into place, then point ``latest`` at it, then prune."""
+    final = root / step_dirname(step)
+    if final.exists():  # a step redone after a restart replaces its older copy
+        shutil.rmtree(final)
+    os.replace(tmp_dir, final)
+    fsync_dir(root)
+    tmp = root / (LATEST + ".tmp")
+    tmp.write_text(final.name + "\n")
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, root / LATEST)
+    fsync_dir(root)
+    prune(root, keep_last, step)
+    return final
+
+
+def committed_steps(root: Path) -> list[int]:
+    """Steps with a manifest, newest first (``.tmp`` directories are never listed)."""
+    steps = []
+    if root.is_dir():
+        for d in root.iterdir():
+            if d.is_dir() and d.name.startswith("step_") and d.name[5:].isdigit() and (d / MANIFEST).exists():
+                steps.append(int(d.name[5:]))
+    return sorted(steps, reverse=True)
+
+
+def prune(root: Path, keep_last: int, committed: int):
+    """Delete committed steps beyond the newest ``keep_last``, and ``.tmp`` dirs of steps
+    older than the one just committed (abandoned by a crash; newer ones may be in flight)."""
+    for step in committed_steps(root)[keep_last:]:
+        shutil.rmtree(root / step_dirname(step), ignore_errors=True)
+    for d in root.glob("step_*.tmp"):
+        if d.name[5:-4].isdigit() and int(d.name[5:-4]) < committed:
+            shutil.rmtree(d, ignore_errors=True)

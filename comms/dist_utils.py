@@ -1,0 +1,70 @@
+"""torch.distributed helpers that also work in a single process (no group initialized)."""
+from __future__ import annotations
+
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return dist.get_rank() if initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if initialized() else 1
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", 0))
+
+
+def barrier(group=None):
+    if initialized():
+        dist.barrier(group=group)
+
+
+def all_gather_object(obj, group=None) -> list:
+    """Every rank's ``obj`` (in memory, never from disk), indexed by rank."""
+    if not initialized():
+        return [obj]
+    out = [None] * dist.get_world_size(group)
+    dist.all_gather_object(out, obj, group=group)
+    return out
+
+
+def broadcast_object(obj, src: int = 0, group=None):
+    if not initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src, group=group)
+    return box[0]
+
+
+def all_reduce_max(value: float, group=None) -> float:
+    if not initialized():
+        return value
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return float(t.item())
+
+
+def init_process_group(backend: str = "auto", timeout_s: float = 600.0) -> str:
+    """Join the job's process group from torchrun's environment; a lone process needs none.
+
+    ``auto`` picks NCCL when CUDA is present, gloo otherwise. Returns the device type.
+    """
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if "RANK" not in os.environ or initialized():
+        return device
+    if backend == "auto":
+        backend = "nccl" if device == "cuda" else "gloo"
+    if device == "cuda":
+        torch.cuda.set_device(local_rank())
+    dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+    return device
