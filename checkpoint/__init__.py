@@ -1,6 +1,7 @@
 """The state model, save/restore with the commit protocol, and on-disk formats."""
+from checkpoint.config import CheckpointConfig
 from checkpoint.format import CorruptCheckpoint, committed_steps
 from checkpoint.state import Chunk, chunk_of, flatten
 from checkpoint.store import load_state, save_state
 
-__all__ = ["Chunk", "chunk_of", "flatten", "save_state", "load_state", "committed_steps", "CorruptCheckpoint"]
+__all__ = ["CheckpointConfig", "Chunk", "chunk_of", "flatten", "save_state", "load_state", "committed_steps", "CorruptCheckpoint"]

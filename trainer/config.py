@@ -14,16 +14,12 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from checkpoint.config import CheckpointConfig
 from comms import UserError
+from comms.configlib import check, doc
+from diagnostics.config import DiagnosticsConfig
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny.toml"
-
-
-def doc(text: str, default, **kw):
-    """A dataclass field with its documentation attached."""
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda d=default: type(d)(d), metadata={"doc": text, **kw})
-    return field(default=default, metadata={"doc": text, **kw})
 
 
 @dataclass
@@ -162,32 +158,6 @@ class TrainConfig:
 
 
 @dataclass
-class CheckpointConfig:
-    """Saving and restoring the training state."""
-
-    interval: int = doc("Save every N optimizer steps; 0 = only at the end and on SIGTERM.", 20)
-    keep_last: int = doc("Committed steps to keep (older ones are deleted after a newer one commits).", 2)
-    dir: str = doc("Checkpoint directory; empty = RUN_DIR/checkpoints.", "")
-    resume: bool = doc("Resume from the newest committed step found in `dir`.", True)
-    load_from: str = doc("Start from this checkpoint directory (any layout) instead of `dir`'s newest.", "")
-
-    def validate(self):
-        check(self.interval >= 0, "checkpoint.interval", "must be >= 0")
-        check(self.keep_last >= 1, "checkpoint.keep_last", "must be >= 1")
-
-
-@dataclass
-class DiagnosticsConfig:
-    """Collective tracing and fault injection (for tests and drills)."""
-
-    trace: bool = doc("Record every collective in a per-rank ring buffer.", True)
-    inject: list = doc("Faults to inject, e.g. `crash:rank=1,step=30`; empty = none.", [])
-
-    def validate(self):
-        pass
-
-
-@dataclass
 class JobConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -242,11 +212,6 @@ class JobConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
-
-
-def check(ok: bool, name: str, why: str):
-    if not ok:
-        raise UserError(f"config {name}: {why}")
 
 
 def _coerce(value, tp, name: str):
