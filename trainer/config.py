@@ -18,6 +18,7 @@ from checkpoint.config import CheckpointConfig
 from comms import UserError
 from comms.configlib import check, doc
 from diagnostics.config import DiagnosticsConfig
+from trainer.moe_config import MoEConfig
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny.toml"
 
@@ -37,12 +38,6 @@ class ModelConfig:
     norm_eps: float = doc("RMSNorm epsilon.", 1e-5)
     tie_embeddings: bool = doc("Share the input embedding with the output projection.", False)
     init_std: float = doc("Standard deviation of the normal weight init.", 0.02)
-    moe_every: int = doc("Make every Nth block's feed-forward a mixture of experts; 0 = dense only.", 0)
-    n_experts: int = doc("Experts per MoE layer.", 4)
-    moe_top_k: int = doc("Experts each token is routed to.", 2)
-    capacity_factor: float = doc("Expert capacity = factor x tokens x k / experts; overflow tokens are dropped.", 1.25)
-    aux_loss_coef: float = doc("Weight of the load-balancing loss added to the LM loss.", 0.01)
-
     def validate(self):
         check(self.vocab_size > 0, "model.vocab_size", "must be positive")
         check(self.dim > 0 and self.n_layers > 0, "model.dim/n_layers", "must be positive")
@@ -50,10 +45,6 @@ class ModelConfig:
         check((self.dim // self.n_heads) % 2 == 0, "model.n_heads", "dim / n_heads must be even for rotary positions")
         kv = self.n_kv_heads or self.n_heads
         check(self.n_heads % kv == 0, "model.n_kv_heads", f"must divide model.n_heads={self.n_heads}")
-        check(self.moe_every >= 0, "model.moe_every", "must be >= 0")
-        if self.moe_every:
-            check(1 <= self.moe_top_k <= self.n_experts, "model.moe_top_k", f"must be in 1..n_experts={self.n_experts}")
-            check(self.capacity_factor > 0, "model.capacity_factor", "must be > 0")
 
 
 @dataclass
@@ -144,7 +135,7 @@ class TrainConfig:
     dtype: str = doc("Compute precision: `fp32` or `bf16` (autocast).", "fp32")
     seed: int = doc("Seed of the weight init; identical on every rank.", 42)
     log_every: int = doc("Print a step line every N steps (rank 0).", 10)
-    run_dir: str = doc("Where logs, metrics, checkpoints and diagnostics go; created if missing.", "runs/tiny")
+    run_dir: str = doc("Where logs, metrics, checkpoints and diagnostics go; created if missing. Its parent must exist, except `runs/` in the working directory, which is created on demand.", "runs/tiny")
     progress: bool = doc("Show a progress bar on rank 0.", True)
     threads: int = doc("torch intra-op threads per rank; 0 = leave torch's default.", 1)
 
@@ -154,12 +145,13 @@ class TrainConfig:
         check(self.dtype in ("fp32", "bf16"), "train.dtype", "must be fp32 or bf16")
         check(self.log_every >= 1, "train.log_every", "must be >= 1")
         parent = Path(self.run_dir).resolve().parent
-        check(parent.is_dir(), "train.run_dir", f"parent directory {str(parent)!r} does not exist; create it or pick another run_dir")
+        check(parent.is_dir() or parent == Path("runs").resolve(), "train.run_dir", f"parent directory {str(parent)!r} does not exist; create it or pick another run_dir")
 
 
 @dataclass
 class JobConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
     data: DataConfig = field(default_factory=DataConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
@@ -171,7 +163,7 @@ class JobConfig:
     def validate(self, world_size: int | None = None):
         for f in dataclasses.fields(self):
             getattr(self, f.name).validate()
-        if self.model.moe_every:
+        if self.moe.every:
             check(self.parallel.pp == 1, "parallel.pp", "MoE models do not support pipeline parallelism yet; set parallel.pp=1")
         if self.parallel.pp > 1:
             check(not self.model.tie_embeddings, "model.tie_embeddings", "cannot tie embeddings across pipeline stages; set it false")
@@ -191,9 +183,9 @@ class JobConfig:
                 local = self.data.batch_size // dp // self.train.grad_accum
                 check(local % self.parallel.pp_microbatches == 0, "parallel.pp_microbatches",
                       f"must divide the per-rank batch {local}")
-            if self.model.moe_every:
-                check(dp % self.parallel.ep == 0 and self.model.n_experts % self.parallel.ep == 0, "parallel.ep",
-                      f"must divide the data-parallel size {dp} and model.n_experts={self.model.n_experts}")
+            if self.moe.every:
+                check(dp % self.parallel.ep == 0 and self.moe.n_experts % self.parallel.ep == 0, "parallel.ep",
+                      f"must divide the data-parallel size {dp} and moe.n_experts={self.moe.n_experts}")
         return self
 
     def resolve_mesh(self, world_size: int):

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from trainer.config import ModelConfig
+from trainer.moe_config import MoEConfig
 
 
 def ffn_hidden(cfg: ModelConfig) -> int:
@@ -75,16 +76,16 @@ class FeedForward(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, layer_id: int, cfg: ModelConfig):
+    def __init__(self, layer_id: int, cfg: ModelConfig, moe: MoEConfig):
         super().__init__()
         self.attention_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.attention = Attention(cfg)
         self.ffn_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
-        self.is_moe = bool(cfg.moe_every) and (layer_id + 1) % cfg.moe_every == 0
+        self.is_moe = bool(moe.every) and (layer_id + 1) % moe.every == 0
         if self.is_moe:
             from trainer.moe import MoE  # only MoE configs need the expert machinery
 
-            self.feed_forward = MoE.from_model_config(cfg, ffn_hidden(cfg))
+            self.feed_forward = MoE(cfg.dim, ffn_hidden(cfg), moe)
         else:
             self.feed_forward = FeedForward(cfg.dim, ffn_hidden(cfg))
 
@@ -94,11 +95,12 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, moe: MoEConfig | None = None):
         super().__init__()
         self.cfg = cfg
+        moe = moe or MoEConfig()
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.layers = nn.ModuleDict({str(i): Block(i, cfg) for i in range(cfg.n_layers)})
+        self.layers = nn.ModuleDict({str(i): Block(i, cfg, moe) for i in range(cfg.n_layers)})
         self.norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
