@@ -59,9 +59,11 @@ def fsync_dir(path: Path):
         os.close(fd)
 
 
-def write_shard(path: Path, tensors: dict[str, torch.Tensor]) -> dict[str, int]:
-    """Write one shard file and fsync it; returns the CRC32 of every tensor's bytes."""
-    header, offset, cpu = {}, 0, {}
+def write_shard(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> dict[str, int]:
+    """Write one shard file and fsync it; returns the CRC32 of every tensor's bytes.
+
+    ``metadata`` goes into the header's ``__metadata__`` (safetensors' string map)."""
+    header, offset, cpu = ({"__metadata__": metadata} if metadata else {}), 0, {}
     for key, t in tensors.items():
         t = t.detach().cpu().contiguous()
         cpu[key] = t
