@@ -1,0 +1,139 @@
+"""``kintsugi ckpt`` (also ``python -m checkpoint``): convert, inspect and verify checkpoints.
+
+    kintsugi ckpt convert SRC DST --to {universal,deepspeed-universal,dcp,safetensors}
+                          [--dtype bfloat16] [--max-memory 2G] [--workers 4] [--dry-run]
+    kintsugi ckpt inspect PATH
+    kintsugi ckpt verify A B
+
+The source format is detected (Kintsugi native or universal, DeepSpeed ZeRO 1/2/3 or
+universal, torch DCP, consolidated safetensors). Exit codes: 0 done / equal, 1 ``verify``
+found differences, 2 bad input (one line on stderr, nothing half-written left behind).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from checkpoint.convert import TARGETS, convert, detect
+from checkpoint.format import DTYPE_BY_NAME
+from comms import UserError, exits_on_user_error
+
+
+def parse_size(text: str) -> int:
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?\s*", text, re.I)
+    if not m:
+        raise UserError(f"--max-memory {text!r} is not a size; write e.g. 512M or 4G")
+    return int(float(m.group(1)) * 1024 ** " KMGT".index(m.group(2).upper() or " "))
+
+
+def human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+
+
+def cmd_convert(a) -> int:
+    dtype = None
+    if a.dtype:
+        dtype = DTYPE_BY_NAME.get(a.dtype.removeprefix("torch."))
+        if dtype is None or not dtype.is_floating_point:
+            raise UserError(f"--dtype {a.dtype!r} is not a floating dtype; use float32, bfloat16 or float16")
+    plan = convert(Path(a.src), Path(a.dst), a.to, parse_size(a.max_memory), a.workers, a.dry_run, dtype,
+                   progress=not a.quiet)
+    if a.dry_run:
+        print(f"plan: {len(plan.names)} tensors -> {a.to} at {a.dst}")
+        for name in plan.names:
+            info = plan.infos[name]
+            print(f"  {name:60s} {str(list(info.shape)):>20s} {str(info.dtype).removeprefix('torch.'):>9s} {human(info.nbytes):>10s}")
+        if plan.skipped:
+            print(f"not written ({a.to} holds no such tensors): {len(plan.skipped)}")
+        print(f"output size: {human(plan.out_bytes)}; peak memory: {human(plan.peak_bytes)} "
+              f"({plan.workers} workers, --max-memory {human(plan.max_memory)}); nothing written (--dry-run)")
+    elif not a.quiet:
+        print(f"converted {len(plan.names)} tensors ({human(plan.out_bytes)}) to {a.to} at {a.dst}")
+    return 0
+
+
+def cmd_inspect(a) -> int:
+    src = detect(Path(a.path))
+    objects = src.objects()
+    print(f"path:    {src.path}")
+    print(f"format:  {src.format}")
+    print(f"step:    {src.step}")
+    print(f"layout:  {', '.join(f'{k}={v}' for k, v in src.layout.items()) or '-'}")
+    dtypes = Counter(str(i.dtype).removeprefix("torch.") for i in src.tensors.values())
+    print(f"tensors: {len(src.tensors)} ({human(src.nbytes)}; {', '.join(f'{n} {d}' for d, n in dtypes.items())})")
+    for name, info in sorted(src.tensors.items()):
+        print(f"  {name:60s} {str(list(info.shape)):>20s} {str(info.dtype).removeprefix('torch.'):>9s} {human(info.nbytes):>10s}")
+    print(f"objects: {', '.join(sorted(objects)) or '-'}")
+    print(f"missing: {', '.join(src.missing) if src.missing else 'nothing'}")
+    return 0
+
+
+def tolerance(*dtypes) -> tuple[float, float]:
+    """(rtol, atol) of the coarser floating dtype: a value cast to it and back may move by one ulp."""
+    floats = [d for d in dtypes if d.is_floating_point]
+    if not floats:
+        return 0.0, 0.0
+    fi = max((torch.finfo(d) for d in floats), key=lambda f: f.eps)
+    return 2 * fi.eps, fi.tiny
+
+
+def cmd_verify(a) -> int:
+    x, y = detect(Path(a.a)), detect(Path(a.b))
+    diffs = []
+    only_x, only_y = sorted(set(x.tensors) - set(y.tensors)), sorted(set(y.tensors) - set(x.tensors))
+    diffs += [f"only in A: {n}" for n in only_x] + [f"only in B: {n}" for n in only_y]
+    common = sorted(set(x.tensors) & set(y.tensors))
+    for name in common:
+        if x.tensors[name].shape != y.tensors[name].shape:
+            diffs.append(f"{name}: shape {list(x.tensors[name].shape)} != {list(y.tensors[name].shape)}")
+            continue
+        tx, ty = x.read(name), y.read(name)
+        rtol, atol = tolerance(tx.dtype, ty.dtype)
+        if not torch.allclose(tx.double(), ty.double(), rtol=rtol, atol=atol, equal_nan=True):
+            err = (tx.double() - ty.double()).abs().max().item()
+            diffs.append(f"{name}: values differ (max abs difference {err:.3g})")
+    if x.step != y.step:
+        diffs.append(f"step: {x.step} != {y.step}")
+    for d in diffs:
+        print(d)
+    print(f"compared {len(common)} tensors of {x.format} {a.a} and {y.format} {a.b}: "
+          f"{'equal' if not diffs else f'{len(diffs)} differences'}")
+    return 1 if diffs else 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kintsugi ckpt", description="Convert, inspect and verify checkpoints.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    c = sub.add_parser("convert", help="convert a checkpoint (format detected) to another format")
+    c.add_argument("src")
+    c.add_argument("dst")
+    c.add_argument("--to", required=True, choices=TARGETS)
+    c.add_argument("--dtype", help="safetensors only: cast weights (float32, bfloat16, float16)")
+    c.add_argument("--max-memory", default="2G", help="bytes of tensors in flight at once (default 2G)")
+    c.add_argument("--workers", type=int, default=4, help="tensors converted in parallel (default 4)")
+    c.add_argument("--dry-run", action="store_true", help="print the plan, write nothing")
+    c.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    c.set_defaults(func=cmd_convert)
+    i = sub.add_parser("inspect", help="format, step, layout, tensors, what is missing")
+    i.add_argument("path")
+    i.set_defaults(func=cmd_inspect)
+    v = sub.add_parser("verify", help="compare two checkpoints of any formats tensor by tensor")
+    v.add_argument("a")
+    v.add_argument("b")
+    v.set_defaults(func=cmd_verify)
+    return p
+
+
+@exits_on_user_error
+def main(argv: list[str]) -> int:
+    logging.basicConfig(level=logging.WARNING, format="kintsugi: %(message)s")
+    a = parser().parse_args(argv)
+    return a.func(a)

@@ -1,0 +1,365 @@
+"""DeepSpeed checkpoints: ZeRO stage 1/2/3 (fp32 and bf16/fp16 optimizer files, tensor and
+pipeline parallel shards) and DeepSpeed universal checkpoints, read and written.
+
+ZeRO 1/2 keeps one flat fp32 partition per (data-parallel rank, parameter group) plus
+``param_slice_mappings``: where each parameter's fragment lies in that partition; a
+parameter's fragments over the data-parallel ranks, in rank order, are the parameter.
+ZeRO 3 partitions every parameter on its own: rank r holds elements
+[r*ceil(n/dp), (r+1)*ceil(n/dp)) of it, padded, laid out in ``param_shapes`` order.
+
+Files are opened with ``torch.load(weights_only=True, mmap=True)``: nothing but tensors and
+an allowlist of DeepSpeed's plain data classes is unpickled, and tensor bytes are paged in
+only for the fragments a conversion step reads, so memory stays at the tensors in flight.
+A DeepSpeed universal checkpoint (``zero/<param>/{fp32,exp_avg,exp_avg_sq,step}.pt``) is
+written the way ``deepspeed.checkpoint.ds_to_universal`` writes it, so an engine started
+with ``"checkpoint": {"load_universal": true}`` loads it.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import pickle
+import re
+import shutil
+import zipfile
+from pathlib import Path
+
+import torch
+
+from checkpoint.convert.sources import Info, Source
+from checkpoint.format import CorruptCheckpoint
+from checkpoint.patterns import Patterns
+from checkpoint.universal import jsonable, param_name, split_name
+from comms import UserError
+
+OPTIM_RE = re.compile(r"^(bf16_|fp16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
+MODEL_RE = re.compile(r"^mp_rank_(\d+)_model_states\.pt$")
+Z3_MODEL_RE = re.compile(r"^(bf16_|fp16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_model_states\.pt$")
+EXPERT_RE = re.compile(r"^layer_(\d+)_expert_(\d+)_mp_rank_(\d+)_model_states\.pt$")
+# Sharded keys ds_to_universal leaves out of zero/optimizer_state.pt.
+SHARDED = ("base_optimizer_state", "param_slice_mappings", "single_partition_of_fp32_groups")
+
+
+def safe_classes() -> list:
+    """The plain data classes DeepSpeed pickles next to its tensors (and nothing else)."""
+    from deepspeed.checkpoint.universal_checkpoint import SubparamShape
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address, SubparamShape, argparse.Namespace]
+
+
+_allowed = False
+
+
+def load_pt(path: Path, mmap: bool = True):
+    """torch.load with ``weights_only=True`` (plus DeepSpeed's data classes), errors as UserError."""
+    global _allowed
+    if not _allowed:  # process-wide: the safe_globals context manager is not thread-safe
+        torch.serialization.add_safe_globals(safe_classes())
+        _allowed = True
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except FileNotFoundError:
+        raise UserError(f"{path} is missing; the checkpoint is incomplete") from None
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0][:200]
+        raise UserError(f"{path} holds an object outside the weights-only allowlist ({first}); "
+                        "it is not a plain DeepSpeed checkpoint file") from None
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as e:
+        raise CorruptCheckpoint(f"{path} is truncated or corrupt ({str(e).splitlines()[0][:120]})") from None
+
+
+def save_pt(obj, path: Path):
+    """torch.save through a tmp file and a rename (a present file is a complete file)."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _tag_dir(path: Path, latest: str) -> Path:
+    if (path / latest).is_file():
+        return path / (path / latest).read_text().strip()
+    return path
+
+
+def is_deepspeed(path: Path) -> bool:
+    d = _tag_dir(Path(path), "latest")
+    return d.is_dir() and any(OPTIM_RE.match(p.name) or MODEL_RE.match(p.name) for p in d.iterdir())
+
+
+def is_deepspeed_universal(path: Path) -> bool:
+    d = _tag_dir(Path(path), "latest_universal")
+    return (d / "zero").is_dir()
+
+
+class DeepSpeedSource(Source):
+    """A DeepSpeed ZeRO checkpoint: a save dir with ``latest`` or one ``global_stepN`` tag dir."""
+
+    format = "deepspeed"
+
+    def __init__(self, path: Path):
+        super().__init__(path)
+        self.dir = _tag_dir(self.path, "latest")
+        if not self.dir.is_dir():
+            raise UserError(f"{self.dir} (named by {self.path / 'latest'}) is missing; the checkpoint is incomplete")
+        names = sorted(p.name for p in self.dir.iterdir())
+        self.optim = {}  # (mp, dp) -> path
+        for n in names:
+            m = OPTIM_RE.match(n)
+            if m:
+                self.optim[(int(m.group(3)), int(m.group(2)))] = self.dir / n
+        if not self.optim:
+            raise UserError(f"{self.dir} has no *_optim_states.pt files; it is not a DeepSpeed ZeRO checkpoint")
+        mps = sorted({mp for mp, _ in self.optim})
+        dps = sorted({dp for _, dp in self.optim})
+        if mps != list(range(len(mps))) or dps != list(range(len(dps))) or len(self.optim) != len(mps) * len(dps):
+            raise UserError(f"{self.dir} has mismatched optimizer shard counts ({len(self.optim)} files for "
+                            f"{len(mps)} model-parallel x {len(dps)} data-parallel ranks); a shard file is missing")
+        self.mp, self.dp = len(mps), len(dps)
+        first = load_pt(self.optim[(0, 0)])["optimizer_state_dict"]
+        self.stage = int(jsonable(first.get("zero_stage", 1)))
+        self.experts = sorted(self.dir / n for n in names if EXPERT_RE.match(n))
+        if self.stage == 3:
+            self.model_files = {(int(m.group(3)), int(m.group(2))): self.dir / n for n in names if (m := Z3_MODEL_RE.match(n))}
+            if set(self.model_files) != set(self.optim):
+                raise UserError(f"{self.dir} has {len(self.model_files)} ZeRO-3 model-state files for {len(self.optim)} "
+                                "optimizer files; a shard file is missing")
+            self.model = load_pt(self.model_files[(0, 0)])
+            self.tp, self.pp = self.mp, 1
+        else:
+            self.model_files = {int(m.group(1)): self.dir / n for n in names if (m := MODEL_RE.match(n))}
+            if sorted(self.model_files) != mps:
+                raise UserError(f"{self.dir} has model-state files for ranks {sorted(self.model_files)} but optimizer "
+                                f"files for model-parallel ranks {mps}; a shard file is missing")
+            self.model = load_pt(self.model_files[0])
+            dims = self.model.get("checkpoint_parallel_dimensions") or {}
+            self.tp, self.pp = int(dims.get("tp_degree", self.mp)), int(dims.get("pp_degree", 1))
+        self.patterns = Patterns.from_deepspeed(self.model.get("universal_checkpoint_info"))
+        self.step = int(self.model.get("global_steps", 0) or 0)
+        self.layout = {"zero_stage": self.stage, "dp": self.dp, "tp": self.tp, "pp": self.pp,
+                       "optimizer_files": (OPTIM_RE.match(self.optim[(0, 0)].name).group(1) or "fp32_").rstrip("_")}
+        self.extras: dict[str, dict] = {}
+        self._plan()
+
+    # -- planning: where every parameter's pieces are ---------------------------------------
+
+    def _plan(self):
+        """Build ``self.params``: fqn -> {tp rank: (slice shape, [(mp, dp, group, start, numel, dst)])}."""
+        self.params: dict[str, dict] = {}
+        self.shapes: dict[str, dict[int, tuple]] = {}
+        self.fallback: dict[str, int] = {}  # params DeepSpeed kept no optimizer fragments for -> mp rank
+        self.has_step = False
+        for mp in range(self.mp):
+            tp, pp = mp % self.tp, mp // self.tp
+            model = self.model if mp == 0 else load_pt(self.model_files[mp if self.stage != 3 else (mp, 0)])
+            groups = model["param_shapes"]
+            for g in groups:
+                for fqn, shape in g.items():
+                    if pp > 0 and self.patterns.is_pipeline_replicated(fqn):
+                        continue  # a tied weight: the first stage's copy is the one
+                    self.shapes.setdefault(fqn, {})[tp] = tuple(shape)
+            if self.stage == 3:
+                self._plan_zero3(mp, tp, groups)
+            else:
+                self._plan_zero12(mp, tp, pp)
+        if self.experts:
+            self.layout["expert_files"] = len(self.experts)
+        for fqn, by_tp in self.shapes.items():
+            if sorted(by_tp) != list(range(self.tp)):
+                raise UserError(f"{fqn!r} is in the model-state files of tp ranks {sorted(by_tp)} of {self.tp}; "
+                                "a shard file is missing")
+            shape = self._merged_shape(fqn, by_tp)
+            states = ("fp32", "exp_avg", "exp_avg_sq") + (("step",) if self.has_step else ())
+            if fqn not in self.params:
+                self.fallback[fqn] = 0
+                self.tensors[param_name(fqn, "fp32")] = Info(shape, torch.float32)
+                self.missing += [param_name(fqn, s) for s in states[1:]]
+                continue
+            for s in states:
+                self.tensors[param_name(fqn, s)] = Info(() if s == "step" else shape, torch.float32)
+        unused = self.patterns.unused()
+        if unused:
+            raise UserError(f"universal_checkpoint_info patterns {unused} match no parameter of {self.dir}; "
+                            "fix the patterns or the model names")
+
+    def _plan_zero12(self, mp: int, tp: int, pp: int):
+        for dp in range(self.dp):
+            osd = load_pt(self.optim[(mp, dp)])["optimizer_state_dict"]
+            self.has_step |= any("step" in s for s in osd["base_optimizer_state"]["state"].values())
+            for g, mapping in enumerate(osd["param_slice_mappings"]):
+                for fqn, frag in mapping.items():
+                    if pp > 0 and self.patterns.is_pipeline_replicated(fqn):
+                        continue
+                    self.params.setdefault(fqn, {}).setdefault(tp, []).append((mp, dp, g, frag.start, frag.numel, None))
+
+    def _plan_zero3(self, mp: int, tp: int, groups: list):
+        for dp in range(self.dp):
+            osd = load_pt(self.optim[(mp, dp)])["optimizer_state_dict"]
+            parts = osd.get("ds_zero_partition_groups") or []
+            self.has_step |= any("step" in s for s in osd["optimizer_state_dict"]["state"].values())
+            for g, shapes in enumerate(groups):
+                count = parts[g].get("partition_count", self.dp) if g < len(parts) else self.dp
+                rank = parts[g].get("partition_rank", dp) if g < len(parts) else dp
+                offset = 0
+                for fqn, shape in shapes.items():
+                    numel = math.prod(shape)
+                    per = math.ceil(numel / count)
+                    n = max(0, min(per, numel - rank * per))
+                    self.params.setdefault(fqn, {}).setdefault(tp, []).append((mp, dp, g, offset, n, rank * per))
+                    offset += per
+
+    def _merged_shape(self, fqn: str, by_tp: dict) -> tuple:
+        slices = [torch.empty(by_tp[t], device="meta") for t in range(self.tp)]
+        return tuple(self.patterns.merge(fqn, slices)[0].shape)
+
+    # -- reading ----------------------------------------------------------------------------
+
+    def _flat(self, osd: dict, group: int, state: str) -> torch.Tensor:
+        if state == "fp32":
+            return osd["fp32_flat_groups" if self.stage == 3 else "single_partition_of_fp32_groups"][group]
+        return osd["optimizer_state_dict" if self.stage == 3 else "base_optimizer_state"]["state"][group][state]
+
+    def read(self, name: str) -> torch.Tensor:
+        fqn, state = split_name(name)
+        if fqn in self.fallback:
+            self.extras[name] = {}
+            return self.model["module"][fqn].float()  # as ds_to_universal: the module's weight
+        files = {}
+
+        def osd(mp, dp):
+            if (mp, dp) not in files:
+                files[(mp, dp)] = load_pt(self.optim[(mp, dp)])["optimizer_state_dict"]
+            return files[(mp, dp)]
+
+        if state == "step":
+            mp, dp, g, *_ = self.params[fqn][0][0]
+            return torch.as_tensor(self._flat(osd(mp, dp), g, "step"), dtype=torch.float32).clone()
+        slices = []
+        for tp in range(self.tp):
+            shape = self.shapes[fqn][tp]
+            numel = math.prod(shape)
+            buf = torch.empty(numel, dtype=torch.float32)
+            at, covered = 0, 0
+            for mp, dp, g, start, n, dst in self.params[fqn].get(tp, []):
+                pos = at if dst is None else dst
+                buf[pos:pos + n] = self._flat(osd(mp, dp), g, state)[start:start + n]
+                at += n
+                covered += n
+            if covered != numel:
+                raise UserError(f"the optimizer files of {self.dir} hold {covered} of {numel} elements of {fqn!r}; "
+                                "a shard file is missing or from another run")
+            slices.append(buf.view(shape))
+        full, extras = self.patterns.merge(fqn, slices)
+        self.extras[name] = extras
+        return full
+
+    def peak_bytes(self, name: str) -> int:
+        return 2 * self.tensors[name].nbytes  # the per-tp slices and the merged atom
+
+    def objects(self) -> dict:
+        osd = load_pt(self.optim[(0, 0)])["optimizer_state_dict"]
+        groups = (osd["optimizer_state_dict"] if self.stage == 3 else osd["base_optimizer_state"])["param_groups"]
+        m = self.model
+        return jsonable({
+            "step": self.step, "global_samples": m.get("global_samples"), "skipped_steps": m.get("skipped_steps"),
+            "lr_scheduler": m.get("lr_scheduler"), "data_sampler": m.get("data_sampler"),
+            "loss_scaler": vars(osd["loss_scaler"]) if "loss_scaler" in osd else None,
+            "optim.param_groups": [{k: v for k, v in g.items() if k != "params"} for g in groups],
+            "ds_config": m.get("ds_config"), "ds_version": m.get("ds_version"),
+        })
+
+
+class DeepSpeedUniversalSource(Source):
+    """A DeepSpeed universal checkpoint (written by ds_to_universal or by this tool)."""
+
+    format = "deepspeed-universal"
+
+    def __init__(self, path: Path):
+        super().__init__(path)
+        self.dir = _tag_dir(self.path, "latest_universal")
+        zero = self.dir / "zero"
+        model_files = sorted(p for p in self.dir.glob("*model_states.pt") if not EXPERT_RE.match(p.name))
+        if not model_files:
+            raise UserError(f"{self.dir} has no *_model_states.pt; the DeepSpeed universal checkpoint is incomplete")
+        self.model = load_pt(model_files[0])
+        shapes = {k: tuple(v) for g in self.model.get("param_shapes") or [] for k, v in g.items()}
+        self.step = int(self.model.get("global_steps", 0) or 0)
+        self.files = {}
+        for d in sorted(p for p in zero.iterdir() if p.is_dir()):
+            for f in sorted(d.glob("*.pt")):
+                state = f.stem
+                name = param_name(d.name, state)
+                obj = load_pt(f)
+                t = obj["param"] if isinstance(obj, dict) else torch.as_tensor(obj)
+                shape = () if state == "step" else tuple(t.shape) if t.dim() > 1 or d.name not in shapes else shapes[d.name]
+                self.tensors[name] = Info(shape, t.dtype)
+                self.files[name] = f
+        self.layout = {"zero_stage": int(jsonable(self.model.get("ds_config", {}).get("zero_optimization", {}).get("stage", 0)))}
+
+    def read(self, name: str) -> torch.Tensor:
+        obj = load_pt(self.files[name])
+        t = obj["param"] if isinstance(obj, dict) else torch.as_tensor(obj)
+        return t.reshape(self.tensors[name].shape).clone()
+
+    def objects(self) -> dict:
+        path = self.dir / "zero" / "optimizer_state.pt"
+        osd = load_pt(path) if path.is_file() else {}
+        return jsonable({"step": self.step, "lr_scheduler": self.model.get("lr_scheduler"),
+                         "optim.param_groups": [{k: v for k, v in g.items() if k != "params"}
+                                                for g in osd.get("param_groups", [])]})
+
+
+def write_deepspeed_universal_atom(zero: Path, src: Source, name: str, tensor: torch.Tensor):
+    """zero/<fqn>/<state>.pt exactly as ds_to_universal writes it for this source."""
+    fqn, state = split_name(name)
+    d = zero / fqn
+    d.mkdir(parents=True, exist_ok=True)
+    zero3 = isinstance(src, DeepSpeedSource) and src.stage == 3
+    if state == "step" and zero3:
+        return  # ds_to_universal keeps ZeRO-3's step in optimizer_state.pt only
+    if state == "step":
+        obj = tensor
+    elif zero3:
+        obj = tensor.reshape(-1)  # ds_to_universal keeps ZeRO-3 atoms flat
+    else:
+        extras = dict(getattr(src, "extras", {}).get(name, {"cat_dim": 0}))
+        if "sub_param_shape" in extras:
+            from deepspeed.checkpoint.universal_checkpoint import SubparamShape
+            extras["sub_param_shape"] = SubparamShape(**extras["sub_param_shape"])
+        obj = {**extras, "param": tensor}
+    save_pt(obj, d / f"{state}.pt")
+
+
+def finish_deepspeed_universal(tag_dir: Path, src: Source):
+    """The non-atom files: zero/optimizer_state.pt, the model-state files, ``latest_universal``."""
+    zero = tag_dir / "zero"
+    zero.mkdir(parents=True, exist_ok=True)
+    if isinstance(src, DeepSpeedSource):
+        sd = load_pt(src.optim[(0, 0)], mmap=False)["optimizer_state_dict"]
+        if src.stage == 3:
+            out = sd
+            out["param_groups"] = sd["optimizer_state_dict"]["param_groups"]
+        else:
+            out = {k: v for k, v in sd.items() if k not in SHARDED}
+            out["param_groups"] = sd["base_optimizer_state"]["param_groups"]
+        save_pt(out, zero / "optimizer_state.pt")
+        files = src.model_files.values()
+        for f in files:
+            if not (tag_dir / f.name).exists():
+                shutil.copyfile(f, tag_dir / (f.name + ".tmp"))
+                os.replace(tag_dir / (f.name + ".tmp"), tag_dir / f.name)
+    elif isinstance(src, DeepSpeedUniversalSource):
+        for f in [src.dir / "zero" / "optimizer_state.pt", *src.dir.glob("*model_states.pt")]:
+            dst = zero / f.name if f.parent.name == "zero" else tag_dir / f.name
+            shutil.copyfile(f, dst.with_name(dst.name + ".tmp"))
+            os.replace(dst.with_name(dst.name + ".tmp"), dst)
+    else:
+        raise UserError(f"--to deepspeed-universal needs the DeepSpeed engine's own model-state files, which a "
+                        f"{src.format} checkpoint does not have; convert a DeepSpeed checkpoint, or use --to universal")
+    (tag_dir.parent / "latest_universal").write_text(tag_dir.name)

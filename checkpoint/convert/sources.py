@@ -1,0 +1,195 @@
+"""Reading any supported checkpoint as a set of logical tensors, one at a time.
+
+Every reader presents the same view: the step, the source layout, each logical tensor's
+global shape and dtype under its universal name (checkpoint/universal.py), and ``read(name)``
+that consolidates just that tensor from its pieces. Converters, ``inspect``, ``verify`` and
+``load_any`` are written once against this view.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from checkpoint.format import DTYPE_BY_NAME, TORCH_DTYPES, ShardReader, committed_steps, read_manifest, step_dirname
+from checkpoint.patterns import assemble
+from checkpoint.state import is_chunk
+from checkpoint.universal import Universal, fill_chunk, is_universal
+from comms import UserError
+
+
+@dataclass
+class Info:
+    shape: tuple
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+class Source:
+    """Base of the readers: subclasses set the fields and implement ``read``."""
+
+    format = "?"
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.step = 0
+        self.layout: dict = {}
+        self.tensors: dict[str, Info] = {}
+        self.missing: list[str] = []  # what a full training state would have but this one lacks
+
+    def read(self, name: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def read_box(self, name: str, offsets, shape) -> torch.Tensor:
+        return self.read(name)[tuple(slice(o, o + n) for o, n in zip(offsets, shape))]
+
+    def objects(self) -> dict:
+        return {}
+
+    def peak_bytes(self, name: str) -> int:
+        """Memory ``read(name)`` needs beyond the result (buffers of pieces)."""
+        return self.tensors[name].nbytes
+
+    @property
+    def nbytes(self) -> int:
+        return sum(i.nbytes for i in self.tensors.values())
+
+
+class NativeSource(Source):
+    """Kintsugi's own checkpoint: a root with step_XXXXXXXX dirs (newest committed) or one step dir."""
+
+    format = "kintsugi"
+
+    def __init__(self, path: Path):
+        super().__init__(path)
+        step_dir = self.path
+        if not (step_dir / "manifest.json").is_file():
+            steps = committed_steps(self.path)
+            if not steps:
+                raise UserError(f"{self.path} holds no committed Kintsugi step; point at a checkpoint root or step dir")
+            step_dir = self.path / step_dirname(steps[0])
+        self.dir = step_dir
+        self.manifest = read_manifest(step_dir)
+        self.step = self.manifest["step"]
+        self.layout = {"world_size": self.manifest.get("world_size")}
+        self.tensors = {n: Info(tuple(t["shape"]), DTYPE_BY_NAME[t["dtype"]]) for n, t in self.manifest["tensors"].items()}
+        self.readers: dict[str, ShardReader] = {}
+
+    def _reader(self, file: str) -> ShardReader:
+        if file not in self.readers:
+            path = self.dir / file
+            if not path.is_file():
+                raise UserError(f"shard {path} is missing; the checkpoint is incomplete")
+            self.readers[file] = ShardReader(path)
+        return self.readers[file]
+
+    def read(self, name: str) -> torch.Tensor:
+        t = self.manifest["tensors"][name]
+        pieces = [(tuple(c["offsets"]), self._reader(c["file"]).read(c["key"], c["crc32"])) for c in t["chunks"]]
+        return assemble(name, t["shape"], pieces, DTYPE_BY_NAME[t["dtype"]])
+
+    def objects(self) -> dict:
+        return {"step": self.step, **self.manifest["objects"]}
+
+
+class UniversalSource(Source):
+    format = "universal"
+
+    def __init__(self, path: Path):
+        super().__init__(path)
+        self.u = Universal(path)
+        self.step = self.u.step
+        self.layout = self.u.meta["source"].get("layout", {})
+        self.tensors = {n: Info(tuple(r["shape"]), DTYPE_BY_NAME[r["dtype"]]) for n, r in self.u.tensors.items()}
+        self.missing = self.u.meta.get("missing", [])
+
+    def read(self, name: str) -> torch.Tensor:
+        return self.u.read(name)
+
+    def read_box(self, name: str, offsets, shape) -> torch.Tensor:
+        return self.u.read_box(name, offsets, shape)
+
+    def objects(self) -> dict:
+        return self.u.meta["objects"]
+
+
+class SafetensorsSource(Source):
+    """Consolidated model weights: one .safetensors file (or a dir with model.safetensors)."""
+
+    format = "safetensors"
+    FILE = "model.safetensors"
+
+    def __init__(self, path: Path):
+        super().__init__(path)
+        self.reader = ShardReader(self.path if self.path.is_file() else self.path / self.FILE)
+        meta = self.reader.header.get("__metadata__") or {}
+        self.step = int(meta.get("step", 0))
+        self.tensors = {"model." + k: Info(tuple(v["shape"]), TORCH_DTYPES[v["dtype"]])
+                        for k, v in self.reader.header.items() if k != "__metadata__"}
+
+    def read(self, name: str) -> torch.Tensor:
+        return self.reader.read(name[len("model."):])
+
+
+def detect(path: Path) -> Source:
+    """The reader for whatever checkpoint ``path`` is; a UserError naming what was found otherwise."""
+    from checkpoint.convert.dcp import DCPSource, is_dcp
+    from checkpoint.convert.deepspeed import DeepSpeedSource, DeepSpeedUniversalSource, is_deepspeed, is_deepspeed_universal
+
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path} does not exist; give the checkpoint directory")
+    if is_universal(path):
+        return UniversalSource(path)
+    if (path / "manifest.json").is_file() or committed_steps(path):
+        return NativeSource(path)
+    if path.is_file() and path.suffix == ".safetensors" or (path / SafetensorsSource.FILE).is_file():
+        return SafetensorsSource(path)
+    if is_dcp(path):
+        return DCPSource(path)
+    if is_deepspeed_universal(path):
+        return DeepSpeedUniversalSource(path)
+    if is_deepspeed(path):
+        return DeepSpeedSource(path)
+    raise UserError(f"{path} is not a checkpoint this tool knows (Kintsugi native or universal, DeepSpeed ZeRO or "
+                    "universal, torch DCP); check the path")
+
+
+def load_from_source(src: Source, state: dict, optional=lambda name: False) -> tuple[int, dict, set]:
+    """Fill ``state``'s chunks from any source (consolidating each tensor it needs)."""
+    missing = set()
+    for name, chunk in state.items():
+        if not is_chunk(chunk):
+            continue
+        info = src.tensors.get(name)
+        if info is None:
+            if optional(name):
+                missing.add(name)
+                continue
+            raise UserError(f"checkpoint {src.path} has no tensor {name!r}; it was saved from a different model")
+        fill_chunk(chunk, info.shape, lambda off, shp: src.read_box(name, off, shp), str(src.path))
+    return src.step, src.objects(), missing
+
+
+def load_any(path: Path, state: dict, optional=lambda name: False) -> tuple[int, dict, set]:
+    """Restore ``state`` from a checkpoint of any supported format, at any layout.
+
+    Native roots go through ``checkpoint.store.load_state`` (collective, falls back to older
+    steps on damage); universal checkpoints read only each chunk's rows; DCP, DeepSpeed and
+    DeepSpeed-universal checkpoints are consolidated tensor by tensor.
+    """
+    from checkpoint.store import load_state
+    from checkpoint.universal import load_universal
+
+    path = Path(path)
+    if is_universal(path):
+        return load_universal(path, state, optional)
+    src = detect(path)
+    if isinstance(src, NativeSource) and src.dir != path:
+        return load_state(path, state, optional)
+    return load_from_source(src, state, optional)

@@ -1,0 +1,275 @@
+"""Converting a checkpoint tensor by tensor: bounded memory, parallel, atomic, resumable.
+
+``convert`` reads one logical tensor at a time from the source (consolidating its pieces),
+hands it to the writer of the target format and drops it. Up to ``workers`` tensors are in
+flight, and only as many as fit into ``max_memory`` bytes (a tensor larger than the budget
+runs alone). There is no intermediate copy: each output file is written once, to a ``.tmp``
+name renamed when complete, inside ``DST.partial/``; DST appears by one rename at the end.
+
+A rerun after an interruption finds ``DST.partial/`` and skips every output file already
+complete. An error caused by the input or the disk (missing shard, no space, ...) removes
+``DST.partial/`` so nothing half-made stays behind; an interrupt keeps it for the rerun.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import struct
+import threading
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from checkpoint.convert import dcp as dcp_fmt
+from checkpoint.convert import deepspeed as ds_fmt
+from checkpoint.convert.sources import Info, Source, detect
+from checkpoint.format import DTYPES, as_bytes, fsync_dir
+from checkpoint.universal import atom_record, split_name, write_atom, write_meta
+from comms import UserError
+
+log = logging.getLogger(__name__)
+TARGETS = ("universal", "deepspeed-universal", "dcp", "safetensors")
+PARTIAL = ".partial"
+STAMP = ".convert.json"
+
+
+@dataclass
+class Plan:
+    to: str
+    names: list[str]  # the tensors written, in order
+    infos: dict[str, Info]  # their output shape and dtype
+    costs: dict[str, int]  # peak bytes to convert each
+    workers: int
+    max_memory: int
+    out_bytes: int = 0
+    peak_bytes: int = 0
+    dtype: torch.dtype | None = None
+    skipped: list[str] = field(default_factory=list)  # source tensors the target does not hold
+
+
+def make_plan(src: Source, to: str, workers: int, max_memory: int, dtype: torch.dtype | None) -> Plan:
+    if to not in TARGETS:
+        raise UserError(f"unknown target format {to!r}; use one of {', '.join(TARGETS)}")
+    if dtype is not None and to != "safetensors":
+        raise UserError("--dtype applies to --to safetensors only; drop it")
+    if to == "deepspeed-universal" and not isinstance(src, (ds_fmt.DeepSpeedSource, ds_fmt.DeepSpeedUniversalSource)):
+        raise UserError(f"--to deepspeed-universal needs the DeepSpeed engine's own model-state files, which a "
+                        f"{src.format} checkpoint does not have; convert a DeepSpeed checkpoint, or use --to universal")
+    names, skipped = [], []
+    for name in sorted(src.tensors):
+        keep = {"safetensors": name.startswith("model."),
+                "deepspeed-universal": split_name(name) is not None}.get(to, True)
+        (names if keep else skipped).append(name)
+    infos = {n: Info(src.tensors[n].shape, dtype or src.tensors[n].dtype) for n in names}
+    costs = {n: src.peak_bytes(n) + infos[n].nbytes for n in names}
+    plan = Plan(to, names, infos, costs, workers, max_memory, dtype=dtype, skipped=skipped)
+    plan.out_bytes = sum(i.nbytes for i in infos.values())
+    biggest = sorted(costs.values(), reverse=True)
+    plan.peak_bytes = max(biggest[0] if biggest else 0, min(max_memory, sum(biggest[:workers])))
+    return plan
+
+
+class Budget:
+    """Bytes in flight at most ``limit``; one task larger than that may run alone."""
+
+    def __init__(self, limit: int):
+        self.limit, self.used = limit, 0
+        self.cv = threading.Condition()
+
+    def acquire(self, n: int):
+        with self.cv:
+            self.cv.wait_for(lambda: self.used == 0 or self.used + n <= self.limit)
+            self.used += n
+
+    def release(self, n: int):
+        with self.cv:
+            self.used -= n
+            self.cv.notify_all()
+
+
+# -- writers: each knows what is already complete in DST.partial and how to finish ------------
+
+class UniversalWriter:
+    def __init__(self, root: Path, src: Source, plan: Plan):
+        self.root, self.src, self.plan = root, src, plan
+        (root / "atoms").mkdir(parents=True, exist_ok=True)
+        self.records = {}
+
+    def done(self, name: str) -> bool:
+        rec = atom_record(self.root, name)
+        if rec is not None:
+            self.records[name] = rec
+        return rec is not None
+
+    def write(self, name: str, t: torch.Tensor):
+        self.records[name] = write_atom(self.root, name, t)
+
+    def finish(self):
+        source = {"format": self.src.format, "path": str(self.src.path), "layout": self.src.layout}
+        write_meta(self.root, self.src.step, self.records, self.src.objects(), source, self.src.missing)
+
+
+class DeepSpeedUniversalWriter:
+    def __init__(self, root: Path, src: Source, plan: Plan):
+        self.src = src
+        self.tag = root / f"global_step{src.step}"
+        self.zero = self.tag / "zero"
+        self.zero.mkdir(parents=True, exist_ok=True)
+
+    def done(self, name: str) -> bool:
+        fqn, state = split_name(name)
+        return (self.zero / fqn / f"{state}.pt").is_file()
+
+    def write(self, name: str, t: torch.Tensor):
+        ds_fmt.write_deepspeed_universal_atom(self.zero, self.src, name, t)
+
+    def finish(self):
+        ds_fmt.finish_deepspeed_universal(self.tag, self.src)
+
+
+class DCPWriter:
+    def __init__(self, root: Path, src: Source, plan: Plan):
+        self.root, self.src, self.plan = root, src, plan
+        self.index = {n: k for k, n in enumerate(plan.names)}
+
+    def done(self, name: str) -> bool:
+        return (self.root / dcp_fmt.tensor_file(self.index[name])).is_file()
+
+    def write(self, name: str, t: torch.Tensor):
+        dcp_fmt.write_tensor(self.root, self.index[name], t)
+
+    def finish(self):
+        dcp_fmt.write_metadata(self.root, self.plan.names, self.plan.infos, self.src.objects())
+
+
+class SafetensorsWriter:
+    """One consolidated ``model.safetensors`` (names without ``model.``): the header is
+    written first from the plan, tensors go to their offsets; a journal records which are in."""
+
+    FILE = "model.safetensors"
+    JOURNAL = ".written"
+
+    def __init__(self, root: Path, src: Source, plan: Plan):
+        self.path, self.journal = root / self.FILE, root / self.JOURNAL
+        header, offset, self.offsets = {}, 0, {}
+        for name in plan.names:
+            info = plan.infos[name]
+            header[name[len("model."):]] = {"dtype": DTYPES[info.dtype], "shape": list(info.shape),
+                                            "data_offsets": [offset, offset + info.nbytes]}
+            self.offsets[name] = offset
+            offset += info.nbytes
+        header["__metadata__"] = {"format": "pt", "step": str(src.step)}
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * (-len(blob) % 8)
+        self.data_start = 8 + len(blob)
+        if not self.path.exists():
+            with open(self.path, "wb") as f:
+                f.write(struct.pack("<Q", len(blob)) + blob)
+                f.truncate(self.data_start + offset)
+        self.written = set(self.journal.read_text().split()) if self.journal.exists() else set()
+        self.lock = threading.Lock()
+        self.dtype = plan.dtype
+
+    def done(self, name: str) -> bool:
+        return name in self.written
+
+    def write(self, name: str, t: torch.Tensor):
+        data = as_bytes(t.to(self.dtype or t.dtype).contiguous())
+        fd = os.open(self.path, os.O_WRONLY)
+        try:
+            os.pwrite(fd, data, self.data_start + self.offsets[name])
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        with self.lock, open(self.journal, "a") as j:  # journaled only after the bytes are durable
+            j.write(name + "\n")
+
+    def finish(self):
+        self.journal.unlink(missing_ok=True)
+
+
+WRITERS = {"universal": UniversalWriter, "deepspeed-universal": DeepSpeedUniversalWriter,
+           "dcp": DCPWriter, "safetensors": SafetensorsWriter}
+
+
+def _prepare(dst: Path, src: Source, to: str, dtype) -> Path:
+    """DST.partial/, resumed when it was left by the same conversion."""
+    if dst.exists():
+        raise UserError(f"{dst} already exists; choose another destination or remove it")
+    partial = dst.with_name(dst.name + PARTIAL)
+    stamp = {"source": str(src.path.resolve()), "to": to, "dtype": str(dtype), "step": src.step}
+    if partial.exists():
+        try:
+            old = json.loads((partial / STAMP).read_text())
+        except (OSError, json.JSONDecodeError):
+            old = None
+        if old != stamp:
+            raise UserError(f"{partial} was left by a different conversion; remove it or convert to another destination")
+        log.info("resuming the conversion in %s", partial)
+    else:
+        partial.mkdir(parents=True)
+        (partial / STAMP).write_text(json.dumps(stamp))
+    return partial
+
+
+def convert(src_path: Path, dst: Path, to: str, max_memory: int = 2 << 30, workers: int = 4,
+            dry_run: bool = False, dtype: torch.dtype | None = None, progress: bool = True) -> Plan:
+    """Convert the checkpoint at ``src_path`` (format detected) to format ``to`` at ``dst``."""
+    src = detect(src_path)
+    plan = make_plan(src, to, max(1, workers), max_memory, dtype)
+    dst = Path(dst)
+    if dry_run:
+        if dst.exists():
+            raise UserError(f"{dst} already exists; choose another destination or remove it")
+        return plan
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(dst.parent).free
+    partial_exists = dst.with_name(dst.name + PARTIAL).exists()
+    if not partial_exists and free < plan.out_bytes:
+        raise UserError(f"{dst.parent} has {free / 2**20:.0f} MiB free but the conversion writes "
+                        f"{plan.out_bytes / 2**20:.0f} MiB; free space or choose another destination")
+    partial = _prepare(dst, src, to, dtype)
+    try:
+        writer = WRITERS[to](partial, src, plan)
+        todo = [n for n in plan.names if not writer.done(n)]
+        budget = Budget(max_memory)
+        bar = tqdm(total=sum(plan.infos[n].nbytes for n in todo), unit="B", unit_scale=True,
+                   desc=f"convert -> {to}", disable=not progress or None)
+
+        def one(name: str):
+            cost = plan.costs[name]
+            budget.acquire(cost)
+            try:
+                t = src.read(name)
+                writer.write(name, t)
+                del t
+            finally:
+                budget.release(cost)
+            bar.update(plan.infos[name].nbytes)
+
+        with ThreadPoolExecutor(plan.workers) as pool:
+            futures = [pool.submit(one, n) for n in todo]
+            finished, _ = wait(futures, return_when=FIRST_EXCEPTION)
+            for f in futures:
+                if f.done() and f.exception():
+                    for g in futures:
+                        g.cancel()
+                    raise f.exception()
+        bar.close()
+        writer.finish()
+        (partial / STAMP).unlink()
+        fsync_dir(partial)
+        os.replace(partial, dst)
+        fsync_dir(dst.parent)
+    except UserError:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    except OSError as e:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise UserError(f"writing {dst} failed ({e.strerror or e}); free space or fix the destination") from None
+    return plan
