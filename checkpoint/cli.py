@@ -88,9 +88,12 @@ def tolerance(*dtypes) -> tuple[float, float]:
 def cmd_verify(a) -> int:
     x, y = detect(Path(a.a)), detect(Path(a.b))
     diffs = []
-    only_x, only_y = sorted(set(x.tensors) - set(y.tensors)), sorted(set(y.tensors) - set(x.tensors))
+    names_x, names_y = set(x.tensors), set(y.tensors)
+    if "safetensors" in (x.format, y.format):  # consolidated weights: compare the model weights only
+        names_x, names_y = {n for n in names_x if n.startswith("model.")}, {n for n in names_y if n.startswith("model.")}
+    only_x, only_y = sorted(names_x - names_y), sorted(names_y - names_x)
     diffs += [f"only in A: {n}" for n in only_x] + [f"only in B: {n}" for n in only_y]
-    common = sorted(set(x.tensors) & set(y.tensors))
+    common = sorted(names_x & names_y)
     for name in common:
         if x.tensors[name].shape != y.tensors[name].shape:
             diffs.append(f"{name}: shape {list(x.tensors[name].shape)} != {list(y.tensors[name].shape)}")
@@ -100,7 +103,7 @@ def cmd_verify(a) -> int:
         if not torch.allclose(tx.double(), ty.double(), rtol=rtol, atol=atol, equal_nan=True):
             err = (tx.double() - ty.double()).abs().max().item()
             diffs.append(f"{name}: values differ (max abs difference {err:.3g})")
-    if x.step != y.step:
+    if x.step != y.step and "safetensors" not in (x.format, y.format):
         diffs.append(f"step: {x.step} != {y.step}")
     for d in diffs:
         print(d)

@@ -124,6 +124,11 @@ class DeepSpeedSource(Source):
         self.mp, self.dp = len(mps), len(dps)
         first = load_pt(self.optim[(0, 0)])["optimizer_state_dict"]
         self.stage = int(jsonable(first.get("zero_stage", 1)))
+        counts = first.get("partition_count")
+        saved_dp = max(counts) if isinstance(counts, list) and counts else counts
+        if isinstance(saved_dp, int) and saved_dp != self.dp:
+            raise UserError(f"{self.dir} was saved by {saved_dp} data-parallel ranks but holds optimizer files of "
+                            f"{self.dp}; mismatched shard counts: a shard file is missing")
         self.experts = sorted(self.dir / n for n in names if EXPERT_RE.match(n))
         if self.stage == 3:
             self.model_files = {(int(m.group(3)), int(m.group(2))): self.dir / n for n in names if (m := Z3_MODEL_RE.match(n))}
