@@ -220,6 +220,9 @@ class DeepSpeedSource(Source):
                     offset += per
 
     def _merged_shape(self, fqn: str, by_tp: dict) -> tuple:
+        if self.tp == 1 and not self.patterns.is_vocabulary(fqn):
+            self.patterns.kind(fqn)  # marks the pattern used
+            return by_tp[0]
         slices = [torch.empty(by_tp[t], device="meta") for t in range(self.tp)]
         return tuple(self.patterns.merge(fqn, slices)[0].shape)
 
