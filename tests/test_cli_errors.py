@@ -1,9 +1,13 @@
 """User errors end in one clear line, exit code 2, no traceback, before any worker starts."""
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from conftest import JOB, kintsugi
+
+CPUS = os.cpu_count() or 1
 
 
 def one_line_error(out, *words):
@@ -24,7 +28,7 @@ def one_line_error(out, *words):
     (["--nproc-per-node", "3", "--parallel.tp=2"], ["world size 3", "not divisible"]),
     (["--nproc-per-node", "3"], ["data.batch_size", "data-parallel size 3"]),
     (["--nproc-per-node", "2", "--parallel.tp=3"], ["parallel.tp"]),
-    (["--nproc-per-node", "64"], ["preflight", "CPU core"]),
+    (["--nproc-per-node", str(8 * CPUS), f"--data.batch_size={8 * CPUS}"], ["preflight", "CPU core"]),
     (["--train.dtype=fp8"], ["train.dtype", "fp32 or bf16"]),
 ])
 def test_launch_rejects_bad_input(args, words, tmp_path):
