@@ -39,7 +39,8 @@ def uninterrupted(tmp_path_factory):
 
 
 def test_worker_kill9_torchrun_restarts_and_resumes_exactly(uninterrupted, tmp_path):
-    agent = subprocess.Popen(torchrun_cmd(2, tmp_path, *LONG, max_restarts=1), env=env(), cwd=ROOT,
+    # Two restarts allowed: under heavy load a re-initializing gloo mesh can time out once.
+    agent = subprocess.Popen(torchrun_cmd(2, tmp_path, *LONG, max_restarts=2), env=env(), cwd=ROOT,
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     wait_for_step(tmp_path, 12, agent)
     victim = workers(agent)[-1]
