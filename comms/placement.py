@@ -78,6 +78,19 @@ def place(topology: Topology, sizes: dict, ep: int = 1, fabric_order: list[str] 
     return np.array(ranks).reshape(pp, dpr, dps, tp).tolist()
 
 
+def pp_in_rank_order(grid) -> bool:
+    """Whether every pipeline group lists its ranks in increasing global rank.
+
+    Process groups number members by global rank, and ``DeviceMesh.get_local_rank`` returns
+    that group rank, not the mesh coordinate. ``place`` keeps the tp and dp dims in rank
+    order always (a stage is an ascending run of ranks), so DTensor shards line up; the pp
+    dim may not be when a slow fabric's higher ranks go first. Then the trainer must take
+    the stage from ``mesh.get_coordinate()`` and use ``stage_to_group_rank``.
+    """
+    a = np.array(grid)
+    return bool((np.diff(a, axis=0) > 0).all())
+
+
 def even_layers(n_layers: int, pp: int) -> list[int]:
     """As even as possible, the extra blocks on the first stages."""
     return [n_layers // pp + (s < n_layers % pp) for s in range(pp)]
@@ -187,6 +200,8 @@ def make_plan(topology: Topology, model: ModelSpec, sizes: dict, ep: int = 1) ->
     def timed(topo, grid, layers):
         return simulate(model, stages_of(topo, grid), layers, dp, tp).iteration_s
 
+    # Try the fabric orders; prefer those whose pipeline groups are in global-rank order (see
+    # pp_in_rank_order), then the fastest.
     fabrics = list(topology.fabrics())
     orders = itertools.permutations(fabrics) if len(fabrics) <= MAX_PERMUTED_FABRICS else [fabrics]
     best = None
@@ -194,17 +209,20 @@ def make_plan(topology: Topology, model: ModelSpec, sizes: dict, ep: int = 1) ->
         grid = place(topology, sizes, ep, list(order))
         stages = stages_of(topology, grid)
         layers = adaptive_layers(model, stages, dp, tp)
-        cand = (simulate(model, stages, layers, dp, tp).iteration_s, timed(topology, grid, even), grid, layers)
-        if best is None or cand[:2] < best[:2]:
+        cand = (not pp_in_rank_order(grid), simulate(model, stages, layers, dp, tp).iteration_s,
+                timed(topology, grid, even), grid, layers)
+        if best is None or cand[:3] < best[:3]:
             best = cand
-    adaptive_s, placed_s, grid, layers = best
+    _, adaptive_s, placed_s, grid, layers = best
+    # The baseline keeps the better of both orders: GPUs of one former fabric may differ in speed.
     homo = topology.homogeneous()
-    homo_stages = stages_of(homo, contiguous_grid(sizes))
+    homogeneous_s = min(simulate(model, st, adaptive_layers(model, st, dp, tp), dp, tp).iteration_s
+                        for st in (stages_of(homo, g) for g in (grid, contiguous_grid(sizes))))
     plan = Plan(sizes=sizes, rank_grid=grid, layers_per_stage=layers, ep=ep, predicted={
         "unaware_s": timed(topology, contiguous_grid(sizes), even),
         "placed_s": placed_s,
         "adaptive_s": adaptive_s,
-        "homogeneous_s": simulate(model, homo_stages, adaptive_layers(model, homo_stages, dp, tp), dp, tp).iteration_s,
+        "homogeneous_s": homogeneous_s,
     })
     describe(topology, plan)
     return plan
@@ -235,6 +253,21 @@ def load_plan(path: str | os.PathLike) -> Plan:
     if len(layers) != sizes["pp"] or min(layers) < 1:
         raise UserError(f"plan file {str(path)!r}: layers_per_stage must list {sizes['pp']} positive counts; write it again with `kintsugi plan`")
     return plan
+
+
+def stage_to_group_rank(mesh) -> dict[int, int]:
+    """Pipeline stage index -> rank inside this rank's ``pp`` process group.
+
+    Process groups number their members in global-rank order, but a plan may put stage 0 on
+    a higher global rank than stage 1 (the slow fabric's nodes first). torch.distributed.
+    pipelining assumes stage i sits at group rank i; set the result as the
+    ``PipelineStage.stage_index_to_group_rank`` so that sends reach the right stage.
+    """
+    import torch.distributed as dist
+
+    stage_ranks = mesh["pp"].mesh.tolist()  # global ranks of this rank's pipeline, in stage order
+    group_ranks = dist.get_process_group_ranks(mesh.get_group("pp"))
+    return {s: group_ranks.index(r) for s, r in enumerate(stage_ranks)}
 
 
 def nccl_backend_override(plan: Plan, rank: int) -> tuple:

@@ -81,6 +81,10 @@ def test_placement_properties_over_random_topologies():
         assert np.array(grid).shape == tuple(sizes[d] for d in MESH_DIMS)
         assert sorted(flat) == list(range(topo.world_size))
         assert valid(topo, grid)
+        # tp and dp groups list ranks in increasing order: group rank = mesh coordinate, so
+        # DTensor's shards line up with the group's collectives.
+        for dim in ("dp_replicate", "dp_shard", "tp"):
+            assert all(g == sorted(g) for g in groups(grid, dim))
         # Only the pipeline crosses fabrics, at the fewest possible stage boundaries.
         stage_fabrics = [topo.fabric_of(stage_ranks[0]) for stage_ranks in (np.array(s).ravel() for s in grid)]
         assert sum(a != b for a, b in zip(stage_fabrics, stage_fabrics[1:])) == len(topo.fabrics()) - 1
