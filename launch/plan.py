@@ -73,11 +73,11 @@ def report(topology: Topology, plan: Plan, model: ModelSpec) -> str:
         lines.append(f"{dim:>12}: {len(groups)} groups of {len(groups[0]['ranks'])}, {crossing} span fabrics; NCCL net: {', '.join(nets)}")
     p = plan.predicted
     lines += ["", "predicted iteration time (cost-model simulation):",
-              f"  topology-unaware (contiguous ranks, even split)  {p['unaware_s']:8.3f} s",
-              f"  fabric placement, even split                     {p['placed_s']:8.3f} s",
-              f"  fabric placement, adaptive split (this plan)     {p['adaptive_s']:8.3f} s"
+              f"  topology-unaware (contiguous ranks, even split)  {p['unaware_s']:9.4g} s",
+              f"  fabric placement, even split                     {p['placed_s']:9.4g} s",
+              f"  fabric placement, adaptive split (this plan)     {p['adaptive_s']:9.4g} s"
               f"   {p['unaware_s'] / p['adaptive_s']:.2f}x vs unaware",
-              f"  all nodes on one RDMA fabric                     {p['homogeneous_s']:8.3f} s"]
+              f"  all nodes on one RDMA fabric                     {p['homogeneous_s']:9.4g} s"]
     return "\n".join(lines)
 
 
