@@ -2,11 +2,13 @@
 
 For each scenario (a GPT on 8 nodes x 8 GPUs spread over fabrics), four layouts:
 
-- unaware_s: torch's contiguous rank order over the node ranks as a rendezvous hands them
-  out (a seeded random shuffle of the nodes; median over --orders shuffles), even split;
+- unaware_s: torch's contiguous rank order, even split;
 - placed_s: Kintsugi's fabric placement, even split;
 - adaptive_s: Kintsugi's fabric placement and adaptive partition (what `kintsugi plan` writes);
 - homogeneous_s: the same nodes all on the best fabric's RDMA NICs, adaptive split.
+
+Node ranks are numbered as a rendezvous hands them out: a seeded random shuffle of the
+nodes; every column is the median over --orders shuffles (the same ones for all columns).
 
     python benchmarks/placement_bench.py --json runs/bench/placement.json [--quick]
 
@@ -24,11 +26,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from comms.costmodel import PRESETS, simulate, stages_of  # noqa: E402
-from comms.placement import contiguous_grid, even_layers, make_plan  # noqa: E402
+from comms.costmodel import PRESETS  # noqa: E402
+from comms.placement import make_plan  # noqa: E402
 from comms.topology import Node, Topology  # noqa: E402
 
-GPUS, TFLOPS, ETH = 8, 150.0, 25.0  # per node: A100s at ~50% MFU, one 25 GbE port
+GPUS, TFLOPS = 8, 150.0  # per node: A100s at ~50% MFU
+ETH = 25.0  # each node's Ethernet between fabrics (Gbit/s); --eth-gbps changes it
 
 
 def nodes(fabric: str, kind: str, count: int, nics: int, gbps: float) -> list[Node]:
@@ -51,29 +54,21 @@ SCENARIOS = {
 QUICK = ("ib+roce", "2 IB clusters (pipeline-only crossing)")
 
 
-def unaware_s(all_nodes: list[Node], model, sizes: dict, orders: int) -> float:
-    """Median over seeded node orders of the contiguous grid with an even split."""
-    rng = random.Random(0)
-    dp, tp = sizes["dp_replicate"] * sizes["dp_shard"], sizes["tp"]
-    times = []
-    for _ in range(orders):
-        topo = Topology(rng.sample(all_nodes, len(all_nodes)))
-        stages = stages_of(topo, contiguous_grid(sizes))
-        times.append(simulate(model, stages, even_layers(model.n_layers, sizes["pp"]), dp, tp).iteration_s)
-    return statistics.median(times)
-
-
-def run(names, orders: int, microbatch: int) -> dict:
+def run(names, orders: int, microbatch: int, eth_gbps: float) -> dict:
+    """Per scenario, the median of each layout's time over seeded node orders."""
     out = {}
     for name in names:
         all_nodes, model_name, sizes, mixed = SCENARIOS[name]
+        if eth_gbps != ETH:
+            all_nodes = Topology(all_nodes).with_bandwidth({"eth": eth_gbps}).nodes
         dp = sizes["dp_replicate"] * sizes["dp_shard"]
         model = PRESETS[model_name]
         model = replace(model, microbatches=model.global_batch // (dp * microbatch))
-        plan = make_plan(Topology(all_nodes), model, sizes)
-        row = {k: plan.predicted[k] for k in ("placed_s", "adaptive_s", "homogeneous_s")}
-        row["unaware_s"] = unaware_s(all_nodes, model, sizes, orders)
-        row.update(model=model_name, sizes=sizes, mixed=mixed, layers_per_stage=plan.layers_per_stage,
+        rng = random.Random(0)
+        plans = [make_plan(Topology(rng.sample(all_nodes, len(all_nodes))), model, sizes) for _ in range(orders)]
+        row = {k: statistics.median(p.predicted[k] for p in plans) for k in ("unaware_s", "placed_s", "adaptive_s", "homogeneous_s")}
+        row.update(model=model_name, sizes=sizes, mixed=mixed, node_orders=orders,
+                   layers_per_stage=statistics.mode(tuple(p.layers_per_stage) for p in plans),
                    speedup_vs_unaware=row["unaware_s"] / row["adaptive_s"],
                    slowdown_vs_homogeneous=row["adaptive_s"] / row["homogeneous_s"])
         out[name] = row
@@ -98,9 +93,10 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="two scenarios, 3 node orders")
     ap.add_argument("--orders", type=int, default=21, help="node orders drawn for the unaware baseline (median)")
     ap.add_argument("--microbatch", type=int, default=2, help="samples per microbatch")
+    ap.add_argument("--eth-gbps", type=float, default=ETH, help="every node's Ethernet, the path between fabrics")
     args = ap.parse_args(argv)
     names = QUICK if args.quick else list(SCENARIOS)
-    results = run(names, 3 if args.quick else args.orders, args.microbatch)
+    results = run(names, 3 if args.quick else args.orders, args.microbatch, args.eth_gbps)
     print(table(results))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
