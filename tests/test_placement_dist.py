@@ -35,7 +35,8 @@ def test_gather_topology_through_tcpstore(tmp_path):
 
     server = dist.TCPStore("127.0.0.1", 0, is_master=True, timeout=datetime.timedelta(seconds=60))
     nnodes = 3
-    mp.spawn(_gather_worker, args=(server.port, nnodes, str(tmp_path)), nprocs=nnodes, join=True)
+    # fork: the workers need no fresh interpreter (a spawn costs seconds of torch import each)
+    mp.start_processes(_gather_worker, args=(server.port, nnodes, str(tmp_path)), nprocs=nnodes, start_method="fork")
     expected = [asdict(_node(i)) for i in range(nnodes)]
     for i in range(nnodes):
         assert json.loads((tmp_path / f"{i}.json").read_text()) == expected
@@ -84,7 +85,7 @@ def test_four_gloo_ranks_build_the_planned_groups(tmp_path):
     # Two fabrics interleaved in node order: each stage takes one fabric, not ranks 0-1 / 2-3;
     # the slower fabric (b) gets fewer blocks.
     assert plan.rank_grid == [[[[0], [2]]], [[[1], [3]]]] and plan.layers_per_stage == [3, 1]
-    mp.spawn(_mesh_worker, args=(str(tmp_path / "plan.json"), str(tmp_path)), nprocs=4, join=True)
+    mp.start_processes(_mesh_worker, args=(str(tmp_path / "plan.json"), str(tmp_path)), nprocs=4, start_method="fork")
     for rank in range(4):
         seen = json.loads((tmp_path / f"{rank}.json").read_text())
         for dim in MESH_DIMS:
