@@ -2,6 +2,7 @@
 ranks whose device mesh, built from a plan file, has exactly the plan's groups."""
 from __future__ import annotations
 
+import datetime
 import json
 import time
 from dataclasses import asdict
@@ -24,15 +25,13 @@ def _node(i: int) -> Node:
 
 
 def _gather_worker(node_rank: int, port: int, nnodes: int, out_dir: str):
-    store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=__import__("datetime").timedelta(seconds=60))
+    store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=datetime.timedelta(seconds=60))
     time.sleep(0.3 * (nnodes - node_rank))  # publish in reverse order: get() must wait for later nodes
     topo = gather_topology(store, node_rank, nnodes, _node(node_rank))
     Path(out_dir, f"{node_rank}.json").write_text(json.dumps([asdict(n) for n in topo.nodes]))
 
 
 def test_gather_topology_through_tcpstore(tmp_path):
-    import datetime
-
     server = dist.TCPStore("127.0.0.1", 0, is_master=True, timeout=datetime.timedelta(seconds=60))
     nnodes = 3
     # fork: the workers need no fresh interpreter (a spawn costs seconds of torch import each)
