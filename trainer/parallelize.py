@@ -29,6 +29,7 @@ from torch.distributed.tensor import DTensor
 from checkpoint import Chunk, flatten
 from comms import UserError, dist_utils
 from comms.mesh import coordinate
+from comms.placement import stage_to_group_rank
 from trainer.config import JobConfig
 from trainer.model import Transformer, lm_loss
 
@@ -161,6 +162,8 @@ class TorchEngine:
             from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
             stage = PipelineStage(model, self.pp_rank, self.pp_size, torch.device(device), group=self.pp_group)
+            # Stage i is not group rank i when a placement plan reorders the pipeline.
+            stage.stage_index_to_group_rank = stage_to_group_rank(mesh)
             schedule = Schedule1F1B if p.pp_schedule == "1F1B" else ScheduleGPipe
             # scale_grads: each microbatch's loss is a mean, so the summed grads are divided
             # by the microbatch count to equal the full batch's mean-loss gradient.

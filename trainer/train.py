@@ -22,6 +22,7 @@ import torch.distributed as dist
 from checkpoint import Checkpointer, Chunk
 from comms import UserError, dist_utils, exits_on_user_error
 from comms.mesh import build_mesh, coordinate
+from comms.placement import load_plan, nccl_backend_override
 from trainer.config import JobConfig, load_config, to_toml
 from trainer.data import Batches
 from trainer.metrics import Metrics, rss_mb, setup_logging
@@ -97,7 +98,10 @@ def main(argv=None) -> int:
     setup_logging(run_dir, rank)
     log.info("world %d, device %s, config %s", world, device, json.dumps(cfg.to_dict()))
     p = cfg.parallel
-    mesh = build_mesh(device, {"pp": p.pp, "dp_replicate": p.dp_replicate, "dp_shard": p.dp_shard, "tp": p.tp})
+    plan = load_plan(p.plan) if p.plan else None
+    mesh = build_mesh(device, {"pp": p.pp, "dp_replicate": p.dp_replicate, "dp_shard": p.dp_shard, "tp": p.tp},
+                      plan.rank_grid if plan else None,
+                      nccl_backend_override(plan, rank) if plan and device == "cuda" else None)
 
     # ---- model, optimizer, data, checkpoints ----
     engine = build_engine(cfg, mesh, device)
