@@ -116,13 +116,13 @@ class CorruptCheckpoint(UserError):
     """A step on disk is damaged (bad checksum, truncated or missing file, bad manifest)."""
 
 
-def write_manifest(step_dir: Path, manifest: dict):
-    tmp = step_dir / (MANIFEST + ".tmp")
+def write_manifest(step_dir: Path, manifest: dict, name: str = MANIFEST):
+    tmp = step_dir / (name + ".tmp")
     with open(tmp, "w") as f:
         json.dump(manifest, f, indent=1)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, step_dir / MANIFEST)
+    os.replace(tmp, step_dir / name)
     fsync_dir(step_dir)
 
 
