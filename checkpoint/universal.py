@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from checkpoint.format import (
-    DTYPE_BY_NAME, DTYPE_NAMES, TORCH_DTYPES, CorruptCheckpoint, ShardReader, fsync_dir, write_shard,
+    DTYPE_BY_NAME, DTYPE_NAMES, TORCH_DTYPES, CorruptCheckpoint, ShardReader, write_manifest, write_shard,
 )
 from checkpoint.state import Chunk, is_chunk
 from comms import UserError
@@ -97,15 +97,8 @@ def atom_record(root: Path, name: str) -> dict | None:
 
 
 def write_meta(root: Path, step: int, tensors: dict, objects: dict, source: dict, missing: list):
-    meta = {"format": FORMAT, "version": VERSION, "step": step, "source": source,
-            "tensors": tensors, "objects": jsonable(objects), "missing": sorted(missing)}
-    tmp = root / (META + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(meta, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, root / META)
-    fsync_dir(root)
+    write_manifest(root, {"format": FORMAT, "version": VERSION, "step": step, "source": source, "tensors": tensors,
+                          "objects": jsonable(objects), "missing": sorted(missing)}, name=META)
 
 
 def is_universal(path: Path) -> bool:
@@ -171,18 +164,24 @@ def load_universal(path: Path, state: dict, optional=lambda name: False) -> tupl
     absent but optional). Each rank reads only the rows of each atom that its chunks cover.
     """
     u = Universal(path)
+    shapes = {n: r["shape"] for n, r in u.tensors.items()}
+    return u.step, u.meta["objects"], fill_state(state, shapes, u.read_box, str(path), optional)
+
+
+def fill_state(state: dict, shapes: dict, read_box, where: str, optional) -> set:
+    """Fill every Chunk of ``state`` from a checkpoint holding tensors of ``shapes`` (name ->
+    global shape) through ``read_box(name, offsets, shape)``; returns the optional names absent."""
     missing = set()
     for name, chunk in state.items():
         if not is_chunk(chunk):
             continue
-        rec = u.tensors.get(name)
-        if rec is None:
+        if name not in shapes:
             if optional(name):
                 missing.add(name)
                 continue
-            raise UserError(f"universal checkpoint {path} has no tensor {name!r}; it was converted from a different model")
-        fill_chunk(chunk, rec["shape"], lambda off, shp: u.read_box(name, off, shp), str(path))
-    return u.step, u.meta["objects"], missing
+            raise UserError(f"checkpoint {where} has no tensor {name!r}; it was saved from a different model")
+        fill_chunk(chunk, shapes[name], lambda off, shp: read_box(name, off, shp), where)
+    return missing
 
 
 def fill_chunk(chunk: Chunk, stored_shape, read_box, where: str):

@@ -15,8 +15,7 @@ import torch
 
 from checkpoint.format import DTYPE_BY_NAME, TORCH_DTYPES, ShardReader, committed_steps, read_manifest, step_dirname
 from checkpoint.patterns import assemble
-from checkpoint.state import is_chunk
-from checkpoint.universal import Universal, fill_chunk, is_universal
+from checkpoint.universal import Universal, fill_state, is_universal
 from comms import UserError
 
 
@@ -162,18 +161,8 @@ def detect(path: Path) -> Source:
 
 def load_from_source(src: Source, state: dict, optional=lambda name: False) -> tuple[int, dict, set]:
     """Fill ``state``'s chunks from any source (consolidating each tensor it needs)."""
-    missing = set()
-    for name, chunk in state.items():
-        if not is_chunk(chunk):
-            continue
-        info = src.tensors.get(name)
-        if info is None:
-            if optional(name):
-                missing.add(name)
-                continue
-            raise UserError(f"checkpoint {src.path} has no tensor {name!r}; it was saved from a different model")
-        fill_chunk(chunk, info.shape, lambda off, shp: src.read_box(name, off, shp), str(src.path))
-    return src.step, src.objects(), missing
+    shapes = {n: i.shape for n, i in src.tensors.items()}
+    return src.step, src.objects(), fill_state(state, shapes, src.read_box, str(src.path), optional)
 
 
 def load_any(path: Path, state: dict, optional=lambda name: False) -> tuple[int, dict, set]:
