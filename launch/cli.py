@@ -1,6 +1,7 @@
 """The `kintsugi` command: one entry, a subcommand per job.
 
     kintsugi launch ...     train under torchrun's elastic agent (launch/launcher.py)
+    kintsugi ckpt ...       convert / inspect / verify checkpoints (checkpoint/cli.py)
     kintsugi plan ...       placement and pipeline split for a heterogeneous cluster (launch/plan.py)
 """
 from __future__ import annotations
@@ -11,6 +12,7 @@ import sys
 # subcommand -> (module with main(argv) -> int, one-line help)
 SUBCOMMANDS = {
     "launch": ("launch.launcher", "train under torchrun's elastic agent, with preflight checks"),
+    "ckpt": ("checkpoint.cli", "convert, inspect and verify checkpoints (native, universal, DeepSpeed, DCP, safetensors)"),
     "plan": ("launch.plan", "place parallel groups on a heterogeneous-NIC cluster and split the pipeline (Holmes)"),
 }
 

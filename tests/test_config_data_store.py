@@ -23,6 +23,18 @@ def test_toml_roundtrip_and_overrides(tmp_path):
     assert tomllib.loads(to_toml(cfg))["train"]["steps"] == 7
 
 
+def test_lr_schedule_warms_up_then_decays_to_the_floor():
+    from trainer.train import lr_at
+
+    cfg = load_config(None, ["--train.steps=100", "--optim.warmup_steps=10", "--optim.lr=1.0", "--optim.min_lr_ratio=0.1"])
+    lrs = [lr_at(s, cfg) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))  # monotone decay after warm-up
+    assert lrs[-1] == pytest.approx(0.1, abs=0.01)
+    cfg.optim.schedule = "linear"
+    assert lr_at(55, cfg) == pytest.approx(0.1 + 0.9 * (1 - 45 / 90))
+
+
 def test_world_size_must_fill_the_mesh():
     cfg = load_config(None, ["--parallel.tp=2"])
     with pytest.raises(UserError, match="world size 3"):
