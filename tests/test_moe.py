@@ -168,6 +168,9 @@ def test_model_picks_more_chunks_when_comm_is_bandwidth_bound_and_fewer_when_lat
     assert ds == sorted(ds) and ds[0] < ds[-1]
     # Negligible communication: nothing to hide, one chunk.
     assert choose(shape, profile(5e-6, 1e-15)).d == 1
+    # Communication that cannot run alongside compute (shared CPU cores): nothing to gain.
+    assert choose(shape, dataclasses.replace(bw, overlap=0.0)).d == 1
+    assert choose(shape, dataclasses.replace(bw, overlap=0.5)).d <= choose(shape, bw).d
 
 
 def test_large_gradient_to_hide_favours_longer_link_gaps():

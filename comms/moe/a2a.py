@@ -29,7 +29,11 @@ class Lane:
     """A FIFO lane of work on its own thread (and CUDA stream), like a communication stream."""
 
     def __init__(self, name: str):
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix=f"kintsugi-{name}")
+        # New threads start with the OpenMP default (all cores); keep the caller's setting so
+        # the lane does not oversubscribe the cores the compute thread is using.
+        threads = torch.get_num_threads()
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix=f"kintsugi-{name}", initializer=torch.set_num_threads,
+                                        initargs=(threads,))
         self._stream = torch.cuda.Stream() if torch.cuda.is_available() else None
 
     def submit(self, fn, *args) -> "Pending":

@@ -50,6 +50,10 @@ class Profile:
     expert: Cost  # expert forward, n = flops
     a2a_intra: Cost | None = None  # hierarchical phases (replace `a2a` when set)
     a2a_inter: Cost | None = None
+    # Share of communication time that really runs alongside expert compute. 1 = separate
+    # engines (GPU copy engines / NICs); near 0 when gloo's copies and the matmuls fight
+    # for the same CPU cores: then a compute stretches by (1 - overlap) x the comm it meets.
+    overlap: float = 1.0
     source: str = "measured"
 
     def to_dict(self) -> dict:
@@ -96,7 +100,7 @@ class Schedule:
         return self.predicted_fwd_s + self.predicted_bwd_s
 
 
-def _pipeline(d: int, comm_phases: list[float], compute: float):
+def _pipeline(d: int, comm_phases: list[float], compute: float, overlap: float = 1.0):
     """Replay the issue order of pipeline.run: D0, D1, wait D0, E0, C0, D2, wait D1, E1, C1, ...
 
     ``comm_phases`` are the per-chunk durations of an exchange's phases, each phase on its
@@ -104,13 +108,14 @@ def _pipeline(d: int, comm_phases: list[float], compute: float):
     Returns (makespan, busy intervals of the last lane, compute intervals).
     """
     free = [0.0] * len(comm_phases)
-    busy_last = []
+    busy_all, busy_last = [], []
 
     def exchange(ready: float) -> float:
         t = ready
         for i, dur in enumerate(comm_phases):
             start = max(free[i], t)
             free[i] = t = start + dur
+            busy_all.append((start, t))
             if i == len(comm_phases) - 1:
                 busy_last.append((start, t))
         return t
@@ -122,7 +127,16 @@ def _pipeline(d: int, comm_phases: list[float], compute: float):
         if i + 1 < d:
             arrived.append(exchange(now))
         start = max(now, arrived[i])
-        now = start + compute
+        # Communication in flight during this compute slows it by the part that does not
+        # overlap; the stretched window meets more of it, so iterate to the fixed point.
+        end = start + compute
+        for _ in range(32):
+            met = sum(max(0.0, min(b, end) - max(a, start)) for a, b in busy_all)
+            stretched = start + compute + (1.0 - overlap) * met
+            if stretched - end < 1e-12:
+                break
+            end = stretched
+        now = end
         computes.append((start, now))
         done.append(exchange(now))
     return max(now, done[-1]), busy_last, computes
@@ -145,9 +159,9 @@ def simulate(shape: LayerShape, prof: Profile, d: int, partition: bool = True) -
         return [prof.a2a(nbytes)]
 
     per_chunk = shape.a2a_bytes / d
-    fwd, _, _ = _pipeline(d, phases(per_chunk), prof.expert(shape.expert_flops / d))
+    fwd, _, _ = _pipeline(d, phases(per_chunk), prof.expert(shape.expert_flops / d), prof.overlap)
     # Backward: the same exchanges in reverse, twice the expert flops (input and weight grads).
-    bwd, busy, computes = _pipeline(d, phases(per_chunk), prof.expert(2 * shape.expert_flops / d))
+    bwd, busy, computes = _pipeline(d, phases(per_chunk), prof.expert(2 * shape.expert_flops / d), prof.overlap)
     left, gaps = float(shape.grad_bytes), []
     for window in computes:
         idle = _idle_within(busy, window)
@@ -202,36 +216,40 @@ def measure(groups, dim: int, hidden: int, local_experts: int, dtype=torch.float
             sizes=(1 << 14, 1 << 20)) -> Profile:
     """Measure alpha/beta of all-to-all, all-reduce and all-gather on the real groups and the
     expert compute rate; collective over the whole job (every rank gets the same numbers)."""
-    from comms.moe.a2a import all_to_all  # keeps perfmodel importable for offline use
+    # Measured through a lane, as the pipeline runs it, so alpha includes the thread hand-off.
+    from comms.moe.a2a import Lane, _a2a, all_to_all  # keeps perfmodel importable offline
 
     elt = torch.tensor([], dtype=dtype).element_size()
     world_group = groups.dp if groups is not None else None
+    lane = Lane("profile")
 
     def a2a_op(ep, fn):
-        return lambda n: (lambda x=torch.ones(ep, max(1, n // elt // ep), dtype=dtype): fn(x))
+        return lambda n: (lambda x=torch.ones(ep, max(1, n // elt // ep), dtype=dtype): lane.submit(fn, x).result())
 
+    def exchange_of(nbytes):  # a lane op that does not wait on itself
+        x = torch.ones(groups.ep, max(1, nbytes // elt // groups.ep), dtype=dtype)
+        return lambda: all_to_all(x, groups)
+
+    a2a, intra, inter = Cost(0.0, 0.0), None, None
     if groups is not None and groups.ep > 1:
         a2a = _comm_cost(a2a_op(groups.ep, lambda x: all_to_all(x, groups)), sizes, world_group)
-        intra = inter = None
         if groups.hierarchical:
-            from comms.moe.a2a import _a2a
             nodes = groups.ep // groups.ranks_per_node
             intra = _comm_cost(a2a_op(groups.ranks_per_node, lambda x: _a2a(x, groups.intra)), sizes, world_group)
             inter = _comm_cost(a2a_op(nodes, lambda x: _a2a(x, groups.inter)), sizes, world_group)
-    else:
-        a2a, intra, inter = Cost(0.0, 0.0), None, None
+    allreduce = allgather = Cost(0.0, 0.0)
     if groups is not None and dist_utils.world_size() > 1:
-        allreduce = _comm_cost(lambda n: (lambda x=torch.ones(max(1, n // elt), dtype=dtype): dist.all_reduce(x, group=groups.dp)), sizes, world_group)
-        ws = dist.get_world_size(groups.dp)
+        def reduce_op(n):
+            x = torch.ones(max(1, n // elt), dtype=dtype)
+            return lambda: lane.submit(dist.all_reduce, x, dist.ReduceOp.SUM, groups.dp).result()
 
         def gather_op(n):
             x = torch.ones(max(1, n // elt), dtype=dtype)
-            out = torch.empty(ws * x.numel(), dtype=dtype)
-            return lambda: dist.all_gather_into_tensor(out, x, group=groups.dp)
+            out = [torch.empty_like(x) for _ in range(dist.get_world_size(groups.dp))]
+            return lambda: lane.submit(dist.all_gather, out, x, groups.dp).result()
 
+        allreduce = _comm_cost(reduce_op, sizes, world_group)
         allgather = _comm_cost(gather_op, sizes, world_group)
-    else:
-        allreduce = allgather = Cost(0.0, 0.0)
 
     w1 = torch.randn(local_experts, hidden, dim, dtype=dtype)
     w2 = torch.randn(local_experts, dim, hidden, dtype=dtype)
@@ -242,9 +260,26 @@ def measure(groups, dim: int, hidden: int, local_experts: int, dtype=torch.float
 
     r1, r2 = 8, 256
     flops = lambda rows: 6 * local_experts * rows * dim * hidden
-    expert = Cost.fit(flops(r1), _agreed(_timed(expert_op(r1), 3), world_group),
-                      flops(r2), _agreed(_timed(expert_op(r2), 3), world_group))
-    return Profile(a2a=a2a, allreduce=allreduce, allgather=allgather, expert=expert, a2a_intra=intra, a2a_inter=inter)
+    t_compute = _agreed(_timed(expert_op(r2), 3), world_group)
+    expert = Cost.fit(flops(r1), _agreed(_timed(expert_op(r1), 3), world_group), flops(r2), t_compute)
+    overlap = 1.0
+    if groups is not None and groups.ep > 1:
+        # An exchange about as long as the compute, run alongside it: how much is hidden?
+        nbytes = int(min(max((t_compute - a2a.alpha) / a2a.beta, sizes[0]), 16 * sizes[1])) if a2a.beta > 0 else sizes[1]
+        exchange, compute = exchange_of(nbytes), expert_op(r2)
+        t_comm = _agreed(_timed(lambda: lane.submit(exchange).result(), 3), world_group)
+
+        def both():
+            pending = lane.submit(exchange)
+            compute()
+            pending.result()
+
+        t_both = _agreed(_timed(both, 3), world_group)
+        hidden = t_compute + t_comm - t_both
+        overlap = min(1.0, max(0.0, hidden / min(t_compute, t_comm)))
+    lane.close()
+    return Profile(a2a=a2a, allreduce=allreduce, allgather=allgather, expert=expert, a2a_intra=intra, a2a_inter=inter,
+                   overlap=overlap)
 
 
 def gpu_cluster_profile(gpus_per_node: int = 8, nodes: int = 4) -> Profile:
@@ -260,5 +295,6 @@ def gpu_cluster_profile(gpus_per_node: int = 8, nodes: int = 4) -> Profile:
     allreduce = Cost(30e-6, 2 * (ranks - 1) / ranks / ib)
     allgather = Cost(25e-6, (ranks - 1) / ranks / ib)
     flat = Cost(5e-6 * ranks, inter.beta + intra.beta)
+    # NCCL kernels take some SMs from the experts' matmuls: assume 90% of comm is hidden.
     return Profile(a2a=flat, allreduce=allreduce, allgather=allgather, expert=Cost(20e-6, 1 / 150e12),
-                   a2a_intra=intra, a2a_inter=inter, source=f"assumed {nodes}x{gpus_per_node} GPU cluster")
+                   a2a_intra=intra, a2a_inter=inter, overlap=0.9, source=f"assumed {nodes}x{gpus_per_node} GPU cluster")

@@ -27,7 +27,7 @@ class _CoScheduled(torch.autograd.Function):
         outs, ctx.saved = plan.pipeline(buf, lambda x: plan.fwd(x, *ws), reducer_gaps=False)
         ctx.save_for_backward(*weights)
         plan.record("fwd", time.perf_counter() - t0)
-        return torch.cat(outs, dim=1)
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
 
     @staticmethod
     def backward(ctx, grad):
@@ -35,19 +35,23 @@ class _CoScheduled(torch.autograd.Function):
         t0 = time.perf_counter()
         weights = ctx.saved_tensors
         ws = [w.to(grad.dtype) for w in weights]
-        wgrads = [torch.zeros_like(w) for w in ws]
+        wgrads = []
         saved = iter(ctx.saved)
 
         def step(gy):
             gx, gws = plan.bwd(gy, next(saved), *ws)
-            for acc, g in zip(wgrads, gws):
-                acc.add_(g)
+            if not wgrads:
+                wgrads.extend(gws)
+            else:
+                for acc, g in zip(wgrads, gws):
+                    acc.add_(g)
             return gx
 
         gxs, _ = plan.pipeline(grad.contiguous(), step, reducer_gaps=True)
         ctx.saved = None
         plan.record("bwd", time.perf_counter() - t0)
-        return (torch.cat(gxs, dim=1), None, *[g.to(dt) for g, (dt, _) in zip(wgrads, ctx.weights_meta)])
+        gx = gxs[0] if len(gxs) == 1 else torch.cat(gxs, dim=1)
+        return (gx, None, *[g.to(dt) for g, (dt, _) in zip(wgrads, ctx.weights_meta)])
 
 
 class Plan:
