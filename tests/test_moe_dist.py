@@ -10,14 +10,14 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
-from torch.distributed.checkpoint.state_dict import get_model_state_dict
+from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from checkpoint import flatten, load_state, save_state
 from comms.moe import build_ep_groups
 from trainer.config import ModelConfig
 from trainer.model import Transformer, lm_loss
-from trainer.moe import MoE, apply_expert_parallel, attach_grad_reducer, moe_layers, sync_expert_grads
+from trainer.moe import MoE, apply_expert_parallel, attach_grad_reducer, clip_grad_norm_, moe_layers, sync_expert_grads
 from trainer.moe_config import MoEConfig
 
 ROUTERS = ["switch", "gshard", "expert_choice", "sigmoid"]
@@ -82,7 +82,8 @@ def tiny_model(seed=42, chunks="2"):
 
 
 def check_transformer(groups, rank, world, use_reducer):
-    """MoE Transformer, EP x2 inside DP x4: same loss and gradients as one process."""
+    """MoE Transformer, EP x2 inside DP x4: same loss, gradients, clipped norm and AdamW
+    step as one process; optimizer state carries the experts' global geometry."""
     torch.manual_seed(7)
     tokens = torch.randint(0, 64, (2 * world, 17))
     ref = tiny_model()
@@ -117,6 +118,25 @@ def check_transformer(groups, rank, world, use_reducer):
         else:
             got = p.grad
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+    ref_norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.5).item()
+    assert abs(clip_grad_norm_(model, 0.5, groups, names) - ref_norm) <= 1e-5 * ref_norm
+    # eps=1e-3: Adam's first step is lr g/(|g|+eps), which for eps << |g| turns fp noise on
+    # near-zero gradients into whole sign flips; a large eps keeps the comparison well-posed.
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2, eps=1e-3)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, eps=1e-3)
+    ref_opt.step()
+    opt.step()
+    for name, p in model.named_parameters():
+        want = ref_params[name].detach()
+        if name in names:
+            n = want.shape[0] // ep
+            got, want = p.detach().to_local(), want[rank_in_ep * n:(rank_in_ep + 1) * n]
+        else:
+            got = p.detach()
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=lambda m: f"after step {name}: {m}")
+    osd = flatten(get_optimizer_state_dict(model, opt))
+    avg = osd["state.layers.1.feed_forward.experts.w1.exp_avg"]
+    assert avg.global_shape[0] == 4 and avg.offsets[0] == 2 * rank_in_ep and not avg.replica
     for m in moe_layers(model).values():
         m.scheduler.close()
 

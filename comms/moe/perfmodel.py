@@ -178,12 +178,13 @@ def sequential(shape: LayerShape, prof: Profile) -> Schedule:
     return simulate(shape, prof, 1, partition=False)
 
 
-def choose(shape: LayerShape, prof: Profile, max_chunks: int = 16) -> Schedule:
-    """The fastest schedule among d = 1, 2, 4, ... (d <= slots); ties go to fewer chunks."""
+def choose(shape: LayerShape, prof: Profile, max_chunks: int = 16, partition: bool = True) -> Schedule:
+    """The fastest schedule among d = 1, 2, 4, ... (d <= slots); ties go to fewer chunks.
+    ``partition=False``: chunking alone, gradients reduced after the backward."""
     best = None
     d = 1
     while d <= min(max_chunks, shape.slots):
-        s = simulate(shape, prof, d)
+        s = simulate(shape, prof, d, partition)
         if best is None or s.predicted_s < best.predicted_s * (1 - 1e-9):
             best = s
         d *= 2
