@@ -126,7 +126,7 @@ def measure(world: int, cfg: dict) -> dict:
         out = Path(tmp) / "result.json"
         mp.spawn(worker, args=(world, free_port(), cfg, str(out)), nprocs=world)
         raw = json.loads(out.read_text())
-    row = {"ranks": world, "auto_d": raw["auto_d"], "auto_predicted_ms": raw["auto_predicted_ms"]}
+    row = {"ranks": world, "auto_d": raw["auto_d"], "auto_predicted_ms": raw["auto_predicted_ms"], "profile": raw["profile"]}
     for name, ts in raw["times"].items():
         q = statistics.quantiles([1e3 * t for t in ts], n=4)
         row[f"{name}_ms"] = statistics.median(1e3 * t for t in ts)
