@@ -32,25 +32,12 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 import torch  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 from comms.moe import LayerShape, choose, gpu_cluster_profile, sequential  # noqa: E402
+from trainer.model import FeedForward  # noqa: E402  (DeepSpeed's expert: the same SwiGLU math)
 
 VARIANTS = ("deepspeed", "kintsugi_d1", "kintsugi_auto")
-
-
-class SwiGLU(nn.Module):
-    """DeepSpeed's per-expert module; same math and flops as Kintsugi's stacked experts."""
-
-    def __init__(self, dim, hidden):
-        super().__init__()
-        self.w1 = nn.Linear(dim, hidden, bias=False)
-        self.w3 = nn.Linear(dim, hidden, bias=False)
-        self.w2 = nn.Linear(hidden, dim, bias=False)
-
-    def forward(self, x):
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
 def free_port() -> int:
@@ -78,7 +65,7 @@ def worker(rank, world, port, cfg, out_path):
     deepspeed.init_distributed(dist_backend="gloo", verbose=False)
     dim, hidden, n_exp, k, cf = cfg["dim"], cfg["hidden"], cfg["experts_per_rank"] * world, cfg["k"], cfg["capacity_factor"]
     torch.manual_seed(0)
-    ds = DSMoE(dim, SwiGLU(dim, hidden), num_experts=n_exp, ep_size=world, k=k, capacity_factor=cf,
+    ds = DSMoE(dim, FeedForward(dim, hidden), num_experts=n_exp, ep_size=world, k=k, capacity_factor=cf,
                min_capacity=0, use_rts=False, top2_2nd_expert_sampling=False)
     ds.set_deepspeed_parallelism()
     groups = build_ep_groups(world, "cpu")

@@ -25,6 +25,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
 
 from comms.moe import EPGroups, GradReducer, MoEScheduler
+from trainer.model import FeedForward
 from trainer.moe_config import MoEConfig
 
 
@@ -199,19 +200,6 @@ class GroupedExperts(nn.Module):
         return gx, (torch.bmm(gh1.mT, x), torch.bmm(gh3.mT, x), gw2)
 
 
-class SharedExperts(nn.Module):
-    """Always-active SwiGLU added to the routed output (DeepSeek-style shared experts)."""
-
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.w1 = nn.Linear(dim, hidden, bias=False)
-        self.w3 = nn.Linear(dim, hidden, bias=False)
-        self.w2 = nn.Linear(hidden, dim, bias=False)
-
-    def forward(self, x):
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
-
-
 class MoE(nn.Module):
     def __init__(self, dim: int, hidden: int, cfg: MoEConfig):
         super().__init__()
@@ -220,7 +208,8 @@ class MoE(nn.Module):
         self.order = Order()
         self.experts = GroupedExperts(cfg.n_experts, dim, hidden)
         self.inverse_order = InverseOrder()
-        self.shared = SharedExperts(dim, hidden * cfg.shared_experts) if cfg.shared_experts else None
+        # Shared experts (DeepSeek-style): one always-active SwiGLU of shared_experts x hidden.
+        self.shared = FeedForward(dim, hidden * cfg.shared_experts) if cfg.shared_experts else None
         # Replaced by one shared scheduler (with the EP groups) in apply_expert_parallel.
         self.scheduler = MoEScheduler(None, cfg.chunks, cfg.reprofile_every)
         self.name = "moe"
