@@ -173,11 +173,13 @@ class Exchanger:
         self.lane = Lane("ep") if active else None
         self.inter_lane = Lane("ep-inter") if active and groups.hierarchical else None
 
-    def start(self, x: torch.Tensor, pre=None, post=None):
-        """all_to_all(pre(x)) then post(...), without blocking the caller; returns a Pending."""
+    def start(self, x: torch.Tensor, pre=None, post=None, inline: bool = False):
+        """all_to_all(pre(x)) then post(...), without blocking the caller; returns a Pending.
+        ``inline``: run it on the caller's thread (nothing to overlap with, e.g. d = 1: a
+        thread hand-off costs a scheduler slice on busy cores)."""
         pre, post = pre or (lambda t: t), post or (lambda t: t)
-        if self.lane is None:
-            return Done(post(pre(x)))
+        if self.lane is None or inline:
+            return Done(post(all_to_all(pre(x), self.groups)))
         g = self.groups
         if self.inter_lane is None:
             return self.lane.submit(lambda: post(_a2a(pre(x).contiguous(), g.group)))

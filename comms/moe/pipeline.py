@@ -80,8 +80,10 @@ class Plan:
         def from_experts(y):  # (local, ep*s, dim) -> (ep_dst, local, s, dim) to send back
             return y.view(local, ep, -1, dim).permute(1, 0, 2, 3)
 
+        inline = self.d == 1  # one chunk: nothing to overlap, skip the lane hand-off
+
         def start_dispatch(c):
-            return self.exchanger.start(c, pre=lambda t: t.reshape(ep, local, -1, dim), post=to_experts)
+            return self.exchanger.start(c, pre=lambda t: t.reshape(ep, local, -1, dim), post=to_experts, inline=inline)
 
         arrived = [start_dispatch(chunks[0])]
         combined, saved = [], []
@@ -96,7 +98,7 @@ class Plan:
             if isinstance(out, tuple):
                 out, keep = out
                 saved.append(keep)
-            combined.append(self.exchanger.start(out, pre=from_experts, post=lambda t: t.reshape(n_exp, -1, dim)))
+            combined.append(self.exchanger.start(out, pre=from_experts, post=lambda t: t.reshape(n_exp, -1, dim), inline=inline))
         return [c.result() for c in combined], saved
 
 
