@@ -14,7 +14,8 @@ from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_op
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from checkpoint import flatten, load_state, save_state
-from comms.moe import build_ep_groups
+from comms import dist_utils
+from comms.moe import build_ep_groups, measure
 from trainer.config import ModelConfig
 from trainer.model import Transformer, lm_loss
 from trainer.moe import MoE, apply_expert_parallel, attach_grad_reducer, clip_grad_norm_, moe_layers, sync_expert_grads
@@ -43,7 +44,7 @@ def fwd_bwd(model, x):
     return y.detach(), x.grad
 
 
-def check_layer(groups, router, dp_size, expert_dp=None):
+def check_layer(groups, router, dp_size, expert_dp=None, chunks=("1", "2", "4")):
     """EP layer == unchunked EP layer == one process running the same experts on my tokens."""
     rank_in_ep = groups.mesh.get_local_rank()
     torch.manual_seed(0)
@@ -61,8 +62,8 @@ def check_layer(groups, router, dp_size, expert_dp=None):
         for g in full.values():
             g.div_(dp_size)
     local = groups.ep and ref.cfg.n_experts // groups.ep
-    for d in (1, 2, 4):
-        ep.scheduler.chunks = str(d)
+    for d in chunks:
+        ep.scheduler.chunks = d
         y, gx = fwd_bwd(ep, x)
         torch.testing.assert_close(y, y_ref, **TOL)
         torch.testing.assert_close(gx, gx_ref, **TOL)
@@ -147,6 +148,11 @@ def worker2(rank, world, tmp):
     assert not groups.hierarchical
     for router in ROUTERS:
         check_layer(groups, router, world)
+    # Online profile: every rank gets the same numbers (else they would pick different d).
+    prof = measure(groups, 16, 24, 2)
+    profiles = dist_utils.all_gather_object(prof.to_dict())
+    assert profiles[0] == profiles[1] and prof.a2a.alpha >= 0 and prof.a2a.beta >= 0 and 0 <= prof.overlap <= 1
+    check_layer(groups, "gshard", world, chunks=("auto",))
     # Checkpoints: load the ep=1 save into ep=2, then save ep=2 for the parent to load at ep=1.
     model = tiny_model(seed=1)
     apply_expert_parallel(model, groups.mesh, groups)
