@@ -1,0 +1,88 @@
+"""Per-model MoE scheduling state: the EP groups and lanes, the measured profile, the
+schedule each layer shape runs, and predicted-vs-measured times for the log."""
+from __future__ import annotations
+
+import logging
+import statistics
+
+from comms import dist_utils
+from comms.moe.a2a import EPGroups, Exchanger
+from comms.moe.perfmodel import LayerShape, Profile, Schedule, choose, measure
+from comms.moe.pipeline import Plan, run
+
+log = logging.getLogger(__name__)
+
+REPORT_EVERY = 20  # log predicted vs measured after this many timed layer calls
+
+
+class MoEScheduler:
+    """Shared by every MoE layer of a model (one set of lanes, one profile)."""
+
+    def __init__(self, groups: EPGroups | None, chunks: str = "1", reprofile_every: int = 0):
+        self.groups = groups
+        self.ep = groups.ep if groups is not None else 1
+        self.exchanger = Exchanger(groups)
+        self.chunks, self.reprofile_every = chunks, reprofile_every
+        self.profile: Profile | None = None
+        self.reducer = None
+        self.grad_bytes_per_layer = 0
+        self._schedules: dict[tuple, Schedule] = {}
+        self._times: dict[str, dict[str, list]] = {}
+        self._calls = 0
+
+    def request_profile(self):
+        """Re-measure the groups at the next layer call (every rank must request it together)."""
+        self.profile = None
+
+    def schedule(self, shape: LayerShape) -> Schedule:
+        if self.chunks != "auto":
+            return Schedule(d=max(1, min(int(self.chunks), shape.slots)))
+        if self.reprofile_every and self._calls and self._calls % self.reprofile_every == 0:
+            self.profile = None
+        if self.profile is None:
+            self.profile = measure(self.groups, shape.dim, shape.hidden, shape.n_experts // shape.ep)
+            self._schedules.clear()
+            log.info("moe profile: %s", self.profile.to_dict())
+        key = (shape.n_experts, shape.slots, shape.dim, shape.hidden, shape.elt_bytes)
+        if key not in self._schedules:
+            s = self._schedules[key] = choose(shape, self.profile)
+            log.info("moe schedule for %s: d=%d, gradient partition %s bytes, predicted fwd %.2f ms + bwd %.2f ms",
+                     key, s.d, s.gap_bytes, 1e3 * s.predicted_fwd_s, 1e3 * s.predicted_bwd_s)
+        return self._schedules[key]
+
+    def run(self, name: str, buf, weights, fwd, bwd, hidden: int):
+        """Co-scheduled dispatch -> experts -> combine of ``buf`` (E, slots, dim)."""
+        n_exp, slots, dim = buf.shape
+        shape = LayerShape(n_exp, slots, dim, hidden, self.ep, buf.element_size(), self.grad_bytes_per_layer)
+        sched = self.schedule(shape)
+        self._calls += 1
+        times = self._times.setdefault(name, {"fwd": [], "bwd": [], "schedule": sched})
+        times["schedule"] = sched
+
+        def record(phase, seconds):
+            times[phase].append(seconds)
+            if phase == "bwd" and len(times["bwd"]) % REPORT_EVERY == 0 and dist_utils.rank() == 0:
+                r = self.report()[name]
+                predicted = "n/a (fixed d)" if r["predicted_ms"] is None else f"{r['predicted_ms']:.2f} ms"
+                log.info("moe %s: d=%d predicted %s, measured %.2f ms (median of %d fwd+bwd)",
+                         name, r["d"], predicted, r["measured_ms"], REPORT_EVERY)
+
+        plan = Plan(self.exchanger, self.ep, sched.d, fwd, bwd, self.reducer,
+                    sched.gap_bytes if self.chunks == "auto" else None, record)
+        return run(buf, weights, plan)
+
+    def report(self) -> dict:
+        """Per layer: chosen d, predicted and measured (median of the last calls) fwd+bwd ms."""
+        out = {}
+        for name, t in self._times.items():
+            fwd, bwd = t["fwd"][-REPORT_EVERY:], t["bwd"][-REPORT_EVERY:]
+            measured = 1e3 * (statistics.median(fwd) + statistics.median(bwd)) if fwd and bwd else None
+            s = t["schedule"]
+            out[name] = {"d": s.d, "predicted_ms": 1e3 * s.predicted_s if self.chunks == "auto" else None,
+                         "measured_ms": measured}
+        return out
+
+    def close(self):
+        self.exchanger.close()
+        if self.reducer is not None:
+            self.reducer.close()

@@ -1,0 +1,206 @@
+"""MoE layer and performance model, single process: routers against an independent
+reference, chunking invariance, capacity dropping, config validation, schedule choice."""
+import dataclasses
+
+import pytest
+import torch
+
+from comms import UserError
+from comms.moe import Cost, LayerShape, Profile, choose, gpu_cluster_profile, sequential, simulate
+from tests.moe_reference import reference_moe
+from trainer.moe import MoE, GroupedExperts
+from trainer.moe_config import MoEConfig
+
+ROUTERS = ["switch", "gshard", "expert_choice", "sigmoid"]
+
+
+def make_cfg(router, **kw):
+    base = dict(every=1, n_experts=4, top_k=1 if router == "switch" else 2, router=router,
+                shared_experts=1 if router == "sigmoid" else 0, capacity_factor=1.0)
+    return MoEConfig(**{**base, **kw})
+
+
+def run(m, x, d):
+    m.scheduler.chunks = str(d)
+    m.zero_grad()
+    x = x.detach().clone().requires_grad_()
+    y = m(x)
+    (y.square().sum() + m.aux_loss).backward()
+    return y.detach(), x.grad, {n: p.grad.clone() for n, p in m.named_parameters()}
+
+
+def test_handwritten_expert_backward_matches_autograd():
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 6, dtype=torch.float64, requires_grad=True)
+    ws = [torch.randn(3, 7, 6, dtype=torch.float64, requires_grad=True), torch.randn(3, 7, 6, dtype=torch.float64, requires_grad=True),
+          torch.randn(3, 6, 7, dtype=torch.float64, requires_grad=True)]
+    y, saved = GroupedExperts.fwd(x, *ws)
+    gy = torch.randn_like(y)
+    expected = torch.autograd.grad(y, [x, *ws], gy)
+    gx, gws = GroupedExperts.bwd(gy, saved, *ws)
+    for got, want in zip([gx, *gws], expected):
+        torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("router", ROUTERS)
+def test_router_matches_reference_and_chunking(router):
+    torch.manual_seed(1)
+    cfg = make_cfg(router)
+    m = MoE(16, 24, cfg)
+    x = torch.randn(3, 12, 16)
+    y1, gx1, g1 = run(m, x, 1)
+    want, kept = reference_moe(x, m.router.gate.weight, m.experts.w1, m.experts.w3, m.experts.w2, cfg, m.shared)
+    torch.testing.assert_close(y1, want.detach(), rtol=1e-5, atol=1e-6)
+    # Reference gradient of the same loss w.r.t. the input (aux loss included through the router).
+    xr = x.clone().requires_grad_()
+    yr, _ = reference_moe(xr, m.router.gate.weight, m.experts.w1, m.experts.w3, m.experts.w2, cfg, m.shared)
+    m.zero_grad()
+    yr.square().sum().backward()
+    expert_ref = m.experts.w1.grad.clone()
+    torch.testing.assert_close(g1["experts.w1"], expert_ref, rtol=1e-4, atol=1e-6)
+    for d in (2, 4):
+        yd, gxd, gd = run(m, x, d)
+        torch.testing.assert_close(yd, y1, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(gxd, gx1, rtol=1e-5, atol=1e-6)
+        for n in g1:
+            torch.testing.assert_close(gd[n], g1[n], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("router", ["switch", "gshard", "sigmoid"])
+def test_capacity_drops_deterministically_and_identically_across_chunks(router):
+    torch.manual_seed(2)
+    cfg = make_cfg(router, capacity_factor=0.5, shared_experts=0)
+    m = MoE(8, 16, cfg)
+    # Skew the router so that experts overflow: every token prefers expert 0.
+    with torch.no_grad():
+        m.router.gate.weight[0] += 3.0 * m.router.gate.weight[0].sign()
+    x = torch.randn(2, 16, 8).abs()
+    r1, r2 = m.router(x), m.router(x)
+    assert torch.equal(r1.tok, r2.tok) and torch.equal(r1.slot, r2.slot)
+    k = cfg.top_k
+    assert r1.tok.numel() < 2 * 16 * k, "capacity must drop some assignments in this setup"
+    _, kept = reference_moe(x, m.router.gate.weight, m.experts.w1, m.experts.w3, m.experts.w2, cfg)
+    ours = {(int(t) // 16, int(t) % 16, int(s) // r1.slots_per_expert) for t, s in zip(r1.tok, r1.slot)}
+    assert ours == kept
+    ys = [run(m, x, d)[0] for d in (1, 2, 4)]
+    dropped = sorted({(b, s) for b in range(2) for s in range(16)} - {(b, s) for b, s, _ in kept})
+    for y in ys:
+        torch.testing.assert_close(y, ys[0], rtol=1e-5, atol=1e-6)
+        for b, s in dropped:  # a token every choice of which was dropped gets exactly zero
+            assert torch.count_nonzero(y[b, s]) == 0
+
+
+def test_output_independent_of_batch_split():
+    """Capacity is per sequence, so a batch on one rank equals its halves on two ranks."""
+    torch.manual_seed(3)
+    m = MoE(8, 16, make_cfg("gshard", capacity_factor=0.75))
+    x = torch.randn(4, 10, 8)
+    with torch.no_grad():
+        whole = m(x)
+        aux_whole = m.aux_loss
+        halves = torch.cat([m(x[:2]), m(x[2:])])
+    torch.testing.assert_close(whole, halves)
+    with torch.no_grad():
+        m(x[:2]); a = m.aux_loss
+        m(x[2:]); b = m.aux_loss
+    torch.testing.assert_close(aux_whole, (a + b) / 2)
+
+
+def test_aux_loss_is_weighted_load_balance_plus_z_loss():
+    torch.manual_seed(4)
+    x = torch.randn(2, 8, 8)
+    losses = {}
+    for aux, z in ((0.0, 0.0), (1.0, 0.0), (0.0, 1.0)):
+        m = MoE(8, 16, make_cfg("gshard", aux_loss_coef=aux, z_loss_coef=z))
+        torch.manual_seed(5)
+        m.router.gate.reset_parameters()
+        with torch.no_grad():
+            m(x)
+        losses[(aux, z)] = m.aux_loss.item()
+    assert losses[(0.0, 0.0)] == 0.0
+    assert losses[(1.0, 0.0)] >= 1.0 - 1e-6  # E * sum f P >= 1, equality only when perfectly balanced
+    logits = x @ m.router.gate.weight.T
+    assert losses[(0.0, 1.0)] == pytest.approx(torch.logsumexp(logits, -1).pow(2).mean().item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("field, value, msg", [
+    ("router", "hash", "moe.router"), ("top_k", 2, "moe.top_k"), ("chunks", "many", "moe.chunks"),
+    ("chunks", "0", "moe.chunks"), ("z_loss_coef", -1.0, "moe.z_loss_coef"), ("hierarchical", "maybe", "moe.hierarchical"),
+    ("shared_experts", -1, "moe.shared_experts"),
+])
+def test_config_errors_name_the_field(field, value, msg):
+    cfg = MoEConfig(every=1, router="switch", top_k=1)
+    setattr(cfg, field, value)
+    with pytest.raises(UserError, match=msg):
+        cfg.validate()
+
+
+def test_config_fields_are_documented():
+    for f in dataclasses.fields(MoEConfig):
+        assert f.metadata.get("doc"), f.name
+
+
+# ---- performance model on recorded profiles (no wall time involved) ---------------------
+
+SHAPE = LayerShape(n_experts=8, slots=512, dim=512, hidden=2048, ep=4, elt_bytes=2, grad_bytes=32 << 20)
+
+
+def profile(a2a_alpha, a2a_beta):
+    return Profile(a2a=Cost(a2a_alpha, a2a_beta), allreduce=Cost(50e-6, 1 / 10e9), allgather=Cost(50e-6, 1 / 10e9),
+                   expert=Cost(20e-6, 1 / 50e12), source="recorded")
+
+
+def test_model_picks_more_chunks_when_comm_is_bandwidth_bound_and_fewer_when_latency_bound():
+    # No gradient to place: only the all-to-all / compute overlap decides d here.
+    shape = dataclasses.replace(SHAPE, grad_bytes=0)
+    compute = profile(0, 0).expert(shape.expert_flops)
+    # All-to-all as long as the expert compute, tiny latency: chunking hides it.
+    bw = profile(5e-6, compute / shape.a2a_bytes)
+    assert choose(shape, bw).d >= 4
+    # Same bandwidth, but each exchange pays a latency larger than the whole compute.
+    lat = profile(2 * compute, compute / shape.a2a_bytes)
+    assert choose(shape, lat).d == 1
+    # Monotone in alpha: more latency never asks for more chunks.
+    ds = [choose(shape, profile(a, compute / shape.a2a_bytes)).d for a in (1e-6, 1e-4, 1e-3, 1e-2)]
+    assert ds == sorted(ds, reverse=True) and ds[0] > ds[-1]
+    # Monotone in beta: a slower link (more to hide) never asks for fewer chunks.
+    ds = [choose(shape, profile(5e-6, f * compute / shape.a2a_bytes)).d for f in (1e-4, 0.1, 0.5, 1.0)]
+    assert ds == sorted(ds) and ds[0] < ds[-1]
+    # Negligible communication: nothing to hide, one chunk.
+    assert choose(shape, profile(5e-6, 1e-15)).d == 1
+    # Communication that cannot run alongside compute (shared CPU cores): nothing to gain.
+    assert choose(shape, dataclasses.replace(bw, overlap=0.0)).d == 1
+    assert choose(shape, dataclasses.replace(bw, overlap=0.5)).d <= choose(shape, bw).d
+
+
+def test_large_gradient_to_hide_favours_longer_link_gaps():
+    """FSMoE's trade-off: more chunks keep the link busier, leaving smaller gaps for the
+    gradient all-reduce; with a big gradient the model picks fewer chunks than without."""
+    compute = profile(0, 0).expert(SHAPE.expert_flops)
+    p = profile(5e-6, compute / SHAPE.a2a_bytes)
+    assert choose(SHAPE, p).d < choose(dataclasses.replace(SHAPE, grad_bytes=0), p).d
+
+
+def test_model_schedule_replay_and_gradient_partition():
+    compute = profile(0, 0).expert(SHAPE.expert_flops)
+    p = profile(5e-6, compute / SHAPE.a2a_bytes)
+    seq, best = sequential(SHAPE, p), choose(SHAPE, p)
+    assert seq.d == 1 and seq.gap_bytes == [0]
+    # Sequential: dispatch + compute + combine, backward the same with 2x compute, then the
+    # whole gradient all-reduce exposed.
+    a2a = p.a2a(SHAPE.a2a_bytes)
+    assert seq.predicted_fwd_s == pytest.approx(2 * a2a + compute)
+    assert seq.predicted_bwd_s == pytest.approx(2 * a2a + p.expert(2 * SHAPE.expert_flops) + p.allreduce(SHAPE.grad_bytes))
+    assert best.predicted_s < seq.predicted_s
+    assert sum(best.gap_bytes) > 0  # partitions placed in the gaps of the backward
+    assert sum(best.gap_bytes) <= SHAPE.grad_bytes
+    # Round trip of a recorded profile.
+    assert Profile.from_dict(p.to_dict()) == p
+
+
+def test_gpu_cluster_profile_predicts_speedup_over_sequential():
+    prof = gpu_cluster_profile(8, 4)
+    shape = LayerShape(n_experts=32, slots=640, dim=2048, hidden=8192, ep=32, elt_bytes=2, grad_bytes=3 * 2048 * 8192 * 2)
+    speedup = sequential(shape, prof).predicted_s / choose(shape, prof).predicted_s
+    assert speedup > 1.1
+    assert simulate(shape, prof, 1).predicted_s <= sequential(shape, prof).predicted_s

@@ -1,0 +1,318 @@
+"""Mixture-of-experts feed-forward layer, built from swappable parts:
+
+    router -> order -> [dispatch -> experts -> combine] (co-scheduled, comms.moe) -> inverse order
+
+- router: scores experts per token, picks assignments and drops what exceeds capacity.
+  Capacity is per sequence (GShard's "groups"), so dropping, and hence the model's output,
+  does not depend on how the batch is split over ranks or chunks.
+- order: permutes tokens into a buffer of (experts, capacity slots, dim); empty slots are 0.
+- dispatch / combine: all-to-all over the EP group (comms.moe), chunked and overlapped with
+- experts: SwiGLU experts stored as stacked tensors (n_experts, ...), one batched matmul each.
+- inverse order: weights each expert output by its gate and sums it back onto its token.
+
+After each forward ``aux_loss`` holds the weighted load-balancing + z-loss.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Shard
+
+from comms.moe import EPGroups, GradReducer, MoEScheduler
+from trainer.model import FeedForward
+from trainer.moe_config import MoEConfig
+
+
+@dataclass
+class Routing:
+    """Kept token->expert assignments of one forward, as flat index tensors."""
+
+    tok: torch.Tensor  # (A,) token index in batch x seq
+    slot: torch.Tensor  # (A,) row of the (experts x sequences x capacity) buffer
+    gate: torch.Tensor  # (A,) weight of the expert's output for that token
+    slots_per_expert: int  # sequences x capacity
+    aux_loss: torch.Tensor
+
+
+def capacity(cfg: MoEConfig, seq: int) -> int:
+    return min(seq, max(1, math.ceil(cfg.capacity_factor * seq * cfg.top_k / cfg.n_experts)))
+
+
+class Router(nn.Module):
+    """Base: a linear gate over experts, the z-loss, and token-choice slot assignment."""
+
+    def __init__(self, dim: int, cfg: MoEConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.gate = nn.Linear(dim, cfg.n_experts, bias=False)
+
+    def forward(self, x: torch.Tensor) -> Routing:
+        logits = self.gate(x).float()  # routing decisions in fp32 even under bf16 autocast
+        return self.route(logits)
+
+    def losses(self, logits, probs, choices) -> torch.Tensor:
+        """aux_loss_coef x load balance + z_loss_coef x z-loss.
+
+        Load balance (Switch/GShard) per sequence, then averaged over sequences, so the loss
+        is the same whether the batch sits on one rank or is split over several:
+        E x sum_e f_e P_e with f_e the share of top-k choices and P_e the mean probability.
+        """
+        cfg = self.cfg
+        z = torch.logsumexp(logits, dim=-1).pow(2).mean()
+        loss = cfg.z_loss_coef * z
+        if choices is not None:
+            seq, k = choices.shape[1], choices.shape[2]
+            f = F.one_hot(choices, cfg.n_experts).sum(dim=(1, 2)).float() / (seq * k)  # (B, E)
+            lb = (cfg.n_experts * (f * probs.mean(dim=1)).sum(-1)).mean()
+            loss = loss + cfg.aux_loss_coef * lb
+        return loss
+
+    def token_choice(self, experts: torch.Tensor, gates: torch.Tensor, aux: torch.Tensor) -> Routing:
+        """Keep each (token, choice) while its expert has room in this sequence.
+
+        Priority: all first choices before second ones, earlier positions first (Switch,
+        GShard); a pure function of the routing, so identical for any chunking.
+        """
+        bsz, seq, k = experts.shape
+        n_exp = self.cfg.n_experts
+        cap = capacity(self.cfg, seq)
+        order = experts.transpose(1, 2).reshape(bsz, k * seq)  # choice-major
+        onehot = F.one_hot(order, n_exp)
+        pos = ((onehot.cumsum(dim=1) - 1) * onehot).sum(-1).view(bsz, k, seq).transpose(1, 2)  # (B, S, k)
+        keep = pos < cap
+        b = torch.arange(bsz).view(-1, 1, 1).expand_as(experts)
+        s = torch.arange(seq).view(1, -1, 1).expand_as(experts)
+        slot = experts * (bsz * cap) + b * cap + pos
+        return Routing(tok=(b * seq + s)[keep], slot=slot[keep], gate=gates[keep], slots_per_expert=bsz * cap, aux_loss=aux)
+
+
+class SwitchRouter(Router):
+    """Softmax, top-1; the gate is the chosen expert's probability (Switch Transformer)."""
+
+    def route(self, logits):
+        probs = logits.softmax(-1)
+        gate, expert = probs.max(dim=-1, keepdim=True)
+        return self.token_choice(expert, gate, self.losses(logits, probs, expert))
+
+
+class GShardRouter(Router):
+    """Softmax, top-k, gates renormalized over the chosen experts (GShard; k=2 by default)."""
+
+    def route(self, logits):
+        probs = logits.softmax(-1)
+        gate, expert = probs.topk(self.cfg.top_k, dim=-1)
+        gate = gate / gate.sum(-1, keepdim=True)
+        return self.token_choice(expert, gate, self.losses(logits, probs, expert))
+
+
+class SigmoidRouter(Router):
+    """Independent sigmoid scores, top-k, gates normalized over the chosen (DeepSeek-V3)."""
+
+    def route(self, logits):
+        scores = torch.sigmoid(logits)
+        gate, expert = scores.topk(self.cfg.top_k, dim=-1)
+        gate = gate / gate.sum(-1, keepdim=True)
+        probs = scores / scores.sum(-1, keepdim=True)
+        return self.token_choice(expert, gate, self.losses(logits, probs, expert))
+
+
+class ExpertChoiceRouter(Router):
+    """Each expert takes its top-`capacity` tokens of each sequence (Zhou et al. 2022);
+    balanced by construction, so only the z-loss applies."""
+
+    def route(self, logits):
+        bsz, seq, n_exp = logits.shape
+        cap = capacity(self.cfg, seq)
+        probs = logits.softmax(-1)
+        # Stable sort: ties go to the earlier position, deterministically.
+        idx = probs.transpose(1, 2).sort(dim=-1, descending=True, stable=True).indices[..., :cap]  # (B, E, C)
+        gate = probs.transpose(1, 2).gather(-1, idx)
+        b = torch.arange(bsz).view(-1, 1, 1)
+        e = torch.arange(n_exp).view(1, -1, 1)
+        c = torch.arange(cap).view(1, 1, -1)
+        slot = (e * (bsz * cap) + b * cap + c).expand_as(idx)
+        return Routing(tok=(b * seq + idx).reshape(-1), slot=slot.reshape(-1), gate=gate.reshape(-1),
+                       slots_per_expert=bsz * cap, aux_loss=self.losses(logits, probs, None))
+
+
+ROUTERS = {"switch": SwitchRouter, "gshard": GShardRouter, "expert_choice": ExpertChoiceRouter, "sigmoid": SigmoidRouter}
+
+
+class Order(nn.Module):
+    """Tokens -> (experts, slots, dim) buffer, grouped by expert; unused slots are zeros."""
+
+    def forward(self, x: torch.Tensor, r: Routing, n_experts: int) -> torch.Tensor:
+        # In place on a fresh buffer: the out-of-place index_copy would clone it first.
+        buf = x.new_zeros(n_experts * r.slots_per_expert, x.shape[-1])
+        return buf.index_copy_(0, r.slot, x[r.tok]).view(n_experts, r.slots_per_expert, -1)
+
+
+class InverseOrder(nn.Module):
+    """(experts, slots, dim) outputs -> tokens, each weighted by its gate and summed."""
+
+    def forward(self, out: torch.Tensor, r: Routing, n_tokens: int) -> torch.Tensor:
+        rows = out.reshape(-1, out.shape[-1])[r.slot] * r.gate.to(out.dtype).unsqueeze(-1)
+        return rows.new_zeros(n_tokens, out.shape[-1]).index_add_(0, r.tok, rows)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+class GroupedExperts(nn.Module):
+    """n SwiGLU experts as stacked tensors, w1/w3: (n, hidden, dim), w2: (n, dim, hidden)
+    (each slice is an nn.Linear weight). Under expert parallelism they are DTensors sharded
+    on dim 0 over the EP mesh and each rank computes its local experts."""
+
+    def __init__(self, n: int, dim: int, hidden: int, init_std: float = 0.02):
+        super().__init__()
+        self.hidden = hidden
+        self.w1 = nn.Parameter(torch.randn(n, hidden, dim) * init_std)
+        self.w3 = nn.Parameter(torch.randn(n, hidden, dim) * init_std)
+        self.w2 = nn.Parameter(torch.randn(n, dim, hidden) * init_std)
+
+    def local_weights(self):
+        return [_local(self.w1), _local(self.w3), _local(self.w2)]
+
+    @staticmethod
+    def fwd(x, w1, w3, w2):
+        """x: (local experts, rows, dim) -> (y, what the backward needs)."""
+        h1, h3 = torch.bmm(x, w1.mT), torch.bmm(x, w3.mT)
+        return torch.bmm(F.silu(h1) * h3, w2.mT), (x, h1, h3)
+
+    @staticmethod
+    def bwd(gy, saved, w1, w3, w2):
+        """Hand-written SwiGLU backward (the pipeline runs it chunk by chunk between exchanges);
+        fused silu_backward keeps it to 4 elementwise passes."""
+        x, h1, h3 = saved
+        act = F.silu(h1)
+        ga = torch.bmm(gy, w2)
+        gw2 = torch.bmm(gy.mT, act * h3)
+        gh3 = ga * act
+        gh1 = torch.ops.aten.silu_backward(ga * h3, h1)
+        gx = torch.baddbmm(torch.bmm(gh3, w3), gh1, w1)
+        return gx, (torch.bmm(gh1.mT, x), torch.bmm(gh3.mT, x), gw2)
+
+
+class MoE(nn.Module):
+    def __init__(self, dim: int, hidden: int, cfg: MoEConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.router = ROUTERS[cfg.router](dim, cfg)
+        self.order = Order()
+        self.experts = GroupedExperts(cfg.n_experts, dim, hidden)
+        self.inverse_order = InverseOrder()
+        # Shared experts (DeepSeek-style): one always-active SwiGLU of shared_experts x hidden.
+        self.shared = FeedForward(dim, hidden * cfg.shared_experts) if cfg.shared_experts else None
+        # Replaced by one shared scheduler (with the EP groups) in apply_expert_parallel.
+        self.scheduler = MoEScheduler(None, cfg.chunks, cfg.reprofile_every)
+        self.name = "moe"
+        self.aux_loss = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bsz, seq, dim = x.shape
+        r = self.router(x)
+        self.aux_loss = r.aux_loss
+        flat = x.reshape(-1, dim)
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        buf = self.order(flat, r, self.cfg.n_experts).to(dtype)
+        # The pipeline runs its own matmuls in `dtype` (its backward is hand-written).
+        with torch.autocast(x.device.type, enabled=False):
+            out = self.scheduler.run(self.name, buf, self.experts.local_weights(), GroupedExperts.fwd,
+                                     GroupedExperts.bwd, self.experts.hidden)
+        y = self.inverse_order(out, r, bsz * seq).to(x.dtype)
+        if self.shared is not None:
+            y = y + self.shared(x).reshape(-1, dim)
+        return y.view(bsz, seq, dim)
+
+
+def moe_layers(model: nn.Module) -> dict[str, MoE]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, MoE)}
+
+
+def apply_expert_parallel(model: nn.Module, ep_mesh: DeviceMesh, groups: EPGroups | None = None) -> set[str]:
+    """Shard every MoE layer's experts over ``ep_mesh`` (DTensor, Shard(0)); collective-free.
+
+    Call after the model's weights are initialized (identically on every rank). ``groups``
+    (comms.moe.build_ep_groups) adds hierarchical exchanges and the gradient lane; without it
+    the flat all-to-all runs on the mesh's group. Returns the FQNs of the expert parameters,
+    which data parallelism must leave alone (sync_expert_grads or a GradReducer does them).
+    """
+    ep, rank = ep_mesh.size(), ep_mesh.get_local_rank()
+    if groups is None:
+        groups = EPGroups(ep=ep, mesh=ep_mesh, group=ep_mesh.get_group(), expert_dp=None, dp=None, dp_size=dist.get_world_size())
+    layers = moe_layers(model)
+    names = set()
+    if not layers:
+        return names
+    cfg = next(iter(layers.values())).cfg
+    scheduler = MoEScheduler(groups, cfg.chunks, cfg.reprofile_every)
+    for mod_name, m in layers.items():
+        m.scheduler.close()
+        m.scheduler, m.name = scheduler, mod_name
+        for pname in ("w1", "w3", "w2"):
+            p = getattr(m.experts, pname)
+            piece = p.detach().chunk(ep, dim=0)[rank].clone()
+            setattr(m.experts, pname, nn.Parameter(DTensor.from_local(piece, ep_mesh, [Shard(0)], run_check=False)))
+            names.add(f"{mod_name}.experts.{pname}")
+    return names
+
+
+def sync_expert_grads(model: nn.Module, expert_dp_group, dp_size: int):
+    """After backward (DDP path): expert grads := SUM over the ranks holding the same experts
+    / dp_size, i.e. the gradient of the global-mean loss (see comms/moe/reducer.py)."""
+    for m in moe_layers(model).values():
+        for p in (m.experts.w1, m.experts.w3, m.experts.w2):
+            if p.grad is None:
+                continue
+            g = _local(p.grad)
+            if expert_dp_group is not None and dist.get_world_size(expert_dp_group) > 1:
+                dist.all_reduce(g, group=expert_dp_group)
+            g.div_(dp_size)
+
+
+def attach_grad_reducer(model: nn.Module, groups: EPGroups, expert_names: set[str]) -> GradReducer:
+    """Replace DDP for this model: all data-parallel gradient reduction goes through one
+    reducer whose partitions the MoE backward issues into its communication gaps.
+
+    Per step: ``reducer.arm()`` before the last micro-step's backward, ``reducer.finish()``
+    after it (then clip and step)."""
+    layers = moe_layers(model)
+    reducer = GradReducer(model.named_parameters(), groups.dp, groups.expert_dp, groups.dp_size, expert_names)
+    total = sum(_local(p).numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    for m in layers.values():
+        m.scheduler.reducer = reducer
+        m.scheduler.grad_bytes_per_layer = total // max(1, len(layers))
+    return reducer
+
+
+def clip_grad_norm_(model: nn.Module, max_norm: float, groups: EPGroups | None, expert_names: set[str]) -> float:
+    """Global gradient norm of a model whose experts are sharded over the EP group, clipped
+    in place; equals the single-process norm. (torch's clip_grad_norm_ refuses to mix
+    DTensor and plain gradients.)"""
+    dense, expert = [], []
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            (expert if name in expert_names else dense).append(_local(p.grad))
+    sq = [torch.stack([g.float().pow(2).sum() for g in gs]).sum() if gs else torch.zeros(()) for gs in (dense, expert)]
+    if groups is not None and groups.ep > 1:
+        dist.all_reduce(sq[1], group=groups.group)  # each EP rank holds different experts
+    total = (sq[0] + sq[1]).sqrt().item()
+    if max_norm > 0 and total > max_norm:
+        for g in dense + expert:
+            g.mul_(max_norm / (total + 1e-6))
+    return total
+
+
+def moe_report(model: nn.Module) -> dict:
+    """Chosen d and predicted vs measured fwd+bwd ms per MoE layer (for the metrics log)."""
+    out = {}
+    for m in moe_layers(model).values():
+        out.update(m.scheduler.report())
+    return out
