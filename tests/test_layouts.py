@@ -29,3 +29,23 @@ def test_layout_matches_single_process(name, reference, tmp_path):
         assert got[step] == pytest.approx(want[step], rel=1e-5), f"{name} step {step}: {got[step]} vs {want[step]}"
     # the loss really moves: the runs are training, not comparing constants
     assert got[4] < got[1] - 0.3
+
+
+MOE = ["--moe.every=2", "--moe.n_experts=4", "--moe.top_k=2"]
+
+
+@pytest.fixture(scope="module")
+def moe_reference(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("moe_reference")
+    train(1, run_dir, "--train.steps=6", *MOE)
+    return run_dir
+
+
+@pytest.mark.parametrize("overlap", ["true", "false"])
+def test_moe_expert_parallel_matches_single_process(overlap, moe_reference, tmp_path):
+    """EP x2: experts split over 2 ranks, all-to-all dispatch; gradients reduced either in
+    the gaps of the MoE backward (grad_overlap) or by DDP plus an expert-grad sync."""
+    train(2, tmp_path, "--train.steps=4", "--parallel.ep=2", f"--moe.grad_overlap={overlap}", *MOE)
+    got, want = losses(tmp_path), losses(moe_reference)
+    for step in got:
+        assert got[step] == pytest.approx(want[step], rel=1e-5)

@@ -170,6 +170,13 @@ class JobConfig:
     def validate(self, world_size: int | None = None):
         for f in dataclasses.fields(self):
             getattr(self, f.name).validate()
+        if self.moe.every and self.parallel.ep > 1:
+            check(self.parallel.engine == "torch", "parallel.ep", "expert parallel needs parallel.engine=torch")
+            check(self.parallel.tp == 1, "parallel.ep", "expert parallel with tensor parallel is not supported; set parallel.tp=1")
+            check(self.parallel.dp_shard in (1, -1), "parallel.ep",
+                  "expert parallel with FSDP2 (dp_shard > 1) is not supported; use parallel.dp_replicate for data parallel")
+        if self.parallel.ep > 1:
+            check(self.moe.every > 0, "parallel.ep", "expert parallel needs MoE layers; set moe.every")
         if self.moe.every:
             check(self.parallel.pp == 1, "parallel.pp", "MoE models do not support pipeline parallelism yet; set parallel.pp=1")
         if self.parallel.pp > 1:
@@ -201,6 +208,8 @@ class JobConfig:
         if p.engine == "deepspeed":
             check(p.tp == 1 and p.pp == 1, "parallel.engine", "the deepspeed engine runs pure data parallel here; set tp=1, pp=1")
             p.dp_replicate, p.dp_shard = 1, world_size if p.dp_shard == -1 else p.dp_shard
+        if p.ep > 1 and p.dp_shard == -1 and p.dp_replicate == 1:
+            p.dp_replicate, p.dp_shard = world_size // (p.tp * p.pp), 1  # experts need plain DDP replicas
         other = p.dp_replicate * p.tp * p.pp
         if p.dp_shard == -1:
             check(world_size % other == 0, "parallel", f"world size {world_size} is not divisible by dp_replicate x tp x pp = {other}")
@@ -240,6 +249,8 @@ def _coerce(value, tp, name: str):
     elif origin is str:
         if isinstance(value, str):
             return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)  # e.g. moe.chunks = 4 for a field that also takes "auto"
     elif origin in (list, dict):
         if isinstance(value, origin):
             return value

@@ -116,7 +116,7 @@ class Transformer(nn.Module):
                 nn.init.ones_(p)  # RMSNorm scales
             else:
                 # Residual projections scaled by 1/sqrt(2 * layers), as in GPT-2.
-                std = self.cfg.init_std / math.sqrt(2 * self.cfg.n_layers) if name.endswith(("wo.weight", "w2.weight")) else self.cfg.init_std
+                std = self.cfg.init_std / math.sqrt(2 * self.cfg.n_layers) if name.endswith(("wo.weight", "w2.weight", "experts.w2")) else self.cfg.init_std
                 with torch.no_grad():
                     p.copy_(torch.randn(p.shape, generator=g) * std)
 

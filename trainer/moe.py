@@ -292,24 +292,6 @@ def attach_grad_reducer(model: nn.Module, groups: EPGroups, expert_names: set[st
     return reducer
 
 
-def clip_grad_norm_(model: nn.Module, max_norm: float, groups: EPGroups | None, expert_names: set[str]) -> float:
-    """Global gradient norm of a model whose experts are sharded over the EP group, clipped
-    in place; equals the single-process norm. (torch's clip_grad_norm_ refuses to mix
-    DTensor and plain gradients.)"""
-    dense, expert = [], []
-    for name, p in model.named_parameters():
-        if p.grad is not None:
-            (expert if name in expert_names else dense).append(_local(p.grad))
-    sq = [torch.stack([g.float().pow(2).sum() for g in gs]).sum() if gs else torch.zeros(()) for gs in (dense, expert)]
-    if groups is not None and groups.ep > 1:
-        dist.all_reduce(sq[1], group=groups.group)  # each EP rank holds different experts
-    total = (sq[0] + sq[1]).sqrt().item()
-    if max_norm > 0 and total > max_norm:
-        for g in dense + expert:
-            g.mul_(max_norm / (total + 1e-6))
-    return total
-
-
 def moe_report(model: nn.Module) -> dict:
     """Chosen d and predicted vs measured fwd+bwd ms per MoE layer (for the metrics log)."""
     out = {}

@@ -149,15 +149,29 @@ class TorchEngine:
             for block in model.layers.values():
                 fully_shard(block, mesh=dp_mesh, reshard_after_forward=reshard)
             fully_shard(model, mesh=dp_mesh, reshard_after_forward=reshard)
+        self.module = model  # what forward is called on (DDP wrapper below)
+        self.reducer = self.ep_groups = None
+        expert_names: set[str] = set()
+        if cfg.moe.every and p.ep > 1:
+            from comms.moe import build_ep_groups
+            from trainer.moe import apply_expert_parallel, attach_grad_reducer
+
+            self.ep_groups = build_ep_groups(p.ep, device, hierarchical=cfg.moe.hierarchical)
+            expert_names = apply_expert_parallel(model, self.ep_groups.mesh, self.ep_groups)
+            if cfg.moe.grad_overlap:
+                # Replaces DDP: the MoE backward issues gradient partitions into the gaps
+                # of its own all-to-all traffic (FSMoE).
+                self.reducer = attach_grad_reducer(model, self.ep_groups, expert_names)
+        if p.dp_replicate > 1 and not (p.dp_shard > 1 or p.tp > 1 or p.pp > 1) and self.reducer is None:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            # Experts are sharded over EP, not replicated: DDP must leave their grads alone.
+            DDP._set_params_and_buffers_to_ignore_for_model(model, list(expert_names))
+            self.module = DDP(model, process_group=mesh["dp_replicate"].get_group())
+            self.ddp = True
         self.model = model
         self.optimizer = make_optimizer(model, cfg)
         init_optimizer_state(self.optimizer)
-        self.module = model  # what forward is called on (DDP wrapper below)
-        if p.dp_replicate > 1 and not (p.dp_shard > 1 or p.tp > 1 or p.pp > 1):
-            from torch.nn.parallel import DistributedDataParallel as DDP
-
-            self.module = DDP(model, process_group=mesh["dp_replicate"].get_group())
-            self.ddp = True
         if p.pp > 1:
             from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
@@ -195,11 +209,19 @@ class TorchEngine:
                 sync = self.module.no_sync() if self.ddp and not last else contextlib.nullcontext()
                 if hasattr(self.model, "set_requires_gradient_sync"):
                     self.model.set_requires_gradient_sync(last)
+                if self.reducer is not None and last:
+                    self.reducer.arm()
                 with sync, autocast(cfg, self.device):
                     loss = lm_loss(self.module(x), y)
                     aux = self.model.aux_loss()
                     ((loss + aux) / accum).backward()
                 total += loss.item() / accum
+            if self.reducer is not None:
+                self.reducer.finish()
+            elif self.ep_groups is not None:
+                from trainer.moe import sync_expert_grads
+
+                sync_expert_grads(self.model, self.ep_groups.expert_dp, self.ep_groups.dp_size)
         norm = clip_grad_norm(self.model.parameters(), cfg.optim.grad_clip, self.pp_group)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
