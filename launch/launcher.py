@@ -74,6 +74,10 @@ def main(argv: list[str]) -> int:
     cmd += (["--config", ours.config] if ours.config else []) + overrides
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    # Each rendezvous round's rank 0 hosts a fresh store. With torchrun's shared agent store,
+    # keys of a failed round stay and a restarted gloo rank can read a dead peer's address
+    # ("connectFullMesh ... Connection refused"), burning restarts.
+    env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
     agent = subprocess.Popen(cmd, env=env)
     # The agent forwards SIGTERM to its workers, which save and exit 0; pass ours on.
     for sig in (signal.SIGTERM, signal.SIGINT):

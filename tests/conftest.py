@@ -18,6 +18,9 @@ def env(**extra) -> dict:
     e["PYTHONPATH"] = str(ROOT) + os.pathsep + e.get("PYTHONPATH", "")
     e.setdefault("DS_ACCELERATOR", "cpu")
     e.setdefault("OMP_NUM_THREADS", "1")
+    # A fresh store per rendezvous round (see launch/launcher.py): restarted gloo ranks must
+    # not read a dead peer's address left in torchrun's shared agent store.
+    e["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
     e.update(extra)
     return e
 
