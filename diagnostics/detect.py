@@ -106,18 +106,22 @@ class Detector:
 
     # ---- rules ------------------------------------------------------------------------
     def _crash(self, gen: Generation, now: float) -> list[Verdict]:
-        dead, victims = [], []
+        victims: dict[int, float] = {}  # rank -> when it was seen failing (collective error or SIGTERM)
+        still = []
         for r, st in gen.state.items():
-            if st.get("closed") and not st.get("error"):
-                continue
-            stale = now - st.get("time", 0) > self.cfg.stale_s
-            if not (stale or st.get("closed")):
-                continue
             term = gen.path / f"term-r{r}.txt"
-            if st.get("error") or (term.exists() and term.stat().st_size > 0):
-                victims.append(r)
-            else:
-                dead.append(r)
+            if term.exists() and term.stat().st_size > 0:
+                victims[r] = term.stat().st_mtime
+            elif st.get("error"):
+                victims[r] = st.get("time", now)
+            elif not st.get("closed"):
+                still.append(r)
+        # Gone: no heartbeat for stale_s, or none since the first failure (a live rank writes
+        # one every 0.5 s; live, a second of grace lets it), so a crash is named as soon as the ranks
+        # it took down are seen, not stale_s later.
+        first_fail = min(victims.values(), default=None)
+        dead = [r for r in still if now - gen.state[r].get("time", 0) > self.cfg.stale_s
+                or (first_fail is not None and now - first_fail >= (1.0 if self.live else 0.0) and gen.state[r].get("time", 0) < first_fail)]
         alive = [r for r in gen.state if r not in dead and r not in victims]
         if not dead or not (victims or alive):  # everyone killed without a trace: nothing to say
             return []

@@ -86,6 +86,47 @@ def run(rank: int, world: int, run_dir: str, steps: int = 30, inject: list | Non
     return {"rank": rank, "world": world, "first_step": start, "steps": steps, "step_times": step_times}
 
 
+def _entry(rank: int, world: int, port: int, kw: dict):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    run(rank, world, **kw)
+
+
+def run_local(world: int, run_dir, *, watch_s: float = 60.0, stop_on=(), **kw) -> tuple[list, float]:
+    """Run the drill with ``world`` local processes (forked) while a live Detector watches;
+    stop when the ranks are done, when a verdict of a kind in ``stop_on`` comes, or after
+    ``watch_s``; ranks still running then are killed. Returns (verdicts, seconds from start
+    to the first verdict or None): the live ones, plus any that judging the finished
+    directory adds (a crash whose ranks all exit within the live grace period)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from diagnostics.detect import Detector
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    t0 = time.time()
+    ctx = mp.start_processes(_entry, args=(world, port, {"run_dir": str(run_dir), **kw}), nprocs=world,
+                             join=False, start_method="fork")
+    live = Detector(run_dir, live=True)
+    first = None
+    while any(p.is_alive() for p in ctx.processes) and time.time() - t0 < watch_s:
+        time.sleep(0.25)
+        new = live.poll()
+        if new and first is None:
+            first = time.time() - t0
+        if any(v.kind in stop_on for v in new):
+            break
+    for p in ctx.processes:
+        if p.is_alive():
+            p.kill()
+        p.join()
+    seen = {v.key for v in live.verdicts}
+    late = [v for v in Detector(run_dir, live=False, dump_stacks=False).poll() if v.key not in seen]
+    return live.verdicts + late, first
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m diagnostics.drill", description=__doc__.split("\n\n")[0])
     ap.add_argument("--run-dir", required=True)
