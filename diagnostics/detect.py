@@ -94,7 +94,12 @@ class Detector:
             if not gen.meta:
                 continue
             t = now if now is not None else (time.time() if self.live else gen.heartbeat())
-            for v in self._crash(gen, t) + self._hang(gen, t) + self._straggler(gen, t) + self._links(gen, t):
+            hung = any(v.generation == gen.id and v.kind.startswith("hang") for v in self.verdicts)
+            found = self._hang(gen, t)
+            # Once a generation hangs, ranks dying later are someone ending it (an operator,
+            # the launcher), not a crash.
+            found += [] if hung or found else self._crash(gen, t)
+            for v in found + self._straggler(gen, t) + self._links(gen, t):
                 if v.key not in self._seen:
                     self._seen.add(v.key)
                     v.generation = gen.id
@@ -246,13 +251,29 @@ def dump_stacks(gen: Generation) -> list[str]:
             os.kill(m["pid"], signal.SIGUSR1)
         except (ProcessLookupError, PermissionError):
             continue
-        files.append(str(gen.path / f"stacks-r{r}.txt"))
+        stacks = gen.path / f"stacks-r{r}.txt"
+        files.append(str(stacks))
+        for _ in range(40):  # the rank writes on delivery; give it up to 2 s
+            if stacks.stat().st_size > 0:
+                break
+            time.sleep(0.05)
         if pyspy:
             out = gen.path / f"pyspy-r{r}.txt"
             with open(out, "w") as f:
                 subprocess.run([pyspy, "dump", "--pid", str(m["pid"])], stdout=f, stderr=subprocess.STDOUT, timeout=30)
             files.append(str(out))
     return [os.path.relpath(f, gen.path.parent.parent) for f in files]
+
+
+def stop_all(pids: list[int]):
+    """SIGSTOP every process, then SIGKILL: none of them sees the others go first (which
+    would read as a crash followed by its victims)."""
+    for sig in (signal.SIGSTOP, signal.SIGKILL):
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
 
 
 def write_verdicts(run_dir, verdicts: list[Verdict]):

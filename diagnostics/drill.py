@@ -25,6 +25,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 from comms import trace
+from diagnostics.detect import stop_all
 from diagnostics.inject import Injector
 
 
@@ -118,9 +119,8 @@ def run_local(world: int, run_dir, *, watch_s: float = 60.0, stop_on=(), **kw) -
             first = time.time() - t0
         if any(v.kind in stop_on for v in new):
             break
+    stop_all([p.pid for p in ctx.processes if p.is_alive()])
     for p in ctx.processes:
-        if p.is_alive():
-            p.kill()
         p.join()
     seen = {v.key for v in live.verdicts}
     late = [v for v in Detector(run_dir, live=False, dump_stacks=False).poll() if v.key not in seen]

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import psutil
 
-from diagnostics import DiagnosticsConfig, Detector, write_verdicts
+from diagnostics import DiagnosticsConfig, Detector, stop_all, write_verdicts
 from diagnostics.config import POLICIES
 
 log = logging.getLogger("kintsugi.monitor")
@@ -114,11 +114,7 @@ class Monitor(threading.Thread):
             procs = psutil.Process(self.agent.pid).children(recursive=True)
         except psutil.Error:
             return []
-        for p in procs:
-            try:
-                p.kill()
-            except psutil.Error:
-                pass
+        stop_all([p.pid for p in procs])
         return [p.pid for p in procs]
 
     def _record(self, action: str, v, detail: str):
