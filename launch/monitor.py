@@ -56,10 +56,10 @@ class Monitor(threading.Thread):
         self.detector = Detector(run_dir, cfg, live=True)
         self.actions: list[dict] = []
         self._handled: set[int] = set()  # generations already acted on: later verdicts are fallout
-        self._stop = threading.Event()
+        self._halt = threading.Event()
 
     def run(self):
-        while not self._stop.wait(self.interval_s):
+        while not self._halt.wait(self.interval_s):
             try:
                 verdicts = self.detector.poll()
             except Exception as e:  # a half-written run dir must never take the launcher down
@@ -70,7 +70,7 @@ class Monitor(threading.Thread):
                 self._act(v)
 
     def stop(self):
-        self._stop.set()
+        self._halt.set()
         if self.is_alive() and threading.current_thread() is not self:
             self.join(timeout=5)
 
