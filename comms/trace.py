@@ -119,6 +119,8 @@ class Tracer:
         self._appended = 0
         self._written = 0
         self._inflight: dict[int, list] = {}
+        self._blocked = 0.0  # seconds spent inside blocking traced ops, ever
+        self._blocked_at: dict[str, float] = {}  # channel -> _blocked when its last op returned
         self._seq: dict[str, int] = {}
         self._groups: dict[int, tuple[str, tuple[int, ...]]] = {}
         self._members: dict[str, list[int]] = {}
@@ -222,8 +224,12 @@ class Tracer:
         seq = self._seq[chan] = self._seq.get(chan, -1) + 1
         nbytes, dtype, cuda = _payload(payload)
         now = time.time()
-        # [type, channel, op, seq, peer, bytes, dtype, arrived, started, ended, step, error]
-        rec = ["c", chan, op, seq, -1 if peer is None else peer, nbytes, dtype, now, now, None, self.step, ""]
+        # Time this rank spent blocked in other traced ops since its last op on this channel:
+        # a rank late because it waited elsewhere (a serialised p2p ring, a slow link) is not
+        # a compute straggler.
+        blk = self._blocked - self._blocked_at.get(chan, self._blocked)
+        # [type, channel, op, seq, peer, bytes, dtype, arrived, started, ended, step, error, blocked]
+        rec = ["c", chan, op, seq, -1 if peer is None else peer, nbytes, dtype, now, now, None, self.step, "", blk]
         self._inflight[id(rec)] = rec
         if cuda:
             rec.append(_cuda_start())
@@ -235,7 +241,10 @@ class Tracer:
         """The op returned; returns the Work to hand to the caller."""
         if rec is None:
             return work
-        if len(rec) > 12:  # CUDA: completion comes from the events, resolved by the flusher
+        if work is None:  # a blocking call: its time is time this rank could not compute
+            self._blocked += time.time() - rec[7]
+        self._blocked_at[rec[1]] = self._blocked
+        if len(rec) > 13:  # CUDA: completion comes from the events, resolved by the flusher
             end = torch.cuda.Event(enable_timing=True)
             end.record()
             rec.append(end)
@@ -310,7 +319,7 @@ class Tracer:
                     rec = self._ring.popleft()
                 except IndexError:
                     break
-                lines.append(_encode(rec[:12]) if rec[0] == "c" else _encode(rec))
+                lines.append(_encode(rec[:13]) if rec[0] == "c" else _encode(rec))
             self._written += len(lines)
             if lines:
                 self._trace.write("\n".join(lines) + "\n")
@@ -320,7 +329,7 @@ class Tracer:
     def _resolve_cuda(self):
         still = []
         for rec in self._cuda:
-            start, end = rec[12], rec[13]
+            start, end = rec[13], rec[14]
             if end.query():
                 base_wall, base_ev = self._cuda_base()
                 rec[8] = base_wall + base_ev.elapsed_time(start) / 1e3

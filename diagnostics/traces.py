@@ -87,13 +87,13 @@ class Generation:
                 continue
             if kind == "s" and len(rec) == 5:
                 self.steps[r][rec[1]] = (rec[2], rec[3], rec[4])
-            elif kind == "c" and len(rec) == 12:
+            elif kind == "c" and len(rec) == 13:
                 self._add_op(r, rec)
             else:
                 self.damaged += 1
 
     def _add_op(self, r: int, rec: list):
-        _, chan, op, seq, peer, _n, _dt, arr, _st, end, step, err = rec
+        _, chan, op, seq, peer, _n, _dt, arr, _st, end, step, err, blk = rec
         if err:
             self.errors[r] = err
         if end is None:
@@ -108,17 +108,19 @@ class Generation:
                 self.links[(src, dst)].append((step, (r_end - max(s_arr, r_arr)) * 1e3))
             return
         ranks = self._colls.setdefault((chan, seq), {})
-        ranks[r] = (arr, end, step, op)
+        ranks[r] = (arr, end, step, blk)
         members = self.members(chan)
         if members and len(ranks) == len(members):
             del self._colls[(chan, seq)]
             # Clock-free lateness: all ranks leave together, so the one that waited least
-            # arrived last, by (longest wait - its wait).
-            waits = {q: e - a for q, (a, e, _s, _o) in ranks.items()}
-            longest = max(waits.values())
+            # arrived last, by (longest wait - its wait); minus what its own extra time blocked
+            # in other ops since the last one here explains (not compute).
+            waits = {q: e - a for q, (a, e, _s, _b) in ranks.items()}
+            longest, least_blocked = max(waits.values()), min(b for *_x, b in ranks.values())
             for q, w in waits.items():
-                self.lateness[q][ranks[q][2]] += longest - w
-            self.timeline.append((chan, seq, op, step, {q: (a, e) for q, (a, e, _s, _o) in ranks.items()}))
+                late = (longest - w) - (ranks[q][3] - least_blocked)
+                self.lateness[q][ranks[q][2]] += max(late, 0.0)
+            self.timeline.append((chan, seq, op, step, {q: (a, e) for q, (a, e, _s, _b) in ranks.items()}))
 
     # ---- derived views -------------------------------------------------------------
     def complete_steps(self) -> list[int]:
