@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from diagnostics.drill import run_local  # noqa: E402
+from diagnostics.drill import free_port, run_local  # noqa: E402
 from diagnostics.traces import Generation, generations  # noqa: E402
 
 HANGS = ("hang_noncomm", "hang_comm")
@@ -146,13 +146,9 @@ def _overhead_rank(rank: int, world: int, port: int, blocks: int, steps: int, ou
 def per_op_cost(n: int = 3000, reps: int = 5) -> float:
     """CPU seconds tracing adds to one collective: a 1-rank gloo group, a small all_reduce,
     traced and not, interleaved; the traced side includes writing the records out."""
-    import socket
-
     from comms import trace
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
     x = torch.ones(256)
     deltas = []
@@ -172,13 +168,9 @@ def per_op_cost(n: int = 3000, reps: int = 5) -> float:
 
 
 def overhead(blocks: int, steps: int, tmp: Path) -> dict:
-    import socket
-
     import torch.multiprocessing as mp
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     out = tmp / "overhead.json"
     mp.start_processes(_overhead_rank, args=(2, port, blocks, steps, str(out)), nprocs=2, start_method="fork")
     t = json.loads(out.read_text())

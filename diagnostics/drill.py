@@ -17,6 +17,7 @@ import argparse
 import datetime
 import json
 import os
+import socket
 import time
 from pathlib import Path
 
@@ -87,6 +88,12 @@ def run(rank: int, world: int, run_dir: str, steps: int = 30, inject: list | Non
     return {"rank": rank, "world": world, "first_step": start, "steps": steps, "step_times": step_times}
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _entry(rank: int, world: int, port: int, kw: dict):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     run(rank, world, **kw)
@@ -98,15 +105,11 @@ def run_local(world: int, run_dir, *, watch_s: float = 60.0, stop_on=(), **kw) -
     ``watch_s``; ranks still running then are killed. Returns (verdicts, seconds from start
     to the first verdict or None): the live ones, plus any that judging the finished
     directory adds (a crash whose ranks all exit within the live grace period)."""
-    import socket
-
     import torch.multiprocessing as mp
 
     from diagnostics.detect import Detector
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     t0 = time.time()
     ctx = mp.start_processes(_entry, args=(world, port, {"run_dir": str(run_dir), **kw}), nprocs=world,
                              join=False, start_method="fork")
