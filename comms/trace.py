@@ -1,0 +1,555 @@
+"""The collective trace: every torch.distributed op of this rank, in a ring buffer on disk.
+
+``install(run_dir, rank, world)`` patches torch.distributed's Python collectives and
+point-to-point ops (the trainer, DeepSpeed and FSDP2 all call them) so that each call is
+recorded per rank with its process group, a per-group sequence number, bytes, dtype, and
+three times: arrived (the rank entered the call), started and completed (wall clock on
+CPU; CUDA events mapped to wall clock for tensors on a GPU; for ``async_op=True`` the
+completion is taken when the returned Work's future finishes). Records go into a
+fixed-size ring buffer that a background thread appends to
+``RUN_DIR/diagnostics/gen-<G>/trace-r<R>.jsonl`` every ``flush_s`` seconds, together with a
+small state file (heartbeat, ops in flight, last sequence number per group, current step
+and phase) that ``diagnostics`` reads to call hangs while they happen.
+
+The generation ``G`` is rank 0's start time broadcast at install, so each torchrun restart
+(and every node of one restart) writes into one fresh directory.
+
+Not covered: functional collectives (``torch.distributed._functional_collectives``, used
+by DTensor/tensor parallelism) are C++ ops completed by ``wait_tensor``; they are recorded
+at enqueue only (``end`` = when the call returned). Ops issued inside a
+``_coalescing_manager`` block are recorded when issued, not when the batch runs.
+
+Overhead: about 10 us of Python per op plus the background thread's JSON encoding;
+benchmarks/detect_bench.py measures it against an untraced run (docs/diagnostics.md).
+"""
+from __future__ import annotations
+
+import atexit
+import collections
+import contextlib
+import faulthandler
+import hashlib
+import json
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.distributed_c10d as c10d
+
+# Collectives and p2p ops patched, with the argument that carries the payload (for bytes
+# and dtype) and, for p2p, the argument naming the peer.
+_PAYLOAD = {
+    "all_reduce": "tensor", "all_reduce_coalesced": "tensors", "all_gather": "tensor",
+    "all_gather_into_tensor": "input_tensor", "all_gather_single": "input_tensor",
+    "_all_gather_base": "input_tensor", "reduce_scatter": "input_list",
+    "reduce_scatter_tensor": "input", "reduce_scatter_single": "input",
+    "_reduce_scatter_base": "input", "broadcast": "tensor", "reduce": "tensor",
+    "gather": "tensor", "scatter": "tensor", "all_to_all_single": "input",
+    "all_to_all": "input_tensor_list", "send": "tensor", "recv": "tensor",
+    "isend": "tensor", "irecv": "tensor", "barrier": None, "monitored_barrier": None,
+    "all_gather_object": None, "broadcast_object_list": None, "gather_object": None,
+    "scatter_object_list": None, "send_object_list": None, "recv_object_list": None,
+}
+_PEER = {"send": "dst", "isend": "dst", "recv": "src", "irecv": "src",
+         "send_object_list": "dst", "recv_object_list": "src"}
+_SENDS = {"send", "isend", "send_object_list"}
+_FUNCOL = ("all_reduce", "all_gather_tensor", "reduce_scatter_tensor", "all_to_all_single", "broadcast")
+
+_active: "Tracer | None" = None
+_originals: dict[str, object] = {}  # name -> the function torch shipped
+_depth = threading.local()  # ops called inside a traced op are part of it, not new records
+
+
+def install(run_dir, rank: int | None = None, world: int | None = None, *, enabled: bool = True,
+            capacity: int = 65536, flush_s: float = 0.5) -> "Tracer":
+    """Start tracing this process's collectives; call right after init_process_group.
+
+    With ``enabled=False`` it returns a tracer whose methods do nothing (phases are not
+    timed, no files are written) so the training loop needs no branches.
+    """
+    global _active
+    if _active is not None:
+        _active.close()
+    rank = dist.get_rank() if rank is None and dist.is_initialized() else (rank or 0)
+    world = dist.get_world_size() if world is None and dist.is_initialized() else (world or 1)
+    tracer = Tracer(Path(run_dir), rank, world, enabled=enabled, capacity=capacity, flush_s=flush_s)
+    if enabled:
+        _patch(tracer)
+        _active = tracer
+    return tracer
+
+
+def _generation() -> int:
+    """Rank 0's clock in ns, the same on every rank of this process group."""
+    stamp = time.time_ns()
+    if not (dist.is_available() and dist.is_initialized()):
+        return stamp
+    device = "cuda" if "nccl" in str(dist.get_backend()).lower() else "cpu"
+    t = torch.tensor([stamp], dtype=torch.int64, device=device)
+    _originals.get("broadcast", dist.broadcast)(t, src=0)
+    return int(t.item())
+
+
+class Tracer:
+    """Per-rank recorder; see the module doc. Methods are cheap and never block on I/O."""
+
+    def __init__(self, run_dir: Path, rank: int, world: int, *, enabled: bool = True,
+                 capacity: int = 65536, flush_s: float = 0.5):
+        self.rank, self.world, self.enabled = rank, world, enabled
+        # fn(op, group_key, peer, arrived) run as an op is entered (arrived=False) and right
+        # after its arrival is recorded (arrived=True); for fault injection.
+        self.hooks: list = []
+        self.step = 0
+        self.last_step_s = 0.0
+        self._phase = ""
+        self._phases: dict[str, float] = {}
+        self._step_t0 = time.time()
+        if not enabled:
+            return
+        self.generation = _generation()
+        self.dir = Path(run_dir) / "diagnostics" / f"gen-{self.generation}"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._ring = collections.deque(maxlen=capacity)  # oldest records drop if the writer falls behind
+        self._appended = 0
+        self._written = 0
+        self._inflight: dict[int, list] = {}
+        self._blocked = 0.0  # seconds spent inside blocking traced ops, ever
+        self._blocked_at: dict[str, float] = {}  # channel -> _blocked when its last op returned
+        self._seq: dict[str, int] = {}
+        self._groups: dict[int, tuple[str, tuple[int, ...]]] = {}
+        self._members: dict[str, list[int]] = {}
+        self._cuda: list = []  # records whose CUDA events have not completed yet
+        self._cuda_ref = None
+        self._closed = False
+        self._error = ""
+        self._flush_s = flush_s
+        self._lock = threading.Lock()  # serialises writers of the files (thread vs error/close)
+        self._trace = open(self.dir / f"trace-r{rank}.jsonl", "a", buffering=1 << 16)
+        # Stacks on request (SIGUSR1, sent by the monitor on a hang), on SIGTERM (so a rank
+        # that was stopped by its agent is told apart from the one that crashed) and on a
+        # fatal signal. faulthandler writes from C, even while Python is stuck in a collective.
+        self._stack_files = [open(self.dir / f"{n}-r{rank}.txt", "w") for n in ("stacks", "term", "fault")]
+        faulthandler.register(signal.SIGUSR1, file=self._stack_files[0], all_threads=True, chain=False)
+        faulthandler.register(signal.SIGTERM, file=self._stack_files[1], all_threads=True, chain=True)
+        faulthandler.enable(file=self._stack_files[2], all_threads=True)
+        meta = {"rank": rank, "world": world, "generation": self.generation, "pid": os.getpid(),
+                "ppid": os.getppid(), "host": socket.gethostname(), "node": int(os.environ.get("GROUP_RANK", 0)),
+                "local_rank": int(os.environ.get("LOCAL_RANK", 0)),
+                "local_world": int(os.environ.get("LOCAL_WORLD_SIZE", 1)),
+                "backend": str(dist.get_backend()) if dist.is_initialized() else "", "started": time.time()}
+        _atomic_json(self.dir / f"meta-r{rank}.json", meta)
+        self._write_state()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._flush_loop, name="kintsugi-trace", daemon=True)
+        self._thread.start()
+        self._unwatched: list = []  # (work, record) of ops without a future, until they complete
+        self._poke = threading.Event()
+        threading.Thread(target=self._poll_loop, name="kintsugi-trace-p2p", daemon=True).start()
+        atexit.register(self.close)
+
+    # ---- the training loop's side -------------------------------------------------
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        """Time one phase of the current step (data, forward_backward, optimizer, checkpoint)."""
+        if not self.enabled:
+            yield
+            return
+        self._phase, t0 = name, time.perf_counter()
+        try:
+            yield
+        finally:
+            self._phases[name] = self._phases.get(name, 0.0) + time.perf_counter() - t0
+            self._phase = ""
+
+    def end_step(self, step: int):
+        """Close step ``step``: its duration and phase times become one record."""
+        now = time.time()
+        self.last_step_s = now - self._step_t0
+        if self.enabled:
+            self._push(["s", step, self._step_t0, now, self._phases])
+        self._phases, self._step_t0, self.step = {}, now, step + 1
+
+    def close(self):
+        """Flush everything and mark this rank as cleanly finished."""
+        global _active
+        if not self.enabled or self._closed:
+            return
+        self._closed = True
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self._flush()
+        with self._lock:
+            self._trace.close()
+        faulthandler.unregister(signal.SIGUSR1)
+        faulthandler.unregister(signal.SIGTERM)
+        faulthandler.disable()
+        for f in self._stack_files:
+            f.close()
+        if _active is self:
+            _unpatch()
+            _active = None
+
+    # ---- recording ----------------------------------------------------------------
+    def _group(self, group) -> tuple[str, tuple[int, ...]] | None:
+        g = self._groups.get(id(group))
+        if g is None:
+            if group is c10d.GroupMember.NON_GROUP_MEMBER:
+                return None
+            ranks = tuple(dist.get_process_group_ranks(group or c10d._get_default_group()))
+            key = ",".join(map(str, ranks)) if len(ranks) <= 16 else "h" + hashlib.sha1(str(ranks).encode()).hexdigest()[:10]
+            g = self._groups[id(group)] = (key, ranks)
+            self._members[key] = list(ranks)
+        return g
+
+    def _begin(self, op: str, group, payload, peer, group_peer) -> list | None:
+        g = self._group(group)
+        if g is None:
+            return None
+        key, ranks = g
+        if peer is None and group_peer is not None:
+            peer = ranks[group_peer]
+        if op in _PEER:  # p2p: one sequence per direction, so send #n matches recv #n
+            src, dst = (self.rank, peer) if op in _SENDS else (peer, self.rank)
+            chan = f"{key}|{src}>{dst}"
+        else:
+            chan = key
+        for hook in self.hooks:
+            hook(op, key, peer, False)
+        seq = self._seq[chan] = self._seq.get(chan, -1) + 1
+        nbytes, dtype, cuda = _payload(payload)
+        now = time.time()
+        # Time this rank spent blocked in other traced ops since its last op on this channel:
+        # a rank late because it waited elsewhere (a serialised p2p ring, a slow link) is not
+        # a compute straggler.
+        blk = self._blocked - self._blocked_at.get(chan, self._blocked)
+        # [type, channel, op, seq, peer, bytes, dtype, arrived, started, ended, step, error, blocked]
+        rec = ["c", chan, op, seq, -1 if peer is None else peer, nbytes, dtype, now, now, None, self.step, "", blk]
+        self._inflight[id(rec)] = rec
+        if cuda:
+            rec.append(_cuda_start())
+        for hook in self.hooks:
+            hook(op, key, peer, True)
+        return rec
+
+    def _end(self, rec: list | None, work=None):
+        """The op returned; returns the Work to hand to the caller."""
+        if rec is None:
+            return work
+        if work is None:  # a blocking call: its time is time this rank could not compute
+            self._blocked += time.time() - rec[7]
+        self._blocked_at[rec[1]] = self._blocked
+        if len(rec) > 13:  # CUDA: completion comes from the events, resolved by the flusher
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            rec.append(end)
+            self._cuda.append(rec)
+            return work
+        if work is not None:
+            try:
+                work.get_future().add_done_callback(lambda _f, rec=rec: self._complete(rec))
+            except RuntimeError:  # gloo's send/recv have no future: poll it (see _poll_loop)
+                self._unwatched.append((work, rec))
+                self._poke.set()
+                return _TracedWork(work, lambda: self._complete(rec))
+            return work
+        self._complete(rec)
+        return work
+
+    def _complete(self, rec: list):
+        if self._inflight.pop(id(rec), None) is None:  # atomic: the first of wait/poller/callback wins
+            return
+        rec[9] = time.time()
+        self._push(rec)
+
+    def _fail(self, rec: list | None, exc: BaseException):
+        """A collective raised (peer gone, timeout): record it and write to disk now, since the
+        process is likely about to die."""
+        if rec is not None:
+            rec[9], rec[11] = time.time(), f"{type(exc).__name__}: {exc}"[:300]
+            self._inflight.pop(id(rec), None)
+            self._push(rec)
+        self._error = f"{type(exc).__name__}: {exc}"[:300]
+        self._flush()
+
+    def _push(self, rec: list):
+        self._ring.append(rec)
+        self._appended += 1
+
+    def _poll_loop(self):
+        """Stamp futureless works (gloo send/recv) when they complete, not when the caller
+        gets round to waiting for them: a rank waits its works in order, so a slow first
+        transfer would otherwise make every later one look slow. Polls every 0.5 ms, and
+        only while such works are outstanding."""
+        while not self._stop.is_set():
+            self._poke.wait(1.0)
+            self._poke.clear()
+            while self._unwatched and not self._stop.is_set():
+                still = []
+                for work, rec in self._unwatched:
+                    if rec[9] is None and not work.is_completed():
+                        still.append((work, rec))
+                    else:
+                        self._complete(rec)
+                self._unwatched[:] = still
+                time.sleep(0.0005)
+
+    # ---- the background writer ----------------------------------------------------
+    def _flush_loop(self):
+        while not self._stop.wait(self._flush_s):
+            try:
+                self._flush()
+            except Exception as e:  # never let tracing take training down; say so once
+                print(f"kintsugi trace: rank {self.rank}: writer stopped: {e}", file=sys.stderr)
+                return
+
+    def _flush(self):
+        with self._lock:
+            if self._trace.closed:
+                return
+            self._resolve_cuda()
+            lines = []
+            while True:
+                try:
+                    rec = self._ring.popleft()
+                except IndexError:
+                    break
+                lines.append(_encode(rec[:13]) if rec[0] == "c" else _encode(rec))
+            self._written += len(lines)
+            if lines:
+                self._trace.write("\n".join(lines) + "\n")
+                self._trace.flush()
+            self._write_state()
+
+    def _resolve_cuda(self):
+        still = []
+        for rec in self._cuda:
+            start, end = rec[13], rec[14]
+            if end.query():
+                base_wall, base_ev = self._cuda_base()
+                rec[8] = base_wall + base_ev.elapsed_time(start) / 1e3
+                rec[9] = base_wall + base_ev.elapsed_time(end) / 1e3
+                self._inflight.pop(id(rec), None)
+                self._ring.append(rec)
+            else:
+                still.append(rec)
+        self._cuda = still
+
+    def _cuda_base(self):
+        """A CUDA event with a known wall-clock time, to turn event times into wall time."""
+        if self._cuda_ref is None:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            ev.synchronize()
+            self._cuda_ref = (time.time(), ev)
+        return self._cuda_ref
+
+    def _write_state(self):
+        now = time.time()
+        inflight = [[r[1], r[2], r[3], r[4], r[7]] for r in list(self._inflight.values())]
+        state = {"time": now, "step": self.step, "phase": self._phase, "inflight": inflight,
+                 "seq": dict(self._seq), "groups": dict(self._members), "closed": self._closed,
+                 "error": self._error, "records": self._appended,
+                 "dropped": self._appended - self._written - len(self._ring) - len(self._cuda)}
+        _atomic_json(self.dir / f"state-r{self.rank}.json", state)
+
+
+class _TracedWork(c10d.Work):
+    """A Work without a future (gloo send/recv): the op completes, as far as this rank can
+    tell, when it is waited for or found completed."""
+
+    def __init__(self, work, done):
+        super().__init__()
+        self._work, self._done = work, done
+
+    def wait(self, timeout=None):
+        ok = self._work.wait() if timeout is None else self._work.wait(timeout)
+        self._done()
+        return ok
+
+    def is_completed(self):
+        done = self._work.is_completed()
+        if done:
+            self._done()
+        return done
+
+    def is_success(self):
+        return self._work.is_success()
+
+    def exception(self):
+        return self._work.exception()
+
+    def source_rank(self):
+        return self._work.source_rank()
+
+    def result(self):
+        return self._work.result()
+
+    def synchronize(self):
+        return self._work.synchronize()
+
+    def get_future(self):
+        return self._work.get_future()
+
+    def __del__(self):  # dropped without a wait (fire-and-forget send): not in flight any more
+        self._done()
+
+
+def _payload(x) -> tuple[int, str, bool]:
+    if isinstance(x, torch.Tensor):
+        return x.numel() * x.element_size(), str(x.dtype)[6:], x.is_cuda
+    if isinstance(x, (list, tuple)) and x and isinstance(x[0], torch.Tensor):
+        return sum(t.numel() * t.element_size() for t in x), str(x[0].dtype)[6:], x[0].is_cuda
+    return 0, "", False
+
+
+def _cuda_start():
+    ev = torch.cuda.Event(enable_timing=True)
+    ev.record()
+    return ev
+
+
+def _encode(rec) -> str:
+    return json.dumps(rec, separators=(",", ":"))
+
+
+def _atomic_json(path: Path, obj):
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(obj))
+    os.replace(tmp, path)
+
+
+# ---- patching torch.distributed -----------------------------------------------------
+def _make_wrapper(name: str, fn):
+    import inspect
+
+    params = list(inspect.signature(fn).parameters)
+    pos = {p: i for i, p in enumerate(params)}
+    payload_name, peer_name = _PAYLOAD[name], _PEER.get(name)
+    group_peer_name = {"dst": "group_dst", "src": "group_src"}.get(peer_name)
+
+    def arg(args, kwargs, pname):
+        if pname is None:
+            return None
+        i = pos.get(pname)
+        if i is not None and i < len(args):
+            return args[i]
+        return kwargs.get(pname)
+
+    def wrapper(*args, **kwargs):
+        tracer = _active
+        if tracer is None or getattr(_depth, "n", 0):
+            return fn(*args, **kwargs)
+        rec = tracer._begin(name, arg(args, kwargs, "group"), arg(args, kwargs, payload_name),
+                            arg(args, kwargs, peer_name), arg(args, kwargs, group_peer_name))
+        _depth.n = 1
+        try:
+            out = fn(*args, **kwargs)
+        except BaseException as e:
+            tracer._fail(rec, e)
+            raise
+        finally:
+            _depth.n = 0
+        is_work = name in ("isend", "irecv") or arg(args, kwargs, "async_op")
+        if is_work and out is not None:
+            return tracer._end(rec, out)
+        tracer._end(rec)
+        return out
+
+    wrapper.__name__, wrapper.__qualname__, wrapper.__doc__ = fn.__name__, fn.__qualname__, fn.__doc__
+    wrapper.__wrapped__ = fn
+    return wrapper
+
+
+def _batch_wrapper(fn):
+    def batch_isend_irecv(p2p_op_list):
+        tracer = _active
+        if tracer is None or getattr(_depth, "n", 0):
+            return fn(p2p_op_list)
+        recs = []
+        for p in p2p_op_list:  # ops built from torch's own isend before we patched: point them at ours
+            name = "isend" if p.op in (c10d.isend, _originals["isend"]) else "irecv"
+            p.op = getattr(c10d, name)
+            recs.append(tracer._begin(name, p.group, p.tensor, p.peer, None))
+        _depth.n = 1
+        try:
+            works = fn(p2p_op_list)
+        except BaseException as e:
+            for rec in recs:
+                tracer._fail(rec, e)
+            raise
+        finally:
+            _depth.n = 0
+        if len(works) == len(recs):
+            return [tracer._end(rec, w) for rec, w in zip(recs, works)]
+        for rec in recs:  # coalesced (NCCL): one work for the batch
+            tracer._end(rec, works[-1] if works else None)
+        return works
+
+    batch_isend_irecv.__wrapped__ = fn
+    batch_isend_irecv.__doc__ = fn.__doc__
+    return batch_isend_irecv
+
+
+def _funcol_wrapper(name: str, fn):
+    def wrapper(*args, **kwargs):
+        tracer = _active
+        if tracer is None or getattr(_depth, "n", 0):
+            return fn(*args, **kwargs)
+        rec = tracer._begin("funcol." + name, None, args[0] if args else None, None, None)
+        out = fn(*args, **kwargs)
+        tracer._end(rec)
+        return out
+
+    wrapper.__wrapped__ = fn
+    wrapper.__name__, wrapper.__doc__ = fn.__name__, fn.__doc__
+    return wrapper
+
+
+def _patch(tracer: Tracer):
+    """Replace the functions in distributed_c10d, in torch.distributed, and in every loaded
+    module that imported them by name earlier (``from torch.distributed import all_reduce``)."""
+    if _originals:
+        return
+    replace: dict[int, object] = {}
+    for name in _PAYLOAD:
+        fn = getattr(c10d, name, None)
+        if fn is not None:
+            _originals[name] = fn
+            replace[id(fn)] = _make_wrapper(name, fn)
+    _originals["batch_isend_irecv"] = c10d.batch_isend_irecv
+    replace[id(c10d.batch_isend_irecv)] = _batch_wrapper(c10d.batch_isend_irecv)
+    try:
+        import torch.distributed._functional_collectives as funcol
+        for name in _FUNCOL:
+            fn = getattr(funcol, name)
+            _originals["funcol." + name] = fn
+            replace[id(fn)] = _funcol_wrapper(name, fn)
+    except ImportError:
+        pass
+    originals = {id(f): f for f in _originals.values()}
+    for mod in list(sys.modules.values()):
+        d = getattr(mod, "__dict__", None)
+        if not d or mod is sys.modules[__name__]:
+            continue
+        for attr, val in list(d.items()):
+            if id(val) in replace and val is originals.get(id(val)):
+                d[attr] = replace[id(val)]
+
+
+def _unpatch():
+    originals = {id(f) for f in _originals.values()}
+    for mod in list(sys.modules.values()):
+        d = getattr(mod, "__dict__", None)
+        if not d or mod is sys.modules[__name__]:
+            continue
+        for attr, val in list(d.items()):
+            orig = getattr(val, "__wrapped__", None) if callable(val) else None
+            if orig is not None and id(orig) in originals:
+                d[attr] = orig
+    _originals.clear()
