@@ -178,7 +178,7 @@ class Detector:
 
     def _straggler(self, gen: Generation, now: float) -> list[Verdict]:
         c = self.cfg
-        steps = gen.complete_steps()[1:]  # step 0 carries start-up skew
+        steps = gen.training_steps()[1:]  # the first carries start-up skew
         window = steps[-c.straggler_window:]
         if len(window) < c.straggler_window or len(gen.meta) < 2:
             return []

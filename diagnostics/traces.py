@@ -130,6 +130,12 @@ class Generation:
         common = set.intersection(*(set(s) for s in self.steps.values()))
         return sorted(common)
 
+    def training_steps(self) -> list[int]:
+        """Complete steps without a checkpoint save: saving is rank-asymmetric by design
+        (one rank commits the manifest while the others wait), so those steps say nothing
+        about stragglers."""
+        return [s for s in self.complete_steps() if not any("checkpoint" in self.steps[r][s][2] for r in self.steps)]
+
     def step_time(self, step: int) -> float:
         return statistics.median(self.steps[r][step][1] - self.steps[r][step][0] for r in self.steps)
 

@@ -2,6 +2,7 @@
 
     kintsugi launch ...     train under torchrun's elastic agent (launch/launcher.py)
     kintsugi ckpt ...       convert / inspect / verify checkpoints (checkpoint/cli.py)
+    kintsugi diagnose ...   diagnosis report of a run directory (diagnostics/cli.py)
     kintsugi plan ...       placement and pipeline split for a heterogeneous cluster (launch/plan.py)
 """
 from __future__ import annotations
@@ -13,6 +14,7 @@ import sys
 SUBCOMMANDS = {
     "launch": ("launch.launcher", "train under torchrun's elastic agent, with preflight checks"),
     "ckpt": ("checkpoint.cli", "convert, inspect and verify checkpoints (native, universal, DeepSpeed, DCP, safetensors)"),
+    "diagnose": ("diagnostics.cli", "report hangs, stragglers and slow links of a run directory (C4D, MegaScale)"),
     "plan": ("launch.plan", "place parallel groups on a heterogeneous-NIC cluster and split the pipeline (Holmes)"),
 }
 

@@ -11,6 +11,7 @@ that it can watch the job and act on it.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import re
 import signal
@@ -19,6 +20,7 @@ import sys
 from pathlib import Path
 
 from comms import UserError, exits_on_user_error
+from launch.monitor import start_monitor
 from launch.preflight import run_checks
 from trainer import load_config
 
@@ -32,6 +34,10 @@ def split_args(argv: list[str]):
     ap.add_argument("--config", default=None, help="job TOML (default: configs/tiny.toml)")
     ap.add_argument("--run-dir", default=None, help="run directory (overrides train.run_dir)")
     ap.add_argument("--skip-preflight", action="store_true", help="do not run the health checks")
+    ap.add_argument("--on-fault", choices=("warn", "restart", "exclude"), default=None,
+                    help="on a hang or persistent straggler: warn, restart the workers, or exclude the suspect node "
+                         "(default: diagnostics.policy)")
+    ap.add_argument("--node-rank", "--node_rank", dest="node_rank", default="0", help="this node's rank (passed to torchrun)")
     ap.add_argument("--nproc-per-node", "--nproc_per_node", dest="nproc", default="1", help="workers on this node (passed to torchrun)")
     ap.add_argument("--nnodes", default="1", help="nodes, or MIN:MAX for an elastic job (passed to torchrun)")
     ap.add_argument("--max-restarts", "--max_restarts", dest="max_restarts", default="3",
@@ -67,7 +73,8 @@ def main(argv: list[str]) -> int:
     if not ours.skip_preflight:
         for note in run_checks(cfg, nproc, run_dir):
             print(f"kintsugi: preflight: {note}", flush=True)
-    flags = ["--nproc-per-node", str(nproc), "--nnodes", ours.nnodes, "--max-restarts", ours.max_restarts, *torchrun]
+    flags = ["--nproc-per-node", str(nproc), "--nnodes", ours.nnodes, "--node-rank", ours.node_rank,
+             "--max-restarts", ours.max_restarts, *torchrun]
     if ours.nnodes == "1" and not any(a.startswith(("--rdzv", "--master")) for a in torchrun):
         flags.append("--standalone")  # a free port and c10d rendezvous on this host
     cmd = [sys.executable, "-m", "torch.distributed.run", *flags, "-m", "trainer"]
@@ -78,8 +85,17 @@ def main(argv: list[str]) -> int:
     # keys of a failed round stay and a restarted gloo rank can read a dead peer's address
     # ("connectFullMesh ... Connection refused"), burning restarts.
     env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
-    agent = subprocess.Popen(cmd, env=env)
+    # Its own session: the monitor's actions signal the agent's process group, never ours.
+    agent = subprocess.Popen(cmd, env=env, start_new_session=True)
     # The agent forwards SIGTERM to its workers, which save and exit 0; pass ours on.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, frame: agent.send_signal(signum))
-    return agent.wait()
+    logging.basicConfig(format="kintsugi: %(message)s", level=logging.WARNING)
+    monitor = start_monitor(run_dir, ours.on_fault or cfg.diagnostics.policy, agent, int(ours.node_rank), cfg=cfg.diagnostics)
+    try:
+        rc = agent.wait()
+    finally:
+        monitor.stop()
+    if rc == 0 and cfg.diagnostics.trace:
+        print(f"kintsugi: diagnosis report: kintsugi diagnose report {run_dir}", flush=True)
+    return rc

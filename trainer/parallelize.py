@@ -2,7 +2,8 @@
 
 Two engines give the training loop (train.py) the same small interface:
 
-    engine.train_step(inputs, targets) -> (loss, grad_norm)   # one optimizer step
+    engine.forward_backward(inputs, targets) -> loss          # all micro-steps of one step
+    engine.optimizer_step() -> grad_norm                      # clip, step, zero grads
     engine.optimizer                                          # for the lr schedule and hooks
     engine.state() -> flat state (name -> Chunk)              # model + optimizer, this rank's part
     engine.load_state()                                       # push a state filled in place back in
@@ -169,6 +170,12 @@ class TorchEngine:
             DDP._set_params_and_buffers_to_ignore_for_model(model, list(expert_names))
             self.module = DDP(model, process_group=mesh["dp_replicate"].get_group())
             self.ddp = True
+            if cfg.diagnostics.trace:
+                # DDP's reducer calls the process group from C++, unseen by the collective
+                # trace; the stock all-reduce hook (same averaging) goes through Python.
+                from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+                self.module.register_comm_hook(None, default_hooks.allreduce_hook)
         self.model = model
         self.optimizer = make_optimizer(model, cfg)
         init_optimizer_state(self.optimizer)
@@ -188,7 +195,7 @@ class TorchEngine:
     def holds_loss(self) -> bool:
         return self.pp_rank == self.pp_size - 1
 
-    def train_step(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[float, float]:
+    def forward_backward(self, inputs: torch.Tensor, targets: torch.Tensor) -> float:
         cfg = self.cfg
         inputs, targets = inputs.to(self.device), targets.to(self.device)
         total = 0.0
@@ -222,10 +229,13 @@ class TorchEngine:
                 from trainer.moe import sync_expert_grads
 
                 sync_expert_grads(self.model, self.ep_groups.expert_dp, self.ep_groups.dp_size)
-        norm = clip_grad_norm(self.model.parameters(), cfg.optim.grad_clip, self.pp_group)
+        return total
+
+    def optimizer_step(self) -> float:
+        norm = clip_grad_norm(self.model.parameters(), self.cfg.optim.grad_clip, self.pp_group)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return total, norm
+        return norm
 
     def state(self) -> dict:
         # References to the live tensors (no copy): a checkpointer copies them before the
@@ -285,15 +295,20 @@ class DeepSpeedEngine:
         ds.update(d.ds_config)
         return ds
 
-    def train_step(self, inputs, targets):
+    def forward_backward(self, inputs, targets) -> float:
         accum, total = self.cfg.train.grad_accum, 0.0
-        for x, y in zip(inputs.chunk(accum), targets.chunk(accum)):
+        for i, (x, y) in enumerate(zip(inputs.chunk(accum), targets.chunk(accum))):
             loss = lm_loss(self.engine(x.to(self.device)), y.to(self.device))
             self.engine.backward(loss + self.model.aux_loss())
-            self.engine.step()
+            if i < accum - 1:
+                self.engine.step()  # DeepSpeed counts micro-steps; it steps at the boundary
             total += loss.item() / accum
+        return total
+
+    def optimizer_step(self) -> float:
+        self.engine.step()  # the accumulation boundary: clip, optimizer step, zero grads
         norm = self.engine.get_global_grad_norm()
-        return total, float(norm) if norm is not None else 0.0
+        return float(norm) if norm is not None else 0.0
 
     def _adam_states(self):
         return [s for s in self.optimizer.optimizer.state.values() if "step" in s]

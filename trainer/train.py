@@ -20,9 +20,10 @@ import torch
 import torch.distributed as dist
 
 from checkpoint import Checkpointer, Chunk
-from comms import UserError, dist_utils, exits_on_user_error
+from comms import UserError, dist_utils, exits_on_user_error, trace
 from comms.mesh import build_mesh, coordinate
 from comms.placement import load_plan, nccl_backend_override
+from diagnostics import Injector
 from trainer.config import JobConfig, load_config, to_toml
 from trainer.data import Batches
 from trainer.metrics import Metrics, rss_mb, setup_logging
@@ -97,6 +98,10 @@ def main(argv=None) -> int:
     dist_utils.barrier()
     setup_logging(run_dir, rank)
     log.info("world %d, device %s, config %s", world, device, json.dumps(cfg.to_dict()))
+    # Every collective from here on is recorded (RUN_DIR/diagnostics/) for the launcher's
+    # monitor and `kintsugi diagnose report`; faults are injected only when asked for.
+    tracer = trace.install(run_dir, rank, world, enabled=cfg.diagnostics.trace)
+    injector = Injector(cfg.diagnostics.inject, rank, tracer)
     p = cfg.parallel
     plan = load_plan(p.plan) if p.plan else None
     mesh = build_mesh(device, {"pp": p.pp, "dp_replicate": p.dp_replicate, "dp_shard": p.dp_shard, "tp": p.tp},
@@ -134,11 +139,16 @@ def main(argv=None) -> int:
     loss = float("nan")
     while step < cfg.train.steps:
         t0 = time.perf_counter()
+        injector.before_step(step)
         lr = lr_at(step, cfg)
         for group in engine.optimizer.param_groups:
             group["lr"] = lr
-        inputs, targets = data.next()
-        loss, grad_norm = engine.train_step(inputs, targets)
+        with tracer.phase("data"):
+            inputs, targets = data.next()
+        with tracer.phase("forward_backward"):
+            loss = engine.forward_backward(inputs, targets)
+        with tracer.phase("optimizer"):
+            grad_norm = engine.optimizer_step()
         step += 1
         # One small all-reduce: the loss (held by the last pipeline stage) and whether any
         # rank was asked to stop, so that every rank stops at the same step.
@@ -153,13 +163,16 @@ def main(argv=None) -> int:
         stopping = summary[2] > 0
         interval = cfg.checkpoint.interval
         if (interval and step % interval == 0) or step == cfg.train.steps or stopping:
-            ckpt.save(step, job_state(engine, data, step, cfg))
+            with tracer.phase("checkpoint"):
+                ckpt.save(step, job_state(engine, data, step, cfg))
             log.info("checkpoint step %d committed", step)
+        tracer.end_step(step)
         if stopping:
             metrics.print(f"stop requested: saved step {step}, exiting")
             break
 
     ckpt.close()
+    tracer.close()
     elapsed = time.perf_counter() - t_start
     metrics.print(f"done: step {step}/{cfg.train.steps}, final loss {loss:.4f}, "
                   f"{(step - first_step) * tokens_per_step / max(elapsed, 1e-9):,.0f} tok/s, "
