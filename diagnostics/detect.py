@@ -95,7 +95,10 @@ class Detector:
                 continue
             t = now if now is not None else (time.time() if self.live else gen.heartbeat())
             hung = any(v.generation == gen.id and v.kind.startswith("hang") for v in self.verdicts)
-            found = self._hang(gen, t)
+            crashed = any(v.generation == gen.id and v.kind == "crash" for v in self.verdicts)
+            # After a crash the survivors sit in their next collective until torchrun stops
+            # them: that is the crash's fallout, not a second fault.
+            found = [] if crashed else self._hang(gen, t)
             # Once a generation hangs, ranks dying later are someone ending it (an operator,
             # the launcher), not a crash.
             found += [] if hung or found else self._crash(gen, t)

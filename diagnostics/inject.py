@@ -12,7 +12,9 @@ Each spec is ``kind:key=value,...``; ranks are global ranks, steps are optimizer
                                   leaves it: every rank has arrived, the op never completes
 
 Every kind takes ``from=S`` (default 0) for the first step it applies to; ``step=`` is
-the one step of crash/hang/commhang.
+the one step of crash/hang/commhang. Those three fire in one attempt of the job only,
+``attempt=N`` (torchrun's restart count, default 0): the workers torchrun restarts after
+the fault run clean, as after a real one-off failure.
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ _KINDS = {
     "crash": {"rank", "step"}, "hang": {"rank", "step"}, "commhang": {"rank", "step"},
     "slow": {"rank"}, "slowlink": {"src", "dst", "ms"},
 }
-_OPTIONAL = {"from", "ms", "pct", "per"}
+_OPTIONAL = {"from", "ms", "pct", "per", "attempt"}
 _P2P_SENDS = {"send", "isend", "send_object_list"}
 
 
@@ -78,8 +80,10 @@ class Injector:
     def __init__(self, specs: list, rank: int, tracer=None):
         self.rank = rank
         self.tracer = tracer
+        attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
         faults = [parse(s) for s in specs or []]
-        self.faults = [f for f in faults if f.args.get("rank", f.args.get("src")) == rank]
+        self.faults = [f for f in faults if f.args.get("rank", f.args.get("src")) == rank
+                       and (f.kind not in ("crash", "hang", "commhang") or f.args.get("attempt", 0) == attempt)]
         self._slept: list[float] = []  # injected sleep per step, to keep it out of "own step time"
         self._own: list[float] = []
         self._hung = False

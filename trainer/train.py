@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -77,6 +78,12 @@ def job_state(engine, data: Batches, step: int, cfg: JobConfig) -> dict:
     return state
 
 
+def peer_failed(e: BaseException) -> bool:
+    """A collective broke because another rank died (gloo/NCCL transport errors)."""
+    text = str(e)
+    return isinstance(e, dist.DistError) or any(w in text for w in ("gloo", "NCCL", "Connection reset", "Connection closed"))
+
+
 @exits_on_user_error
 def main(argv=None) -> int:
     args, overrides = parse_args(argv)
@@ -84,7 +91,24 @@ def main(argv=None) -> int:
     if args.print_config:
         print(to_toml(cfg))
         return 0
+    try:
+        return train(cfg)
+    except RuntimeError as e:
+        if not peer_failed(e):
+            raise
+        # The peer's death is the news, not this rank's stack: one line here, the stack in
+        # the rank's log; exit non-zero so torchrun restarts the worker group.
+        log.exception("collective failed")
+        print(f"kintsugi: rank {dist_utils.rank()}: a collective failed because another rank stopped "
+              f"({text_head(e)}); torchrun restarts the workers", file=sys.stderr, flush=True)
+        return 1
 
+
+def text_head(e: BaseException) -> str:
+    return str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+
+
+def train(cfg: JobConfig) -> int:
     # ---- the process group, the mesh, and where output goes ----
     device = dist_utils.init_process_group(cfg.parallel.backend, cfg.parallel.timeout_s)
     rank, world = dist_utils.rank(), dist_utils.world_size()
