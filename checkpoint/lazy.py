@@ -42,7 +42,8 @@ def protect(optimizer: torch.optim.Optimizer):
 
 
 def lazy_ok(t: torch.Tensor) -> bool:
-    """May ``t`` be copied after the save returns (only the optimizer step mutates it)?"""
+    """May ``t`` be copied after the save returns (only the optimizer step mutates it)?
+    (``state_dict()`` detaches parameters: they count once their optimizer is known.)"""
     return t.requires_grad or t.untyped_storage().data_ptr() in _optimizer_owned
 
 
@@ -88,7 +89,9 @@ class LazyCopy:
         self.error: BaseException | None = None
         self.cuda = any(src.is_cuda for src, _ in pairs)
         _active.add(self)
-        if self.cuda:
+        if not self.pieces:  # everything was copied eagerly
+            self._finish()
+        elif self.cuda:
             self._start_cuda()
         else:
             threading.Thread(target=self._copier, name="kintsugi-lazy-copy", daemon=True).start()
