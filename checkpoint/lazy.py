@@ -18,6 +18,8 @@ import weakref
 import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
+from checkpoint.format import fault_point
+
 # Copies are cut into 8 MiB pieces: the step hook can take over the rest of a large
 # tensor, and the CPU copier holds no lock for long (~5-10 ms per piece at 1-2 GB/s).
 PIECE = 8 << 20
@@ -110,6 +112,7 @@ class LazyCopy:
         if piece is None:
             return False
         try:
+            fault_point("copy")
             piece[1].copy_(piece[0])
         except BaseException as e:  # surfaced by wait() on the training thread
             self.error = e
