@@ -167,9 +167,10 @@ class Checkpointer:
                     raise RuntimeError(f"checkpoint steps {sorted(self.pending)} were not committed within "
                                        f"checkpoint.close_timeout_s={self.cfg.close_timeout_s:g} s")
                 time.sleep(0.02)
-            if self.final is not None and self.failures.get(self.final):
-                raise RuntimeError(f"the final checkpoint (step {self.final}) was not saved: "
-                                   f"{'; '.join(self.failures[self.final])}")
+            final = self.final if self.final is not None else self.last_save  # the one the job promised
+            if self.failures.get(final):
+                raise RuntimeError(f"the final checkpoint (step {final}) was not saved: "
+                                   f"{'; '.join(self.failures[final])}")
             self._call("bye")
         finally:
             self.keeper.close()

@@ -16,6 +16,7 @@ import threading
 import weakref
 
 import torch
+from torch.distributed.tensor import DTensor
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from checkpoint.format import fault_point
@@ -36,17 +37,24 @@ def protect(optimizer: torch.optim.Optimizer):
     _seen_state_sizes[optimizer] = len(optimizer.state)
     for group in optimizer.param_groups:
         for p in group["params"]:
-            _optimizer_owned.add(p.untyped_storage().data_ptr())
+            _optimizer_owned.add(_storage(p))
     for st in optimizer.state.values():
         for v in st.values():
             if isinstance(v, torch.Tensor) and v.dim() > 0:
-                _optimizer_owned.add(v.untyped_storage().data_ptr())
+                _optimizer_owned.add(_storage(v))
+
+
+def _storage(t: torch.Tensor) -> int:
+    """The address of the storage holding ``t``'s local data (a DTensor's local shard)."""
+    if isinstance(t, DTensor):
+        t = t.to_local()
+    return t.untyped_storage().data_ptr()
 
 
 def lazy_ok(t: torch.Tensor) -> bool:
     """May ``t`` be copied after the save returns (only the optimizer step mutates it)?
     (``state_dict()`` detaches parameters: they count once their optimizer is known.)"""
-    return t.requires_grad or t.untyped_storage().data_ptr() in _optimizer_owned
+    return t.requires_grad or _storage(t) in _optimizer_owned
 
 
 def _pre_step(optimizer, args, kwargs):
