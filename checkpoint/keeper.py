@@ -224,9 +224,14 @@ class LevelWriter(threading.Thread):
                 if kind == "write":
                     slot = job[2]
                     if step not in k.failed[name]:
+                        t0 = time.perf_counter()
                         with memoryview(slot.mm) as view:
                             self.storage.write_part(step, SHARD.format(slot.rank), view[:slot.used])
+                        dt = time.perf_counter() - t0
+                        log.info("%s: step %d rank %d: %.1f MiB durable in %.2f s (%.2f GB/s)", name, step,
+                                 slot.rank, slot.used / 2**20, dt, slot.used / dt / 1e9)
                         k.note(name, "durable", step, slot.rank)
+                        k.written[name] = (slot.used, dt)
                 else:
                     self.storage.commit(step, job[2])
                     k.note(name, "committed", step)
@@ -259,6 +264,7 @@ class Keeper:
         self.committed: dict[str, list[int]] = {}
         self.failed: dict[str, dict[int, str]] = {}
         self.fatal: str | None = None
+        self.written: dict[str, tuple[int, float]] = {}  # level -> (bytes, seconds) of its last shard write
         threading.Thread(target=self._crc_loop, name="keeper-crc", daemon=True).start()
 
     def configure(self, levels: dict, local_world: int):
@@ -313,6 +319,7 @@ class Keeper:
                 "committed": {n: list(c) for n, c in self.committed.items()},
                 "failed": {n: {str(s): m for s, m in f.items()} for n, f in self.failed.items()},
                 "fatal": self.fatal,
+                "written": dict(self.written),
             }
 
     def idle(self) -> bool:
