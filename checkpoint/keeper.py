@@ -347,6 +347,7 @@ class KeeperServer:
             os.umask(old)
         self.sock.listen(64)
         self.sock_path = sock_path
+        self.sock_ino = os.stat(sock_path).st_ino  # a successor may bind the same path as we exit
 
     def serve(self):
         threading.Thread(target=self._accept, name="keeper-accept", daemon=True).start()
@@ -366,7 +367,11 @@ class KeeperServer:
         while self.stop.is_set() and not self.keeper.idle():  # shutdown: finish queued writes
             time.sleep(0.05)
         self.sock.close()
-        Path(self.sock_path).unlink(missing_ok=True)
+        try:
+            if os.stat(self.sock_path).st_ino == self.sock_ino:
+                os.unlink(self.sock_path)
+        except FileNotFoundError:
+            pass
         self.keeper.store.close()
 
     def _accept(self):

@@ -64,3 +64,43 @@ def test_deepspeed_zero2_saves_through_kintsugi_and_resumes_exactly(tmp_path, si
     kengine2.close()
     stop_keeper(tmp_path / "kintsugi")
     stop_keeper(tmp_path)
+
+
+def test_stateful_api_restores_model_optimizer_and_scheduler_exactly(tmp_path):
+    from checkpoint.config import CheckpointConfig
+    from checkpoint.stateful import AsyncCheckpointer
+
+    def make(seed):
+        torch.manual_seed(seed)
+        model = torch.nn.Linear(8, 4)
+        opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+        return model, opt, sched
+
+    def run(model, opt, sched, steps):
+        out = []
+        for s in steps:
+            g = torch.Generator().manual_seed(s)
+            loss = model(torch.randn(4, 8, generator=g)).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            out.append(loss.item())
+        return out
+
+    cfg = CheckpointConfig(keeper_timeout_s=20, host_memory_mb=64)
+    model, opt, sched = make(0)
+    ck = AsyncCheckpointer(cfg, tmp_path)
+    run(model, opt, sched, range(3))
+    ck.save(3, {"model": model, "optim": opt, "sched": sched}, final=True)
+    want = run(model, opt, sched, range(3, 6))
+    ck.close()
+
+    model2, opt2, sched2 = make(1)
+    ck2 = AsyncCheckpointer(cfg, tmp_path)
+    assert ck2.load({"model": model2, "optim": opt2, "sched": sched2}) == 3
+    assert sched2.last_epoch == 3 and opt2.param_groups[0]["lr"] == 0.05
+    assert run(model2, opt2, sched2, range(3, 6)) == want
+    ck2.close()
+    stop_keeper(tmp_path)
