@@ -6,6 +6,7 @@ L1 (a node-local directory) and L2 (``dir``, the persistent copy), each on its o
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from comms.configlib import check, doc
 
@@ -43,6 +44,8 @@ class CheckpointConfig:
             check(n >= 0, f"checkpoint.{name}", "must be >= 0")
             check(n == 0 or self.interval == 0 or n % self.interval == 0, f"checkpoint.{name}",
                   f"must be a multiple of checkpoint.interval={self.interval}")
+        check(not self.l1_dir or not self.dir or Path(self.l1_dir).resolve() != Path(self.dir).resolve(),
+              "checkpoint.l1_dir", "must differ from checkpoint.dir (L1 and L2 keep their own steps)")
         check(self.host_memory_mb >= 1, "checkpoint.host_memory_mb", "must be >= 1")
         check(self.keeper_timeout_s > 0, "checkpoint.keeper_timeout_s", "must be > 0")
         check(self.close_timeout_s > 0, "checkpoint.close_timeout_s", "must be > 0")

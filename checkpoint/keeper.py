@@ -425,7 +425,8 @@ class KeeperServer:
         k, op = self.keeper, msg["op"]
         if op == "alloc":
             slot = k.store.alloc(rank, int(msg["step"]), int(msg["nbytes"]))
-            live = [s.id for s in k.store.slots if s.rank == rank]  # the trainer unmaps the others
+            with k.store.cond:
+                live = [s.id for s in k.store.slots if s.rank == rank]  # the trainer unmaps the others
             return {"ok": True, "slot": slot.id, "path": slot.path, "size": slot.size, "live": live}
         if op == "filled":
             slot = k.store.get(int(msg["slot"]))
@@ -565,8 +566,9 @@ def start_keeper(run_dir: str | Path, job_token: str | None = None, host_memory_
         fd = os.open(addr.token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         os.write(fd, job_token.encode())
         os.close(fd)
-    args = [sys.executable, "-c", "from checkpoint.keeper import main; main()", "--sock", addr.sock, "--token-file", str(addr.token_file),
-            "--shm-prefix", addr.shm_prefix, "--host-memory-mb", str(host_memory_mb), "--timeout-s", str(timeout_s)]
+    args = [sys.executable, "-c", "from checkpoint.keeper import main; main()", "--sock", addr.sock,
+            "--token-file", str(addr.token_file), "--shm-prefix", addr.shm_prefix,
+            "--host-memory-mb", str(host_memory_mb), "--timeout-s", str(timeout_s)]
     if agent_pid:
         args += ["--agent-pid", str(agent_pid)]
     if exit_on_bye:
