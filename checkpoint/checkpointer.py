@@ -61,6 +61,7 @@ class Checkpointer:
                                             cfg.host_memory_mb, cfg.keeper_timeout_s)
         self.keeper_error: tuple[str, bool] | None = None  # (message, is the user's to fix)
         self.buffers: dict[int, torch.Tensor] = {}  # keeper slot id -> its bytes, mapped here
+        self.shm_files: dict[int, tuple[str, int]] = {}  # keeper slot id -> (path, inode)
         self.capture: LazyCopy | None = None
         self.pending: dict[int, dict] = {}  # step -> {"levels", "requested", "manifest", "failed"}
         self.failures: dict[int, list[str]] = {}  # finished steps -> level failures
@@ -196,11 +197,13 @@ class Checkpointer:
     def _buffer(self, reply: dict) -> torch.Tensor:
         for sid in [s for s in self.buffers if s not in reply["live"]]:  # slots the keeper dropped
             host_unview(self.buffers.pop(sid))
+            self.shm_files.pop(sid, None)
         buf = self.buffers.get(reply["slot"])
         if buf is None or buf.numel() != reply["size"]:
             fd = os.open(reply["path"], os.O_RDWR)
             try:
                 buf = self.buffers[reply["slot"]] = host_view(mmap.mmap(fd, reply["size"]))
+                self.shm_files[reply["slot"]] = (reply["path"], os.fstat(fd).st_ino)
             finally:
                 os.close(fd)
         return buf
@@ -216,9 +219,21 @@ class Checkpointer:
             self.keeper_error = (str(e), True)
         except (OSError, ConnectionError) as e:
             self.keeper_error = (f"the node keeper on {socket.gethostname()} is gone ({e})", False)
+            self._unlink_orphans()
         except RuntimeError as e:
             self.keeper_error = (str(e), False)
         return None
+
+    def _unlink_orphans(self):
+        """The keeper died (kill -9): remove its shared memory of this rank, which nobody else
+        will (the inode check spares files a successor keeper created under the same name)."""
+        for path, ino in self.shm_files.values():
+            try:
+                if os.stat(path).st_ino == ino:
+                    os.unlink(path)
+            except FileNotFoundError:
+                pass
+        self.shm_files.clear()
 
     def _status(self, wait_ready: bool) -> dict:
         st = self._call("status")
