@@ -196,11 +196,12 @@ def decode_shares(code: GroupCode, step: int, codeword: int, shares: dict[int, t
     another while k good ones are left. Each
     output array holds the lost share's length (<= `size`, the codeword's size).
     """
-    shares = dict(shares)
+    shares, rejected = dict(shares), []
     while True:
         use = sorted(shares)[:code.k]
         if len(use) < code.k:
-            raise ShareError(f"codeword {codeword}: {len(use)} good shares survive, {code.k} needed")
+            raise ShareError(f"codeword {codeword}: {len(use)} good shares survive, {code.k} needed"
+                             + "".join(f"; {why}" for why in rejected))
         dec = zfec.Decoder(code.k, code.n)
         try:
             for off, blocks in _stripes(step, codeword, [(s, *shares[s]) for s in use], size, stripe):
@@ -212,6 +213,7 @@ def decode_shares(code: GroupCode, step: int, codeword: int, shares: dict[int, t
             return
         except UnusableShare as e:
             log.warning("%s", e)
+            rejected.append(str(e))
             del shares[e.index]
 
 
