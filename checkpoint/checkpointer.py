@@ -1,37 +1,323 @@
-"""The trainer's one door to checkpoint/: save the flat state at a step, restore the newest.
+"""The trainer's one door to checkpoint/: lazy asynchronous multi-level saves, and restore
+from the fastest level that holds the newest good step.
 
-This first engine is synchronous: ``save`` returns when the step is committed on disk.
-The asynchronous multi-level engine replaces its internals, not its interface or format.
+``save(step, state)`` at a step boundary plans the shard (which replicated chunk this rank
+writes: checkpoint.store.plan_writes), takes a shared-memory slot from the node keeper
+(waiting only when the host-memory budget is spent) and returns: the bytes are copied
+during the next forward/backward (checkpoint/lazy.py). The keeper checksums the slot
+(level 0) and writes it to the levels due at this step (L1 node-local, L2 ``dir``).
+
+Agreement: at every step boundary (``check``, ``save``, ``close``) the ranks all-gather
+what their keepers report (snapshots ready, shards durable, steps committed, failures).
+Since every rank then sees the same reports, every rank takes the same decisions: a step
+is committed at L0 once every rank's snapshot is ready; one committer per level (global
+rank 0 for L2, each node's local rank 0 for its L1) has its keeper write the manifest and
+commit once every rank's shard is durable there. A keeper or writer failure is raised on
+every rank at the same boundary; a failed level write is a warning (training goes on
+with the other levels) unless it was the final save.
 """
 from __future__ import annotations
 
+import json
+import logging
+import mmap
+import os
+import signal
+import socket
+import time
+import zlib
 from pathlib import Path
 
+import torch
+
 from checkpoint.config import CheckpointConfig
-from checkpoint.format import committed_steps
-from checkpoint.store import load_state, save_state
+from checkpoint.format import DTYPE_NAMES, CorruptCheckpoint, ShardReader, shard_header
+from checkpoint.keeper import KeeperClient, connect
+from checkpoint.lazy import LazyCopy, host_unview, host_view, lazy_ok, protect
+from checkpoint.levels import DirectoryStorage
+from checkpoint.state import is_chunk
+from checkpoint.store import SHARD, build_manifest, chunk_key, fill_all, load_state, plan_writes
+from comms import UserError, dist_utils
+
+log = logging.getLogger(__name__)
+
+LEVELS = ("l0", "l1", "l2")  # fastest first
 
 
 class Checkpointer:
     def __init__(self, cfg: CheckpointConfig, run_dir: Path):
+        cfg.validate()
         self.cfg = cfg
         self.root = Path(cfg.dir) if cfg.dir else Path(run_dir) / "checkpoints"
+        self.storages = {"l2": DirectoryStorage("l2", self.root, cfg.keep_last, cfg.keep_every)}
+        if cfg.l1_dir:
+            self.storages["l1"] = DirectoryStorage("l1", cfg.l1_dir, cfg.l1_keep_last)
+        self.rank, self.world = dist_utils.rank(), dist_utils.world_size()
+        self.local_rank = dist_utils.local_rank()
+        levels = {n: {"root": str(s.root), "keep_last": s.keep_last, "keep_every": s.keep_every}
+                  for n, s in self.storages.items()}
+        self.keeper: KeeperClient = connect(run_dir, self.rank, self.local_rank,
+                                            int(os.environ.get("LOCAL_WORLD_SIZE", self.world)), levels,
+                                            cfg.host_memory_mb, cfg.keeper_timeout_s)
+        self.keeper_error: tuple[str, bool] | None = None  # (message, is the user's to fix)
+        self.buffers: dict[int, torch.Tensor] = {}  # keeper slot id -> its bytes, mapped here
+        self.capture: LazyCopy | None = None
+        self.pending: dict[int, dict] = {}  # step -> {"levels", "requested", "manifest", "failed"}
+        self.failures: dict[int, list[str]] = {}  # finished steps -> level failures
+        self.owner: dict[str, int] = {}
+        self.sigs: list | None = None
+        self.last_save: int | None = None
+        self.final: int | None = None
+        self.stop_requested = False
 
-    def save(self, step: int, state: dict, extra: dict | None = None):
-        """Commit ``state`` (name -> Chunk | object) as ``step``; collective over all ranks."""
-        save_state(self.root, step, state, keep_last=self.cfg.keep_last, extra=extra)
+    # ------------------------------------------------------------------ the training loop's calls
+
+    def attach(self, optimizer: torch.optim.Optimizer):
+        """Declare the optimizer whose state is saved: its state is then copied lazily
+        (only its ``step`` mutates it) from the first save on. Optional: every torch
+        optimizer's step already waits for pending copies."""
+        protect(optimizer)
+
+    def handle_sigterm(self):
+        """On SIGTERM, make ``check()`` return True (on every rank) instead of dying; the loop
+        then saves with ``final=True`` and calls ``close()``, which waits for the levels."""
+        signal.signal(signal.SIGTERM, lambda *_: setattr(self, "stop_requested", True))
+
+    def check(self) -> bool:
+        """Step boundary (collective; call it on every rank after every optimizer step):
+        commits what became durable, raises keeper/writer errors on every rank, and
+        returns True when any rank received SIGTERM (see ``handle_sigterm``)."""
+        return any(g["stop"] for g in self._sync())
+
+    def save(self, step: int, state: dict, extra: dict | None = None, final: bool = False):
+        """Snapshot ``state`` (name -> Chunk | JSON-able object) as ``step``; collective, returns
+        at once. ``final`` sends it to every level regardless of intervals, and ``close()``
+        then fails unless it is committed there."""
+        self._join_capture()
+        chunks = {chunk_key(n, c.offsets): (n, c) for n, c in state.items() if is_chunk(c)}
+        meta = sorted((k, c.nbytes) for k, (_, c) in chunks.items())
+        sig = zlib.crc32(repr(meta).encode())
+        gathered = self._sync(sig=sig, wait_ready=True)
+        if [g["sig"] for g in gathered] != self.sigs:  # the layout changed (or first save): re-plan
+            self.owner = plan_writes(dist_utils.all_gather_object(meta))
+            self.sigs = [g["sig"] for g in gathered]
+        objects = {n: v for n, v in state.items() if not is_chunk(v)}
+        if self.rank == 0:
+            try:
+                objects = json.loads(json.dumps({"objects": objects, "extra": extra or {}}))
+            except (TypeError, ValueError) as e:
+                raise UserError(f"checkpoint state holds an object that is not JSON-able ({e}); "
+                                "store tensors as tensors and the rest as plain numbers, strings, lists, dicts") from None
+        due = [n for n in ("l1", "l2") if n in self.storages and (final or self._due(n, step))]
+        self.pending[step] = {"levels": {"l0", *due}, "requested": set(), "manifest": None}
+        self.last_save = step
+        if final:
+            self.final = step
+        mine = sorted(k for k in chunks if self.owner[k] == self.rank)
+        head, offsets = shard_header((k, chunks[k][1].tensor.dtype, chunks[k][1].shape) for k in mine)
+        nbytes = len(head) + sum(chunks[k][1].nbytes for k in mine)
+        try:
+            reply = self.keeper.call("alloc", step=step, nbytes=nbytes)  # waits when memory is spent
+        except (OSError, ConnectionError, RuntimeError, UserError) as e:  # raised on every rank next boundary
+            self.keeper_error = (str(e), isinstance(e, UserError))
+            return
+        buf = self._buffer(reply)
+        buf[:len(head)].copy_(torch.frombuffer(bytearray(head), dtype=torch.uint8))
+        entries, lazy = [], []
+        for k, off in zip(mine, offsets):
+            name, c = chunks[k]
+            t = c.tensor if c.tensor.is_contiguous() else c.tensor.contiguous()
+            lo = len(head) + off
+            dst = buf[lo:lo + c.nbytes]
+            if lazy_ok(t):
+                lazy.append((t, dst))
+            else:  # the forward pass may change it (a buffer): copy now
+                dst.copy_(t.detach().reshape(-1).view(torch.uint8))
+            entries.append([name, k, list(c.offsets), list(c.shape), list(c.global_shape),
+                            DTYPE_NAMES[c.tensor.dtype], lo, lo + c.nbytes])
+
+        def filled():
+            try:
+                self.keeper.call("filled", slot=reply["slot"], entries=entries, world=self.world, levels=due,
+                                 objects=objects if self.rank == 0 else None)
+            except (OSError, ConnectionError, RuntimeError) as e:
+                self.keeper_error = (str(e), False)
+
+        self.capture = LazyCopy(lazy, filled)
 
     def restore(self, state: dict, optional=lambda name: False):
-        """Fill ``state`` from the newest committed step: (step, objects, missing) or None.
-
-        ``checkpoint.load_from`` (another run, any layout) is used only when this run has
-        no checkpoint of its own yet, so a restarted job resumes from its own progress.
-        """
-        if self.cfg.resume and committed_steps(self.root):
-            return load_state(self.root, state, optional)
+        """Fill ``state`` from the newest good step at any level (L0 memory, L1, L2), else from
+        ``load_from``: (step, objects, missing) or None. Damaged copies are skipped with a
+        warning; chunks are resharded onto the current layout. Collective."""
+        self._join_capture()
+        if self.cfg.resume:
+            got = self._restore_levels(state, optional)
+            if got is not None:
+                return got
         if self.cfg.load_from:
             return load_state(Path(self.cfg.load_from), state, optional)
         return None
 
     def close(self):
-        """Wait for in-flight saves (none in the synchronous engine)."""
+        """Wait (at most ``close_timeout_s``) until every save is committed at its levels;
+        raise unless the final save is. Collective; call it at the end and after SIGTERM."""
+        if self.keeper is None:
+            return
+        try:
+            self._join_capture()
+            deadline = time.monotonic() + self.cfg.close_timeout_s
+            while True:
+                gathered = self._sync(timed_out=time.monotonic() > deadline)
+                if not self.pending:
+                    break
+                if any(g["timed_out"] for g in gathered):
+                    raise RuntimeError(f"checkpoint steps {sorted(self.pending)} were not committed within "
+                                       f"checkpoint.close_timeout_s={self.cfg.close_timeout_s:g} s")
+                time.sleep(0.02)
+            if self.final is not None and self.failures.get(self.final):
+                raise RuntimeError(f"the final checkpoint (step {self.final}) was not saved: "
+                                   f"{'; '.join(self.failures[self.final])}")
+            self.keeper.call("bye")
+        finally:
+            self.keeper.close()
+            self.keeper = None
+            for buf in self.buffers.values():
+                host_unview(buf)
+            self.buffers.clear()
+
+    # ------------------------------------------------------------------ internals
+
+    def _due(self, level: str, step: int) -> bool:
+        every = self.cfg.l1_interval if level == "l1" else self.cfg.l2_interval
+        return every == 0 or step % every == 0
+
+    def _join_capture(self):
+        if self.capture is not None:
+            try:
+                self.capture.join()
+            except Exception as e:  # a failed copy: reported collectively at the boundary
+                self.keeper_error = (f"copying the snapshot failed: {e!r}", False)
+            self.capture = None
+
+    def _buffer(self, reply: dict) -> torch.Tensor:
+        for sid in [s for s in self.buffers if s not in reply["live"]]:  # slots the keeper dropped
+            host_unview(self.buffers.pop(sid))
+        buf = self.buffers.get(reply["slot"])
+        if buf is None or buf.numel() != reply["size"]:
+            fd = os.open(reply["path"], os.O_RDWR)
+            try:
+                buf = self.buffers[reply["slot"]] = host_view(mmap.mmap(fd, reply["size"]))
+            finally:
+                os.close(fd)
+        return buf
+
+    def _status(self, wait_ready: bool) -> dict:
+        if self.keeper_error is None:
+            try:
+                st = self.keeper.call("status")
+                while wait_ready and self.last_save in self.pending and "l0" in self.pending[self.last_save]["levels"] \
+                        and str(self.last_save) not in st["ready"] and not st["fatal"]:
+                    time.sleep(0.002)  # the keeper is still checksumming the previous snapshot
+                    st = self.keeper.call("status")
+            except (OSError, ConnectionError, RuntimeError) as e:
+                self.keeper_error = (f"the node keeper on {socket.gethostname()} is gone ({e})", False)
+        if self.keeper_error is not None:
+            return {"fatal": self.keeper_error[0], "user": self.keeper_error[1]}
+        l0 = {str(s) for s, p in self.pending.items() if "l0" in p["levels"]}
+        st["ready"] = {s: r for s, r in st["ready"].items() if s in l0}  # records travel until L0 commits
+        st["objects"] = {s: o for s, o in st["objects"].items() if s in l0}
+        return st
+
+    def _sync(self, sig=None, wait_ready=False, timed_out=False) -> list[dict]:
+        st = self._status(wait_ready)
+        st.update(sig=sig, stop=self.stop_requested, timed_out=timed_out)
+        gathered = dist_utils.all_gather_object(st)
+        fatal = [(r, g) for r, g in enumerate(gathered) if g.get("fatal")]
+        if fatal:
+            r, g = fatal[0]
+            raise (UserError if g["user"] else RuntimeError)(f"checkpointing failed on rank {r}: {g['fatal']}")
+        for step in sorted(self.pending):
+            self._advance(step, gathered)
+        return gathered
+
+    def _advance(self, step: int, gathered: list[dict]):
+        p, s = self.pending[step], str(step)
+        if "l0" in p["levels"] and all(s in g["ready"] for g in gathered):
+            self.keeper.call("l0_commit", step=step)
+            objs = gathered[0]["objects"][s]
+            p["manifest"] = build_manifest(step, self.world, [g["ready"][s] for g in gathered], objs["objects"],
+                                           objs["extra"])
+            p["levels"].discard("l0")
+        for level in sorted(p["levels"] - {"l0"}):
+            errors = [g["failed"][level][s] for g in gathered if s in g["failed"].get(level, {})]
+            if errors:
+                p.setdefault("failed", []).append(errors[0])
+                p["levels"].discard(level)
+                log.warning("checkpoint step %d was not stored at %s: %s", step, level, errors[0])
+                if self.rank == 0:
+                    print(f"kintsugi: warning: checkpoint step {step} was not stored at {level}: {errors[0]}; "
+                          "training continues with the other levels", flush=True)
+            elif self._committed(level, step, gathered):
+                p["levels"].discard(level)
+            elif level not in p["requested"] and p["manifest"] is not None \
+                    and all(step in g["durable"].get(level, []) for g in gathered):
+                if (self.rank == 0) if level == "l2" else (self.local_rank == 0):
+                    self.keeper.call("commit", level=level, step=step, manifest=p["manifest"])
+                p["requested"].add(level)
+        if not p["levels"]:
+            self.failures[step] = p.get("failed", [])
+            del self.pending[step]
+
+    @staticmethod
+    def _committed(level: str, step: int, gathered: list[dict]) -> bool:
+        """L2 is committed by global rank 0's keeper; L1 by every node's keeper for itself."""
+        reports = gathered[:1] if level == "l2" else gathered
+        return all(step in g["committed"].get(level, []) for g in reports)
+
+    def _restore_levels(self, state: dict, optional):
+        try:
+            snaps = self.keeper.call("snapshots")["snapshots"]
+        except (OSError, ConnectionError, RuntimeError) as e:
+            log.warning("no level-0 snapshots: the node keeper did not answer (%s)", e)
+            snaps = []
+        view = {"l0": [(x["step"], x["world"], x["rank"], x["records"], x["objects"]) for x in snaps]
+                if self.local_rank == 0 else [],  # one report per node: its keeper holds all local ranks
+                **{n: st.steps() for n, st in self.storages.items()}}
+        views = dist_utils.all_gather_object(view)
+        held: dict[int, dict] = {}  # step -> {"world", "records" by rank, "objects"}
+        for v in views:
+            for step, world, rank, records, objects in v["l0"]:
+                h = held.setdefault(step, {"world": world, "records": {}, "objects": None})
+                h["records"][rank] = records
+                if objects is not None:
+                    h["objects"] = objects
+        candidates = [(s, "l0") for s, h in held.items()
+                      if len(h["records"]) == h["world"] and h["objects"] is not None]
+        for name in self.storages:
+            candidates += [(s, name) for s in set.intersection(*(set(v[name]) for v in views))]
+        for step, level in sorted(candidates, key=lambda c: (-c[0], LEVELS.index(c[1]))):
+            error, missing, manifest = None, set(), None
+            try:
+                if level == "l0":
+                    h = held[step]
+                    manifest = build_manifest(step, h["world"], [h["records"][r] for r in range(h["world"])],
+                                              h["objects"]["objects"], h["objects"]["extra"])
+                    step_dir = Path("/dev/shm")
+                    readers = {SHARD.format(x["rank"]): ShardReader(Path(x["path"])) for x in snaps if x["step"] == step}
+                else:
+                    manifest = self.storages[level].manifest(step)
+                    step_dir, readers = self.storages[level].open_step(step)
+                missing = fill_all(state, manifest, step_dir, readers, optional)
+            except CorruptCheckpoint as e:
+                error = str(e)
+            errors = [e for e in dist_utils.all_gather_object(error) if e]
+            if not errors:
+                log.info("restored step %d from %s", step, level)
+                if self.rank == 0:
+                    print(f"kintsugi: restored step {step} from {level.upper()}", flush=True)
+                return step, manifest["objects"], missing
+            log.warning("checkpoint step %d at %s is damaged (%s); trying the next copy", step, level, errors[0])
+            if self.rank == 0:
+                print(f"kintsugi: warning: checkpoint step {step} at {level.upper()} is damaged ({errors[0]}); "
+                      "falling back to the next older copy", flush=True)
+        return None

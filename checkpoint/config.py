@@ -1,4 +1,8 @@
-"""Configuration of saving and restoring (the [checkpoint] section)."""
+"""Configuration of saving and restoring (the [checkpoint] section).
+
+Every save is a level-0 snapshot in the node keeper's memory; some of them also go to
+L1 (a node-local directory) and L2 (``dir``, the persistent copy), each on its own interval.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -10,12 +14,35 @@ from comms.configlib import check, doc
 class CheckpointConfig:
     """Saving and restoring the training state."""
 
-    interval: int = doc("Save every N optimizer steps; 0 = only at the end and on SIGTERM.", 20)
-    keep_last: int = doc("Committed steps to keep (older ones are deleted after a newer one commits).", 2)
-    dir: str = doc("Checkpoint directory; empty = RUN_DIR/checkpoints.", "")
-    resume: bool = doc("Resume from the newest committed step found in `dir`.", True)
+    interval: int = doc("Save (a level-0 snapshot in the node keeper's memory) every N optimizer steps; "
+                        "0 = only at the end and on SIGTERM.", 20)
+    keep_last: int = doc("Committed steps to keep in `dir` (older ones are deleted after a newer one commits).", 2)
+    dir: str = doc("The persistent level L2 (a shared filesystem path); empty = RUN_DIR/checkpoints.", "")
+    resume: bool = doc("Resume from the newest committed step at any level (memory, L1, `dir`).", True)
     load_from: str = doc("Start from this checkpoint directory (any layout) instead of `dir`'s newest.", "")
+    l2_interval: int = doc("Write a save to `dir` every N steps (a multiple of `interval`); 0 = every save.", 0)
+    keep_every: int = doc("Also keep in `dir` every step divisible by N forever (0 = none).", 0)
+    l1_dir: str = doc("The node-local level L1 (fast local disk); empty = no L1.", "")
+    l1_interval: int = doc("Write a save to `l1_dir` every N steps (a multiple of `interval`); 0 = every save.", 0)
+    l1_keep_last: int = doc("Committed steps to keep in `l1_dir`.", 2)
+    host_memory_mb: int = doc("Host memory of the node keeper for snapshots, all local ranks together; each rank "
+                              "needs 2 snapshots, more let saves overlap slow writes. A save waits rather than "
+                              "exceeding it.", 8192)
+    keeper_timeout_s: float = doc("The node keeper exits this long after its last trainer disconnected "
+                                  "(once the job's agent is gone too).", 60.0)
+    close_timeout_s: float = doc("At the end or on SIGTERM, wait at most this long for in-flight levels to commit.",
+                                 600.0)
 
     def validate(self):
         check(self.interval >= 0, "checkpoint.interval", "must be >= 0")
         check(self.keep_last >= 1, "checkpoint.keep_last", "must be >= 1")
+        check(self.l1_keep_last >= 1, "checkpoint.l1_keep_last", "must be >= 1")
+        check(self.keep_every >= 0, "checkpoint.keep_every", "must be >= 0")
+        for name in ("l1_interval", "l2_interval"):
+            n = getattr(self, name)
+            check(n >= 0, f"checkpoint.{name}", "must be >= 0")
+            check(n == 0 or self.interval == 0 or n % self.interval == 0, f"checkpoint.{name}",
+                  f"must be a multiple of checkpoint.interval={self.interval}")
+        check(self.host_memory_mb >= 1, "checkpoint.host_memory_mb", "must be >= 1")
+        check(self.keeper_timeout_s > 0, "checkpoint.keeper_timeout_s", "must be > 0")
+        check(self.close_timeout_s > 0, "checkpoint.close_timeout_s", "must be > 0")

@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import struct
+import time
 import zlib
 from pathlib import Path
 
@@ -59,21 +60,27 @@ def fsync_dir(path: Path):
         os.close(fd)
 
 
-def write_shard(path: Path, tensors: dict[str, torch.Tensor]) -> dict[str, int]:
-    """Write one shard file and fsync it; returns the CRC32 of every tensor's bytes."""
-    header, offset, cpu = {}, 0, {}
-    for key, t in tensors.items():
-        t = t.detach().cpu().contiguous()
-        cpu[key] = t
-        n = t.numel() * t.element_size()
-        header[key] = {"dtype": DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+def shard_header(entries) -> tuple[bytes, list[int]]:
+    """The bytes before a shard's data (length + JSON header) for ``(key, dtype, shape)``
+    entries, and each tensor's data offset. Also used to lay out a shard in host memory."""
+    header, offset, offsets = {}, 0, []
+    for key, dtype, shape in entries:
+        n = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        header[key] = {"dtype": DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offsets.append(offset)
         offset += n
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # safetensors aligns the data start to 8 bytes
+    return struct.pack("<Q", len(blob)) + blob, offsets
+
+
+def write_shard(path: Path, tensors: dict[str, torch.Tensor]) -> dict[str, int]:
+    """Write one shard file and fsync it; returns the CRC32 of every tensor's bytes."""
+    cpu = {key: t.detach().cpu().contiguous() for key, t in tensors.items()}
+    head, _ = shard_header((key, t.dtype, tuple(t.shape)) for key, t in cpu.items())
     crcs = {}
     with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)))
-        f.write(blob)
+        f.write(head)
         for key, t in cpu.items():
             data = as_bytes(t)
             crcs[key] = zlib.crc32(data)
@@ -134,20 +141,43 @@ def read_manifest(step_dir: Path) -> dict:
     return m
 
 
-def commit_step(root: Path, tmp_dir: Path, step: int, keep_last: int) -> Path:
-    """Rename a fully written step into place, then point ``latest`` at it, then prune."""
+def fault_point(name: str):
+    """Fault-injection hook for the crash tests: ``KINTSUGI_FAULT=name:kill[:N]`` kills this
+    process with SIGKILL the N-th time (default 1st) it passes point ``name``, ``name:pause``
+    stops it there until it is killed. Unset (always in production) it costs one dict lookup."""
+    spec = os.environ.get("KINTSUGI_FAULT")
+    if not spec or spec.split(":")[0] != name:
+        return
+    parts = spec.split(":")
+    _FAULT_HITS[name] = _FAULT_HITS.get(name, 0) + 1
+    if _FAULT_HITS[name] != (int(parts[2]) if len(parts) > 2 else 1):
+        return
+    if parts[1] == "kill":
+        os.kill(os.getpid(), 9)
+    while True:  # pause: wait here for the test's kill -9
+        time.sleep(1)
+
+
+_FAULT_HITS: dict[str, int] = {}
+
+
+def commit_step(root: Path, tmp_dir: Path, step: int, keep_last: int, keep=lambda step: False) -> Path:
+    """Rename a fully written step into place, then point ``latest`` at it, then prune
+    (steps for which ``keep(step)`` is true are never pruned)."""
     final = root / step_dirname(step)
     if final.exists():  # a step redone after a restart replaces its older copy
         shutil.rmtree(final)
+    fault_point("rename")
     os.replace(tmp_dir, final)
     fsync_dir(root)
+    fault_point("latest")
     tmp = root / (LATEST + ".tmp")
     tmp.write_text(final.name + "\n")
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
     os.replace(tmp, root / LATEST)
     fsync_dir(root)
-    prune(root, keep_last, step)
+    prune(root, keep_last, step, keep)
     return final
 
 
@@ -161,11 +191,13 @@ def committed_steps(root: Path) -> list[int]:
     return sorted(steps, reverse=True)
 
 
-def prune(root: Path, keep_last: int, committed: int):
-    """Delete committed steps beyond the newest ``keep_last``, and ``.tmp`` dirs of steps
-    older than the one just committed (abandoned by a crash; newer ones may be in flight)."""
+def prune(root: Path, keep_last: int, committed: int, keep=lambda step: False):
+    """Delete committed steps beyond the newest ``keep_last`` (except those ``keep`` names),
+    and ``.tmp`` dirs of steps older than the one just committed (abandoned by a crash;
+    newer ones may be in flight)."""
     for step in committed_steps(root)[keep_last:]:
-        shutil.rmtree(root / step_dirname(step), ignore_errors=True)
+        if not keep(step):
+            shutil.rmtree(root / step_dirname(step), ignore_errors=True)
     for d in root.glob("step_*.tmp"):
         if d.name[5:-4].isdigit() and int(d.name[5:-4]) < committed:
             shutil.rmtree(d, ignore_errors=True)

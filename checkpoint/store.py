@@ -26,6 +26,8 @@ from comms import UserError, dist_utils
 
 log = logging.getLogger(__name__)
 
+SHARD = "shard_{:05d}.safetensors"  # rank -> its shard's file name in a step directory
+
 
 def chunk_key(name: str, offsets) -> str:
     return name + "@" + "_".join(map(str, offsets))
@@ -64,7 +66,7 @@ def save_state(root: Path, step: int, state: dict, keep_last: int = 2, extra: di
     dist_utils.barrier()
     records, error = [], None
     mine = {k: c.tensor for k, (_, c) in chunks.items() if owner[k] == rank}
-    fname = f"shard_{rank:05d}.safetensors"
+    fname = SHARD.format(rank)
     try:
         crcs = write_shard(tmp / fname, mine) if mine else {}
         for k, crc in crcs.items():
@@ -80,17 +82,23 @@ def save_state(root: Path, step: int, state: dict, keep_last: int = 2, extra: di
             shutil.rmtree(tmp, ignore_errors=True)
         raise UserError(f"checkpoint step {step} was not saved: {errors[0]}; free space or fix {root}")
     if rank == 0:
-        tensors = {}
-        for recs, _, _ in gathered:
-            for name, key, f, off, shape, gshape, dtype, crc in recs:
-                t = tensors.setdefault(name, {"shape": gshape, "dtype": dtype, "chunks": []})
-                t["chunks"].append({"file": f, "key": key, "offsets": off, "shape": shape, "crc32": crc})
-        manifest = {"format": FORMAT, "version": VERSION, "step": step, "world_size": world,
-                    "tensors": tensors, "objects": gathered[0][2], **(extra or {})}
+        manifest = build_manifest(step, world, [recs for recs, _, _ in gathered], gathered[0][2], extra)
         write_manifest(tmp, manifest)
         commit_step(root, tmp, step, keep_last)
     dist_utils.barrier()
     return root / step_dirname(step)
+
+
+def build_manifest(step: int, world: int, records_by_rank: list, objects: dict, extra: dict | None) -> dict:
+    """A step's manifest from every rank's chunk records
+    ``(name, key, file, offsets, shape, global_shape, dtype, crc32)`` and rank 0's objects."""
+    tensors = {}
+    for recs in records_by_rank:
+        for name, key, f, off, shape, gshape, dtype, crc in recs:
+            t = tensors.setdefault(name, {"shape": list(gshape), "dtype": dtype, "chunks": []})
+            t["chunks"].append({"file": f, "key": key, "offsets": list(off), "shape": list(shape), "crc32": crc})
+    return {"format": FORMAT, "version": VERSION, "step": step, "world_size": world,
+            "tensors": tensors, "objects": objects, **(extra or {})}
 
 
 def fill(target: Chunk, stored: dict, step_dir: Path, readers: dict, verify: bool = True):
@@ -120,6 +128,22 @@ def fill(target: Chunk, stored: dict, step_dir: Path, readers: dict, verify: boo
         raise CorruptCheckpoint(f"{step_dir} covers only {covered} of {target.tensor.numel()} elements of a chunk")
 
 
+def fill_all(state: dict, manifest: dict, step_dir: Path, readers: dict, optional) -> set:
+    """Fill every chunk of ``state`` from one step; returns the optional names it lacks."""
+    missing = set()
+    for name, value in state.items():
+        if not is_chunk(value):
+            continue
+        stored = manifest["tensors"].get(name)
+        if stored is None:
+            if optional(name):
+                missing.add(name)
+                continue
+            raise UserError(f"checkpoint {step_dir} has no tensor {name!r}; it was saved from a different model")
+        fill(value, stored, step_dir, readers)
+    return missing
+
+
 def load_state(root: Path, state: dict, optional=lambda name: False, step: int | None = None) -> tuple[int, dict, set]:
     """Fill ``state``'s chunks in place from the newest good step under ``root``.
 
@@ -135,17 +159,7 @@ def load_state(root: Path, state: dict, optional=lambda name: False, step: int |
         error, missing = None, set()
         try:
             manifest = read_manifest(step_dir)
-            readers = {}
-            for name, value in state.items():
-                if not is_chunk(value):
-                    continue
-                stored = manifest["tensors"].get(name)
-                if stored is None:
-                    if optional(name):
-                        missing.add(name)
-                        continue
-                    raise UserError(f"checkpoint {step_dir} has no tensor {name!r}; it was saved from a different model")
-                fill(value, stored, step_dir, readers)
+            missing = fill_all(state, manifest, step_dir, {}, optional)
         except CorruptCheckpoint as e:
             error = str(e)
         errors = [e for e in dist_utils.all_gather_object(error) if e]

@@ -1,0 +1,167 @@
+"""Lazy capture (DataStates-LLM): copy a save's tensors into host memory while the next
+forward/backward runs, and hold the optimizer back only for what is not yet copied.
+
+Parameters and optimizer state change only in ``optimizer.step()``, so between a save at
+a step boundary and the next step their bytes are stable: a background copier (a thread on
+CPU; a side CUDA stream into pinned memory on GPU) takes them meanwhile. One global
+optimizer pre-step hook (``torch.optim.optimizer.register_optimizer_step_pre_hook``: every
+torch optimizer, DeepSpeed's inner ones included) waits for the pieces still missing, and
+on CPU copies them itself rather than idling. Tensors that the forward pass may change
+(buffers such as BatchNorm statistics: neither trainable nor optimizer state) are copied
+eagerly at the save instead.
+"""
+from __future__ import annotations
+
+import threading
+import weakref
+
+import torch
+from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+# Copies are cut into 8 MiB pieces: the step hook can take over the rest of a large
+# tensor, and the CPU copier holds no lock for long (~5-10 ms per piece at 1-2 GB/s).
+PIECE = 8 << 20
+
+_active: "weakref.WeakSet[LazyCopy]" = weakref.WeakSet()
+_optimizer_owned: set[int] = set()  # storage addresses of params and state of seen optimizers
+_seen_state_sizes: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def protect(optimizer: torch.optim.Optimizer):
+    """Remember which storages only ``optimizer.step`` mutates (safe to copy lazily)."""
+    if _seen_state_sizes.get(optimizer) == len(optimizer.state):
+        return
+    _seen_state_sizes[optimizer] = len(optimizer.state)
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            _optimizer_owned.add(p.untyped_storage().data_ptr())
+    for st in optimizer.state.values():
+        for v in st.values():
+            if isinstance(v, torch.Tensor) and v.dim() > 0:
+                _optimizer_owned.add(v.untyped_storage().data_ptr())
+
+
+def lazy_ok(t: torch.Tensor) -> bool:
+    """May ``t`` be copied after the save returns (only the optimizer step mutates it)?"""
+    return t.requires_grad or t.untyped_storage().data_ptr() in _optimizer_owned
+
+
+def _pre_step(optimizer, args, kwargs):
+    protect(optimizer)
+    for copy in list(_active):
+        copy.wait()
+
+
+register_optimizer_step_pre_hook(_pre_step)
+
+
+def host_view(mm) -> torch.Tensor:
+    """A uint8 tensor over a shared-memory map; pinned for DMA when CUDA is present."""
+    buf = torch.frombuffer(mm, dtype=torch.uint8)
+    if torch.cuda.is_available():
+        rc = torch.cuda.cudart().cudaHostRegister(buf.data_ptr(), buf.numel(), 0)
+        if rc != 0:
+            raise RuntimeError(f"cudaHostRegister of the snapshot buffer failed (error {int(rc)})")
+    return buf
+
+
+def host_unview(buf: torch.Tensor):
+    if torch.cuda.is_available():
+        torch.cuda.cudart().cudaHostUnregister(buf.data_ptr())
+
+
+class LazyCopy:
+    """Copies ``(source tensor, destination byte view)`` pairs in the background; calls
+    ``on_done()`` (from the copier) once every byte is in host memory."""
+
+    def __init__(self, pairs: list[tuple[torch.Tensor, torch.Tensor]], on_done):
+        self.pieces = []
+        for src, dst in pairs:
+            flat = src.detach().reshape(-1).view(torch.uint8)
+            for lo in range(0, flat.numel(), PIECE):
+                self.pieces.append((flat[lo:lo + PIECE], dst[lo:lo + PIECE]))
+        self.on_done = on_done
+        self.next = 0
+        self.left = len(self.pieces)
+        self.lock = threading.Lock()
+        self.done = threading.Event()
+        self.error: BaseException | None = None
+        self.cuda = any(src.is_cuda for src, _ in pairs)
+        _active.add(self)
+        if self.cuda:
+            self._start_cuda()
+        else:
+            threading.Thread(target=self._copier, name="kintsugi-lazy-copy", daemon=True).start()
+
+    # CPU: a copier thread and the step hook take pieces from the same queue; torch's
+    # copy_ releases the GIL, so the copier overlaps the forward/backward of the main thread.
+    def _take(self):
+        with self.lock:
+            if self.next == len(self.pieces):
+                return None
+            self.next += 1
+            return self.pieces[self.next - 1]
+
+    def _copy_some(self) -> bool:
+        piece = self._take()
+        if piece is None:
+            return False
+        try:
+            piece[1].copy_(piece[0])
+        except BaseException as e:  # surfaced by wait() on the training thread
+            self.error = e
+        with self.lock:
+            self.left -= 1
+            last = self.left == 0
+        if last:
+            self._finish()
+        return True
+
+    def _copier(self):
+        while self._copy_some():
+            pass
+
+    # CUDA: the side stream first waits for the work that produced the tensors, then copies
+    # them non-blocking into pinned host memory; the optimizer's stream waits on the event
+    # (on the GPU, without holding the CPU), and a helper thread reports completion.
+    def _start_cuda(self):
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for src, dst in self.pieces:
+                dst.copy_(src, non_blocking=True)
+                src.record_stream(stream)  # the allocator must not reuse src before the copy ran
+            self.event = torch.cuda.Event()
+            self.event.record(stream)
+        self.next = len(self.pieces)
+
+        def finish():
+            self.event.synchronize()
+            self._finish()
+
+        threading.Thread(target=finish, name="kintsugi-lazy-copy", daemon=True).start()
+
+    def _finish(self):
+        _active.discard(self)
+        try:
+            if self.error is None:
+                self.on_done()
+        except BaseException as e:
+            self.error = e
+        self.done.set()
+
+    def wait(self):
+        """Block until every piece is in host memory (helping on CPU)."""
+        if self.cuda:
+            torch.cuda.current_stream().wait_event(self.event)
+            return
+        while self._copy_some():
+            pass
+        self.done.wait()
+
+    def join(self):
+        """Wait until the copy is complete and reported (also on CUDA); re-raise its error."""
+        self.wait()
+        self.done.wait()
+        if self.error is not None:
+            raise self.error
