@@ -36,6 +36,7 @@ import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from checkpoint import snapshot
 from checkpoint.format import fault_point
 from checkpoint.levels import DirectoryStorage
 from checkpoint.store import SHARD
@@ -259,6 +260,7 @@ class Keeper:
         self.committed: dict[str, list[int]] = {}
         self.failed: dict[str, dict[int, str]] = {}
         self.fatal: str | None = None
+        self.exchange = None  # checkpoint.snapshot.SnapshotExchange, once the trainers set up erasure coding
         threading.Thread(target=self._crc_loop, name="keeper-crc", daemon=True).start()
 
     def configure(self, levels: dict, local_world: int):
@@ -423,7 +425,11 @@ class KeeperServer:
             return {"ok": True, **k.status(rank)}
         if op == "l0_commit":
             k.store.commit_l0(rank, int(msg["step"]))
+            if k.exchange is not None:
+                k.exchange.committed(int(msg["step"]))
             return {"ok": True}
+        if op.startswith("ec_"):
+            return snapshot.handle(k, op, msg)
         if op == "commit":
             k.writers[msg["level"]].jobs.put(("commit", int(msg["step"]), msg["manifest"]))
             return {"ok": True}
@@ -470,6 +476,8 @@ class KeeperAddress:
     def of(run_dir: str | Path, job: str) -> "KeeperAddress":
         run_dir = Path(run_dir).resolve()
         host = socket.gethostname()
+        # KINTSUGI_NODE_ID tells several "nodes" (torchrun agents) on one machine apart
+        host = f"{host}-{os.environ['KINTSUGI_NODE_ID']}" if os.environ.get("KINTSUGI_NODE_ID") else host
         key = hashlib.sha256(f"{run_dir}|{host}|{job}".encode()).hexdigest()[:20]
         # unix socket paths are limited to 107 bytes: keep it short and out of run_dir
         sock_dir = Path(f"/tmp/kintsugi-{os.getuid()}")
