@@ -217,17 +217,46 @@ def decode_shares(code: GroupCode, step: int, codeword: int, shares: dict[int, t
             del shares[e.index]
 
 
+class Segments:
+    """Several buffers read as one (a node's snapshot: every local rank's shared-memory
+    slot, then metadata) without concatenating them. A read inside one buffer is a view;
+    only a read across a boundary (at most one stripe) is copied."""
+
+    def __init__(self, buffers):
+        self.parts = [memoryview(b).cast("B") for b in buffers]
+        self.starts = list(itertools.accumulate((len(p) for p in self.parts), initial=0))
+
+    def __len__(self) -> int:
+        return self.starts[-1]
+
+    def __getitem__(self, sl: slice):
+        lo, hi = max(0, sl.start or 0), min(len(self), len(self) if sl.stop is None else sl.stop)
+        pieces = []
+        for start, part in zip(self.starts, self.parts):
+            a, b = max(lo, start), min(hi, start + len(part))
+            if a < b:
+                pieces.append(part[a - start:b - start])
+        if len(pieces) == 1:
+            return pieces[0]
+        return b"".join(pieces)
+
+
 class NodeShares:
-    """What one node holds at one step: its snapshot (data shares) and its parity shares."""
+    """What one node holds at one step: its snapshot (data shares) and its parity shares.
+
+    `snapshot` is a buffer or a list of buffers read as one (see Segments)."""
 
     def __init__(self, job: str, step: int, group: int, node: int, pos: int, code: GroupCode, snapshot):
         self.job, self.step, self.group, self.node, self.pos, self.code = job, step, group, node, pos, code
-        self.snapshot = memoryview(snapshot).cast("B")
+        self.snapshot = Segments(snapshot if isinstance(snapshot, (list, tuple)) else [snapshot])
         self.headers: dict[tuple[int, int], ShareHeader] = {}
         self.parity: dict[tuple[int, int], np.ndarray] = {}
         for b, (off, length) in enumerate(code.blocks(len(self.snapshot))):
             c, s = code.data_share(pos, b)
-            self.headers[c, s] = self._header(c, s, length, length, crc32(self.snapshot[off:off + length]))
+            crc = 0
+            for o in range(off, off + length, STRIPE):
+                crc = crc32(self.snapshot[o:min(o + STRIPE, off + length)], crc)
+            self.headers[c, s] = self._header(c, s, length, length, crc)
 
     def _header(self, c, s, size, length, crc, lens=(), crcs=()) -> ShareHeader:
         return ShareHeader(self.job, self.step, self.group, c, s, self.node, self.code.k, self.code.m, size, length,

@@ -50,6 +50,19 @@ def test_one_more_loss_than_m_cannot_be_rebuilt():
             rebuild_snapshot(code, 7, lost[0], alive)
 
 
+def test_snapshot_of_several_buffers_reads_as_one():
+    code = GroupCode(2, 1)
+    rng = random.Random(3)
+    parts = [[rng.randbytes(n) for n in sizes] for sizes in ([100, 0, 333, 7], [1000], [5, 5])]
+    nodes = [NodeShares("job", 2, 0, pos, pos, code, [bytearray(b) for b in p]) for pos, p in enumerate(parts)]
+    assert nodes[0].snapshot[90:110] == b"".join(parts[0])[90:110]  # across buffer boundaries
+    for node in nodes:
+        node.encode(dict(enumerate(nodes)), stripe=64)
+    for lost in range(3):
+        alive = {pos: n for pos, n in enumerate(nodes) if pos != lost}
+        assert rebuild_snapshot(code, 2, lost, alive, stripe=50).tobytes() == b"".join(parts[lost])
+
+
 def test_snapshot_spanning_many_stripes_into_a_preallocated_buffer():
     code = GroupCode(2, 1)
     snaps = [np.random.default_rng(pos).integers(0, 256, 3 << 20, dtype=np.uint8) for pos in range(3)]
@@ -65,9 +78,9 @@ def test_snapshot_spanning_many_stripes_into_a_preallocated_buffer():
 
 def test_corrupt_share_is_rejected_and_another_used_when_one_is_left():
     code, snaps, nodes = encoded_group(2, 2, [5000] * 4, stripe=512)
-    nodes[1].snapshot = memoryview(bytearray(nodes[1].snapshot))
-    nodes[1].snapshot[10] ^= 0xFF  # bit flips in both of node 1's blocks after its checksums were taken
-    nodes[1].snapshot[-10] ^= 0xFF
+    memory = nodes[1].snapshot.parts[0] = memoryview(bytearray(snaps[1]))
+    memory[10] ^= 0xFF  # bit flips in both of node 1's blocks after its checksums were taken
+    memory[-10] ^= 0xFF
     # node 0 lost: 3 survivors, k = 2; node 1's shares fail their checksum and are replaced
     assert rebuild_snapshot(code, 7, 0, {1: nodes[1], 2: nodes[2], 3: nodes[3]}).tobytes() == snaps[0]
     # node 0 and 2 lost: node 1's bad share is one of the only two left
@@ -77,8 +90,8 @@ def test_corrupt_share_is_rejected_and_another_used_when_one_is_left():
 
 def test_encoding_from_a_corrupt_data_share_fails():
     code, snaps, nodes = encoded_group(2, 1, [4000] * 3, stripe=512)
-    nodes[0].snapshot = memoryview(bytearray(nodes[0].snapshot))
-    nodes[0].snapshot[0] ^= 1
+    memory = nodes[0].snapshot.parts[0] = memoryview(bytearray(snaps[0]))
+    memory[0] ^= 1
     with pytest.raises(UnusableShare, match="bad checksum"):
         nodes[2].encode(dict(enumerate(nodes)), stripe=512)
 
