@@ -220,11 +220,13 @@ def decode_shares(code: GroupCode, step: int, codeword: int, shares: dict[int, t
 class Segments:
     """Several buffers read as one (a node's snapshot: every local rank's shared-memory
     slot, then metadata) without concatenating them. A read inside one buffer is a view;
-    only a read across a boundary (at most one stripe) is copied."""
+    only a read across a boundary (at most one stripe) is copied. Items may be
+    (buffer, length) to use a prefix. No view is kept between reads, so the owner of a
+    buffer (the keeper, for an mmap) can close it once nobody reads."""
 
     def __init__(self, buffers):
-        self.parts = [memoryview(b).cast("B") for b in buffers]
-        self.starts = list(itertools.accumulate((len(p) for p in self.parts), initial=0))
+        self.parts = [b if isinstance(b, tuple) else (b, memoryview(b).nbytes) for b in buffers]
+        self.starts = list(itertools.accumulate((n for _, n in self.parts), initial=0))
 
     def __len__(self) -> int:
         return self.starts[-1]
@@ -232,10 +234,10 @@ class Segments:
     def __getitem__(self, sl: slice):
         lo, hi = max(0, sl.start or 0), min(len(self), len(self) if sl.stop is None else sl.stop)
         pieces = []
-        for start, part in zip(self.starts, self.parts):
-            a, b = max(lo, start), min(hi, start + len(part))
+        for start, (part, n) in zip(self.starts, self.parts):
+            a, b = max(lo, start), min(hi, start + n)
             if a < b:
-                pieces.append(part[a - start:b - start])
+                pieces.append(memoryview(part).cast("B")[a - start:b - start])
         if len(pieces) == 1:
             return pieces[0]
         return b"".join(pieces)

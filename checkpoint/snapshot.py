@@ -51,7 +51,7 @@ class SnapshotExchange:
     def __init__(self, store, token: str, port: int = 0, host: str = "", advertise: str = "127.0.0.1",
                  timeout: float = 10.0):
         self.store, self.timeout = store, timeout
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()
         self.holding: dict[int, NodeShares] = {}  # step -> what this node serves at that step
         self.pinned: dict[int, list] = {}  # step -> slots kept alive for it
         self.meta: dict[int, bytes] = {}  # step -> metadata trailer of a rebuilt snapshot (kept verbatim)
@@ -147,7 +147,8 @@ class SnapshotExchange:
         return self._node(step).header(step, codeword, index)
 
     def read(self, step: int, codeword: int, index: int, offset: int, length: int):
-        return self._node(step).read(step, codeword, index, offset, length)
+        with self.lock:  # copied under the lock: no view of a slot outlives its pin (the keeper closes it then)
+            return bytes(self._node(step).read(step, codeword, index, offset, length))
 
     def held(self) -> list[ShareHeader]:
         with self.lock:
@@ -179,7 +180,7 @@ class SnapshotExchange:
             {"rank": s.rank, "used": s.used, "world": s.world, "entries": s.entries, "records": s.records,
              "objects": s.objects} for s in slots]}, separators=(",", ":")).encode()
         node = NodeShares(plan["job"], step, plan["group"], plan["pos"], plan["pos"], GroupCode(plan["k"], plan["m"]),
-                          [memoryview(s.mm)[:s.used] for s in slots] + [meta + TRAILER.pack(len(meta))])
+                          [(s.mm, s.used) for s in slots] + [meta + TRAILER.pack(len(meta))])
         with self.lock:
             self.holding[step], self.pinned[step] = node, slots
         return node
@@ -314,7 +315,8 @@ class EcSnapshots:
                     slots[node] = slot
         free = iter(sorted(set(range(n_slots)) - set(slots.values())))
         for node in range(self.nodes):
-            slots.setdefault(node, next(free))
+            if node not in slots:
+                slots[node] = next(free)
         self.slot_of_node = slots
         token = self.token = dist_utils.broadcast_object(secrets.token_hex(32) if dist_utils.rank() == 0 else None)
         if self.lead:

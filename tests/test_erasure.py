@@ -78,7 +78,8 @@ def test_snapshot_spanning_many_stripes_into_a_preallocated_buffer():
 
 def test_corrupt_share_is_rejected_and_another_used_when_one_is_left():
     code, snaps, nodes = encoded_group(2, 2, [5000] * 4, stripe=512)
-    memory = nodes[1].snapshot.parts[0] = memoryview(bytearray(snaps[1]))
+    memory = bytearray(snaps[1])
+    nodes[1].snapshot.parts[0] = (memory, len(memory))
     memory[10] ^= 0xFF  # bit flips in both of node 1's blocks after its checksums were taken
     memory[-10] ^= 0xFF
     # node 0 lost: 3 survivors, k = 2; node 1's shares fail their checksum and are replaced
@@ -90,7 +91,8 @@ def test_corrupt_share_is_rejected_and_another_used_when_one_is_left():
 
 def test_encoding_from_a_corrupt_data_share_fails():
     code, snaps, nodes = encoded_group(2, 1, [4000] * 3, stripe=512)
-    memory = nodes[0].snapshot.parts[0] = memoryview(bytearray(snaps[0]))
+    memory = bytearray(snaps[0])
+    nodes[0].snapshot.parts[0] = (memory, len(memory))
     memory[0] ^= 1
     with pytest.raises(UnusableShare, match="bad checksum"):
         nodes[2].encode(dict(enumerate(nodes)), stripe=512)

@@ -108,7 +108,10 @@ class Job:
         self.agents = {i: self.start(i) for i in range(nodes)}
 
     def start(self, node: int) -> subprocess.Popen:
-        env = {**os.environ, "KINTSUGI_NODE_ID": str(node), "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+        # a fresh worker store per restart round: with the shared rendezvous store, gloo's
+        # connection setup after a restart can read the dead round's addresses
+        env = {**os.environ, "KINTSUGI_NODE_ID": str(node), "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
+               "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(self.nodes), "--nproc-per-node", "1",
                "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{self.port}", "--rdzv-id", "ecjob",
                "--rdzv-conf", f"is_host={int(node == 0)},join_timeout=120", "--max-restarts", "3",
