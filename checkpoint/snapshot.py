@@ -56,6 +56,7 @@ class SnapshotExchange:
         self.pinned: dict[int, list] = {}  # step -> slots kept alive for it
         self.meta: dict[int, bytes] = {}  # step -> metadata trailer of a rebuilt snapshot (kept verbatim)
         self.encoded: set[int] = set()
+        self.confirmed = -1  # newest step every peer of the group has encoded too
         self.plan: dict | None = None
         self.clients: dict[int, PeerClient] = {}
         self.last_queued = -1
@@ -216,24 +217,30 @@ class SnapshotExchange:
         with self.lock:
             self.encoded.add(step)
         log.info("step %d erasure-coded: %d bytes of parity in %.3f s", step, node.nbytes, time.perf_counter() - t0)
-        self._wait_group(step, code)
-        with self.lock:
-            self._drop([s for s in self.holding if s < step])
-            self.encoded = {s for s in self.encoded if s >= step}
+        confirmed = self._group_has(step, code)
+        with self.lock:  # keep the newest step the whole group has coded, and this one
+            if confirmed:
+                self.confirmed = step
+            self._drop([s for s in self.holding if s < step and s != self.confirmed])
+            self.encoded = {s for s in self.encoded if s in self.holding}
 
-    def _wait_group(self, step: int, code: GroupCode):
-        """Until every live peer has encoded `step` (then older steps are not needed)."""
+    def _group_has(self, step: int, code: GroupCode) -> bool:
+        """Whether every peer has encoded `step` (waits up to the timeout). A peer that died
+        or is slow may never encode it: then the previous coded step must stay decodable."""
         deadline = time.monotonic() + self.timeout
         for pos, client in self.clients.items():
             c, s = code.parity_roles(pos)[0]
-            while time.monotonic() < deadline and not self.jobs.qsize():
+            while True:
                 try:
                     client.header(step, c, s)
                     break
                 except PeerError:
-                    break  # gone: it holds nothing we would keep older data for
+                    return False
                 except ShareError:
+                    if time.monotonic() > deadline or self.jobs.qsize():
+                        return False
                     time.sleep(0.01)
+        return True
 
     def _drop(self, steps):
         for step in steps:
