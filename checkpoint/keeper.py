@@ -473,11 +473,12 @@ class KeeperAddress:
     shm_prefix: str
 
     @staticmethod
-    def of(run_dir: str | Path, job: str) -> "KeeperAddress":
+    def of(run_dir: str | Path, job: str, node_id: str | None = None) -> "KeeperAddress":
         run_dir = Path(run_dir).resolve()
         host = socket.gethostname()
         # KINTSUGI_NODE_ID tells several "nodes" (torchrun agents) on one machine apart
-        host = f"{host}-{os.environ['KINTSUGI_NODE_ID']}" if os.environ.get("KINTSUGI_NODE_ID") else host
+        node_id = os.environ.get("KINTSUGI_NODE_ID", "") if node_id is None else node_id
+        host = f"{host}-{node_id}" if node_id else host
         key = hashlib.sha256(f"{run_dir}|{host}|{job}".encode()).hexdigest()[:20]
         # unix socket paths are limited to 107 bytes: keep it short and out of run_dir
         sock_dir = Path(f"/tmp/kintsugi-{os.getuid()}")
