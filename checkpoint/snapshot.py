@@ -465,3 +465,51 @@ class RemoteShard:
             raise CorruptCheckpoint(f"checksum mismatch for {key!r} in {self.path}")
         return torch.from_numpy(np.frombuffer(raw, np.uint8).copy()).view(TORCH_DTYPES[meta["dtype"]]) \
             .reshape(meta["shape"])
+
+
+# ============================================================================ inspection
+
+def inspect_keeper(run_dir, job: str, node_id: str | None = None) -> dict:
+    """What one node keeper of `job` on this machine holds (for ``kintsugi ckpt inspect``):
+    level-0 snapshots by step (ranks, bytes) and its erasure coding (group, position, k, m,
+    coded steps, parity bytes, share server address). Raises UserError if none answers."""
+    from pathlib import Path
+
+    from checkpoint.keeper import KeeperAddress, KeeperClient
+    from comms import UserError
+
+    addr = KeeperAddress.of(run_dir, job, node_id)
+    try:
+        client = KeeperClient(addr.sock, Path(addr.token_file).read_text().strip(), rank=-1)
+    except (OSError, ConnectionError, RuntimeError) as e:
+        raise UserError(f"no node keeper of job {job!r} answers for {run_dir} on this machine ({e}); "
+                        "is the job running (and KINTSUGI_NODE_ID / --node-id right)?") from None
+    try:
+        snaps = client.call("snapshots")["snapshots"]
+        ec = client.call("ec_status")
+    finally:
+        client.close()
+    steps: dict[int, dict] = {}
+    for x in snaps:
+        s = steps.setdefault(x["step"], {"ranks": [], "world": x["world"]})
+        s["ranks"].append(x["rank"])
+    return {"job": job, "node_id": node_id, "keeper_pid": client.pid, "l0": steps,
+            "ec": {k: ec[k] for k in ("plan", "encoded", "parity", "address")}}
+
+
+def format_keeper(report: dict) -> str:
+    lines = [f"keeper of job {report['job']} (pid {report['keeper_pid']})"]
+    for step, s in sorted(report["l0"].items()):
+        lines.append(f"  L0 step {step}: ranks {sorted(s['ranks'])} of {s['world']}")
+    ec = report["ec"]
+    if ec["plan"] is None:
+        lines.append("  erasure coding: not set up")
+    else:
+        p = ec["plan"]
+        lines.append(f"  erasure coding: group {p['group']} position {p['pos']} (k={p['k']}, m={p['m']}), "
+                     f"shares served at {ec['address']}")
+        for step, nbytes in sorted(ec["parity"].items(), key=lambda kv: int(kv[0])):
+            coded = "coded" if int(step) in ec["encoded"] else "coding"
+            lines.append(f"  EC step {step}: {coded}, {nbytes} bytes of parity")
+    return "\n".join(lines)
+

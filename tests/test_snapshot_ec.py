@@ -180,6 +180,17 @@ def test_worker_kill_restores_from_memory(reference, run_dir):
     assert job.losses() == reference
     (level, step, rebuilt), = job.recoveries()[1:]
     assert level == "l0" and int(step) >= 3 and rebuilt == "[]"
+    # the keepers outlive the job for keeper_timeout_s: what does node 1's hold?
+    from checkpoint.snapshot import format_keeper, inspect_keeper
+
+    for _ in range(100):  # the keepers code the last snapshot after the job ended
+        report = inspect_keeper(run_dir, "ecjob", "1")
+        if 12 in report["ec"]["encoded"]:
+            break
+        time.sleep(0.1)
+    assert 12 in report["l0"] and len(report["l0"][12]["ranks"]) == 1
+    assert report["ec"]["plan"]["k"] == 2 and 12 in report["ec"]["encoded"]
+    assert "EC step 12: coded" in format_keeper(report)
 
 
 def test_node_kill_rebuilds_from_erasure_coded_shares(reference, run_dir):
