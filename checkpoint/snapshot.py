@@ -191,6 +191,16 @@ class SnapshotExchange:
         node = self._snapshot(step, plan)
         if node is None:
             return
+        need = plan["m"] * -(-len(node.snapshot) // plan["k"])
+        with self.lock:
+            held = sum(n.nbytes for s, n in self.holding.items() if s == self.confirmed)
+        if held + need > plan.get("memory_mb", 1 << 20) << 20:
+            log.warning("snapshot.memory_mb=%d is too small for %d MiB of parity (with the %d MiB kept for "
+                        "step %d): step %d is not erasure-coded; raise snapshot.memory_mb",
+                        plan["memory_mb"], need >> 20, held >> 20, self.confirmed, step)
+            with self.lock:
+                self._drop([step])
+            return
         readers = {**self.clients, plan["pos"]: node}
         code = node.code
         t0 = time.perf_counter()
@@ -329,7 +339,8 @@ class EcSnapshots:
         if self.lead:
             group = next(g for g in self.groups if slots[self.node] in g.nodes)
             pos = group.nodes.index(slots[self.node])
-            plan = {"job": self.job, "group": group.id, "pos": pos, "k": group.code.k, "m": group.code.m}
+            plan = {"job": self.job, "group": group.id, "pos": pos, "k": group.code.k, "m": group.code.m,
+                    "memory_mb": self.cfg.memory_mb}
             reply = self.keeper.call("ec_setup", plan=plan, token=token, port=self.cfg.peer_port,
                                      timeout=self.cfg.peer_timeout_s)
             publish(self.store, self.job, slots[self.node], reply["address"])

@@ -10,7 +10,8 @@ from comms.configlib import check, doc
 class SnapshotConfig:
     """Snapshots in the node keepers' memory, protected across nodes by erasure coding (REFT)."""
 
-    interval: int = doc("Take an in-memory snapshot every N optimizer steps (1 = every step); 0 = off.", 0)
+    interval: int = doc("Take an in-memory snapshot (a level-0 save) every N optimizer steps (1 = every step), "
+                        "erasure-coded across nodes; 0 = off (checkpoint.interval applies).", 0)
     k: int = doc("Data shares per erasure-coding group (a group has k + m nodes); 0 = chosen for the job size "
                  "or from target_survival.", 0)
     m: int = doc("Parity shares per group: any m lost nodes of a group are rebuilt from the others; parity "
@@ -19,8 +20,9 @@ class SnapshotConfig:
                                  "snapshot survives is at least this (e.g. 0.999); 0 = off.", 0.0)
     node_failure: float = doc("Probability that a node is lost within one snapshot interval, for "
                               "target_survival.", 0.01)
-    memory_mb: int = doc("Host memory per node for parity shares and rebuilds (snapshots themselves count "
-                         "against checkpoint.host_memory_mb); a snapshot waits rather than exceeding it.", 4096)
+    memory_mb: int = doc("Host memory per node for parity shares (m/k of the node's snapshot per coded step; "
+                         "two steps while a new one is coded). The snapshots themselves count against "
+                         "checkpoint.host_memory_mb. A step that does not fit is not coded (warning).", 4096)
     peer_port: int = doc("TCP port of this node's keeper for share exchange with peer keepers; 0 = any free port.", 0)
     peer_timeout_s: float = doc("A peer keeper that does not answer within this many seconds counts as lost.", 10.0)
 
