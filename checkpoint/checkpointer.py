@@ -118,10 +118,8 @@ class Checkpointer:
         mine = sorted(k for k in chunks if self.owner[k] == self.rank)
         head, offsets = shard_header((k, chunks[k][1].tensor.dtype, chunks[k][1].shape) for k in mine)
         nbytes = len(head) + sum(chunks[k][1].nbytes for k in mine)
-        try:
-            reply = self.keeper.call("alloc", step=step, nbytes=nbytes)  # waits when memory is spent
-        except (OSError, ConnectionError, RuntimeError, UserError) as e:  # raised on every rank next boundary
-            self.keeper_error = (str(e), isinstance(e, UserError))
+        reply = self._call("alloc", step=step, nbytes=nbytes)  # waits when memory is spent
+        if reply is None:
             return
         buf = self._buffer(reply)
         buf[:len(head)].copy_(torch.frombuffer(bytearray(head), dtype=torch.uint8))
@@ -138,14 +136,9 @@ class Checkpointer:
             entries.append([name, k, list(c.offsets), list(c.shape), list(c.global_shape),
                             DTYPE_NAMES[c.tensor.dtype], lo, lo + c.nbytes])
 
-        def filled():
-            try:
-                self.keeper.call("filled", slot=reply["slot"], entries=entries, world=self.world, levels=due,
-                                 objects=objects if self.rank == 0 else None)
-            except (OSError, ConnectionError, RuntimeError) as e:
-                self.keeper_error = (str(e), False)
-
-        self.capture = LazyCopy(lazy, filled)
+        self.capture = LazyCopy(lazy, lambda: self._call("filled", slot=reply["slot"], entries=entries,
+                                                          world=self.world, levels=due,
+                                                          objects=objects if self.rank == 0 else None))
 
     def restore(self, state: dict, optional=lambda name: False):
         """Fill ``state`` from the newest good step at any level (L0 memory, L1, L2), else from
@@ -176,10 +169,11 @@ class Checkpointer:
                     raise RuntimeError(f"checkpoint steps {sorted(self.pending)} were not committed within "
                                        f"checkpoint.close_timeout_s={self.cfg.close_timeout_s:g} s")
                 time.sleep(0.02)
-            if self.final is not None and self.failures.get(self.final):
-                raise RuntimeError(f"the final checkpoint (step {self.final}) was not saved: "
-                                   f"{'; '.join(self.failures[self.final])}")
-            self.keeper.call("bye")
+            final = self.final if self.final is not None else self.last_save  # the one the job promised
+            if self.failures.get(final):
+                raise RuntimeError(f"the final checkpoint (step {final}) was not saved: "
+                                   f"{'; '.join(self.failures[final])}")
+            self._call("bye")
         finally:
             self.keeper.close()
             self.keeper = None
@@ -213,16 +207,28 @@ class Checkpointer:
                 os.close(fd)
         return buf
 
+    def _call(self, op: str, **kw) -> dict | None:
+        """A keeper request; a failure is kept and raised on every rank at the next boundary
+        (raising on this rank alone would leave the others waiting in a collective)."""
+        if self.keeper_error is not None:
+            return None
+        try:
+            return self.keeper.call(op, **kw)
+        except UserError as e:
+            self.keeper_error = (str(e), True)
+        except (OSError, ConnectionError) as e:
+            self.keeper_error = (f"the node keeper on {socket.gethostname()} is gone ({e})", False)
+        except RuntimeError as e:
+            self.keeper_error = (str(e), False)
+        return None
+
     def _status(self, wait_ready: bool) -> dict:
-        if self.keeper_error is None:
-            try:
-                st = self.keeper.call("status")
-                while wait_ready and self.last_save in self.pending and "l0" in self.pending[self.last_save]["levels"] \
-                        and str(self.last_save) not in st["ready"] and not st["fatal"]:
-                    time.sleep(0.002)  # the keeper is still checksumming the previous snapshot
-                    st = self.keeper.call("status")
-            except (OSError, ConnectionError, RuntimeError) as e:
-                self.keeper_error = (f"the node keeper on {socket.gethostname()} is gone ({e})", False)
+        st = self._call("status")
+        while st is not None and wait_ready and self.last_save in self.pending \
+                and "l0" in self.pending[self.last_save]["levels"] and str(self.last_save) not in st["ready"] \
+                and not st["fatal"]:
+            time.sleep(0.002)  # the keeper is still checksumming the previous snapshot
+            st = self._call("status")
         if self.keeper_error is not None:
             return {"fatal": self.keeper_error[0], "user": self.keeper_error[1]}
         l0 = {str(s) for s, p in self.pending.items() if "l0" in p["levels"]}
@@ -237,7 +243,7 @@ class Checkpointer:
         fatal = [(r, g) for r, g in enumerate(gathered) if g.get("fatal")]
         if fatal:
             r, g = fatal[0]
-            raise (UserError if g["user"] else RuntimeError)(f"checkpointing failed on rank {r}: {g['fatal']}")
+            raise (UserError if g.get("user") else RuntimeError)(f"checkpointing failed on rank {r}: {g['fatal']}")
         for step in sorted(self.pending):
             self._advance(step, gathered)
         return gathered
@@ -245,7 +251,7 @@ class Checkpointer:
     def _advance(self, step: int, gathered: list[dict]):
         p, s = self.pending[step], str(step)
         if "l0" in p["levels"] and all(s in g["ready"] for g in gathered):
-            self.keeper.call("l0_commit", step=step)
+            self._call("l0_commit", step=step)
             objs = gathered[0]["objects"][s]
             p["manifest"] = build_manifest(step, self.world, [g["ready"][s] for g in gathered], objs["objects"],
                                            objs["extra"])
@@ -264,7 +270,7 @@ class Checkpointer:
             elif level not in p["requested"] and p["manifest"] is not None \
                     and all(step in g["durable"].get(level, []) for g in gathered):
                 if (self.rank == 0) if level == "l2" else (self.local_rank == 0):
-                    self.keeper.call("commit", level=level, step=step, manifest=p["manifest"])
+                    self._call("commit", level=level, step=step, manifest=p["manifest"])
                 p["requested"].add(level)
         if not p["levels"]:
             self.failures[step] = p.get("failed", [])

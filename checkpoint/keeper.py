@@ -225,9 +225,14 @@ class LevelWriter(threading.Thread):
                 if kind == "write":
                     slot = job[2]
                     if step not in k.failed[name]:
+                        t0 = time.perf_counter()
                         with memoryview(slot.mm) as view:
                             self.storage.write_part(step, SHARD.format(slot.rank), view[:slot.used])
+                        dt = time.perf_counter() - t0
+                        log.info("%s: step %d rank %d: %.1f MiB durable in %.2f s (%.2f GB/s)", name, step,
+                                 slot.rank, slot.used / 2**20, dt, slot.used / dt / 1e9)
                         k.note(name, "durable", step, slot.rank)
+                        k.written[name] = (slot.used, dt)
                 else:
                     self.storage.commit(step, job[2])
                     k.note(name, "committed", step)
@@ -261,6 +266,7 @@ class Keeper:
         self.failed: dict[str, dict[int, str]] = {}
         self.fatal: str | None = None
         self.exchange = None  # checkpoint.snapshot.SnapshotExchange, once the trainers set up erasure coding
+        self.written: dict[str, tuple[int, float]] = {}  # level -> (bytes, seconds) of its last shard write
         threading.Thread(target=self._crc_loop, name="keeper-crc", daemon=True).start()
 
     def configure(self, levels: dict, local_world: int):
@@ -315,6 +321,7 @@ class Keeper:
                 "committed": {n: list(c) for n, c in self.committed.items()},
                 "failed": {n: {str(s): m for s, m in f.items()} for n, f in self.failed.items()},
                 "fatal": self.fatal,
+                "written": dict(self.written),
             }
 
     def idle(self) -> bool:
@@ -342,6 +349,7 @@ class KeeperServer:
             os.umask(old)
         self.sock.listen(64)
         self.sock_path = sock_path
+        self.sock_ino = os.stat(sock_path).st_ino  # a successor may bind the same path as we exit
 
     def serve(self):
         threading.Thread(target=self._accept, name="keeper-accept", daemon=True).start()
@@ -361,7 +369,11 @@ class KeeperServer:
         while self.stop.is_set() and not self.keeper.idle():  # shutdown: finish queued writes
             time.sleep(0.05)
         self.sock.close()
-        Path(self.sock_path).unlink(missing_ok=True)
+        try:
+            if os.stat(self.sock_path).st_ino == self.sock_ino:
+                os.unlink(self.sock_path)
+        except FileNotFoundError:
+            pass
         self.keeper.store.close()
 
     def _accept(self):

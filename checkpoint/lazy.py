@@ -16,7 +16,10 @@ import threading
 import weakref
 
 import torch
+from torch.distributed.tensor import DTensor
 from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+from checkpoint.format import fault_point
 
 # Copies are cut into 8 MiB pieces: the step hook can take over the rest of a large
 # tensor, and the CPU copier holds no lock for long (~5-10 ms per piece at 1-2 GB/s).
@@ -34,16 +37,24 @@ def protect(optimizer: torch.optim.Optimizer):
     _seen_state_sizes[optimizer] = len(optimizer.state)
     for group in optimizer.param_groups:
         for p in group["params"]:
-            _optimizer_owned.add(p.untyped_storage().data_ptr())
+            _optimizer_owned.add(_storage(p))
     for st in optimizer.state.values():
         for v in st.values():
             if isinstance(v, torch.Tensor) and v.dim() > 0:
-                _optimizer_owned.add(v.untyped_storage().data_ptr())
+                _optimizer_owned.add(_storage(v))
+
+
+def _storage(t: torch.Tensor) -> int:
+    """The address of the storage holding ``t``'s local data (a DTensor's local shard)."""
+    if isinstance(t, DTensor):
+        t = t.to_local()
+    return t.untyped_storage().data_ptr()
 
 
 def lazy_ok(t: torch.Tensor) -> bool:
-    """May ``t`` be copied after the save returns (only the optimizer step mutates it)?"""
-    return t.requires_grad or t.untyped_storage().data_ptr() in _optimizer_owned
+    """May ``t`` be copied after the save returns (only the optimizer step mutates it)?
+    (``state_dict()`` detaches parameters: they count once their optimizer is known.)"""
+    return t.requires_grad or _storage(t) in _optimizer_owned
 
 
 def _pre_step(optimizer, args, kwargs):
@@ -88,7 +99,9 @@ class LazyCopy:
         self.error: BaseException | None = None
         self.cuda = any(src.is_cuda for src, _ in pairs)
         _active.add(self)
-        if self.cuda:
+        if not self.pieces:  # everything was copied eagerly
+            self._finish()
+        elif self.cuda:
             self._start_cuda()
         else:
             threading.Thread(target=self._copier, name="kintsugi-lazy-copy", daemon=True).start()
@@ -107,6 +120,7 @@ class LazyCopy:
         if piece is None:
             return False
         try:
+            fault_point("copy")
             piece[1].copy_(piece[0])
         except BaseException as e:  # surfaced by wait() on the training thread
             self.error = e

@@ -16,17 +16,25 @@ from comms import dist_utils
 MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "tp")
 
 
-def build_mesh(device_type: str, sizes: dict[str, int], rank_grid=None) -> DeviceMesh | None:
-    """A DeviceMesh over all ranks with dims MESH_DIMS; None in a single process."""
+def build_mesh(device_type: str, sizes: dict[str, int], rank_grid=None, backend_override=None) -> DeviceMesh | None:
+    """A DeviceMesh over all ranks with dims MESH_DIMS; None in a single process.
+
+    ``backend_override`` (CUDA) gives groups their own NCCL options, e.g. socket transport
+    for a group that spans fabrics (comms.placement.nccl_backend_override)."""
     if dist_utils.world_size() == 1:
         return None
     shape = tuple(sizes[d] for d in MESH_DIMS)
     grid = torch.arange(dist_utils.world_size()) if rank_grid is None else torch.tensor(rank_grid)
-    return DeviceMesh(device_type, grid.reshape(shape), mesh_dim_names=MESH_DIMS)
+    kw = {"backend_override": backend_override} if backend_override else {}
+    return DeviceMesh(device_type, grid.reshape(shape), mesh_dim_names=MESH_DIMS, **kw)
 
 
 def coordinate(mesh: DeviceMesh | None, dim: str) -> tuple[int, int]:
-    """(this rank's index along ``dim``, that dim's size); (0, 1) without a mesh."""
+    """(this rank's coordinate along ``dim``, that dim's size); (0, 1) without a mesh.
+
+    The mesh coordinate, not the rank inside the dim's process group: groups number their
+    members by global rank, which differs when a placement plan reorders the grid."""
     if mesh is None:
         return 0, 1
-    return mesh.get_local_rank(dim), mesh.size(mesh.mesh_dim_names.index(dim))
+    i = mesh.mesh_dim_names.index(dim)
+    return mesh.get_coordinate()[i], mesh.size(i)

@@ -78,6 +78,7 @@ class ParallelConfig:
     pp_microbatches: int = doc("Microbatches per step under pipeline parallelism.", 4)
     pp_layers: list = doc("Blocks per pipeline stage (uneven splits); empty = as even as possible.", [])
     ep: int = doc("Expert-parallel degree for MoE layers (experts split over this many data-parallel ranks).", 1)
+    plan: str = doc("Placement plan from `kintsugi plan` (JSON): its rank grid orders the mesh so that TP stays in a node and DP in a fabric; its sizes and layers per stage replace pp/dp_replicate/dp_shard/tp/pp_layers. Empty = ranks in order.", "")
     backend: str = doc("Process-group backend: `auto` (NCCL with CUDA, else gloo), `gloo` or `nccl`.", "auto")
     timeout_s: float = doc("Process-group timeout in seconds.", 600.0)
 
@@ -88,6 +89,12 @@ class ParallelConfig:
         for name in ("dp_replicate", "tp", "pp", "ep", "pp_microbatches"):
             check(getattr(self, name) >= 1, f"parallel.{name}", "must be >= 1")
         check(self.dp_shard == -1 or self.dp_shard >= 1, "parallel.dp_shard", "must be >= 1 or -1 (auto)")
+        if self.plan:
+            from comms.placement import load_plan
+
+            plan = load_plan(self.plan)
+            self.pp, self.dp_replicate, self.dp_shard, self.tp = (plan.sizes[d] for d in ("pp", "dp_replicate", "dp_shard", "tp"))
+            self.pp_layers = list(plan.layers_per_stage)
 
 
 @dataclass

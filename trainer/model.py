@@ -138,3 +138,9 @@ class Transformer(nn.Module):
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(0, 1))
+
+
+def model_parameters(job) -> int:
+    """Parameter count of a job's model, without allocating it (meta device)."""
+    with torch.device("meta"):
+        return sum(p.numel() for p in Transformer(job.model, job.moe).parameters())

@@ -1,0 +1,184 @@
+"""Predicted iteration time of a dense transformer on a placement (the Holmes cost model).
+
+Per pipeline stage s with L_s blocks, for one microbatch of ``tokens`` tokens:
+
+- compute: forward 2 x params x tokens flops (+ attention scores 4 x seq x dim per token
+  and block, no causal discount), backward twice that, split over ``tp`` GPUs, at the
+  slowest GPU's achieved TFLOP/s; the last stage also runs the output head (2 x vocab x dim
+  per token, about one block of a 7B model);
+- tensor parallel: 2 all-reduces of the activations (tokens x dim values) per block
+  forward and 2 backward, on the TP group's link;
+- pipeline send: one activation to the next stage forward and one gradient back, not
+  overlapped with compute (Megatron's 1F1B), on the slowest pair's link; each TP rank
+  sends 1/tp of it and the next stage all-gathers over its TP link (Megatron's
+  scatter-gather);
+- data parallel: one all-reduce of the stage's gradients (params / tp values) after its
+  last backward, on the DP group's slowest link.
+
+1F1B with m microbatches, stage cycle ``t_s + c_{s-1} + c_s`` (t = fwd + bwd, c = send):
+
+    T_pipe = (m - 1) x max_s cycle_s + sum_s t_s + 2 x sum_s c_s
+
+(uniform stages without sends: (m + p - 1) x t, the textbook bubble). Stage s finishes its
+last backward ``drain_s = sum_{j<s} (bwd_j + c_j)`` before stage 0 does, so its gradient
+all-reduce overlaps that drain:
+
+    T_iter = max_s (T_pipe - drain_s + allreduce_s)
+
+A ring all-reduce of N bytes over k ranks takes 2 (k-1)/k x N / bw + 2 (k-1) x latency,
+an all-gather half of that.
+The optimizer step and MoE all-to-all are not modelled (EP groups are placed like DP).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from comms.errors import UserError
+from comms.topology import Link, Topology
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """The transformer and batch the cost model times (same fields as trainer's ModelConfig)."""
+
+    n_layers: int
+    dim: int
+    n_heads: int
+    vocab_size: int
+    seq_len: int
+    global_batch: int  # samples per optimizer step
+    microbatches: int = 8
+    n_kv_heads: int = 0
+    ffn_hidden: int = 0  # 0 = 8/3 x dim rounded up to 32 (SwiGLU with GPT's 8 dim^2 MLP params)
+    bytes_per_value: int = 2  # bf16 activations and gradients
+
+    @property
+    def ffn(self) -> int:
+        return self.ffn_hidden or 32 * -(-8 * self.dim // 3 // 32)
+
+    @property
+    def layer_params(self) -> int:
+        head_dim = self.dim // self.n_heads
+        kv = (self.n_kv_heads or self.n_heads) * head_dim
+        return 2 * self.dim * self.dim + 2 * self.dim * kv + 3 * self.dim * self.ffn + 2 * self.dim
+
+    @property
+    def params(self) -> int:
+        return self.n_layers * self.layer_params + 2 * self.vocab_size * self.dim + self.dim
+
+    def layer_flops(self) -> float:
+        """Forward flops of one block per token."""
+        return 2 * (self.layer_params - 2 * self.dim) + 4 * self.seq_len * self.dim
+
+    def head_flops(self) -> float:
+        return 2 * self.vocab_size * self.dim
+
+
+# GPT shapes of the Megatron-LM scaling table (Narayanan et al. 2021) that Holmes trains;
+# vocab 51200, sequence 2048. Batch sizes keep ~1M tokens per step.
+PRESETS = {
+    "gpt-1.3b": ModelSpec(n_layers=24, dim=2048, n_heads=16, vocab_size=51200, seq_len=2048, global_batch=512, microbatches=16),
+    "gpt-3.6b": ModelSpec(n_layers=30, dim=3072, n_heads=32, vocab_size=51200, seq_len=2048, global_batch=512, microbatches=16),
+    "gpt-7.5b": ModelSpec(n_layers=36, dim=4096, n_heads=32, vocab_size=51200, seq_len=2048, global_batch=512, microbatches=16),
+    "gpt-18b": ModelSpec(n_layers=40, dim=6144, n_heads=48, vocab_size=51200, seq_len=2048, global_batch=512, microbatches=16),
+    "gpt-39b": ModelSpec(n_layers=48, dim=8192, n_heads=64, vocab_size=51200, seq_len=2048, global_batch=512, microbatches=32),
+}
+
+
+def preset(name: str) -> ModelSpec:
+    if name not in PRESETS:
+        raise UserError(f"unknown model preset {name!r}; use a job config TOML or one of {', '.join(PRESETS)}")
+    return PRESETS[name]
+
+
+@dataclass
+class Stage:
+    """What a placement gives one pipeline stage: its ranks, its speed and its links."""
+
+    ranks: list[int]
+    fabrics: list[str]
+    tflops: float
+    tp: Link | None
+    dp: Link | None
+    send: Link | None  # to the next stage; None for the last
+
+
+def stages_of(topology: Topology, rank_grid) -> list[Stage]:
+    """Stages of a rank grid of shape (pp, dp_replicate, dp_shard, tp)."""
+    out = []
+    pp = len(rank_grid)
+    for s in range(pp):
+        block = [[r for shard in rep for r in shard] for rep in rank_grid[s]]  # (dp_replicate, dp_shard*tp)
+        tp_groups = [shard for rep in rank_grid[s] for shard in rep]
+        dp_groups = [[shard[t] for rep in rank_grid[s] for shard in rep] for t in range(len(tp_groups[0]))]
+        ranks = [r for row in block for r in row]
+        send = None
+        if s + 1 < pp:
+            nxt = [r for rep in rank_grid[s + 1] for shard in rep for r in shard]
+            send = _slowest(topology.group_link([a, b]) for a, b in zip(ranks, nxt))
+        out.append(Stage(
+            ranks=ranks,
+            fabrics=sorted({topology.fabric_of(r) for r in ranks}),
+            tflops=min(topology.nodes[topology.node_of(r)].tflops for r in ranks),
+            tp=_slowest(topology.group_link(g) for g in tp_groups),
+            dp=_slowest(topology.group_link(g) for g in dp_groups),
+            send=send,
+        ))
+    return out
+
+
+def _slowest(links) -> Link | None:
+    links = [link for link in links if link is not None]
+    return min(links, key=lambda link: (link.gbps, -link.latency_us)) if links else None
+
+
+def allreduce_s(nbytes: float, k: int, link: Link | None) -> float:
+    if k < 2 or link is None:
+        return 0.0
+    return 2 * (k - 1) / k * nbytes / link.bytes_per_s + 2 * (k - 1) * link.latency_us * 1e-6
+
+
+def allgather_s(nbytes: float, k: int, link: Link | None) -> float:
+    """Ring all-gather of ``nbytes`` in total (each rank contributes 1/k)."""
+    return allreduce_s(nbytes, k, link) / 2
+
+
+def send_s(nbytes: float, link: Link | None) -> float:
+    return 0.0 if link is None else nbytes / link.bytes_per_s + link.latency_us * 1e-6
+
+
+@dataclass
+class Estimate:
+    """Predicted seconds of one optimizer step, and where they go."""
+
+    iteration_s: float
+    pipeline_s: float  # forward/backward of all microbatches incl. sends and bubble
+    stage_s: list[float] = field(default_factory=list)  # fwd+bwd of one microbatch per stage
+    send_s: list[float] = field(default_factory=list)  # one activation to the next stage
+    allreduce_s: list[float] = field(default_factory=list)  # each stage's gradient all-reduce
+
+
+def simulate(model: ModelSpec, stages: list[Stage], layers: list[int], dp: int, tp: int) -> Estimate:
+    """Iteration time for ``layers[s]`` blocks on stage s (formulas in the module doc)."""
+    p, m = len(stages), model.microbatches
+    if len(layers) != p or sum(layers) != model.n_layers or min(layers) < 1:
+        raise UserError(f"layers per stage {layers} must be {p} positive counts summing to {model.n_layers}")
+    tokens = model.global_batch * model.seq_len / (dp * m)
+    act = tokens * model.dim * model.bytes_per_value
+    fwd, bwd, grads = [], [], []
+    for s, (stage, n) in enumerate(zip(stages, layers)):
+        flops = tokens * (n * model.layer_flops() + (model.head_flops() if s == p - 1 else 0)) / tp
+        compute = flops / (stage.tflops * 1e12)
+        tp_comm = 2 * n * allreduce_s(act, tp, stage.tp)
+        fwd.append(compute + tp_comm)
+        bwd.append(2 * compute + tp_comm)
+        params = n * model.layer_params + model.vocab_size * model.dim * ((s == 0) + (s == p - 1))
+        grads.append(allreduce_s(params / tp * model.bytes_per_value, dp, stage.dp))
+    t = [f + b for f, b in zip(fwd, bwd)]
+    c = [send_s(act / tp, stages[s].send) + allgather_s(act, tp, stages[s + 1].tp) if s + 1 < p else 0.0
+         for s in range(p)]
+    cycle = [t[s] + c[s] + (c[s - 1] if s else 0.0) for s in range(p)]
+    pipeline = (m - 1) * max(cycle) + sum(t) + 2 * sum(c)
+    drain = [sum(bwd[j] + c[j] for j in range(s)) for s in range(p)]
+    iteration = max(pipeline - drain[s] + grads[s] for s in range(p))
+    return Estimate(iteration, pipeline, t, c, grads)

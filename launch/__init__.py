@@ -1,0 +1,1 @@
+"""The `kintsugi` command, preflight checks, and starting torchrun's agent."""

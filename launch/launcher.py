@@ -1,0 +1,81 @@
+"""`kintsugi launch`: preflight, then torchrun's elastic agent running ``-m trainer``.
+
+    kintsugi launch [torchrun flags] [--run-dir DIR] [--config FILE] [--section.key=value ...]
+
+Torchrun flags (--nnodes, --nproc-per-node, --rdzv-backend, --rdzv-endpoint, --rdzv-id,
+--node-rank, --max-restarts, --monitor-interval, ...) pass through unchanged to
+``torch.distributed.run``, whose agent restarts failed workers; they resume from the newest
+committed checkpoint by themselves. The launcher stays beside the agent as its parent, so
+that it can watch the job and act on it.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from comms import UserError, exits_on_user_error
+from launch.preflight import run_checks
+from trainer import load_config
+
+OVERRIDE = re.compile(r"^--[A-Za-z_]+\.[A-Za-z_]+=")
+
+
+def split_args(argv: list[str]):
+    ap = argparse.ArgumentParser(prog="kintsugi launch", add_help=True,
+                                 description="Run the Kintsugi trainer under torchrun's elastic agent.",
+                                 epilog="Other flags go to torchrun (see `torchrun --help`); --section.key=value flags override the config.")
+    ap.add_argument("--config", default=None, help="job TOML (default: configs/tiny.toml)")
+    ap.add_argument("--run-dir", default=None, help="run directory (overrides train.run_dir)")
+    ap.add_argument("--skip-preflight", action="store_true", help="do not run the health checks")
+    ap.add_argument("--nproc-per-node", "--nproc_per_node", dest="nproc", default="1", help="workers on this node (passed to torchrun)")
+    ap.add_argument("--nnodes", default="1", help="nodes, or MIN:MAX for an elastic job (passed to torchrun)")
+    ap.add_argument("--max-restarts", "--max_restarts", dest="max_restarts", default="3",
+                    help="worker-group restarts after a failure (passed to torchrun; default 3)")
+    ours, rest = ap.parse_known_args(argv)
+    overrides = [a for a in rest if OVERRIDE.match(a)]
+    torchrun = [a for a in rest if not OVERRIDE.match(a)]
+    if ours.run_dir:
+        overrides.append(f"--train.run_dir={ours.run_dir}")
+    return ours, overrides, torchrun
+
+
+def nproc_count(value: str) -> int:
+    if value.isdigit():
+        return int(value)
+    import torch
+
+    if value in ("gpu", "auto") and torch.cuda.is_available():
+        return torch.cuda.device_count()
+    if value in ("cpu", "auto"):
+        return os.cpu_count() or 1
+    raise UserError(f"--nproc-per-node {value!r}: give a number, auto, cpu or gpu")
+
+
+@exits_on_user_error
+def main(argv: list[str]) -> int:
+    ours, overrides, torchrun = split_args(argv)
+    cfg = load_config(ours.config, overrides)  # a bad config fails here, before any worker
+    nproc = nproc_count(ours.nproc)
+    if ours.nnodes.isdigit():  # a fixed world size: check the mesh now, not in every worker
+        cfg.validate(world_size=int(ours.nnodes) * nproc)
+    run_dir = Path(cfg.train.run_dir)
+    if not ours.skip_preflight:
+        for note in run_checks(cfg, nproc, run_dir):
+            print(f"kintsugi: preflight: {note}", flush=True)
+    flags = ["--nproc-per-node", str(nproc), "--nnodes", ours.nnodes, "--max-restarts", ours.max_restarts, *torchrun]
+    if ours.nnodes == "1" and not any(a.startswith(("--rdzv", "--master")) for a in torchrun):
+        flags.append("--standalone")  # a free port and c10d rendezvous on this host
+    cmd = [sys.executable, "-m", "torch.distributed.run", *flags, "-m", "trainer"]
+    cmd += (["--config", ours.config] if ours.config else []) + overrides
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    agent = subprocess.Popen(cmd, env=env)
+    # The agent forwards SIGTERM to its workers, which save and exit 0; pass ours on.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: agent.send_signal(signum))
+    return agent.wait()

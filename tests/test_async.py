@@ -1,0 +1,231 @@
+"""The asynchronous multi-level checkpointer in one process (the node keeper is a real
+separate process): lazy capture never tears, restore order and fallback, a full L2 disk,
+the memory budget, and the keeper's privacy and lease."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from checkpoint import CheckpointConfig, Checkpointer, flatten, load_state
+from checkpoint.format import committed_steps, step_dirname
+from checkpoint.keeper import KeeperAddress, KeeperClient, job_id
+from comms import UserError
+
+
+def ckpt(tmp_path, **kw) -> Checkpointer:
+    cfg = dict(interval=1, l1_dir=str(tmp_path / "l1"), keeper_timeout_s=20, host_memory_mb=512)
+    cfg.update(kw)
+    return Checkpointer(CheckpointConfig(**cfg), tmp_path)
+
+
+def settle(c: Checkpointer):
+    """Step boundaries until every save is committed at its levels (what a loop's check() does)."""
+    while c.pending:
+        c.check()
+        time.sleep(0.01)
+
+
+def crash(c: Checkpointer):
+    """Drop the keeper connection without a goodbye, as a killed trainer does."""
+    c.keeper.close()
+    c.keeper = None
+
+
+def stop_keeper(run_dir):
+    addr = KeeperAddress.of(run_dir, job_id())
+    try:
+        c = KeeperClient(addr.sock, addr.token_file.read_text().strip(), rank=-1)
+    except OSError:
+        return
+    pid = c.pid
+    try:
+        c.call("shutdown")
+    except OSError:  # it was exiting already (every rank said bye)
+        pass
+    c.close()
+    while Path(f"/proc/{pid}").exists() and "zombie" not in Path(f"/proc/{pid}/status").read_text():
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    yield tmp_path
+    stop_keeper(tmp_path)
+
+
+def digest(state: dict) -> str:
+    h = hashlib.sha256()
+    for name in sorted(state):
+        v = state[name]
+        h.update(name.encode())
+        h.update(v.tensor.contiguous().view(-1).view(torch.uint8).numpy().tobytes() if hasattr(v, "tensor")
+                 else json.dumps(v).encode())
+    return h.hexdigest()
+
+
+def test_lazy_capture_is_never_torn_while_the_optimizer_keeps_stepping(run_dir):
+    """The save returns before the copy; the optimizer steps right away and many times; the
+    committed bytes are exactly those at the save (the pre-step hook held the step back)."""
+    torch.manual_seed(0)
+    big = torch.nn.Parameter(torch.randn(4_000_000))  # 16 MB: the copy is still running at the first step
+    opt = torch.optim.SGD([big], lr=1.0)
+    c = ckpt(run_dir)
+    c.attach(opt)
+    state = flatten({"w": big})
+    at_save = big.detach().clone()
+    c.save(1, state, final=True)
+    for _ in range(5):
+        big.grad = torch.ones_like(big)
+        opt.step()
+    assert not torch.equal(big.detach(), at_save)
+    c.close()
+    target = flatten({"w": torch.zeros_like(at_save)})
+    step, _, _ = load_state(run_dir / "checkpoints", target)
+    assert step == 1 and torch.equal(target["w"].tensor, at_save)
+
+
+def test_buffers_changed_by_forward_are_copied_at_save(run_dir):
+    bn = torch.nn.BatchNorm1d(8)
+    c = ckpt(run_dir)
+    bn(torch.randn(16, 8))
+    state = flatten(bn.state_dict())
+    at_save = bn.running_mean.clone()
+    c.save(1, state, final=True)
+    bn(torch.randn(16, 8) + 5)  # the next forward moves the running statistics
+    c.close()
+    target = flatten({k: torch.zeros_like(v) for k, v in bn.state_dict().items()})
+    load_state(run_dir / "checkpoints", target)
+    assert torch.equal(target["running_mean"].tensor, at_save)
+
+
+def test_levels_commit_native_format_with_intervals_and_retention(run_dir):
+    c = ckpt(run_dir, interval=2, l1_interval=2, l2_interval=4, keep_last=1, keep_every=8, l1_keep_last=2)
+    w = torch.zeros(1000)
+    for step in range(2, 17, 2):
+        w += 1
+        c.save(step, {"w": flatten({"w": w})["w"], "step": step}, extra={"note": "x"})
+        settle(c)
+    c.close()
+    assert committed_steps(run_dir / "l1") == [16, 14]
+    assert committed_steps(run_dir / "checkpoints") == [16, 8]  # keep_last=1 plus every 8th
+    manifest = json.loads((run_dir / "checkpoints" / step_dirname(16) / "manifest.json").read_text())
+    assert manifest["objects"] == {"step": 16} and manifest["note"] == "x"
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == step_dirname(16)
+    target = {"w": flatten({"w": torch.zeros(1000)})["w"]}
+    assert load_state(run_dir / "l1", target)[0] == 16 and torch.equal(target["w"].tensor, torch.full((1000,), 8.0))
+
+
+def test_restore_prefers_memory_and_falls_back_on_damage(run_dir, capsys):
+    w = torch.zeros(50_000)
+    c = ckpt(run_dir, l1_dir="")
+    for step in (1, 2, 3):
+        w.fill_(step)
+        c.save(step, {"w": flatten({"w": w})["w"], "step": step})
+        settle(c)
+    crash(c)  # the trainer dies; the keeper keeps step 3 in memory
+    target = {"w": flatten({"w": torch.zeros(50_000)})["w"]}
+    c2 = ckpt(run_dir, l1_dir="")
+    assert c2.restore(target)[0] == 3 and target["w"].tensor[0] == 3
+    assert "restored step 3 from L0" in capsys.readouterr().out
+    c2.close()  # a clean end: the keeper goes, and memory with it
+    stop_keeper(run_dir)
+
+    root = run_dir / "checkpoints"
+    assert committed_steps(root) == [3, 2]
+    shard = root / step_dirname(3) / "shard_00000.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-100] ^= 0xFF  # one flipped byte in the newest step
+    shard.write_bytes(bytes(data))
+    c3 = ckpt(run_dir, l1_dir="")
+    assert c3.restore(target)[0] == 2 and target["w"].tensor[0] == 2
+    out = capsys.readouterr().out
+    assert "step 3 at L2 is damaged" in out and "checksum mismatch" in out
+    c3.close()
+    stop_keeper(run_dir)
+
+    manifest = root / step_dirname(2) / "manifest.json"
+    manifest.write_text(manifest.read_text()[:40])  # a truncated manifest
+    with pytest.raises(UserError, match="no committed|damaged|usable"):
+        c4 = ckpt(run_dir, l1_dir="", load_from="")
+        try:
+            if c4.restore(target) is None:
+                raise UserError("no committed step restored")
+        finally:
+            c4.close()
+    assert "step 2 at L2 is damaged" in capsys.readouterr().out
+
+
+def test_full_l2_disk_is_reported_and_training_goes_on(run_dir, capsys):
+    small = run_dir / "small"
+    small.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(small)], capture_output=True).returncode:
+        pytest.skip("cannot mount a 1 MiB tmpfs here (needs root and mount permission)")
+    try:
+        c = ckpt(run_dir, dir=str(small), keep_last=2)
+        w = torch.zeros(100_000)  # 400 kB: two steps fit into 1 MiB, a third does not
+        for step in (1, 2, 3, 4):
+            w.fill_(step)
+            c.save(step, {"w": flatten({"w": w})["w"]}, final=step == 4)
+            settle(c)
+        out = capsys.readouterr().out
+        assert "not stored at l2" in out and "No space left" in out
+        assert committed_steps(small) == [2, 1]  # nothing committed was lost
+        assert committed_steps(run_dir / "l1")[0] == 4  # L1 went on
+        target = {"w": flatten({"w": torch.zeros(100_000)})["w"]}
+        assert load_state(small, target)[0] == 2 and target["w"].tensor[0] == 2
+        with pytest.raises(RuntimeError, match="final checkpoint \\(step 4\\) was not saved"):
+            c.close()
+    finally:
+        subprocess.run(["umount", "-l", str(small)])
+
+
+def test_memory_budget_too_small_is_a_user_error(run_dir):
+    c = ckpt(run_dir, host_memory_mb=1)
+    c.save(1, {"w": flatten({"w": torch.zeros(200_000)})["w"]})
+    with pytest.raises(UserError, match="host_memory_mb"):
+        c.check()
+    c.keeper.close()
+
+
+def test_snapshots_stay_within_the_memory_budget(run_dir):
+    c = ckpt(run_dir, host_memory_mb=3, l1_dir="")  # 1 MB state: room for 3 snapshots, 8 saves
+    prefix = KeeperAddress.of(run_dir, job_id()).shm_prefix
+    for step in range(1, 9):
+        c.save(step, {"w": flatten({"w": torch.full((250_000,), float(step))})["w"]})
+        used = sum(p.stat().st_size for p in Path("/dev/shm").glob(Path(prefix).name + "-*"))
+        assert used <= 3 << 20
+    c.close()
+    assert committed_steps(run_dir / "checkpoints")[0] == 8
+
+
+def test_keeper_is_private_and_dies_with_its_job(run_dir):
+    script = (f"import sys, time; sys.path.insert(0, {str(Path(__file__).parent.parent)!r});"
+              "from checkpoint import CheckpointConfig, Checkpointer, flatten; import torch;"
+              f"c = Checkpointer(CheckpointConfig(keeper_timeout_s=1), {str(run_dir)!r});"
+              "c.save(1, flatten({'w': torch.ones(1000)})); c.check(); print('saved', flush=True); time.sleep(600)")
+    trainer = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert trainer.stdout.readline().strip() == "saved"
+    addr = KeeperAddress.of(run_dir, job_id())
+    token = addr.token_file.read_text().strip()
+    shm = list(Path("/dev/shm").glob(Path(addr.shm_prefix).name + "-*"))
+    assert shm
+    for p in [Path(addr.sock), addr.token_file, *shm]:
+        assert stat.S_IMODE(p.stat().st_mode) == 0o600, p
+    assert stat.S_IMODE(Path(addr.sock).parent.stat().st_mode) == 0o700
+    with pytest.raises(RuntimeError, match="bad job token"):
+        KeeperClient(addr.sock, "0" * 64, rank=-1)
+    pid = KeeperClient(addr.sock, token, rank=-1).pid
+    trainer.kill()  # kill -9: no goodbye; the keeper's lease runs out one second later
+    trainer.wait()
+    while Path(f"/proc/{pid}").exists() and "zombie" not in Path(f"/proc/{pid}/status").read_text():
+        time.sleep(0.1)
+    assert not any(p.exists() for p in shm) and not Path(addr.sock).exists()

@@ -1,0 +1,332 @@
+"""Placement, partition and cost model (pure Python): properties over random topologies,
+hand-computed iteration times, topology files, /sys detection, plan files, `kintsugi plan`."""
+from __future__ import annotations
+
+import itertools
+import json
+import random
+import re
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from comms import UserError
+from comms.costmodel import PRESETS, ModelSpec, Stage, simulate, stages_of
+from comms.mesh import MESH_DIMS
+from comms.placement import (Plan, adaptive_layers, contiguous_grid, even_layers, load_plan, make_plan, place)
+from comms.topology import Link, Node, Topology, detect_local_node, load_topology
+from launch.plan import main as plan_main
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def random_topology(rng: random.Random, max_fabrics=4, max_nodes=4, gpu_choices=(1, 2, 4, 8)) -> Topology:
+    nodes = []
+    for f in range(rng.randint(1, max_fabrics)):
+        kind = rng.choice(["ib", "roce", "eth"])
+        for i in range(rng.randint(1, max_nodes)):
+            nodes.append(Node(f"f{f}-n{i}", rng.choice(gpu_choices), f"f{f}", kind, rng.randint(1, 8),
+                              rng.choice([25.0, 100.0, 200.0]), rng.choice([10.0, 25.0, 100.0]), rng.choice([50.0, 150.0])))
+    rng.shuffle(nodes)  # node ranks as a rendezvous hands them out
+    return Topology(nodes)
+
+
+def random_sizes(rng: random.Random, world: int) -> dict:
+    divisors = [d for d in range(1, world + 1) if world % d == 0]
+    tp = rng.choice(divisors)
+    pp = rng.choice([d for d in divisors if (world // tp) % d == 0])
+    dp = world // tp // pp
+    dpr = rng.choice([d for d in range(1, dp + 1) if dp % d == 0])
+    return {"pp": pp, "dp_replicate": dpr, "dp_shard": dp // dpr, "tp": tp}
+
+
+def groups(grid, dim: str) -> list[list[int]]:
+    a = np.moveaxis(np.array(grid), MESH_DIMS.index(dim), -1)
+    return a.reshape(-1, a.shape[-1]).tolist()
+
+
+def valid(topo: Topology, grid) -> bool:
+    """TP groups inside a node, every stage (so every DP/EP group) inside one fabric."""
+    if any(len({topo.node_of(r) for r in g}) > 1 for g in groups(grid, "tp")):
+        return False
+    return all(len({topo.fabric_of(r) for r in np.array(stage).ravel()}) == 1 for stage in grid)
+
+
+def test_placement_properties_over_random_topologies():
+    rng = random.Random(1)
+    placed = failed = 0
+    for _ in range(400):
+        topo = random_topology(rng)
+        sizes = random_sizes(rng, topo.world_size)
+        try:
+            grid = place(topo, sizes)
+        except UserError as e:
+            failed += 1
+            msg = str(e)
+            assert "\n" not in msg and msg.startswith("no placement keeps")
+            # The reason is a checkable certificate: the named node or fabric really breaks it.
+            dp_tp = sizes["dp_replicate"] * sizes["dp_shard"] * sizes["tp"]
+            if m := re.search(r"node '([^']+)' has (\d+) GPUs", msg):
+                node = next(n for n in topo.nodes if n.name == m[1])
+                assert node.gpus == int(m[2]) and node.gpus % sizes["tp"]
+            else:
+                m = re.search(r"fabric '([^']+)' has (\d+)", msg)
+                fab = sum(n.gpus for n in topo.nodes if n.fabric == m[1])
+                assert fab == int(m[2]) and fab % dp_tp
+            continue
+        placed += 1
+        flat = np.array(grid).ravel().tolist()
+        assert np.array(grid).shape == tuple(sizes[d] for d in MESH_DIMS)
+        assert sorted(flat) == list(range(topo.world_size))
+        assert valid(topo, grid)
+        # tp and dp groups list ranks in increasing order: group rank = mesh coordinate, so
+        # DTensor's shards line up with the group's collectives.
+        for dim in ("dp_replicate", "dp_shard", "tp"):
+            assert all(g == sorted(g) for g in groups(grid, dim))
+        # Only the pipeline crosses fabrics, at the fewest possible stage boundaries.
+        stage_fabrics = [topo.fabric_of(stage_ranks[0]) for stage_ranks in (np.array(s).ravel() for s in grid)]
+        assert sum(a != b for a, b in zip(stage_fabrics, stage_fabrics[1:])) == len(topo.fabrics()) - 1
+        # EP groups (blocks of ep data-parallel ranks) stay inside a fabric too.
+        dp = sizes["dp_replicate"] * sizes["dp_shard"]
+        ep = max(d for d in (1, 2, 4) if dp % d == 0)
+        for g in groups(place(topo, sizes, ep=ep), "dp_shard"):
+            assert len({topo.fabric_of(r) for r in g}) == 1
+    assert placed > 100 and failed > 50  # both branches really exercised
+
+
+def test_placement_exists_exactly_when_brute_force_finds_one():
+    """On small clusters, search every rank order: place() fails only when none is valid."""
+    rng = random.Random(7)
+    cases = 0
+    while cases < 40:
+        topo = random_topology(rng, max_fabrics=3, max_nodes=3, gpu_choices=(1, 2))
+        if topo.world_size > 6:
+            continue
+        cases += 1
+        sizes = random_sizes(rng, topo.world_size)
+        shape = tuple(sizes[d] for d in MESH_DIMS)
+        exists = any(valid(topo, np.array(p).reshape(shape).tolist()) for p in itertools.permutations(range(topo.world_size)))
+        try:
+            place(topo, sizes)
+            assert exists
+        except UserError:
+            assert not exists
+
+
+def test_unaware_order_spans_fabrics_and_placement_does_not():
+    topo = load_topology(ROOT / "configs/topology-ib-roce.toml")
+    sizes = {"pp": 2, "dp_replicate": 1, "dp_shard": 4, "tp": 8}
+    assert not valid(topo, contiguous_grid(sizes))
+    grid = place(topo, sizes)
+    assert valid(topo, grid)
+    assert [topo.fabric_of(np.array(s).ravel()[0]) for s in grid] == ["ib", "roce"]
+
+
+def test_size_mismatch_and_bad_ep_are_one_line_errors():
+    topo = load_topology(ROOT / "configs/topology-ib-roce.toml")
+    with pytest.raises(UserError, match=r"= 32 ranks but the topology has 64 GPUs"):
+        place(topo, {"pp": 1, "dp_replicate": 1, "dp_shard": 4, "tp": 8})
+    with pytest.raises(UserError, match="ep=3 must divide"):
+        place(topo, {"pp": 2, "dp_replicate": 1, "dp_shard": 4, "tp": 8}, ep=3)
+
+
+# --- cost model: hand-computed cases -------------------------------------------------------
+
+TINY = ModelSpec(n_layers=2, dim=64, n_heads=4, vocab_size=128, seq_len=16, global_batch=4, microbatches=2, ffn_hidden=128)
+
+
+def test_model_counts_by_hand():
+    # wq, wo: 64x64 each; wk, wv: 64x64 each (no GQA); w1, w2, w3: 64x128; two norms of 64.
+    assert TINY.layer_params == 4 * 64 * 64 + 3 * 64 * 128 + 2 * 64 == 41088
+    assert TINY.layer_flops() == 2 * 40960 + 4 * 16 * 64 == 86016
+    assert TINY.head_flops() == 2 * 128 * 64
+    assert PRESETS["gpt-7.5b"].params == pytest.approx(7.5e9, rel=0.03)  # Megatron's table names it 7.5B
+
+
+def test_simulator_two_stage_pipeline_by_hand():
+    # 1 MFLOP/s GPUs, a link that moves one activation (32 tokens x 64 x 2 bytes = 4096 B) per second.
+    link = Link("eth", gbps=4096 * 8 / 1e9, latency_us=0.0)
+    stages = [Stage([0], ["a"], 1e-6, None, None, link), Stage([1], ["b"], 1e-6, None, None, None)]
+    est = simulate(TINY, stages, [1, 1], dp=1, tp=1)
+    fwd0 = 32 * 86016 / 1e6  # 2.752512 s: one block on 32 tokens
+    fwd1 = 32 * (86016 + 16384) / 1e6  # 3.2768 s: one block + the output head
+    t0, t1, c = 3 * fwd0, 3 * fwd1, 1.0
+    assert est.stage_s == pytest.approx([t0, t1]) and est.send_s == pytest.approx([c, 0.0])
+    # (m-1) x slowest cycle + one microbatch through every stage and link, both ways.
+    assert est.pipeline_s == pytest.approx((2 - 1) * (t1 + c) + (t0 + t1) + 2 * c)
+    assert est.iteration_s == pytest.approx(30.918336)
+
+
+def test_simulator_data_parallel_tail_by_hand():
+    # One stage, 2 data-parallel ranks: compute, then a ring all-reduce of the gradients.
+    link = Link("ib", gbps=8e-9 * 1000, latency_us=1e6)  # 1000 B/s, 1 s per hop
+    model = replace(TINY, microbatches=1)
+    est = simulate(model, [Stage([0, 1], ["a"], 1e-6, None, link, None)], [2], dp=2, tp=1)
+    tokens = 4 * 16 / 2
+    compute = 3 * tokens * (2 * 86016 + 16384) / 1e6
+    grad_bytes = (2 * 41088 + 2 * 128 * 64) * 2  # blocks + embedding + head, bf16
+    allreduce = 2 * (1 / 2) * grad_bytes / 1000 + 2 * 1 * 1.0
+    assert est.iteration_s == pytest.approx(compute + allreduce)
+
+
+def test_uniform_stages_give_the_textbook_bubble():
+    model = replace(TINY, n_layers=4, vocab_size=0, microbatches=6)
+    stages = [Stage([s], ["a"], 1e-6, None, None, None) for s in range(4)]
+    est = simulate(model, stages, [1, 1, 1, 1], dp=1, tp=1)
+    assert est.iteration_s == pytest.approx((6 + 4 - 1) * est.stage_s[0])
+
+
+def test_adaptive_partition_gives_slow_stages_fewer_layers_and_never_loses():
+    model = replace(TINY, n_layers=12, vocab_size=0, microbatches=8)
+    speeds = [1e-6, 1e-6, 0.5e-6]  # the last stage's GPUs are half as fast
+    stages = [Stage([s], ["a"], speeds[s], None, None, None) for s in range(3)]
+    layers = adaptive_layers(model, stages, dp=1, tp=1)
+    assert layers == [5, 5, 2]  # proportional to speed 1 : 1 : 0.5
+    assert sum(layers) == 12
+    assert simulate(model, stages, layers, 1, 1).iteration_s < simulate(model, stages, even_layers(12, 3), 1, 1).iteration_s
+    rng = random.Random(3)
+    for _ in range(30):
+        topo = random_topology(rng, gpu_choices=(8,))
+        sizes = random_sizes(rng, topo.world_size)
+        m = replace(PRESETS["gpt-1.3b"], global_batch=topo.world_size * 4, microbatches=4)
+        if sizes["pp"] > m.n_layers:
+            continue
+        st = stages_of(topo, contiguous_grid(sizes))
+        dp = sizes["dp_replicate"] * sizes["dp_shard"]
+        ada = adaptive_layers(m, st, dp, sizes["tp"])
+        assert sum(ada) == m.n_layers and min(ada) >= 1
+        assert simulate(m, st, ada, dp, sizes["tp"]).iteration_s <= simulate(m, st, even_layers(m.n_layers, sizes["pp"]), dp, sizes["tp"]).iteration_s
+
+
+def test_make_plan_beats_unaware_on_mixed_cluster():
+    topo = load_topology(ROOT / "configs/topology-ib-roce.toml")
+    plan = make_plan(topo, PRESETS["gpt-7.5b"], {"pp": 2, "dp_replicate": 1, "dp_shard": 4, "tp": 8})
+    p = plan.predicted
+    assert p["homogeneous_s"] <= p["adaptive_s"] <= p["placed_s"] < p["unaware_s"]
+    assert [s["fabrics"] for s in plan.stages] == [["ib"], ["roce"]]
+    nets = {dim: {g["net"] for g in plan.nccl[dim]} for dim in MESH_DIMS}
+    assert nets["pp"] == {"Socket"} and nets["dp_shard"] == {"IB"} and nets["tp"] == {None}
+    assert plan.nccl_net(0) == {"pp": "Socket", "dp_replicate": None, "dp_shard": "IB", "tp": None}
+
+
+# --- topology files and detection ----------------------------------------------------------
+
+def test_topology_file_order_and_links():
+    topo = load_topology(ROOT / "configs/topology-three-fabrics.toml")
+    assert topo.world_size == 64 and list(topo.fabrics()) == ["ib-a", "roce", "ib-b"]
+    assert topo.nodes[1].name == "roce-0" and topo.ranks_of_node(1) == list(range(8, 16))
+    assert topo.group_link(range(8)).kind == "nvlink"
+    assert topo.group_link([0, 24]) == Link("ib", 4 * 200 / 8, 5.0)  # ib-a-0, ib-a-1: 4 HDR NICs for 8 GPUs
+    assert topo.group_link([0, 16]) == Link("eth", 25 / 8, 40.0)  # ib-a to ib-b: no RDMA path
+    assert topo.with_bandwidth({"eth": 100}).group_link([0, 16]).gbps == 100 / 8
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("[[fabric]]\nname='a'\nkind='opa'\nnodes=1\n", "kind 'opa' is unknown"),
+    ("[[fabric]]\nname='a'\nkind='ib'\n", "needs name, kind, nodes"),
+    ("[cluster]\norder=['x']\n[[fabric]]\nname='a'\nkind='ib'\nnodes=['y']\n", "order must list every node"),
+    ("[bandwidth]\nib=-1\n[[fabric]]\nname='a'\nkind='ib'\nnodes=1\n", "values positive"),
+    ("[[fabric]]\nname='a'\nkind='ib'\nnodes=['n']\n[[fabric]]\nname='b'\nkind='ib'\nnodes=['n']\n", "appears twice"),
+    ("[[fabric]]\nname='a'\nkind='ib'\nnodes=1\ngpus_per_node=0\n", "gpus must be positive"),
+    ("[cluster\n", "not valid TOML"),
+])
+def test_bad_topology_files_name_the_problem(tmp_path, text, needle):
+    path = tmp_path / "topo.toml"
+    path.write_text(text)
+    with pytest.raises(UserError, match=re.escape(needle)) as e:
+        load_topology(path)
+    assert "\n" not in str(e.value)
+    with pytest.raises(UserError, match="not found"):
+        load_topology(tmp_path / "missing.toml")
+
+
+def write_sysfs(root: Path):
+    """A /sys tree of a node with two active HDR InfiniBand ports, one down port, a 25 GbE
+    NIC, an IPoIB interface and loopback."""
+    for dev, state in (("mlx5_0", "4: ACTIVE"), ("mlx5_1", "4: ACTIVE"), ("mlx5_2", "1: DOWN")):
+        port = root / "class/infiniband" / dev / "ports/1"
+        (port / "gids").mkdir(parents=True)
+        (port / "state").write_text(state + "\n")
+        (port / "link_layer").write_text("InfiniBand\n")
+        (port / "rate").write_text("200 Gb/sec (4X HDR)\n")
+        (port / "gids/0").write_text("fe80:0000:0000:0000:0c42:a103:00b0:1234\n")
+    for name, typ, speed, physical in (("eth0", "1", "25000", True), ("ib0", "32", "200000", True), ("lo", "772", "", False)):
+        d = root / "class/net" / name
+        d.mkdir(parents=True)
+        (d / "type").write_text(typ + "\n")
+        (d / "operstate").write_text("up\n")
+        (d / "speed").write_text(speed + "\n")
+        if physical:
+            (d / "device").mkdir()
+
+
+def test_detect_reads_nics_from_sysfs(tmp_path, monkeypatch):
+    monkeypatch.delenv("KINTSUGI_FABRIC", raising=False)
+    write_sysfs(tmp_path)
+    node = detect_local_node("n0", sysfs=tmp_path, gpus=8)
+    assert (node.kind, node.nics, node.gbps, node.eth_gbps, node.fabric) == ("ib", 2, 200.0, 25.0, "ib")
+    (tmp_path / "class/infiniband/mlx5_0/ports/1/link_layer").write_text("Ethernet\n")
+    (tmp_path / "class/infiniband/mlx5_1/ports/1/link_layer").write_text("Ethernet\n")
+    monkeypatch.setenv("KINTSUGI_FABRIC", "roce-east")
+    node = detect_local_node("n0", sysfs=tmp_path, gpus=8)
+    assert (node.kind, node.nics, node.fabric) == ("roce", 2, "roce-east")
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    assert detect_local_node("n1", sysfs=bare, gpus=1).kind == "eth"
+
+
+# --- plan files and the CLI ----------------------------------------------------------------
+
+def test_plan_round_trip_and_bad_plan_files(tmp_path):
+    topo = load_topology(ROOT / "configs/topology-cpu4.toml")
+    plan = make_plan(topo, replace(TINY, n_layers=4), {"pp": 2, "dp_replicate": 1, "dp_shard": 2, "tp": 1})
+    plan.save(tmp_path / "plan.json")
+    back = load_plan(tmp_path / "plan.json")
+    assert (back.rank_grid, back.layers_per_stage, back.sizes) == (plan.rank_grid, plan.layers_per_stage, plan.sizes)
+    assert back.rank_grid == [[[[0], [2]]], [[[1], [3]]]]
+    assert back.groups("pp") == [[0, 1], [2, 3]] and back.groups("dp_shard") == [[0, 2], [1, 3]]
+    back.check(4, 4)
+    with pytest.raises(UserError, match="is for 4 ranks but the job has 8"):
+        back.check(8, 4)
+    data = json.loads((tmp_path / "plan.json").read_text())
+    for name, text in [("missing.json", None), ("garbage.json", "{not json"), ("other.json", '{"a": 1}'),
+                       ("dup.json", json.dumps({**data, "rank_grid": [[[[0], [0]]], [[[1], [3]]]]})),
+                       ("layers.json", json.dumps({**data, "layers_per_stage": [4]})),
+                       ("nogrid.json", json.dumps({k: v for k, v in data.items() if k != "rank_grid"}))]:
+        if text is not None:
+            (tmp_path / name).write_text(text)
+        with pytest.raises(UserError) as e:
+            load_plan(tmp_path / name)
+        assert "\n" not in str(e.value) and name in str(e.value)
+
+
+def test_plan_cli_writes_plan_and_prints_comparison(tmp_path, capsys):
+    out = tmp_path / "p.json"
+    rc = plan_main(["--topology", str(ROOT / "configs/topology-ib-roce.toml"), "--model", "gpt-7.5b",
+                    "--tp", "8", "--pp", "2", "--dp", "4", "--out", str(out)])
+    text = capsys.readouterr().out
+    assert rc == 0 and "topology-unaware" in text and "all nodes on one RDMA fabric" in text
+    assert re.search(r"0\s+ib\s+\d+\s+ib-0,ib-1,ib-2,ib-3\s+0-7,16-23,32-39,48-55", text)
+    plan = load_plan(out)
+    assert isinstance(plan, Plan) and plan.predicted["adaptive_s"] < plan.predicted["unaware_s"]
+    # The trainer's job config works as --model too.
+    rc = plan_main(["--topology", str(ROOT / "configs/topology-cpu4.toml"), "--model", str(ROOT / "configs/tiny.toml"),
+                    "--pp", "2", "--dp", "2", "--microbatches", "2", "--out", str(out)])
+    assert rc == 0 and sum(load_plan(out).layers_per_stage) == 4
+
+
+def test_plan_cli_user_errors_exit_2(tmp_path, capsys):
+    for argv, needle in [
+        (["--topology", str(tmp_path / "none.toml"), "--model", "gpt-7.5b"], "not found"),
+        (["--topology", str(ROOT / "configs/topology-ib-roce.toml"), "--model", "gpt-9t"], "unknown model preset"),
+        (["--topology", str(ROOT / "configs/topology-ib-roce.toml"), "--model", "gpt-7.5b", "--tp", "8", "--pp", "1",
+          "--dp", "8", "--dp-replicate", "1"], "no placement keeps DP/EP groups inside one fabric"),
+        (["--topology", str(ROOT / "configs/topology-ib-roce.toml"), "--model", "gpt-7.5b", "--bandwidth", "ib=fast"], "KIND=GBPS"),
+    ]:
+        with pytest.raises(SystemExit) as e:
+            plan_main(argv + ["--out", str(tmp_path / "p.json")])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and needle in err and err.count("\n") == 1
+    assert not (tmp_path / "p.json").exists()

@@ -1,0 +1,332 @@
+"""Splitting the model over the device mesh, apart from the model code.
+
+Two engines give the training loop (train.py) the same small interface:
+
+    engine.train_step(inputs, targets) -> (loss, grad_norm)   # one optimizer step
+    engine.optimizer                                          # for the lr schedule and hooks
+    engine.state() -> flat state (name -> Chunk)              # model + optimizer, this rank's part
+    engine.load_state()                                       # push a state filled in place back in
+
+``TorchEngine`` composes, on one device mesh: pipeline stages (torch.distributed.pipelining),
+tensor parallel (DTensor column/row sharding), FSDP2 ``fully_shard`` (HSDP with replicas) or
+DDP, and expert parallel MoE. ``DeepSpeedEngine`` wraps a ZeRO stage 0-3 engine. Both name
+state the same way (``model.<fqn>``, ``optim.state.<fqn>.<exp_avg|exp_avg_sq|step>``), so a
+checkpoint from one layout or engine restores into any other.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.tensor import DTensor
+
+from checkpoint import Chunk, flatten
+from comms import UserError, dist_utils
+from comms.mesh import coordinate
+from comms.placement import stage_to_group_rank
+from trainer.config import JobConfig
+from trainer.model import Transformer, lm_loss
+
+
+def stage_layers(cfg: JobConfig) -> list[int]:
+    """Blocks per pipeline stage: the configured split, or as even as possible."""
+    p, n = cfg.parallel, cfg.model.n_layers
+    return list(p.pp_layers) if p.pp_layers else [n // p.pp + (1 if s < n % p.pp else 0) for s in range(p.pp)]
+
+
+def split_for_stage(model: Transformer, stage: int, layers: list[int]) -> Transformer:
+    """Drop what pipeline stage ``stage`` does not own; names of what stays are unchanged."""
+    start = sum(layers[:stage])
+    for key in list(model.layers.keys()):
+        if not start <= int(key) < start + layers[stage]:
+            del model.layers[key]
+    if stage > 0:
+        model.tok_embeddings = None
+    if stage < len(layers) - 1:
+        model.norm = None
+        model.output = None
+    return model
+
+
+def apply_tp(model: Transformer, tp_mesh):
+    """Megatron-style TP: q/k/v and w1/w3 column-parallel, wo and w2 row-parallel, so each
+    block needs one all-reduce after attention and one after the MLP. Embeddings, norms and
+    the output head stay replicated (small at these sizes)."""
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    for block in model.layers.values():
+        plan = {"attention.wq": ColwiseParallel(), "attention.wk": ColwiseParallel(),
+                "attention.wv": ColwiseParallel(), "attention.wo": RowwiseParallel()}
+        if not block.is_moe:
+            plan.update({"feed_forward.w1": ColwiseParallel(), "feed_forward.w3": ColwiseParallel(),
+                         "feed_forward.w2": RowwiseParallel()})
+        parallelize_module(block, tp_mesh, plan)
+
+
+def make_optimizer(model: nn.Module, cfg: JobConfig) -> torch.optim.AdamW:
+    """AdamW; matrices decay, norm scales do not."""
+    o = cfg.optim
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": o.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    # foreach=False: the per-parameter loop handles any mix of DTensor meshes and plain tensors.
+    return torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, foreach=False)
+
+
+def init_optimizer_state(optimizer: torch.optim.Optimizer):
+    """Create AdamW's state tensors now, equal to a fresh optimizer's (zero moments, step 0),
+    so a restore has tensors to fill before the first step (AdamW makes them lazily)."""
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    lrs = [g["lr"] for g in optimizer.param_groups]
+    for g in optimizer.param_groups:
+        g["lr"] = 0.0
+    optimizer.step()
+    for g, lr in zip(optimizer.param_groups, lrs):
+        g["lr"] = lr
+    for p in params:
+        p.grad = None
+        optimizer.state[p]["step"].zero_()
+
+
+def clip_grad_norm(params, max_norm: float, pp_group=None) -> float:
+    """Global gradient norm over every shard, stage and mesh; clips when max_norm > 0.
+
+    Grads of different layouts (plain, DTensor on the TP mesh, DTensor on the FSDP mesh)
+    are normed per group, so one foreach kernel per layout and one collective per group.
+    """
+    grads = [p.grad for p in params if p.grad is not None]
+    groups: dict = {}
+    for g in grads:
+        key = (id(g.device_mesh), tuple(g.placements)) if isinstance(g, DTensor) else None
+        groups.setdefault(key, []).append(g)
+    sq = torch.zeros((), dtype=torch.float64)
+    for key, gs in groups.items():
+        n = torch.nn.utils.get_total_norm(gs, 2.0)
+        n = n.full_tensor() if isinstance(n, DTensor) else n
+        sq += n.double() ** 2
+    if pp_group is not None:
+        dist.all_reduce(sq, group=pp_group)
+    total = float(sq.sqrt())
+    if max_norm > 0 and total > max_norm:
+        coef = max_norm / (total + 1e-6)
+        for g in grads:
+            g.mul_(coef)
+    return total
+
+
+def autocast(cfg: JobConfig, device: str):
+    if cfg.train.dtype == "bf16":
+        return torch.autocast(device_type=device, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+class TorchEngine:
+    def __init__(self, cfg: JobConfig, model: Transformer, mesh, device: str):
+        p = cfg.parallel
+        self.cfg, self.device = cfg, device
+        self.pp_rank, self.pp_size = coordinate(mesh, "pp")
+        self.pp_group = mesh["pp"].get_group() if p.pp > 1 else None
+        if p.pp > 1:
+            model = split_for_stage(model, self.pp_rank, stage_layers(cfg))
+        model.to(device)
+        if p.tp > 1:
+            apply_tp(model, mesh["tp"])
+        self.ddp = False
+        if p.dp_shard > 1 or (p.dp_replicate > 1 and (p.tp > 1 or p.pp > 1)):
+            from torch.distributed.fsdp import fully_shard
+
+            dp_mesh = mesh["dp_replicate", "dp_shard"] if p.dp_replicate > 1 else mesh["dp_shard"]
+            # Under PP each microbatch would re-gather the parameters; keep them gathered.
+            reshard = p.pp == 1
+            for block in model.layers.values():
+                fully_shard(block, mesh=dp_mesh, reshard_after_forward=reshard)
+            fully_shard(model, mesh=dp_mesh, reshard_after_forward=reshard)
+        self.model = model
+        self.optimizer = make_optimizer(model, cfg)
+        init_optimizer_state(self.optimizer)
+        self.module = model  # what forward is called on (DDP wrapper below)
+        if p.dp_replicate > 1 and not (p.dp_shard > 1 or p.tp > 1 or p.pp > 1):
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            self.module = DDP(model, process_group=mesh["dp_replicate"].get_group())
+            self.ddp = True
+        if p.pp > 1:
+            from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+
+            stage = PipelineStage(model, self.pp_rank, self.pp_size, torch.device(device), group=self.pp_group)
+            # Stage i is not group rank i when a placement plan reorders the pipeline.
+            stage.stage_index_to_group_rank = stage_to_group_rank(mesh)
+            schedule = Schedule1F1B if p.pp_schedule == "1F1B" else ScheduleGPipe
+            # scale_grads: each microbatch's loss is a mean, so the summed grads are divided
+            # by the microbatch count to equal the full batch's mean-loss gradient.
+            self.schedule = schedule(stage, n_microbatches=p.pp_microbatches, loss_fn=lm_loss, scale_grads=True)
+        self._sd = None
+
+    @property
+    def holds_loss(self) -> bool:
+        return self.pp_rank == self.pp_size - 1
+
+    def train_step(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[float, float]:
+        cfg = self.cfg
+        inputs, targets = inputs.to(self.device), targets.to(self.device)
+        total = 0.0
+        if self.pp_size > 1:
+            losses = []
+            with autocast(cfg, self.device):
+                if self.pp_rank == 0:
+                    self.schedule.step(inputs)
+                elif self.holds_loss:
+                    self.schedule.step(target=targets, losses=losses)
+                else:
+                    self.schedule.step()
+            total = float(torch.stack(losses).mean()) if losses else 0.0
+        else:
+            accum = cfg.train.grad_accum
+            for i, (x, y) in enumerate(zip(inputs.chunk(accum), targets.chunk(accum))):
+                last = i == accum - 1
+                sync = self.module.no_sync() if self.ddp and not last else contextlib.nullcontext()
+                if hasattr(self.model, "set_requires_gradient_sync"):
+                    self.model.set_requires_gradient_sync(last)
+                with sync, autocast(cfg, self.device):
+                    loss = lm_loss(self.module(x), y)
+                    aux = self.model.aux_loss()
+                    ((loss + aux) / accum).backward()
+                total += loss.item() / accum
+        norm = clip_grad_norm(self.model.parameters(), cfg.optim.grad_clip, self.pp_group)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return total, norm
+
+    def state(self) -> dict:
+        # References to the live tensors (no copy): a checkpointer copies them before the
+        # next optimizer step, and a restore fills them in place.
+        self._sd = get_state_dict(self.model, self.optimizer)
+        model_sd, optim_sd = self._sd
+        return flatten({"model": model_sd, "optim": {"state": optim_sd["state"]}})
+
+    def load_state(self):
+        model_sd, optim_sd = self._sd
+        set_state_dict(self.model, self.optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
+
+
+class DeepSpeedEngine:
+    """A DeepSpeed ZeRO engine with the same interface; the optimizer is torch's AdamW,
+    so runs match the torch engine step for step."""
+
+    def __init__(self, cfg: JobConfig, model: Transformer, device: str):
+        import deepspeed
+
+        self.cfg, self.device = cfg, device
+        self.holds_loss = True
+        model.to(device)
+        self.model = model
+        self.stage = self.ds_config(cfg)["zero_optimization"]["stage"]
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=model, optimizer=make_optimizer(model, cfg), config=self.ds_config(cfg))
+        inner = self.optimizer.optimizer
+        if self.stage == 3:
+            # ZeRO-3 hands its torch optimizer one fp32 sub-group at a time; give it all of
+            # them for the initialization, then restore its (empty) groups.
+            saved = [list(g["params"]) for g in inner.param_groups]
+            for sub, fp32 in enumerate(self.optimizer.fp32_partitioned_groups_flat):
+                inner.param_groups[self.optimizer.sub_group_to_group_id[sub]]["params"].append(fp32)
+            init_optimizer_state(inner)
+            for g, params in zip(inner.param_groups, saved):
+                g["params"] = params
+        else:
+            init_optimizer_state(inner)
+        if self.stage in (1, 2):
+            self.optimizer._lazy_init_hp_params_optimizer_state()  # ZeRO-1/2 map params to state fragments once
+        self._full = None
+
+    @staticmethod
+    def ds_config(cfg: JobConfig) -> dict:
+        d, world = cfg.deepspeed, dist_utils.world_size()
+        micro = cfg.data.batch_size // world // cfg.train.grad_accum
+        ds = {"train_batch_size": cfg.data.batch_size, "train_micro_batch_size_per_gpu": micro,
+              "gradient_accumulation_steps": cfg.train.grad_accum, "gradient_clipping": cfg.optim.grad_clip,
+              "zero_optimization": {"stage": d.zero_stage}, "zero_allow_untested_optimizer": True,
+              "bf16": {"enabled": cfg.train.dtype == "bf16"}, "steps_per_print": 10**9, "wall_clock_breakdown": False}
+        if d.config_file:
+            try:
+                ds.update(json.loads(Path(d.config_file).read_text()))
+            except json.JSONDecodeError as e:
+                raise UserError(f"deepspeed.config_file {d.config_file!r} is not valid JSON ({e}); fix it") from None
+        ds.update(d.ds_config)
+        return ds
+
+    def train_step(self, inputs, targets):
+        accum, total = self.cfg.train.grad_accum, 0.0
+        for x, y in zip(inputs.chunk(accum), targets.chunk(accum)):
+            loss = lm_loss(self.engine(x.to(self.device)), y.to(self.device))
+            self.engine.backward(loss + self.model.aux_loss())
+            self.engine.step()
+            total += loss.item() / accum
+        norm = self.engine.get_global_grad_norm()
+        return total, float(norm) if norm is not None else 0.0
+
+    def _adam_states(self):
+        return [s for s in self.optimizer.optimizer.state.values() if "step" in s]
+
+    def state(self) -> dict:
+        """Full (gathered) fp32 masters and Adam moments per parameter, marked replicated:
+        ZeRO's flat partitions do not align with tensor boundaries, gathering makes the
+        checkpoint layout-free. Collective for ZeRO-3."""
+        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+        adam = self._adam_states()
+        step = adam[0]["step"].detach().clone() if adam else torch.zeros(())
+        out = {}
+        for name, p in self.model.named_parameters():
+            full = {"model." + name: safe_get_full_fp32_param(p)}
+            for key in ("exp_avg", "exp_avg_sq"):
+                full[f"optim.state.{name}.{key}"] = safe_get_full_optimizer_state(p, key)
+            full[f"optim.state.{name}.step"] = step.float().reshape(())
+            for k, t in full.items():
+                if t is not None:
+                    out[k] = Chunk(t.detach().cpu().float().contiguous(), tuple(t.shape), (0,) * t.dim(), replica=True)
+        self._full = out
+        return out
+
+    def load_state(self):
+        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+        for name, p in self.model.named_parameters():
+            value = self._full["model." + name].tensor
+            if self.stage == 3:
+                import deepspeed
+
+                with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
+                    if dist_utils.rank() == 0:
+                        p.data.copy_(value)
+            else:
+                p.data.copy_(value)
+        self.optimizer.refresh_fp32_params()
+        for name, p in self.model.named_parameters():
+            safe_set_full_fp32_param(p, self._full["model." + name].tensor.to(self.device))
+            for key in ("exp_avg", "exp_avg_sq"):
+                c = self._full.get(f"optim.state.{name}.{key}")
+                if c is not None:
+                    safe_set_full_optimizer_state(p, c.tensor.to(self.device), key)
+        step = next((c.tensor for k, c in self._full.items() if k.endswith(".step")), None)
+        for s in self._adam_states():
+            s["step"].copy_(step) if torch.is_tensor(s["step"]) else s.__setitem__("step", float(step))
+
+
+def build_engine(cfg: JobConfig, mesh, device: str):
+    """The model, initialized identically on every rank, then split over the mesh."""
+    torch.manual_seed(cfg.train.seed)
+    model = Transformer(cfg.model, cfg.moe)
+    model.init_weights(cfg.train.seed)
+    if cfg.parallel.engine == "deepspeed":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu" if device == "cpu" else "cuda")
+        return DeepSpeedEngine(cfg, model, device)
+    return TorchEngine(cfg, model, mesh, device)

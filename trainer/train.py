@@ -1,0 +1,170 @@
+"""The training loop. Read it top to bottom.
+
+    torchrun --nproc-per-node 2 -m trainer --config configs/tiny.toml [--section.key=value ...]
+
+Resumes by itself from the newest committed checkpoint of its run directory, so a job that
+torchrun restarts after a crash continues where it was. SIGTERM/SIGINT: finish the step,
+save, exit 0.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import signal
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from checkpoint import Checkpointer, Chunk
+from comms import UserError, dist_utils, exits_on_user_error
+from comms.mesh import build_mesh, coordinate
+from comms.placement import load_plan, nccl_backend_override
+from trainer.config import JobConfig, load_config, to_toml
+from trainer.data import Batches
+from trainer.metrics import Metrics, rss_mb, setup_logging
+from trainer.parallelize import build_engine
+
+log = logging.getLogger("trainer")
+
+
+def parse_args(argv):
+    ap = argparse.ArgumentParser(prog="python -m trainer", description="Train the Kintsugi model (run under torchrun for several ranks).",
+                                 epilog="Any --section.key=value overrides the config, e.g. --train.steps=100 --parallel.tp=2.")
+    ap.add_argument("--config", default=None, help="job TOML (default: configs/tiny.toml)")
+    ap.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    args, overrides = ap.parse_known_args(argv)
+    return args, overrides
+
+
+def lr_at(step: int, cfg: JobConfig) -> float:
+    """Linear warm-up, then cosine or linear decay to min_lr_ratio x lr at the last step."""
+    o, total = cfg.optim, cfg.train.steps
+    if step < o.warmup_steps:
+        return o.lr * (step + 1) / o.warmup_steps
+    if o.schedule == "constant":
+        return o.lr
+    progress = (step - o.warmup_steps) / max(1, total - o.warmup_steps)
+    decay = 0.5 * (1 + math.cos(math.pi * progress)) if o.schedule == "cosine" else 1 - progress
+    return o.lr * (o.min_lr_ratio + (1 - o.min_lr_ratio) * decay)
+
+
+class StopRequest:
+    """SIGTERM/SIGINT set a flag; the loop finishes its step, saves and exits 0."""
+
+    def __init__(self):
+        self.requested = False
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+
+def job_state(engine, data: Batches, step: int, cfg: JobConfig) -> dict:
+    """Everything a resumed run needs, in the one state model: model and optimizer chunks,
+    step, data position, this rank's RNG, and the config that produced it."""
+    state = engine.state()
+    state["train.step"] = step
+    state["data"] = data.state_dict()
+    state["config"] = cfg.to_dict()
+    rng = torch.get_rng_state()
+    state[f"rng.rank{dist_utils.rank()}"] = Chunk(rng, tuple(rng.shape), (0,), replica=False)
+    return state
+
+
+@exits_on_user_error
+def main(argv=None) -> int:
+    args, overrides = parse_args(argv)
+    cfg = load_config(args.config, overrides)
+    if args.print_config:
+        print(to_toml(cfg))
+        return 0
+
+    # ---- the process group, the mesh, and where output goes ----
+    device = dist_utils.init_process_group(cfg.parallel.backend, cfg.parallel.timeout_s)
+    rank, world = dist_utils.rank(), dist_utils.world_size()
+    cfg.validate(world)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    run_dir = Path(cfg.train.run_dir).resolve()
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.toml").write_text(to_toml(cfg))
+    dist_utils.barrier()
+    setup_logging(run_dir, rank)
+    log.info("world %d, device %s, config %s", world, device, json.dumps(cfg.to_dict()))
+    p = cfg.parallel
+    plan = load_plan(p.plan) if p.plan else None
+    mesh = build_mesh(device, {"pp": p.pp, "dp_replicate": p.dp_replicate, "dp_shard": p.dp_shard, "tp": p.tp},
+                      plan.rank_grid if plan else None,
+                      nccl_backend_override(plan, rank) if plan and device == "cuda" else None)
+
+    # ---- model, optimizer, data, checkpoints ----
+    engine = build_engine(cfg, mesh, device)
+    rep, n_rep = coordinate(mesh, "dp_replicate")
+    shard, n_shard = coordinate(mesh, "dp_shard")
+    if p.engine == "deepspeed":
+        rep, n_rep, shard, n_shard = 0, 1, rank, world
+    data = Batches(cfg.data, dp_rank=rep * n_shard + shard, dp_size=n_rep * n_shard)
+    ckpt = Checkpointer(cfg.checkpoint, run_dir)
+    step = 0
+    state = job_state(engine, data, step, cfg)
+    restored = ckpt.restore(state, optional=lambda name: name.startswith("rng."))
+    if restored:
+        step, objects, missing = restored
+        engine.load_state()
+        data.load_state_dict(objects["data"])
+        if f"rng.rank{rank}" not in missing:
+            torch.set_rng_state(state[f"rng.rank{rank}"].tensor)
+    metrics = Metrics(run_dir, rank == 0, cfg.train.steps, step, cfg.train.progress)
+    n_params = sum(p.numel() for p in engine.model.parameters())
+    metrics.print(f"kintsugi: {world} rank(s) on {device} | layout pp={p.pp} dp_replicate={p.dp_replicate} "
+                  f"dp_shard={p.dp_shard} tp={p.tp} engine={p.engine} | {n_params:,} params on rank 0 | run dir {run_dir}")
+    if restored:
+        metrics.print(f"resumed from step {step} ({ckpt.root})")
+
+    # ---- the loop ----
+    stop = StopRequest()
+    tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
+    t_start, first_step = time.perf_counter(), step
+    loss = float("nan")
+    while step < cfg.train.steps:
+        t0 = time.perf_counter()
+        lr = lr_at(step, cfg)
+        for group in engine.optimizer.param_groups:
+            group["lr"] = lr
+        inputs, targets = data.next()
+        loss, grad_norm = engine.train_step(inputs, targets)
+        step += 1
+        # One small all-reduce: the loss (held by the last pipeline stage) and whether any
+        # rank was asked to stop, so that every rank stops at the same step.
+        summary = torch.tensor([loss if engine.holds_loss else 0.0, float(engine.holds_loss), float(stop.requested)])
+        if dist_utils.initialized():
+            dist.all_reduce(summary)
+        loss = float(summary[0] / summary[1])
+        dt = time.perf_counter() - t0
+        metrics.step({"step": step, "loss": loss, "grad_norm": grad_norm, "lr": lr, "tokens_per_s": tokens_per_step / dt,
+                      "step_time_s": dt, "rss_mb": rss_mb()},
+                     print_line=step % cfg.train.log_every == 0 or step == cfg.train.steps)
+        stopping = summary[2] > 0
+        interval = cfg.checkpoint.interval
+        if (interval and step % interval == 0) or step == cfg.train.steps or stopping:
+            ckpt.save(step, job_state(engine, data, step, cfg))
+            log.info("checkpoint step %d committed", step)
+        if stopping:
+            metrics.print(f"stop requested: saved step {step}, exiting")
+            break
+
+    ckpt.close()
+    elapsed = time.perf_counter() - t_start
+    metrics.print(f"done: step {step}/{cfg.train.steps}, final loss {loss:.4f}, "
+                  f"{(step - first_step) * tokens_per_step / max(elapsed, 1e-9):,.0f} tok/s, "
+                  f"checkpoints in {ckpt.root}, metrics in {run_dir / 'metrics.jsonl'}, logs in {run_dir / 'logs'}")
+    metrics.close()
+    if dist_utils.initialized():
+        dist.destroy_process_group()
+    return 0
