@@ -34,7 +34,8 @@ def serve(store_port: int, pos: int, k: int, m: int, seed: int, corrupt: bool):
     token = os.environ["KINTSUGI_TEST_TOKEN"]
     store = TCPStore("127.0.0.1", store_port, is_master=False, timeout=datetime.timedelta(seconds=60))
     code = GroupCode(k, m)
-    node = NodeShares(JOB, 1, 0, pos, pos, code, bytearray(snapshot_of(seed, pos)))
+    memory = bytearray(snapshot_of(seed, pos))
+    node = NodeShares(JOB, 1, 0, pos, pos, code, memory)
     server = PeerServer(node, token, host="127.0.0.1")
     publish(store, JOB, pos, server.address)
     readers = {q: PeerClient(lookup(store, JOB, q), token) for q in range(code.n) if q != pos}
@@ -42,8 +43,8 @@ def serve(store_port: int, pos: int, k: int, m: int, seed: int, corrupt: bool):
     store.set(f"encoded/{pos}", "1")
     if corrupt:  # bit flips in memory after every node has encoded, in both data blocks
         store.wait([f"encoded/{q}" for q in range(code.n)])
-        node.snapshot[5] ^= 0x10
-        node.snapshot[-5] ^= 0x10
+        memory[5] ^= 0x10
+        memory[-5] ^= 0x10
     store.set(f"ready/{pos}", "1")
     signal.pause()
 
