@@ -152,11 +152,25 @@ class Job:
 
 
 def stop_keepers(run_dir: Path):
+    """Ask every node's keeper to exit (it unlinks its shared memory); kill a silent one and
+    remove its shared memory."""
+    from checkpoint.keeper import KeeperAddress, KeeperClient
+
     for pid_file in run_dir.glob("keeper-*.pid"):
+        addr = KeeperAddress.of(run_dir, "ecjob", pid_file.stem.split("-")[1])
+        try:
+            c = KeeperClient(addr.sock, addr.token_file.read_text().strip(), rank=-1)
+            c.call("shutdown")
+            c.close()
+            time.sleep(0.5)
+        except (OSError, ConnectionError, RuntimeError):
+            pass
         try:
             os.kill(int(pid_file.read_text()), signal.SIGKILL)
         except (ProcessLookupError, ValueError):
             pass
+        for leftover in Path("/dev/shm").glob(Path(addr.shm_prefix).name + "-*"):
+            leftover.unlink(missing_ok=True)
 
 
 @pytest.fixture(scope="module")
