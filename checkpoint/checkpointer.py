@@ -70,6 +70,8 @@ class Checkpointer:
         self.last_save: int | None = None
         self.final: int | None = None
         self.stop_requested = False
+        self.l0_remote = None  # step -> readers of other nodes' level-0 shards (checkpoint.snapshot)
+        self.restored_from: str | None = None  # the level the last restore read
 
     # ------------------------------------------------------------------ the training loop's calls
 
@@ -325,6 +327,8 @@ class Checkpointer:
                                               h["objects"]["objects"], h["objects"]["extra"])
                     step_dir = Path("/dev/shm")
                     readers = {SHARD.format(x["rank"]): ShardReader(Path(x["path"])) for x in snaps if x["step"] == step}
+                    if self.l0_remote is not None:  # shards in other nodes' keepers
+                        readers = {**self.l0_remote(step), **readers}
                 else:
                     manifest = self.storages[level].manifest(step)
                     step_dir, readers = self.storages[level].open_step(step)
@@ -333,6 +337,7 @@ class Checkpointer:
                 error = str(e)
             errors = [e for e in dist_utils.all_gather_object(error) if e]
             if not errors:
+                self.restored_from = level
                 log.info("restored step %d from %s", step, level)
                 if self.rank == 0:
                     print(f"kintsugi: restored step {step} from {level.upper()}", flush=True)

@@ -36,6 +36,7 @@ import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from checkpoint import snapshot
 from checkpoint.format import fault_point
 from checkpoint.levels import DirectoryStorage
 from checkpoint.store import SHARD
@@ -264,6 +265,7 @@ class Keeper:
         self.committed: dict[str, list[int]] = {}
         self.failed: dict[str, dict[int, str]] = {}
         self.fatal: str | None = None
+        self.exchange = None  # checkpoint.snapshot.SnapshotExchange, once the trainers set up erasure coding
         self.written: dict[str, tuple[int, float]] = {}  # level -> (bytes, seconds) of its last shard write
         threading.Thread(target=self._crc_loop, name="keeper-crc", daemon=True).start()
 
@@ -436,7 +438,11 @@ class KeeperServer:
             return {"ok": True, **k.status(rank)}
         if op == "l0_commit":
             k.store.commit_l0(rank, int(msg["step"]))
+            if k.exchange is not None:
+                k.exchange.committed(int(msg["step"]))
             return {"ok": True}
+        if op.startswith("ec_"):
+            return snapshot.handle(k, op, msg)
         if op == "commit":
             k.writers[msg["level"]].jobs.put(("commit", int(msg["step"]), msg["manifest"]))
             return {"ok": True}
@@ -480,9 +486,12 @@ class KeeperAddress:
     shm_prefix: str
 
     @staticmethod
-    def of(run_dir: str | Path, job: str) -> "KeeperAddress":
+    def of(run_dir: str | Path, job: str, node_id: str | None = None) -> "KeeperAddress":
         run_dir = Path(run_dir).resolve()
         host = socket.gethostname()
+        # KINTSUGI_NODE_ID tells several "nodes" (torchrun agents) on one machine apart
+        node_id = os.environ.get("KINTSUGI_NODE_ID", "") if node_id is None else node_id
+        host = f"{host}-{node_id}" if node_id else host
         key = hashlib.sha256(f"{run_dir}|{host}|{job}".encode()).hexdigest()[:20]
         # unix socket paths are limited to 107 bytes: keep it short and out of run_dir
         sock_dir = Path(f"/tmp/kintsugi-{os.getuid()}")
