@@ -151,7 +151,10 @@ class Checkpointer:
             if got is not None:
                 return got
         if self.cfg.load_from:
-            return load_state(Path(self.cfg.load_from), state, optional)
+            # Any format: native, universal, DeepSpeed, DCP (detected), resharded on load.
+            from checkpoint.convert import load_any
+
+            return load_any(Path(self.cfg.load_from), state, optional)
         return None
 
     def close(self):

@@ -19,6 +19,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from checkpoint import start_keeper
 from comms import UserError, exits_on_user_error
 from launch.monitor import start_monitor
 from launch.preflight import run_checks
@@ -85,6 +86,11 @@ def main(argv: list[str]) -> int:
     # keys of a failed round stay and a restarted gloo rank can read a dead peer's address
     # ("connectFullMesh ... Connection refused"), burning restarts.
     env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
+    # This node's keeper: owns the shared-memory snapshots (level 0) so they outlive worker
+    # restarts, and writes L1/L2 off the workers' cores. It leaves when this launcher does.
+    keeper = start_keeper(run_dir, host_memory_mb=cfg.checkpoint.host_memory_mb,
+                          timeout_s=cfg.checkpoint.keeper_timeout_s, agent_pid=os.getpid())
+    env.update(keeper.env())
     # Its own session: the monitor's actions signal the agent's process group, never ours.
     agent = subprocess.Popen(cmd, env=env, start_new_session=True)
     # The agent forwards SIGTERM to its workers, which save and exit 0; pass ours on.
@@ -96,6 +102,7 @@ def main(argv: list[str]) -> int:
         rc = agent.wait()
     finally:
         monitor.stop()
+        keeper.stop()
     if rc == 0 and cfg.diagnostics.trace:
         print(f"kintsugi: diagnosis report: kintsugi diagnose report {run_dir}", flush=True)
     return rc

@@ -26,7 +26,10 @@ def wait_for_step(run_dir, step, proc):
 
 
 def workers(agent: subprocess.Popen) -> list[psutil.Process]:
-    return [p for p in psutil.Process(agent.pid).children(recursive=True) if "trainer" in " ".join(p.cmdline())]
+    """The agent's ``python -m trainer`` children (not the keeper, whatever the paths say)."""
+    def is_worker(c):
+        return "-m" in c and c.index("-m") + 1 < len(c) and c[c.index("-m") + 1] == "trainer"
+    return [p for p in psutil.Process(agent.pid).children(recursive=True) if is_worker(p.cmdline())]
 
 
 LONG = ["--train.steps=30", "--checkpoint.interval=5", "--optim.warmup_steps=5"]
@@ -56,10 +59,15 @@ def test_worker_kill9_torchrun_restarts_and_resumes_exactly(uninterrupted, tmp_p
 
 def test_whole_job_kill9_then_relaunch_resumes_exactly(uninterrupted, tmp_path):
     agent = subprocess.Popen(torchrun_cmd(2, tmp_path, *LONG), env=env(), cwd=ROOT,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_for_step(tmp_path, 17, agent)
-    os.killpg(agent.pid, signal.SIGKILL)  # the agent and every worker at once
+    # The agent, every worker (torchrun puts them in sessions of their own) and the node's
+    # keeper (its shared-memory snapshots die with it): the whole node at once.
+    node = [psutil.Process(agent.pid), *psutil.Process(agent.pid).children(recursive=True)]
+    for p in node:
+        p.send_signal(signal.SIGKILL)
     agent.wait()
+    psutil.wait_procs(node)
     # A step renamed into place is complete even if `latest` was not yet rewritten.
     newest = committed_steps(tmp_path / "checkpoints")[0]
     assert newest in (15, 20)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from checkpoint.config import CheckpointConfig
+from checkpoint.snapshot_config import SnapshotConfig
 from comms import UserError
 from comms.configlib import check, doc
 from diagnostics.config import DiagnosticsConfig
@@ -165,6 +166,7 @@ class JobConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    snapshot: SnapshotConfig = field(default_factory=SnapshotConfig)
     diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
 
     def validate(self, world_size: int | None = None):

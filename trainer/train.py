@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from checkpoint import Checkpointer, Chunk
+from checkpoint import Checkpointer, Chunk, EcSnapshots, job_id
 from comms import UserError, dist_utils, exits_on_user_error, trace
 from comms.mesh import build_mesh, coordinate
 from comms.placement import load_plan, nccl_backend_override
@@ -139,10 +139,21 @@ def train(cfg: JobConfig) -> int:
     if p.engine == "deepspeed":
         rep, n_rep, shard, n_shard = 0, 1, rank, world
     data = Batches(cfg.data, dp_rank=rep * n_shard + shard, dp_size=n_rep * n_shard)
+    # Saves return at once: tensors are copied into this node's keeper during the next
+    # forward/backward (the optimizer waits only for what is not copied yet); the keeper
+    # writes L1/L2 in the background and, with snapshots on, erasure-codes across nodes.
     ckpt = Checkpointer(cfg.checkpoint, run_dir)
+    ckpt.attach(engine.optimizer.optimizer if p.engine == "deepspeed" else engine.optimizer)
     step = 0
     state = job_state(engine, data, step, cfg)
-    restored = ckpt.restore(state, optional=lambda name: name.startswith("rng."))
+    optional = lambda name: name.startswith("rng.")
+    if cfg.snapshot.interval:
+        # Restore from the fastest place that has the newest complete step: local keeper
+        # memory, else an EC rebuild from peer keepers, else disk; logged as one line.
+        snapshots = EcSnapshots(cfg.snapshot, ckpt.keeper, dist.distributed_c10d._get_default_store(), job_id())
+        restored = snapshots.restore(ckpt, state, optional)
+    else:
+        restored = ckpt.restore(state, optional)
     if restored:
         step, objects, missing = restored
         engine.load_state()
@@ -174,6 +185,7 @@ def train(cfg: JobConfig) -> int:
         with tracer.phase("optimizer"):
             grad_norm = engine.optimizer_step()
         step += 1
+        ckpt.check()  # commits what became durable; raises a keeper's error on every rank
         # One small all-reduce: the loss (held by the last pipeline stage) and whether any
         # rank was asked to stop, so that every rank stops at the same step.
         summary = torch.tensor([loss if engine.holds_loss else 0.0, float(engine.holds_loss), float(stop.requested)])
@@ -185,17 +197,18 @@ def train(cfg: JobConfig) -> int:
                       "step_time_s": dt, "rss_mb": rss_mb()},
                      print_line=step % cfg.train.log_every == 0 or step == cfg.train.steps)
         stopping = summary[2] > 0
-        interval = cfg.checkpoint.interval
-        if (interval and step % interval == 0) or step == cfg.train.steps or stopping:
+        interval = cfg.snapshot.interval or cfg.checkpoint.interval
+        final = step == cfg.train.steps or stopping
+        if (interval and step % interval == 0) or final:
             with tracer.phase("checkpoint"):
-                ckpt.save(step, job_state(engine, data, step, cfg))
-            log.info("checkpoint step %d committed", step)
+                ckpt.save(step, job_state(engine, data, step, cfg), final=final)
+            log.info("step %d saved; levels commit in the background", step)
         tracer.end_step(step)
         if stopping:
             metrics.print(f"stop requested: saved step {step}, exiting")
             break
 
-    ckpt.close()
+    ckpt.close()  # waits (bounded) until the final save is durable on every level
     tracer.close()
     elapsed = time.perf_counter() - t_start
     metrics.print(f"done: step {step}/{cfg.train.steps}, final loss {loss:.4f}, "
