@@ -25,7 +25,7 @@ from launch.monitor import start_monitor
 from launch.preflight import run_checks
 from trainer import load_config
 
-OVERRIDE = re.compile(r"^--[A-Za-z_]+\.[A-Za-z_]+=")
+OVERRIDE = re.compile(r"^--[A-Za-z_][A-Za-z0-9_]*\.[A-Za-z_][A-Za-z0-9_]*=")
 
 
 def split_args(argv: list[str]):

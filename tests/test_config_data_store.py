@@ -115,3 +115,12 @@ def test_resharding_reads_overlapping_slices(tmp_path):
         from checkpoint.store import fill
         from checkpoint.format import read_manifest
         fill(Chunk(torch.zeros(6, 4), (6, 4), (0, 0)), read_manifest(manifest_dir)["tensors"]["w"], manifest_dir, {})
+
+
+def test_readme_config_reference_is_current():
+    """The README's config reference is generated from the field docs; regenerate it with
+    `python -c "from trainer.config import reference_markdown; print(reference_markdown())"`."""
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    assert reference_markdown().strip() in readme
