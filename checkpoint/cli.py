@@ -61,6 +61,12 @@ def cmd_convert(a) -> int:
 
 
 def cmd_inspect(a) -> int:
+    if a.keeper:
+        # What a running job's node keeper holds in memory (L0 snapshots, EC shares).
+        from checkpoint.snapshot import format_keeper, inspect_keeper
+
+        print(format_keeper(inspect_keeper(Path(a.path), a.job, a.node_id)))
+        return 0
     src = detect(Path(a.path))
     objects = src.objects()
     print(f"path:    {src.path}")
@@ -126,7 +132,10 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     c.set_defaults(func=cmd_convert)
     i = sub.add_parser("inspect", help="format, step, layout, tensors, what is missing")
-    i.add_argument("path")
+    i.add_argument("path", help="a checkpoint, or with --keeper a running job's run directory")
+    i.add_argument("--keeper", action="store_true", help="show what this machine's node keeper of the job holds in memory")
+    i.add_argument("--job", default="local", help="with --keeper: the job id (torchrun's --rdzv-id; default: local)")
+    i.add_argument("--node-id", default=None, help="with --keeper: KINTSUGI_NODE_ID of the node (several nodes on one host)")
     i.set_defaults(func=cmd_inspect)
     v = sub.add_parser("verify", help="compare two checkpoints of any formats tensor by tensor")
     v.add_argument("a")
