@@ -35,7 +35,8 @@ def run(name: str, steps: int, workdir: Path) -> dict:
     run_dir = workdir / name
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
            "-m", "trainer", "--config", str(ROOT / "configs" / "tiny.toml"), f"--train.run_dir={run_dir}",
-           f"--train.steps={steps}", "--checkpoint.interval=0", "--train.progress=false", *flags]
+           f"--train.steps={steps}", "--checkpoint.interval=0", "--snapshot.interval=0", "--diagnostics.inject=[]",
+           "--train.progress=false", *flags]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
     subprocess.run(cmd, env=env, cwd=ROOT, check=True, capture_output=True)
     recs = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
