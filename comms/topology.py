@@ -14,10 +14,10 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tomllib
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from comms.configlib import read_toml
 from comms.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -161,12 +161,7 @@ class Topology:
 def load_topology(path: str | os.PathLike) -> Topology:
     """Read a topology TOML file (format: configs/topology-ib-roce.toml)."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"topology file {str(path)!r} not found; pass --topology with an existing TOML file (e.g. configs/topology-ib-roce.toml)")
-    try:
-        data = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as e:
-        raise UserError(f"topology file {str(path)!r} is not valid TOML ({e}); fix the syntax") from None
+    data = read_toml(path, "topology file", "pass --topology with an existing TOML file (e.g. configs/topology-ib-roce.toml)")
     try:
         return topology_from_toml(data)
     except UserError as e:

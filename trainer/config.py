@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +16,7 @@ from pathlib import Path
 from checkpoint.config import CheckpointConfig
 from checkpoint.snapshot_config import SnapshotConfig
 from comms import UserError
-from comms.configlib import check, doc
+from comms.configlib import check, doc, read_toml
 from diagnostics.config import DiagnosticsConfig
 from trainer.moe_config import MoEConfig
 
@@ -291,12 +290,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()
     """Defaults, then the TOML file, then ``--section.key=value`` overrides; validated."""
     cfg = JobConfig()
     path = Path(path) if path else DEFAULT_CONFIG
-    if not path.is_file():
-        raise UserError(f"config file {str(path)!r} not found; pass --config with an existing TOML file (e.g. configs/tiny.toml)")
-    try:
-        data = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as e:
-        raise UserError(f"config file {str(path)!r} is not valid TOML ({e}); fix the syntax") from None
+    data = read_toml(path, "config file", "pass --config with an existing TOML file (e.g. configs/tiny.toml)")
     for section, table in data.items():
         if not isinstance(table, dict):
             raise UserError(f"config file {str(path)!r}: top-level key {section!r} must be a [section] table")
