@@ -36,7 +36,7 @@ from checkpoint.keeper import KeeperClient, connect
 from checkpoint.lazy import LazyCopy, host_unview, host_view, lazy_ok, protect
 from checkpoint.levels import DirectoryStorage
 from checkpoint.state import is_chunk
-from checkpoint.store import SHARD, build_manifest, chunk_key, fill_all, load_state, plan_writes
+from checkpoint.store import SHARD, build_manifest, chunk_key, fill_all, plan_writes
 from comms import UserError, dist_utils
 
 log = logging.getLogger(__name__)

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from checkpoint import Checkpointer, Chunk, EcSnapshots, job_id
-from comms import UserError, dist_utils, exits_on_user_error, trace
+from comms import dist_utils, exits_on_user_error, trace
 from comms.mesh import build_mesh, coordinate
 from comms.placement import load_plan, nccl_backend_override
 from diagnostics import Injector
