@@ -59,3 +59,27 @@ def test_print_config_resolves_overrides():
                          env=env(), cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0
     assert "[model]\nvocab_size = 256\ndim = 96\n" in out.stdout
+
+
+def test_preflight_memory_estimate_exceeds_free_memory(tmp_path):
+    # ~3e12 parameters (a meta-device count, nothing allocated): far beyond this node's RAM
+    out = kintsugi("launch", "--config", str(JOB), "--run-dir", str(tmp_path / "run"), "--nproc-per-node", "1",
+                   "--model.dim=65536", "--model.n_layers=64")
+    one_line_error(out, "preflight", "MB of memory", "available")
+
+
+def test_preflight_checkpoint_disk_exceeds_free_disk(tmp_path):
+    import subprocess
+
+    small = tmp_path / "small"
+    small.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(small)], capture_output=True).returncode:
+        pytest.skip("cannot mount a 1 MiB tmpfs here (needs root and mount permission)")
+    try:
+        # the default model's checkpoints need ~30 MB; the run directory's disk has 1 MiB
+        out = kintsugi("launch", "--config", str(JOB), "--run-dir", str(small / "run"), "--nproc-per-node", "1",
+                       "--model.dim=256")
+        one_line_error(out, "preflight", "checkpoints need", "free")
+        assert not (small / "run").exists()
+    finally:
+        subprocess.run(["umount", "-l", str(small)])

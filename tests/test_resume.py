@@ -106,3 +106,17 @@ def test_sigterm_finishes_step_saves_and_exits_zero(tmp_path):
     last = max(losses(tmp_path))
     assert (tmp_path / "checkpoints" / "latest").read_text().strip() == f"step_{last:08d}"
     assert "stop requested" in out
+
+
+def test_injected_crash_in_the_trainer_is_recovered_and_named(uninterrupted, tmp_path):
+    """The trainer's own fault injection (--diagnostics.inject): rank 1 SIGKILLs itself
+    before step 12 of the first attempt; torchrun restarts, the job resumes from step 10 with
+    the uninterrupted losses, and the trace shows rank 1 as the crashed one."""
+    from diagnostics import Detector
+
+    out = train(2, tmp_path, *LONG, '--diagnostics.inject=["crash:rank=1,step=12"]', max_restarts=2)
+    assert "resumed from step 10" in out.stdout
+    assert losses(tmp_path) == uninterrupted
+    verdicts = Detector(tmp_path, live=False, dump_stacks=False).poll()
+    crashes = [v for v in verdicts if v.kind == "crash"]
+    assert [s["rank"] for v in crashes for s in v.suspects] == [1], verdicts
