@@ -64,6 +64,7 @@ def fsdp_job(rank: int, world: int, port: int, ckpt: str, mode: str, out: str):
                      for k, st in osd["state"].items() for s, v in st.items()})
         if rank == 0:
             torch.save(full, out)
+    dist.barrier()  # every rank reaches teardown together: gloo can abort a rank torn down while peers still talk
     dist.destroy_process_group()
 
 
