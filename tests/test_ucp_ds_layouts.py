@@ -162,8 +162,8 @@ def layouts(tmp_path_factory):
     return root
 
 
-def tag_dir(root: Path) -> Path:
-    return root / (root / "latest").read_text().strip()
+def tag_dir(root: Path, latest: str = "latest") -> Path:
+    return root / (root / latest).read_text().strip()
 
 
 def plain(obj):
@@ -188,11 +188,11 @@ def test_pipeline_stages_equal_ds_to_universal(layouts, capsys):
     atoms_equal_reference(layouts, "pp", min_files=33)
     # the stages' layer files hold the module weights: the fp32 atoms are them (fp32 training)
     src = detect(layouts / "pp")
-    layer = lambda idx: load_pt(tag_dir(layouts / "pp") / f"layer_{idx:02d}-model_states.pt")  # noqa: E731
+    layers = {idx: load_pt(tag_dir(layouts / "pp") / f"layer_{idx:02d}-model_states.pt") for idx in range(5)}
     for idx, key in ((1, "fc.weight"), (2, "fc.bias"), (4, "weight")):
-        assert torch.equal(src.read(f"model.{idx}.{key}"), layer(idx)[key])
+        assert torch.equal(src.read(f"model.{idx}.{key}"), layers[idx][key])
     # the tied layer is read once, from the first stage; the last stage's copy is the same
-    assert torch.equal(src.read("model.tied_modules.mix.weight"), layer(3)["weight"])
+    assert torch.equal(src.read("model.tied_modules.mix.weight"), layers[3]["weight"])
     assert src.layout["pp"] == 2 and len(src.copies) == 2
     capsys.readouterr()
     assert main(["inspect", str(layouts / "pp")]) == 0
@@ -235,16 +235,12 @@ def test_moe_experts_under_global_names(layouts, capsys):
     assert torch.equal(src.read(f"optim.state.{EXPERTS}.3.0.weight.exp_avg").reshape(-1), moment)
     assert main(["verify", str(layouts / "moe"), str(layouts / "moe_universal")]) == 0
     assert main(["verify", str(layouts / "moe_universal"), str(layouts / "moe_ds_universal")]) == 0
-    zero = tag_dir_universal(layouts / "moe_ds_universal") / "zero"
+    zero = tag_dir(layouts / "moe_ds_universal", "latest_universal") / "zero"
     assert sorted(p.name for p in zero.glob(f"{EXPERTS}.*.0.weight")) == [f"{EXPERTS}.{e}.0.weight" for e in range(4)]
     capsys.readouterr()
     assert main(["inspect", str(layouts / "moe")]) == 0
     out = capsys.readouterr().out
     assert "experts=[4], ep=2" in out and f"optim.state.{EXPERTS}.3.2.bias.exp_avg_sq" in out
-
-
-def tag_dir_universal(root: Path) -> Path:
-    return root / (root / "latest_universal").read_text().strip()
 
 
 @slow
