@@ -47,11 +47,14 @@ def contiguous_grid(sizes: dict) -> list:
     return np.arange(int(np.prod(_shape(sizes)))).reshape(_shape(sizes)).tolist()
 
 
-def place(topology: Topology, sizes: dict, ep: int = 1, fabric_order: list[str] | None = None) -> list:
+def place(topology: Topology, sizes: dict, ep: int = 1, fabric_order: list[str] | None = None,
+          node_order: dict[str, list[int]] | None = None) -> list:
     """A rank grid (pp, dp_replicate, dp_shard, tp) with TP inside nodes and DP/EP inside fabrics.
 
-    Stages fill the fabrics in ``fabric_order`` (default: order of first appearance).
-    Raises UserError with a one-line reason when no such placement exists.
+    Stages fill the fabrics in ``fabric_order`` (default: order of first appearance), each
+    fabric's nodes in ``node_order[fabric]`` (node indices; default: as numbered). Every stage
+    lists its ranks in increasing order. Raises UserError with a one-line reason when no such
+    placement exists.
     """
     pp, dpr, dps, tp = _shape(sizes)
     dp, world = dpr * dps, pp * dpr * dps * tp
@@ -74,8 +77,33 @@ def place(topology: Topology, sizes: dict, ep: int = 1, fabric_order: list[str] 
     order = list(fabric_order) if fabric_order is not None else list(fabrics)
     if sorted(order) != sorted(fabrics):
         raise UserError(f"fabric order {order} must name each fabric {sorted(fabrics)} once")
-    ranks = [r for f in order for i in fabrics[f] for r in topology.ranks_of_node(i)]
-    return np.array(ranks).reshape(pp, dpr, dps, tp).tolist()
+    nodes = {**fabrics, **(node_order or {})}
+    for f in order:
+        if sorted(nodes[f]) != fabrics[f]:
+            raise UserError(f"node order {nodes[f]} of fabric {f!r} must list its nodes {fabrics[f]} once")
+    ranks = [r for f in order for i in nodes[f] for r in topology.ranks_of_node(i)]
+    # Sorting a stage keeps its TP groups whole: each is an aligned run of tp ranks of one node.
+    stages = np.sort(np.array(ranks).reshape(pp, dp * tp), axis=1)
+    return stages.reshape(pp, dpr, dps, tp).tolist()
+
+
+def node_orders(topology: Topology, nodes: list[int]) -> list[list[int]]:
+    """Orders of one fabric's nodes worth trying (distinct ones): as numbered, then sorted by
+    GPU speed, by RDMA bandwidth per GPU and by Ethernet per GPU, each way round.
+
+    A stage runs at its slowest GPU and its DP group at its slowest node's link, so a sort
+    puts like nodes into one stage; and a fabric's first and last stages carry the pipeline's
+    cross-fabric sends, so the Ethernet sorts put the fastest cross links on the boundary at
+    either end. Uniform fabrics give only the numbered order.
+    """
+    keys = (lambda n: n.tflops, lambda n: n.nics * n.gbps / n.gpus, lambda n: topology.cross_gbps(n) / n.gpus)
+    out = [list(nodes)]
+    for key in keys:
+        for reverse in (False, True):
+            cand = sorted(nodes, key=lambda i: key(topology.nodes[i]), reverse=reverse)
+            if cand not in out:
+                out.append(cand)
+    return out
 
 
 def pp_in_rank_order(grid) -> bool:
@@ -227,20 +255,31 @@ def make_plan(topology: Topology, model: ModelSpec, sizes: dict, ep: int = 1) ->
     def timed(topo, grid, layers):
         return simulate(model, stages_of(topo, grid), layers, dp, tp).iteration_s
 
-    # Try the fabric orders; prefer those whose pipeline groups are in global-rank order (see
-    # pp_in_rank_order), then the fastest.
-    fabrics = list(topology.fabrics())
-    orders = itertools.permutations(fabrics) if len(fabrics) <= MAX_PERMUTED_FABRICS else [fabrics]
-    best = None
-    for order in orders:
-        grid = place(topology, sizes, ep, list(order))
+    def candidate(order, nodes):
+        grid = place(topology, sizes, ep, list(order), nodes)
         stages = stages_of(topology, grid)
         layers = adaptive_layers(model, stages, dp, tp)
-        cand = (not pp_in_rank_order(grid), simulate(model, stages, layers, dp, tp).iteration_s,
-                timed(topology, grid, even), grid, layers)
-        if best is None or cand[:3] < best[:3]:
-            best = cand
-    _, adaptive_s, placed_s, grid, layers = best
+        # Fastest first (to the ns); among equals, prefer pipeline groups in global-rank order
+        # (the trainer routes others through stage_to_group_rank), then the better even split.
+        t = simulate(model, stages, layers, dp, tp).iteration_s
+        return (round(t, 9), not pp_in_rank_order(grid), timed(topology, grid, even), grid, layers, t)
+
+    # Every fabric order (up to MAX_PERMUTED_FABRICS fabrics); for each, one pass over the
+    # fabrics trying their node orders while the others stay fixed.
+    fabrics = topology.fabrics()
+    orders = itertools.permutations(fabrics) if len(fabrics) <= MAX_PERMUTED_FABRICS else [list(fabrics)]
+    best = None
+    for order in orders:
+        nodes = dict(fabrics)
+        here = candidate(order, nodes)
+        for f in order:
+            for cand in node_orders(topology, fabrics[f])[1:]:
+                trial = candidate(order, {**nodes, f: cand})
+                if trial[:3] < here[:3]:
+                    here, nodes = trial, {**nodes, f: cand}
+        if best is None or here[:3] < best[:3]:
+            best = here
+    _, _, placed_s, grid, layers, adaptive_s = best
     # The baseline keeps the better of both orders: GPUs of one former fabric may differ in speed.
     homo = topology.homogeneous()
     homogeneous_s = min(simulate(model, st, adaptive_layers(model, st, dp, tp), dp, tp).iteration_s

@@ -77,14 +77,16 @@ def test_placement_properties_over_random_topologies():
                 assert fab == int(m[2]) and fab % dp_tp
             continue
         placed += 1
-        flat = np.array(grid).ravel().tolist()
-        assert np.array(grid).shape == tuple(sizes[d] for d in MESH_DIMS)
-        assert sorted(flat) == list(range(topo.world_size))
-        assert valid(topo, grid)
-        # tp and dp groups list ranks in increasing order: group rank = mesh coordinate, so
-        # DTensor's shards line up with the group's collectives.
-        for dim in ("dp_replicate", "dp_shard", "tp"):
-            assert all(g == sorted(g) for g in groups(grid, dim))
+        # Any node order inside the fabrics (here: reversed) keeps every property below.
+        reordered = place(topo, sizes, node_order={f: idx[::-1] for f, idx in topo.fabrics().items()})
+        for g in (grid, reordered):
+            assert np.array(g).shape == tuple(sizes[d] for d in MESH_DIMS)
+            assert sorted(np.array(g).ravel().tolist()) == list(range(topo.world_size))
+            assert valid(topo, g)
+            # tp and dp groups list ranks in increasing order: group rank = mesh coordinate,
+            # so DTensor's shards line up with the group's collectives.
+            for dim in ("dp_replicate", "dp_shard", "tp"):
+                assert all(x == sorted(x) for x in groups(g, dim))
         # Only the pipeline crosses fabrics, at the fewest possible stage boundaries.
         stage_fabrics = [topo.fabric_of(stage_ranks[0]) for stage_ranks in (np.array(s).ravel() for s in grid)]
         assert sum(a != b for a, b in zip(stage_fabrics, stage_fabrics[1:])) == len(topo.fabrics()) - 1
@@ -239,6 +241,42 @@ def test_make_plan_beats_unaware_on_mixed_cluster():
     nets = {dim: {g["net"] for g in plan.nccl[dim]} for dim in MESH_DIMS}
     assert nets["pp"] == {"Socket"} and nets["dp_shard"] == {"IB"} and nets["tp"] == {None}
     assert plan.nccl_net(0) == {"pp": "Socket", "dp_replicate": None, "dp_shard": "IB", "tp": None}
+
+
+def test_plan_puts_fast_cross_links_on_the_boundary_and_like_nodes_together():
+    def ib(i, eth=25.0, tflops=150.0):
+        return Node(f"ib-{i}", 8, "ib", "ib", 4, 200.0, eth, tflops)
+
+    roce = [Node(f"roce-{i}", 8, "roce", "roce", 4, 100.0, 100.0, 150.0) for i in range(2)]
+    model = replace(PRESETS["gpt-7.5b"], microbatches=16, global_batch=128)
+
+    def numbered_order_s(topo, sizes):
+        """The best fabric order with each fabric's nodes as numbered (the previous planner)."""
+        dp, tp = sizes["dp_shard"], sizes["tp"]
+        return min(simulate(model, st, adaptive_layers(model, st, dp, tp), dp, tp).iteration_s
+                   for st in (stages_of(topo, place(topo, sizes, 1, order)) for order in (["ib", "roce"], ["roce", "ib"])))
+
+    # ib-2 and ib-3 have 100 GbE, the other IB nodes 25 GbE. Numbered in the middle, they sit
+    # at the boundary with RoCE in neither fabric order; the plan moves them there.
+    topo = Topology([ib(0), ib(1), ib(2, eth=100.0), ib(3, eth=100.0), ib(4), ib(5)] + roce)
+    sizes = {"pp": 4, "dp_replicate": 1, "dp_shard": 2, "tp": 8}
+    plan = make_plan(topo, model, sizes)
+    fabrics = [st["fabrics"] for st in plan.stages]
+    boundary = next(s for s in range(3) if fabrics[s] != fabrics[s + 1])
+    ib_side = boundary if fabrics[boundary] == ["ib"] else boundary + 1
+    assert plan.stages[ib_side]["nodes"] == ["ib-2", "ib-3"]
+    assert plan.predicted["adaptive_s"] < 0.95 * numbered_order_s(topo, sizes)  # 2.07 s vs 2.22 s
+    for g in plan.groups("tp") + plan.groups("dp_shard"):  # still in rank order, inside a fabric
+        assert g == sorted(g) and len({topo.fabric_of(r) for r in g}) == 1
+
+    # Fast (300 TFLOP/s) and slow IB nodes alternate: as numbered, both IB stages run at the
+    # slow speed; grouped, one stage is fast and takes twice the blocks.
+    topo = Topology([ib(0, tflops=300.0), ib(1), ib(2, tflops=300.0), ib(3)] + roce)
+    sizes = {"pp": 3, "dp_replicate": 1, "dp_shard": 2, "tp": 8}
+    plan = make_plan(topo, model, sizes)
+    fast = next(st for st in plan.stages if st["nodes"] == ["ib-0", "ib-2"])
+    assert fast["layers"] == max(plan.layers_per_stage) >= 2 * min(plan.layers_per_stage)
+    assert plan.predicted["adaptive_s"] < 0.85 * numbered_order_s(topo, sizes)  # 2.22 s vs 2.75 s
 
 
 # --- topology files and detection ----------------------------------------------------------
