@@ -15,7 +15,7 @@ import pytest
 from comms import UserError
 from comms.costmodel import PRESETS, ModelSpec, Stage, simulate, stages_of
 from comms.mesh import MESH_DIMS
-from comms.placement import (Plan, adaptive_layers, contiguous_grid, even_layers, load_plan, make_plan, place)
+from comms.placement import (Plan, adaptive_layers, contiguous_grid, even_layers, group_net, load_plan, make_plan, place)
 from comms.topology import Link, Node, Topology, detect_local_node, load_topology
 from launch.plan import main as plan_main
 
@@ -277,6 +277,28 @@ def test_plan_puts_fast_cross_links_on_the_boundary_and_like_nodes_together():
     fast = next(st for st in plan.stages if st["nodes"] == ["ib-0", "ib-2"])
     assert fast["layers"] == max(plan.layers_per_stage) >= 2 * min(plan.layers_per_stage)
     assert plan.predicted["adaptive_s"] < 0.85 * numbered_order_s(topo, sizes)  # 2.22 s vs 2.75 s
+
+
+def test_nccl_network_of_every_group():
+    """What the plan tells NCCL per group (net_name of ncclConfig_t via nccl_backend_override;
+    that call needs a CUDA build of torch and is not run here)."""
+    topo = load_topology(ROOT / "configs/topology-ib-eth.toml")  # ib-0, eth-0, ib-1, ... 8 GPUs each
+    assert group_net(topo, [0, 1]) is None  # one node: NVLink, NCCL's own choice
+    assert group_net(topo, [0, 16]) == "IB"  # ib-0 and ib-1: one InfiniBand fabric
+    assert group_net(topo, [8, 24]) == "Socket"  # eth-0 and eth-1: an Ethernet-only fabric
+    assert group_net(topo, [0, 8]) == "Socket"  # ib-0 and eth-0: across fabrics
+    roce = load_topology(ROOT / "configs/topology-ib-roce.toml")
+    assert group_net(roce, [8, 24]) == "IB"  # RoCE runs on NCCL's IB verbs transport too
+    plan = make_plan(topo, PRESETS["gpt-7.5b"], {"pp": 2, "dp_replicate": 1, "dp_shard": 4, "tp": 8})
+    ib_stage = next(s for s, st in enumerate(plan.stages) if st["fabrics"] == ["ib"])
+    for rank in range(topo.world_size):
+        on_ib = topo.fabric_of(rank) == "ib"
+        assert plan.nccl_net(rank) == {"pp": "Socket", "dp_replicate": None, "dp_shard": "IB" if on_ib else "Socket", "tp": None}
+        assert (rank in plan.stages[ib_stage]["ranks"]) == on_ib
+    # Every group of the plan file carries its network, in the order of its ranks.
+    for dim in MESH_DIMS:
+        assert [g["ranks"] for g in plan.nccl[dim]] == plan.groups(dim)
+        assert all(g["net"] == group_net(topo, g["ranks"]) for g in plan.nccl[dim])
 
 
 # --- topology files and detection ----------------------------------------------------------
