@@ -100,6 +100,12 @@ def test_event_simulation_reproduces_the_textbook_cases():
     # Two stages, one send of 1 s: the closed form's (m - 1) x (t + c) + sum t + 2c.
     costs = [StageCost(1.0, 2.0, 0.0)] * 2
     assert event_time(costs, [1.0, 0.0], 2) == pytest.approx(1 * 4.0 + 6.0 + 2.0)
+    # The same with a 5 s all-reduce on stage 1: it starts when stage 1's last gradient has
+    # reached stage 0 (torch waits for that send), bwd_0 = 2 s before stage 0 is done:
+    # 12 - 2 + 5 = 15 s (not 12 - (2 + 1) + 5).
+    costs = [StageCost(1.0, 2.0, 0.0), StageCost(1.0, 2.0, 5.0)]
+    assert event_time(costs, [1.0, 0.0], 2) == pytest.approx(15.0)
+    assert one_f_one_b(2, costs, [1.0, 0.0]).iteration_s == pytest.approx(15.0)
 
 
 def test_closed_form_matches_torch_1f1b_on_the_benchmark_plans():
