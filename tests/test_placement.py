@@ -212,8 +212,9 @@ def compositions(n: int, p: int):
 def test_adaptive_partition_is_the_exhaustive_optimum():
     # 300 random clusters (contiguous ranks: stages span fabrics and node speeds), up to 16
     # blocks on 2-4 stages, 1-16 microbatches: the branch and bound finds the best split of
-    # all. In 5 of them a greedy of one-block moves stops in a local minimum (the planner's
-    # previous search), e.g. when several stages' gradient all-reduces dominate.
+    # all. In 2 of them a greedy of one-block moves (the planner's previous search) stops in
+    # a local minimum (over 3000 such clusters: 33 times, up to 19% slower), when several
+    # stages' gradient all-reduces dominate.
     rng = random.Random(2)
     cases = 0
     while cases < 300:
