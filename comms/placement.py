@@ -7,7 +7,9 @@ into the mesh (pp, dp_replicate, dp_shard, tp) with tp innermost: TP groups are 
 one node, a stage is a run of whole TP groups inside one fabric, and only the pipeline's
 point-to-point sends cross between fabrics (#fabrics - 1 boundaries, the fewest possible).
 That exists iff every node's GPU count is a multiple of tp and every fabric's GPU count a
-multiple of dp x tp; otherwise ``place`` says which node or fabric breaks it.
+multiple of dp x tp; otherwise ``place`` says which node or fabric breaks it. ``make_plan``
+chooses, with the cost model, the fabric order along the pipeline and which nodes of a
+fabric form which stage (``node_orders``: like nodes together, fast Ethernet at boundaries).
 
 Partition. Stages on a slower fabric spend longer in their gradient all-reduce, the last
 stage also runs the output head, and stages next to a fabric boundary wait on slow sends;
