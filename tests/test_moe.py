@@ -8,7 +8,7 @@ import torch
 from comms import UserError
 from comms.moe import Cost, LayerShape, Profile, choose, gpu_cluster_profile, sequential, simulate
 from tests.moe_reference import reference_moe
-from trainer.moe import MoE, GroupedExperts
+from trainer.moe import MoE, GroupedExperts, capacity
 from trainer.moe_config import MoEConfig
 
 ROUTERS = ["switch", "gshard", "expert_choice", "sigmoid"]
@@ -76,12 +76,20 @@ def test_capacity_drops_deterministically_and_identically_across_chunks(router):
         m.router.gate.weight[0] += 3.0 * m.router.gate.weight[0].sign()
     x = torch.randn(2, 16, 8).abs()
     r1, r2 = m.router(x), m.router(x)
-    assert torch.equal(r1.tok, r2.tok) and torch.equal(r1.slot, r2.slot)
+    assert torch.equal(r1.tok, r2.tok) and torch.equal(r1.expert, r2.expert) and torch.equal(r1.row, r2.row)
     k = cfg.top_k
     assert r1.tok.numel() < 2 * 16 * k, "capacity must drop some assignments in this setup"
     _, kept = reference_moe(x, m.router.gate.weight, m.experts.w1, m.experts.w3, m.experts.w2, cfg)
-    ours = {(int(t) // 16, int(t) % 16, int(s) // r1.slots_per_expert) for t, s in zip(r1.tok, r1.slot)}
+    ours = {(int(t) // 16, int(t) % 16, int(e)) for t, e in zip(r1.tok, r1.expert)}
     assert ours == kept
+    # Packed: expert e's kept tokens fill rows 0..n_e-1, sequence after sequence, and
+    # the buffer is as tall as the fullest expert, at most 2 sequences x capacity.
+    for e in range(cfg.n_experts):
+        mine = r1.expert == e
+        assert torch.equal(r1.row[mine].sort().values, torch.arange(int(mine.sum())))
+        seqs = (r1.tok[mine] // 16)[r1.row[mine].argsort()]
+        assert torch.equal(seqs, seqs.sort().values)
+    assert r1.rows == int(torch.bincount(r1.expert).max()) <= 2 * capacity(cfg, 16)
     ys = [run(m, x, d)[0] for d in (1, 2, 4)]
     dropped = sorted({(b, s) for b in range(2) for s in range(16)} - {(b, s) for b, s, _ in kept})
     for y in ys:

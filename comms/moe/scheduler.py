@@ -2,8 +2,13 @@
 schedule each layer shape runs, and predicted-vs-measured times for the log."""
 from __future__ import annotations
 
+import dataclasses
 import logging
+import math
 import statistics
+
+import torch
+import torch.distributed as dist
 
 from comms import dist_utils
 from comms.moe.a2a import EPGroups, Exchanger
@@ -34,6 +39,16 @@ class MoEScheduler:
         """Re-measure the groups at the next layer call (every rank must request it together)."""
         self.profile = None
 
+    def agree_rows(self, rows: int, device="cpu") -> int:
+        """The largest ``rows`` of any EP rank: every block of an exchange has one size.
+        One scalar all-reduce per layer call; the EP lanes are idle between layer calls, so
+        it cannot interleave with an exchange on the same group."""
+        if self.ep == 1:
+            return rows
+        t = torch.tensor([rows], device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.groups.group)
+        return int(t.item())
+
     def schedule(self, shape: LayerShape) -> Schedule:
         if self.chunks != "auto":
             return Schedule(d=max(1, min(int(self.chunks), shape.slots)))
@@ -43,6 +58,10 @@ class MoEScheduler:
             self.profile = measure(self.groups, shape.dim, shape.hidden, shape.n_experts // shape.ep)
             self._schedules.clear()
             log.info("moe profile: %s", self.profile.to_dict())
+        # Packed rows change every step: plan for the top of the rows' bucket (4 per octave),
+        # so the ~1 ms model runs once per bucket, not per call. All EP ranks agreed on the
+        # rows, so they pick the same bucket and the same d.
+        shape = dataclasses.replace(shape, slots=math.ceil(2 ** (math.ceil(4 * math.log2(shape.slots)) / 4)))
         key = (shape.n_experts, shape.slots, shape.dim, shape.hidden, shape.elt_bytes)
         if key not in self._schedules:
             s = self._schedules[key] = choose(shape, self.profile)
@@ -67,7 +86,7 @@ class MoEScheduler:
                 log.info("moe %s: d=%d predicted %s, measured %.2f ms (median of %d fwd+bwd)",
                          name, r["d"], predicted, r["measured_ms"], REPORT_EVERY)
 
-        plan = Plan(self.exchanger, self.ep, sched.d, fwd, bwd, self.reducer,
+        plan = Plan(self.exchanger, self.ep, min(sched.d, slots), fwd, bwd, self.reducer,
                     sched.gap_bytes if self.chunks == "auto" else None, record)
         return run(buf, weights, plan)
 
