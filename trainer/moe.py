@@ -205,13 +205,14 @@ class GroupedExperts(nn.Module):
 
     @staticmethod
     def bwd(gy, saved, w1, w3, w2):
-        """Hand-written SwiGLU backward (the pipeline runs it chunk by chunk between exchanges);
-        fused silu_backward keeps it to 3 elementwise passes."""
+        """Hand-written SwiGLU backward (the pipeline runs it chunk by chunk between exchanges):
+        3 elementwise passes, in place on buffers it no longer needs (it consumes ``saved``),
+        so it allocates no (rows x hidden) tensor of its own."""
         x, h1, h3, act, p = saved
         ga = torch.bmm(gy, w2)
         gw2 = torch.bmm(gy.mT, p)
-        gh3 = ga * act
-        gh1 = torch.ops.aten.silu_backward(ga.mul_(h3), h1)
+        gh3 = act.mul_(ga)
+        gh1 = torch.ops.aten.silu_backward.grad_input(ga.mul_(h3), h1, grad_input=h1)
         gx = torch.baddbmm(torch.bmm(gh3, w3), gh1, w1)
         return gx, (torch.bmm(gh1.mT, x), torch.bmm(gh3.mT, x), gw2)
 
