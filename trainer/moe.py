@@ -7,8 +7,9 @@
   does not depend on how the batch is split over ranks or chunks.
 - order: permutes tokens into a buffer of (experts, rows, dim), each expert's kept tokens
   packed in (sequence, position) order. ``rows`` is the fullest expert's count on any EP
-  rank, not the capacity: the capacity padding (about 1 - 1/capacity_factor of the slots
-  under balanced routing) is neither exchanged nor computed. Unused rows are 0.
+  rank, not the capacity: the padding the capacity factor leaves (up to 1 - 1/factor of
+  the slots when routing is balanced) is neither exchanged nor computed beyond what the
+  fullest expert needs. Unused rows are 0.
 - dispatch / combine: all-to-all over the EP group (comms.moe), chunked and overlapped with
   the expert compute.
 - experts: SwiGLU experts stored as stacked tensors (n_experts, ...), one batched matmul each.

@@ -1,7 +1,7 @@
 """The co-scheduled MoE pipeline: dispatch -> experts -> combine over d chunks.
 
-``run`` takes the locally ordered dispatch buffer (E experts x S capacity slots x dim) and
-returns the combined expert outputs in the same layout. The slots are split into d chunks;
+``run`` takes the locally ordered dispatch buffer (E experts x S rows x dim) and returns
+the combined expert outputs in the same layout. The rows are split into d chunks;
 the main thread computes chunk i's experts while the EP lane carries the dispatch of chunk
 i+1 and the combine of chunk i-1. The backward runs the same pipeline in reverse (the
 gradient of a combine is a dispatch and vice versa) and, after each chunk's expert backward

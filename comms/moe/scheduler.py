@@ -76,7 +76,7 @@ class MoEScheduler:
         sched = self.schedule(shape)
         self._calls += 1
         times = self._times.setdefault(name, {"fwd": [], "bwd": [], "schedule": sched})
-        times["schedule"] = sched
+        times["schedule"], times["rows"] = sched, slots
 
         def record(phase, seconds):
             times[phase].append(seconds)
@@ -91,14 +91,15 @@ class MoEScheduler:
         return run(buf, weights, plan)
 
     def report(self) -> dict:
-        """Per layer: chosen d, predicted and measured (median of the last calls) fwd+bwd ms."""
+        """Per layer: chosen d, predicted and measured (median of the last calls) fwd+bwd ms,
+        and the rows per expert the last call exchanged and computed."""
         out = {}
         for name, t in self._times.items():
             fwd, bwd = t["fwd"][-REPORT_EVERY:], t["bwd"][-REPORT_EVERY:]
             measured = 1e3 * (statistics.median(fwd) + statistics.median(bwd)) if fwd and bwd else None
             s = t["schedule"]
             out[name] = {"d": s.d, "predicted_ms": 1e3 * s.predicted_s if self.chunks == "auto" else None,
-                         "measured_ms": measured}
+                         "measured_ms": measured, "rows": t["rows"]}
         return out
 
     def close(self):
