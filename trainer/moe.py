@@ -42,8 +42,8 @@ class Routing:
     expert: torch.Tensor  # (A,) expert of the assignment
     row: torch.Tensor  # (A,) its row among the expert's kept tokens, in (sequence, position) order
     gate: torch.Tensor  # (A,) weight of the expert's output for that token
-    rows: int  # kept tokens of this rank's fullest expert (<= sequences x capacity)
-    fixed: bool  # every expert always keeps exactly `rows` (expert choice): no need to agree
+    counts: torch.Tensor  # (E,) kept tokens per expert (<= sequences x capacity)
+    fixed: bool  # every expert always keeps the same count (expert choice): no need to agree
     aux_loss: torch.Tensor
 
     def slot(self, rows: int) -> torch.Tensor:
@@ -104,7 +104,7 @@ class Router(nn.Module):
         b = torch.arange(bsz).view(-1, 1, 1).expand_as(experts)
         s = torch.arange(seq).view(1, -1, 1).expand_as(experts)
         return Routing(tok=(b * seq + s)[keep], expert=experts[keep], row=row[keep], gate=gates[keep],
-                       rows=int(kept.sum(dim=0).max()), fixed=False, aux_loss=aux)
+                       counts=kept.sum(dim=0), fixed=False, aux_loss=aux)
 
 
 class SwitchRouter(Router):
@@ -152,7 +152,8 @@ class ExpertChoiceRouter(Router):
         e = torch.arange(n_exp).view(1, -1, 1).expand_as(idx)
         c = torch.arange(cap).view(1, 1, -1)
         return Routing(tok=(b * seq + idx).reshape(-1), expert=e.reshape(-1), row=(b * cap + c).expand_as(idx).reshape(-1),
-                       gate=gate.reshape(-1), rows=bsz * cap, fixed=True, aux_loss=self.losses(logits, probs, None))
+                       gate=gate.reshape(-1), counts=torch.full((n_exp,), bsz * cap), fixed=True,
+                       aux_loss=self.losses(logits, probs, None))
 
 
 ROUTERS = {"switch": SwitchRouter, "gshard": GShardRouter, "expert_choice": ExpertChoiceRouter, "sigmoid": SigmoidRouter}
@@ -239,14 +240,16 @@ class MoE(nn.Module):
         self.aux_loss = r.aux_loss
         flat = x.reshape(-1, dim)
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-        # Every EP rank must send blocks of one size: the fullest expert's count on any rank.
-        rows = r.rows if r.fixed else self.scheduler.agree_rows(r.rows, x.device)
+        # Every EP rank sends blocks of one size, the fullest expert's count on any rank; the
+        # counts of all ranks (one small all-gather) also let receivers skip the padding.
+        counts = None if r.fixed else self.scheduler.agree_counts(r.counts)
+        rows = int(r.counts.max() if counts is None else counts.max())
         slot = r.slot(rows)
         buf = self.order(flat, r, slot, self.cfg.n_experts, rows).to(dtype)
         # The pipeline runs its own matmuls in `dtype` (its backward is hand-written).
         with torch.autocast(x.device.type, enabled=False):
             out = self.scheduler.run(self.name, buf, self.experts.local_weights(), GroupedExperts.fwd,
-                                     GroupedExperts.bwd, self.experts.hidden)
+                                     GroupedExperts.bwd, self.experts.hidden, counts)
         y = self.inverse_order(out, r, slot, bsz * seq).to(x.dtype)
         if self.shared is not None:
             y = y + self.shared(x).reshape(-1, dim)

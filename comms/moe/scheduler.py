@@ -39,15 +39,15 @@ class MoEScheduler:
         """Re-measure the groups at the next layer call (every rank must request it together)."""
         self.profile = None
 
-    def agree_rows(self, rows: int, device="cpu") -> int:
-        """The largest ``rows`` of any EP rank: every block of an exchange has one size.
-        One scalar all-reduce per layer call; the EP lanes are idle between layer calls, so
+    def agree_counts(self, counts):
+        """Every EP rank's kept tokens per expert, (ep, E), from each rank's (E,) ``counts``.
+        One small all-gather per layer call; the EP lanes are idle between layer calls, so
         it cannot interleave with an exchange on the same group."""
         if self.ep == 1:
-            return rows
-        t = torch.tensor([rows], device=device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.groups.group)
-        return int(t.item())
+            return counts.view(1, -1)
+        out = counts.new_empty(self.ep, counts.numel())
+        dist.all_gather(list(out.unbind(0)), counts, group=self.groups.group)
+        return out
 
     def schedule(self, shape: LayerShape) -> Schedule:
         if self.chunks != "auto":
@@ -69,8 +69,9 @@ class MoEScheduler:
                      key, s.d, s.gap_bytes, 1e3 * s.predicted_fwd_s, 1e3 * s.predicted_bwd_s)
         return self._schedules[key]
 
-    def run(self, name: str, buf, weights, fwd, bwd, hidden: int):
-        """Co-scheduled dispatch -> experts -> combine of ``buf`` (E, slots, dim)."""
+    def run(self, name: str, buf, weights, fwd, bwd, hidden: int, counts=None):
+        """Co-scheduled dispatch -> experts -> combine of ``buf`` (E, slots, dim); ``counts``
+        (ep, E): used rows of each rank's blocks (None: all of them)."""
         n_exp, slots, dim = buf.shape
         shape = LayerShape(n_exp, slots, dim, hidden, self.ep, buf.element_size(), self.grad_bytes_per_layer)
         sched = self.schedule(shape)
@@ -86,8 +87,13 @@ class MoEScheduler:
                 log.info("moe %s: d=%d predicted %s, measured %.2f ms (median of %d fwd+bwd)",
                          name, r["d"], predicted, r["measured_ms"], REPORT_EVERY)
 
+        mine = None
+        if counts is not None and self.ep > 1:
+            local = n_exp // self.ep
+            first = dist.get_rank(self.groups.group) * local
+            mine = counts[:, first:first + local]
         plan = Plan(self.exchanger, self.ep, min(sched.d, slots), fwd, bwd, self.reducer,
-                    sched.gap_bytes if self.chunks == "auto" else None, record)
+                    sched.gap_bytes if self.chunks == "auto" else None, record, mine)
         return run(buf, weights, plan)
 
     def report(self) -> dict:
