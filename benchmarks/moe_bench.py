@@ -107,6 +107,9 @@ def worker(rank, world, port, cfg, out_path):
     for m in layers.values():
         m.scheduler.close()
     dist.barrier()
+    # End the group in order: a rank that exits with gloo's threads still up can abort
+    # (seen once under load: "terminate called without an active exception").
+    dist.destroy_process_group()
 
 
 def measure(world: int, cfg: dict) -> dict:
