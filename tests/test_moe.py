@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from comms import UserError
-from comms.moe import Cost, LayerShape, Profile, choose, gpu_cluster_profile, sequential, simulate
+from comms.moe import Cost, LayerShape, MoEScheduler, Profile, choose, gpu_cluster_profile, sequential, simulate
 from comms.moe.pipeline import packed_layout
 from tests.moe_reference import reference_moe
 from trainer.moe import MoE, GroupedExperts, capacity
@@ -195,6 +195,22 @@ def test_model_picks_more_chunks_when_comm_is_bandwidth_bound_and_fewer_when_lat
     # Communication that cannot run alongside compute (shared CPU cores): nothing to gain.
     assert choose(shape, dataclasses.replace(bw, overlap=0.0)).d == 1
     assert choose(shape, dataclasses.replace(bw, overlap=0.5)).d <= choose(shape, bw).d
+
+
+def test_auto_schedules_from_the_profile_it_holds():
+    """chunks="auto" asks the model with the scheduler's (measured) profile, for the packed
+    rows rounded up to their bucket; a profile where overlap is impossible gives d=1."""
+    shape = dataclasses.replace(SHAPE, grad_bytes=0, slots=500)
+    compute = profile(0, 0).expert(shape.expert_flops)
+    bw = profile(5e-6, compute / shape.a2a_bytes)
+    sched = MoEScheduler(None, "auto")
+    sched.profile = bw
+    want = choose(dataclasses.replace(shape, slots=512), bw)  # 500 rows -> bucket 2^9
+    got = sched.schedule(shape)
+    assert got.d == want.d >= 4 and got.predicted_s == want.predicted_s
+    shared_cores = MoEScheduler(None, "auto")
+    shared_cores.profile = dataclasses.replace(bw, overlap=0.0)
+    assert shared_cores.schedule(shape).d == 1
 
 
 def test_large_gradient_to_hide_favours_longer_link_gaps():
