@@ -152,7 +152,7 @@ class ExpertChoiceRouter(Router):
         e = torch.arange(n_exp).view(1, -1, 1).expand_as(idx)
         c = torch.arange(cap).view(1, 1, -1)
         return Routing(tok=(b * seq + idx).reshape(-1), expert=e.reshape(-1), row=(b * cap + c).expand_as(idx).reshape(-1),
-                       gate=gate.reshape(-1), counts=torch.full((n_exp,), bsz * cap), fixed=True,
+                       gate=gate.reshape(-1), counts=torch.full((n_exp,), bsz * cap, device=logits.device), fixed=True,
                        aux_loss=self.losses(logits, probs, None))
 
 

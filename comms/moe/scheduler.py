@@ -98,7 +98,7 @@ class MoEScheduler:
 
     def report(self) -> dict:
         """Per layer: chosen d, predicted and measured (median of the last calls) fwd+bwd ms,
-        and the rows per expert the last call exchanged and computed."""
+        and the rows per expert the last call exchanged (receivers compute only the used ones)."""
         out = {}
         for name, t in self._times.items():
             fwd, bwd = t["fwd"][-REPORT_EVERY:], t["bwd"][-REPORT_EVERY:]
