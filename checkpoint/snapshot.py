@@ -171,7 +171,10 @@ class SnapshotExchange:
                           [(s.mm, s.used) for s in slots] + [raw + TRAILER.pack(len(raw))])
         with self.lock:
             self.adopted.setdefault(step, []).append((node, slots))
-        return {"bytes": len(node.snapshot), "seconds": time.perf_counter() - t0, "ranks": ranks}
+        took = time.perf_counter() - t0
+        log.info("rebuilt the snapshot of lost group position %d at step %d (ranks %s, %d bytes) in %.3f s; serving it",
+                 pos, step, ranks, len(node.snapshot), took)
+        return {"bytes": len(node.snapshot), "seconds": took, "ranks": ranks}
 
     def _install(self, step: int, data) -> tuple[bytes, list[int], list]:
         """Ready level-0 slots of `step` from a decoded node snapshot (its ranks' shards back

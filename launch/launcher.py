@@ -7,6 +7,12 @@ Torchrun flags (--nnodes, --nproc-per-node, --rdzv-backend, --rdzv-endpoint, --r
 ``torch.distributed.run``, whose agent restarts failed workers; they resume from the newest
 committed checkpoint by themselves. The launcher stays beside the agent as its parent, so
 that it can watch the job and act on it.
+
+``--nnodes MIN:MAX`` makes the job elastic (c10d rendezvous at ``--rdzv-endpoint``): when a
+node is lost for good, torchrun restarts the survivors as a smaller world (down to MIN), and
+they continue from the newest in-memory snapshot, the lost node's part rebuilt from erasure-
+coded shares and resharded onto the new layout (docs/snapshots.md). The config is checked
+here against every world size the bounds allow.
 """
 from __future__ import annotations
 
@@ -41,7 +47,8 @@ def split_args(argv: list[str]):
                          "(default: diagnostics.policy)")
     ap.add_argument("--node-rank", "--node_rank", dest="node_rank", default="0", help="this node's rank (passed to torchrun)")
     ap.add_argument("--nproc-per-node", "--nproc_per_node", dest="nproc", default="1", help="workers on this node (passed to torchrun)")
-    ap.add_argument("--nnodes", default="1", help="nodes, or MIN:MAX for an elastic job (passed to torchrun)")
+    ap.add_argument("--nnodes", default="1", help="nodes, or MIN:MAX for an elastic job that continues on the survivors when nodes are lost "
+                         "(passed to torchrun; elastic needs --rdzv-endpoint)")
     ap.add_argument("--max-restarts", "--max_restarts", dest="max_restarts", default="3",
                     help="worker-group restarts after a failure (passed to torchrun; default 3)")
     ours, rest = ap.parse_known_args(argv)
