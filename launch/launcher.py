@@ -88,6 +88,8 @@ def check_world(cfg, nnodes: str, nproc: int):
         try:
             copy.deepcopy(cfg).validate(world_size=n * nproc)
         except UserError as e:
+            if lo == hi:
+                raise
             raise UserError(f"{e} (with {n} node(s) x {nproc} rank(s), which --nnodes {nnodes} allows)") from None
     snap = cfg.snapshot
     if snap.interval and snap.k + snap.m > hi:

@@ -239,6 +239,22 @@ def test_lost_node_job_continues_on_survivors_from_rebuilt_resharded_snapshot(ru
     assert [got[s] for s in want] == pytest.approx([want[s] for s in want], rel=1e-6)
 
 
+@pytest.mark.parametrize("k, m, nodes, want", [
+    (2, 1, 3, (2, 1)),  # fits: as configured
+    (2, 1, 2, (1, 1)),  # shrank to 2 nodes: mirroring
+    (6, 2, 5, (3, 2)),  # keeps both parity shares while they fit
+    (3, 3, 4, (1, 3)),
+    (0, 0, 2, (0, 0)),  # chosen for the job size anyway
+])
+def test_code_is_rechosen_for_the_surviving_nodes(k, m, nodes, want):
+    from checkpoint.erasure import plan_groups
+    from checkpoint.snapshot import fit_code
+
+    assert fit_code(k, m, nodes) == want
+    (group,) = plan_groups(nodes, *want)
+    assert len(group.nodes) == nodes
+
+
 # ---------------------------------------------------------------- kintsugi launch --nnodes MIN:MAX
 
 @pytest.mark.parametrize("args, words", [
