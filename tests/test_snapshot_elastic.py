@@ -162,7 +162,7 @@ def reference(run_dir: Path, steps: int, start: int):
 class ElasticJob(Job):
     """`nodes` torchrun agents allowed to shrink to nodes - 1; node 0 hosts the rendezvous.
     Short keep-alives let the survivors notice a dead node in ~2 s (default 15 s); a
-    rendezvous round waits 3 s for late nodes once the minimum is there."""
+    rendezvous round waits 5 s for late nodes once the minimum is there."""
 
     def __init__(self, run_dir: Path, nodes: int, steps: int, kill: str):
         self.run_dir, self.nodes, self.port = run_dir, nodes, free_port()
@@ -172,7 +172,7 @@ class ElasticJob(Job):
     def start(self, node: int) -> subprocess.Popen:
         env = {**os.environ, "KINTSUGI_NODE_ID": str(node), "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
                "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
-        conf = f"is_host={int(node == 0)},join_timeout=60,last_call_timeout=3,keep_alive_interval=1,keep_alive_max_attempt=2"
+        conf = f"is_host={int(node == 0)},join_timeout=60,last_call_timeout=5,keep_alive_interval=1,keep_alive_max_attempt=2"
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", f"{self.nodes - 1}:{self.nodes}",
                "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{self.port}",
                "--rdzv-id", "ecjob", "--rdzv-conf", conf, "--max-restarts", "2", "--monitor-interval", "0.2",
