@@ -15,6 +15,12 @@ the newest complete step; an EC rebuild of the nodes whose keepers are empty (at
 group) from their peers' shares; else the newest disk checkpoint (L1/L2), and logs that
 choice as one line. All ranks agree on the step before loading; shards held by other
 nodes' keepers are read over TCP (``remote_readers``).
+
+Elastic shrink: when torchrun restarts the job on fewer nodes (``--nnodes MIN:MAX``), a
+survivor of each lost node's group rebuilds that node's snapshot and serves it in its place
+(``SnapshotExchange.adopt``); the smaller world loads the old world's step resharded (the
+Checkpointer reads chunks by overlap), then the keepers take places in a new layout with a
+code re-chosen for the nodes left (``fit_code``).
 """
 from __future__ import annotations
 
@@ -538,8 +544,7 @@ class EcSnapshots:
         t0 = time.perf_counter()
         status = self._gather_status()
         self.token = dist_utils.broadcast_object(secrets.token_hex(32) if dist_utils.rank() == 0 else None)
-        _, total = old_layout(status)
-        reshaped = total not in (0, self.nodes)
+        reshaped = old_layout(status)[1] not in (0, self.nodes)
         if reshaped:
             if self.lead and status[self.node]["plan"] is not None:
                 self.keeper.call("ec_rekey", token=self.token)
@@ -547,7 +552,7 @@ class EcSnapshots:
         else:
             self.setup(status)
         self.status = status
-        rebuilt = self.recover(status, adopt=reshaped) if total else {}
+        rebuilt = self.recover(status, adopt=reshaped)
         if rebuilt.get("step") is not None:
             self.status = self._gather_status()
         ckpt.l0_remote = self.remote_readers
@@ -557,8 +562,21 @@ class EcSnapshots:
         nodes_of = dist_utils.all_gather_object(self.node)
         if self.lead:
             self.keeper.call("ec_ranks", ranks=[r for r, n in enumerate(nodes_of) if n == self.node])
-        level = getattr(ckpt, "restored_from", None)
         took = time.perf_counter() - t0
+        line, level, world, was = self._line(got, getattr(ckpt, "restored_from", None), rebuilt, took)
+        self._say(line)
+        if reshaped:
+            self._say(f"snapshots are now erasure-coded over {self.nodes} nodes: "
+                      + ", ".join(f"group {g.id}: {len(g.nodes)} nodes, k={g.code.k}, m={g.code.m}" for g in self.groups)
+                      if self.groups else
+                      f"{self.nodes} node left: snapshots are no longer erasure-coded (no other node to hold parity); "
+                      "they stay in this node's memory and go to disk at checkpoint.l1_interval/l2_interval")
+        self.recovery = {"line": line, "level": level, "step": got and got[0], "seconds": took,
+                         "rebuilt": rebuilt.get("rebuilt", []), "world": world, "was": was}
+        return got
+
+    def _line(self, got, level: str | None, rebuilt: dict, took: float):
+        """The recovery's log line: (line, level, world now, world that saved the step)."""
         world = dist_utils.world_size()
         was = next((st["worlds"][str(got[0])] for st in self.status if got and str(got[0]) in st["worlds"]), world)
         onto = f" onto {world} ranks (was {was})" if was != world else ""
@@ -572,16 +590,7 @@ class EcSnapshots:
             why = f" (nodes {rebuilt['lost']} lost, more than the code tolerates or no coded step)" \
                 if rebuilt.get("lost") else ""
             line = f"recovered step {got[0]} from disk {level.upper()}{why} in {took:.2f} s"
-        self._say(line)
-        if reshaped:
-            self._say(f"snapshots are now erasure-coded over {self.nodes} nodes: "
-                      + ", ".join(f"group {g.id}: {len(g.nodes)} nodes, k={g.code.k}, m={g.code.m}" for g in self.groups)
-                      if self.groups else
-                      f"{self.nodes} node left: snapshots are no longer erasure-coded (no other node to hold parity); "
-                      "they stay in this node's memory and go to disk at checkpoint.l1_interval/l2_interval")
-        self.recovery = {"line": line, "level": level, "step": got and got[0], "seconds": took,
-                         "rebuilt": rebuilt.get("rebuilt", []), "world": world, "was": was}
-        return got
+        return line, level, world, was
 
     @staticmethod
     def _say(line: str):

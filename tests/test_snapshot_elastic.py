@@ -12,6 +12,8 @@ rebuilt from the survivors' EC shares and every chunk read resharded 3 -> 2 (a n
 rows span two old ranks, one of them the lost one). The reference resumes the same step from
 the disk checkpoint on 2 ranks (checkpoint.store.load_state); its losses must equal the
 recovered job's. Afterwards the survivors' keepers code over the new 2-node group (k=1, m=1).
+Torchrun numbers nodes by its agents' pids and node 0 starts last, so the survivors' ranks
+change too (node 0 goes from rank 2 to 1): the keepers must let go of the old ranks' slots.
 
     python tests/test_snapshot_elastic.py train RUN_DIR STEPS --kill-at NODE:STEP
     python tests/test_snapshot_elastic.py reference RUN_DIR STEPS --from-step S
@@ -95,6 +97,8 @@ def train(run_dir: Path, steps: int, kill: str):
 
     dist_utils.init_process_group("gloo")
     rank, world, node = dist.get_rank(), dist.get_world_size(), int(os.environ["KINTSUGI_NODE_ID"])
+    if world == 3:  # torchrun's node index (group rank), which the recovery line names
+        (run_dir / f"node-{node}.index").write_text(os.environ["GROUP_RANK"])
     model, opt, state = build(world)
     ckpt = Checkpointer(CheckpointConfig(interval=1, dir=str(run_dir / "ckpt"), l2_interval=1, keep_last=steps + 1,
                                          host_memory_mb=64, keeper_timeout_s=30), run_dir)
@@ -162,12 +166,16 @@ def reference(run_dir: Path, steps: int, start: int):
 class ElasticJob(Job):
     """`nodes` torchrun agents allowed to shrink to nodes - 1; node 0 hosts the rendezvous.
     Short keep-alives let the survivors notice a dead node in ~2 s (default 15 s); a
-    rendezvous round waits 5 s for late nodes once the minimum is there."""
+    rendezvous round waits 5 s for late nodes once the minimum is there. Node 0 starts last:
+    the others wait for its store, so all join the first round at once (a node slower than
+    the 5 s would start the job with 2)."""
 
     def __init__(self, run_dir: Path, nodes: int, steps: int, kill: str):
         self.run_dir, self.nodes, self.port = run_dir, nodes, free_port()
         self.args = ["train", str(run_dir), str(steps), "--kill-at", kill]
-        self.agents = {i: self.start(i) for i in range(nodes)}
+        others = {i: self.start(i) for i in range(1, nodes)}
+        time.sleep(2)
+        self.agents = {0: self.start(0), **others}
 
     def start(self, node: int) -> subprocess.Popen:
         env = {**os.environ, "KINTSUGI_NODE_ID": str(node), "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
@@ -213,9 +221,10 @@ def test_lost_node_job_continues_on_survivors_from_rebuilt_resharded_snapshot(ru
     assert rcs[0] == rcs[1] == 0 and rcs[2] == -signal.SIGKILL, rcs
     first, (level, step, world, was, rebuilt) = [r.split(" ", 4) for r in (run_dir / "recoveries.txt").read_text().splitlines()]
     assert first[0] == "None"  # a fresh start
-    assert (level, int(step), int(world), int(was), rebuilt) == ("l0", kill_step - 1, 2, 3, "[2]")
+    lost = (run_dir / "node-2.index").read_text()
+    assert (level, int(step), int(world), int(was), rebuilt) == ("l0", kill_step - 1, 2, 3, f"[{lost}]")
     logs = "".join((run_dir / f"agent-{n}.log").read_text() for n in range(2))
-    assert re.search(rf"kintsugi: recovered step {kill_step - 1} from memory via EC rebuild of node\(s\) \[2\] "
+    assert re.search(rf"kintsugi: recovered step {kill_step - 1} from memory via EC rebuild of node\(s\) \[{lost}\] "
                      r"onto 2 ranks \(was 3\) in [\d.]+ s", logs), logs[-3000:]
     assert "snapshots are now erasure-coded over 2 nodes: group 0: 2 nodes, k=1, m=1" in logs
 
