@@ -90,6 +90,13 @@ class Checkpointer:
         """Step boundary (collective; call it on every rank after every optimizer step):
         commits what became durable, raises keeper/writer errors on every rank, and
         returns True when any rank received SIGTERM (see ``handle_sigterm``)."""
+        if not self.pending:  # the same on every rank: nothing in flight to agree on
+            # Only a stop request or a failed keeper call (this rank's news alone) can need
+            # the others: one flag all-reduce (~0.2 ms on gloo) instead of gathering every
+            # keeper's report (6-9 ms per step measured on 2 CPU ranks).
+            stop, failed = dist_utils.any_true([self.stop_requested, self.keeper_error is not None])
+            if not failed:
+                return stop
         return any(g["stop"] for g in self._sync())
 
     def save(self, step: int, state: dict, extra: dict | None = None, final: bool = False):

@@ -118,6 +118,29 @@ class ShardReader:
         return torch.from_numpy(raw).view(TORCH_DTYPES[meta["dtype"]]).reshape(meta["shape"])
 
 
+    def read_into(self, key: str, out: torch.Tensor, crc: int | None = None):
+        """Read ``key`` straight into ``out`` (a contiguous CPU tensor of its dtype and size):
+        one copy from the file or page cache, no temporary buffer to allocate and fault in."""
+        meta = self.header.get(key)
+        if meta is None:
+            raise CorruptCheckpoint(f"shard {self.path} has no tensor {key!r}")
+        lo, hi = meta["data_offsets"]
+        dst = out.detach().reshape(-1).view(torch.uint8).numpy()
+        if TORCH_DTYPES[meta["dtype"]] != out.dtype or dst.nbytes != hi - lo:
+            raise CorruptCheckpoint(f"shard {self.path} holds {key!r} as {meta['dtype']} {meta['shape']}, "
+                                    f"not as its manifest says")
+        with open(self.path, "rb", buffering=0) as f:
+            f.seek(self.data_start + lo)
+            view, got = memoryview(dst), 0
+            while got < len(view):
+                n = f.readinto(view[got:])
+                if not n:
+                    raise CorruptCheckpoint(f"shard {self.path} is truncated at {key!r}")
+                got += n
+        if crc is not None and zlib.crc32(dst) != crc:
+            raise CorruptCheckpoint(f"checksum mismatch for {key!r} in {self.path}")
+
+
 class CorruptCheckpoint(UserError):
     """A step on disk is damaged (bad checksum, truncated or missing file, bad manifest)."""
 

@@ -10,9 +10,12 @@ rename), renames the step into place, fsyncs the directory and moves ``latest``.
 from __future__ import annotations
 
 import abc
+import errno
 import os
 import shutil
 from pathlib import Path
+
+import numpy as np
 
 from checkpoint.format import (
     commit_step, committed_steps, fault_point, read_manifest, step_dirname, write_manifest,
@@ -21,6 +24,46 @@ from checkpoint.format import (
 # One write() call per 16 MiB: large enough that the disk sees sequential streams (and the
 # syscall count stays ~60 per GiB), small enough that a crash test can stop mid-file.
 WRITE_PIECE = 16 << 20
+
+
+# Direct I/O (O_DIRECT) lets the disk take the bytes straight from the keeper's shared memory
+# by DMA, skipping the copy into the page cache: on this machine's ext4, 1 GiB went to disk
+# at 2.4-3.3 GB/s using 0.08 s of CPU, against 0.2-1.8 GB/s and 0.3 s buffered (+fsync).
+# The CPU it saves is the training's. It needs 4 KiB-aligned memory, offsets and lengths:
+# the aligned body goes direct and the tail buffered; filesystems that refuse O_DIRECT
+# (tmpfs, some network filesystems) get buffered writes throughout.
+DIRECT_ALIGN = 4096
+
+
+def _write(fd: int, data: memoryview, start: int):
+    for lo in range(start, len(data), WRITE_PIECE):
+        piece = data[lo:lo + WRITE_PIECE]
+        while piece:  # a write may take less than asked (signals)
+            n = os.pwrite(fd, piece, lo)
+            piece, lo = piece[n:], lo + n
+        fault_point("write")
+
+
+def _write_direct(path: Path, data: memoryview) -> int:
+    """Write the 4 KiB-aligned body of ``data`` with O_DIRECT; the bytes written (0 if the
+    memory is unaligned or the filesystem does not support it)."""
+    body = len(data) - len(data) % DIRECT_ALIGN
+    if body == 0 or not hasattr(os, "O_DIRECT") or \
+            np.frombuffer(data, dtype=np.uint8, count=1).ctypes.data % DIRECT_ALIGN:
+        return 0
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_DIRECT)
+    except OSError:
+        return 0
+    try:
+        _write(fd, data[:body], 0)
+    except OSError as e:
+        if e.errno != errno.EINVAL:  # EINVAL: O_DIRECT refused at write time; anything else is real
+            raise
+        return 0
+    finally:
+        os.close(fd)
+    return body
 
 
 class Storage(abc.ABC):
@@ -66,13 +109,11 @@ class DirectoryStorage(Storage):
     def write_part(self, step: int, fname: str, data: memoryview):
         tmp = self._tmp(step)
         tmp.mkdir(parents=True, exist_ok=True)
-        fd = os.open(tmp / fname, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        path = tmp / fname
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
-            for lo in range(0, len(data), WRITE_PIECE):
-                piece = data[lo:lo + WRITE_PIECE]
-                while piece:  # os.write may write less than asked (signals, pipes)
-                    piece = piece[os.write(fd, piece):]
-                fault_point("write")
+            done = _write_direct(path, data)
+            _write(fd, data, done)  # the unaligned tail, or everything without direct I/O
             os.fsync(fd)
         finally:
             os.close(fd)

@@ -11,6 +11,9 @@ it. Two kinds of description turn pieces back into one atom:
   ``Patterns.split`` is its inverse, used to write or load a tensor-parallel layout.
 
 Rules, first match wins in this order (as in DeepSpeed's ds_to_universal):
+  affine      geometry per rank (DeepSpeed's ``affine_map``, written by AutoTP): each
+              shard is a list of strided blocks of the full tensor, held by one or more
+              ranks, stored times a scale; it supersedes the category rules below
   replicated  every rank holds the same tensor (LayerNorm weights under TP); checked equal
   average     ranks hold diverged copies that are averaged (e.g. TP-replicated biases)
   two_sub     fused [a; b] on dim 0, each half split over ranks (SwiGLU gate/up, h_to_4h)
@@ -44,7 +47,74 @@ DS_KEYS = {
     "pipeline_replicated_parameter_patterns": "pipeline_replicated",
     "expert_parameter_patterns": "expert",
 }
-KINDS = ("replicated", "average", "two_sub", "sub_params", "row", "column")
+KINDS = ("affine", "replicated", "average", "two_sub", "sub_params", "row", "column")
+AFFINE_VERSION = 1  # the affine_map format this reader understands (DeepSpeed 0.19)
+# How a piece's scale applies to each state: a parameter stored times s has its gradient,
+# so Adam's moments, times 1/s and 1/s**2.
+SCALE_POWER = {"fp32": 1, "exp_avg": -1, "exp_avg_sq": -2}
+
+
+@dataclass
+class AffineMap:
+    """One tensor's geometry over the tensor-parallel ranks: ``pieces[r]`` are the blocks of
+    rank r's shard, each ``{shape, source: [offset, strides], dest: [offset, strides],
+    locations, scale}`` in element units of the flat full tensor and the flat shard (the
+    arguments of ``torch.as_strided``)."""
+
+    pattern: str
+    shape: tuple
+    shard_shapes: dict[int, tuple]
+    pieces: dict[int, list[dict]]
+
+    @classmethod
+    def from_deepspeed(cls, pattern: str, entry: dict) -> "AffineMap":
+        ranks = {int(r): v for r, v in entry["ranks"].items()}
+        return cls(pattern, tuple(entry["logical_shape"]), {r: tuple(v["shard_shape"]) for r, v in ranks.items()},
+                   {r: list(v["pieces"]) for r, v in ranks.items()})
+
+    def rebuild(self, name: str, slices: list[torch.Tensor], state: str) -> torch.Tensor:
+        power = SCALE_POWER.get(state, 1)
+        full = torch.empty(math.prod(self.shape), dtype=slices[0].dtype, device=slices[0].device)
+        seen = torch.zeros(full.numel(), dtype=torch.bool, device=slices[0].device)
+        for rank, pieces in sorted(self.pieces.items()):
+            if rank >= len(slices) or slices[rank].numel() != math.prod(self.shard_shapes[rank]):
+                raise UserError(f"{name!r}: tensor-parallel rank {rank}'s slice does not have the "
+                                f"{list(self.shard_shapes[rank])} elements its affine_map describes; "
+                                "the checkpoint files are from different runs")
+            flat = slices[rank].reshape(-1).clone() if slices[rank].storage_offset() else slices[rank].reshape(-1)
+            for p in pieces:
+                scale = float(p.get("scale", 1.0))
+                if scale != 1.0 and power != 1:
+                    raise UserError(f"{name!r} is stored scaled by {scale}; its optimizer state cannot be "
+                                    "converted without rescaling lr and eps, which no format records")
+                (src_off, src_strides), (dst_off, dst_strides) = p["source"], p["dest"]
+                target = full.as_strided(p["shape"], src_strides, src_off)
+                block = flat.as_strided(p["shape"], dst_strides, dst_off) / scale ** power
+                mask = seen.as_strided(p["shape"], src_strides, src_off)
+                if not full.is_meta and len(p["locations"]) > 1 and bool(mask.all()):
+                    if not torch.equal(target, block.to(target.dtype)):
+                        raise UserError(f"{name!r}: ranks {p['locations']} hold different values for the same "
+                                        "replicated block; the tensor-parallel copies diverged")
+                    continue
+                target.copy_(block)
+                mask.fill_(True)
+        if not full.is_meta and not bool(seen.all()):
+            raise UserError(f"the affine_map of {name!r} covers only {int(seen.sum())} of {full.numel()} elements; "
+                            "fix the map or the checkpoint")
+        return full.view(self.shape)
+
+    def extract(self, name: str, full: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+        """Rank ``rank``'s shard of the parameter (the inverse of ``rebuild``, for the fp32 value)."""
+        if world != len(self.shard_shapes):
+            raise UserError(f"the affine_map of {name!r} describes {len(self.shard_shapes)} tensor-parallel ranks, "
+                            f"not {world}; load it at its own degree or convert it to universal first")
+        shard = torch.empty(math.prod(self.shard_shapes[rank]), dtype=full.dtype)
+        flat = full.reshape(-1)
+        for p in self.pieces[rank]:
+            (src_off, src_strides), (dst_off, dst_strides) = p["source"], p["dest"]
+            block = flat.as_strided(p["shape"], src_strides, src_off) * float(p.get("scale", 1.0))
+            shard.as_strided(p["shape"], dst_strides, dst_off).copy_(block)
+        return shard.view(self.shard_shapes[rank])
 
 
 @dataclass
@@ -65,6 +135,7 @@ class Patterns:
     rules: dict[str, list[str]] = field(default_factory=dict)  # kind -> regexes
     sub_params: list[SubParams] = field(default_factory=list)
     original_vocab_size: int | None = None
+    affine: list[AffineMap] = field(default_factory=list)
     used: set = field(default_factory=set)
 
     @classmethod
@@ -82,7 +153,12 @@ class Patterns:
                 subs.append(SubParams(pattern, dim, sizes=list(at) if isinstance(at, (tuple, list)) else None,
                                       count=None if isinstance(at, (tuple, list)) else int(at),
                                       widths=widths.get(pattern), spec=dict(spec)))
-        return cls(rules, subs, info.get("original_vocab_size"))
+        amap = info.get("affine_map") or {}
+        if int(amap.get("version", AFFINE_VERSION)) > AFFINE_VERSION:
+            raise UserError(f"the checkpoint's affine_map has format version {amap['version']}, newer than the "
+                            f"{AFFINE_VERSION} this tool reads; update Kintsugi")
+        affine = [AffineMap.from_deepspeed(p, e) for p, e in (amap.get("params") or {}).items()]
+        return cls(rules, subs, info.get("original_vocab_size"), affine)
 
     def _match(self, kind: str, name: str) -> str | None:
         hits = [p for p in self.rules.get(kind, []) if re.match(p, name)]
@@ -100,7 +176,19 @@ class Patterns:
                 return s
         return None
 
-    def kind(self, name: str) -> tuple[str, SubParams | None]:
+    def _affine(self, name: str) -> AffineMap | None:
+        hits = [a for a in self.affine if re.match(a.pattern, name)]
+        if len(hits) > 1:
+            raise UserError(f"parameter {name!r} matches several affine_map patterns; make them disjoint")
+        return hits[0] if hits else None
+
+    def kind(self, name: str) -> tuple[str, SubParams | AffineMap | None]:
+        amap = self._affine(name)
+        if amap is not None:
+            for kind in ("replicated", "average", "two_sub", "row"):  # superseded by the map, not unused
+                self._match(kind, name)
+            self._sub(name)
+            return "affine", amap
         for kind in ("replicated", "average", "two_sub"):
             if self._match(kind, name):
                 return kind, None
@@ -124,13 +212,16 @@ class Patterns:
         declared += [s.pattern for s in self.sub_params]
         return sorted(set(declared) - self.used)
 
-    def merge(self, name: str, slices: list[torch.Tensor]) -> tuple[torch.Tensor, dict]:
+    def merge(self, name: str, slices: list[torch.Tensor], state: str = "fp32") -> tuple[torch.Tensor, dict]:
         """One tensor-parallel slice per rank (each in its own shape) -> the atom, plus the
-        per-tensor keys DeepSpeed's universal loader reads (cat_dim, sub_param_shape, ...)."""
+        per-tensor keys DeepSpeed's universal loader reads (cat_dim, sub_param_shape, ...).
+        Meta slices give the atom's shape without reading anything."""
         kind, sub = self.kind(name)
         extras = {}
-        if kind == "replicated":
-            if not all(torch.equal(slices[0], s) for s in slices[1:]):
+        if kind == "affine":
+            full = sub.rebuild(name, slices, state)  # DeepSpeed records no per-tensor keys for a mapped tensor
+        elif kind == "replicated":
+            if not slices[0].is_meta and not all(torch.equal(slices[0], s) for s in slices[1:]):
                 raise UserError(f"{name!r} is declared TP-replicated but its tensor-parallel copies differ; "
                                 "fix tp_replicated_parameter_patterns (maybe it is averaged)")
             full = slices[0]
@@ -158,6 +249,8 @@ class Patterns:
     def split(self, name: str, full: torch.Tensor, rank: int, world: int) -> torch.Tensor:
         """This tensor-parallel rank's slice of an atom: the inverse of ``merge``."""
         kind, sub = self.kind(name)
+        if kind == "affine":
+            return sub.extract(name, full, rank, world)
         if world == 1 or kind in ("replicated", "average"):
             return full
         if self.is_vocabulary(name):

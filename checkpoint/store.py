@@ -118,12 +118,21 @@ def fill(target: Chunk, stored: dict, step_dir: Path, readers: dict, verify: boo
             if not path.is_file():
                 raise CorruptCheckpoint(f"{path} is missing")
             reader = readers[sc["file"]] = ShardReader(path)
-        data = reader.read(sc["key"], sc["crc32"] if verify else None)
-        src = data[tuple(slice(o - so, o - so + n) for o, so, n in zip(off, sc["offsets"], shape))]
+        crc = sc["crc32"] if verify else None
         dst = target.tensor[tuple(slice(o - to, o - to + n) for o, to, n in zip(off, target.offsets, shape))]
-        with torch.no_grad():
-            dst.copy_(src.to(DTYPE_BY_NAME[stored["dtype"]]))
-        covered += src.numel()
+        if (list(off), list(shape)) == (list(sc["offsets"]), list(sc["shape"])) and dst.is_contiguous() \
+                and dst.device.type == "cpu" and dst.dtype == DTYPE_BY_NAME[stored["dtype"]] \
+                and hasattr(reader, "read_into"):
+            # The stored chunk is exactly this region (same layout, or a coarser one): read it
+            # in place. From keeper memory that is one memcpy per chunk, ~2x faster than a
+            # temporary plus a copy.
+            reader.read_into(sc["key"], dst, crc)
+        else:
+            data = reader.read(sc["key"], crc)
+            src = data[tuple(slice(o - so, o - so + n) for o, so, n in zip(off, sc["offsets"], shape))]
+            with torch.no_grad():
+                dst.copy_(src.to(DTYPE_BY_NAME[stored["dtype"]]))
+        covered += dst.numel()
     if covered != target.tensor.numel():
         raise CorruptCheckpoint(f"{step_dir} covers only {covered} of {target.tensor.numel()} elements of a chunk")
 

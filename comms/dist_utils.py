@@ -54,6 +54,15 @@ def all_reduce_max(value: float, group=None) -> float:
     return float(t.item())
 
 
+def any_true(flags: list[bool], group=None) -> list[bool]:
+    """Element-wise OR of boolean flags across ranks: one small all-reduce."""
+    if not initialized():
+        return list(flags)
+    t = torch.tensor([float(f) for f in flags], dtype=torch.float32)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return [bool(v) for v in t.tolist()]
+
+
 def init_process_group(backend: str = "auto", timeout_s: float = 600.0) -> str:
     """Join the job's process group from torchrun's environment; a lone process needs none.
 

@@ -125,11 +125,12 @@ class Topology:
             kind = self.nodes[nodes[0]].kind
             gbps = min(self.nodes[i].nics * self.nodes[i].gbps / self.nodes[i].gpus for i in nodes)
             return Link(kind, gbps, self.latency_us[kind])
-        gbps = min(self._eth_gbps(self.nodes[i]) / self.nodes[i].gpus for i in nodes)
+        gbps = min(self.cross_gbps(self.nodes[i]) / self.nodes[i].gpus for i in nodes)
         return Link("eth", gbps, self.latency_us["eth"])
 
     @staticmethod
-    def _eth_gbps(node: Node) -> float:
+    def cross_gbps(node: Node) -> float:
+        """The node's Ethernet, its only path to other fabrics (an Ethernet fabric's NICs)."""
         return node.nics * node.gbps if node.kind == "eth" else node.eth_gbps
 
     def homogeneous(self) -> "Topology":

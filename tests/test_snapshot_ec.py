@@ -99,11 +99,16 @@ def free_port() -> int:
 
 
 class Job:
-    """N torchrun agents on this machine; node 0 hosts the rendezvous store."""
+    """N torchrun agents on this machine. The test hosts the rendezvous store, as a cluster's
+    standing c10d endpoint does: when an agent hosts it, the others can fail their own exit
+    (RendezvousConnectionError, exit 1) if the host's agent finishes first."""
 
     def __init__(self, run_dir: Path, nodes: int, steps: int, kills=(), k=2, m=1, l2_interval=4):
+        from torch.distributed import TCPStore
+
         self.run_dir, self.nodes = run_dir, nodes
         self.port = free_port()
+        self.store = TCPStore("127.0.0.1", self.port, is_master=True, wait_for_workers=False)
         self.args = ["train", str(run_dir), str(steps), "--data-shares", str(k), "--parity-shares", str(m), "--l2-interval", str(l2_interval)]
         for spec in kills:
             self.args += ["--kill-at", spec]
@@ -116,7 +121,7 @@ class Job:
                "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(self.nodes), "--nproc-per-node", "1",
                "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{self.port}", "--rdzv-id", "ecjob",
-               "--rdzv-conf", f"is_host={int(node == 0)},join_timeout=120", "--max-restarts", "3",
+               "--rdzv-conf", "is_host=0,join_timeout=120", "--max-restarts", "3",
                "--monitor-interval", "0.2", str(HERE), *self.args]
         log = open(self.run_dir / f"agent-{node}.log", "ab")
         return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)

@@ -1,11 +1,20 @@
 """DeepSpeed checkpoints: ZeRO stage 1/2/3 (fp32 and bf16/fp16 optimizer files, tensor and
-pipeline parallel shards) and DeepSpeed universal checkpoints, read and written.
+pipeline parallel shards, MoE expert files) and DeepSpeed universal checkpoints, read and written.
 
 ZeRO 1/2 keeps one flat fp32 partition per (data-parallel rank, parameter group) plus
 ``param_slice_mappings``: where each parameter's fragment lies in that partition; a
 parameter's fragments over the data-parallel ranks, in rank order, are the parameter.
 ZeRO 3 partitions every parameter on its own: rank r holds elements
 [r*ceil(n/dp), (r+1)*ceil(n/dp)) of it, padded, laid out in ``param_shapes`` order.
+
+Tensor parallel (``mp_rank_XX`` files, AutoTP's ``affine_map`` or the category patterns) and
+pipeline parallel stages (``mp_rank = pp * tp + tp``; module weights in
+``layer_XX[-model_YY]-model_states.pt``) are merged by checkpoint/patterns.py. Native DeepSpeed
+MoE keeps expert e of layer l in ``layer_{l}_expert_{e}_mp_rank_XX_model_states.pt`` under its
+global name, while the zero files name each rank's experts locally
+(``deepspeed_experts.{j}``): with ep_size E and n experts, data-parallel rank d is
+expert-parallel rank d % E and holds global experts (d % E) * n/E + j, partitioned over the
+d // E expert-data-parallel ranks. Atoms carry the global names.
 
 Files are opened with ``torch.load(weights_only=True, mmap=True)``: nothing but tensors and
 an allowlist of DeepSpeed's plain data classes is unpickled, and tensor bytes are paged in
@@ -37,6 +46,8 @@ OPTIM_RE = re.compile(r"^(bf16_|fp16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_st
 MODEL_RE = re.compile(r"^mp_rank_(\d+)_model_states\.pt$")
 Z3_MODEL_RE = re.compile(r"^(bf16_|fp16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_model_states\.pt$")
 EXPERT_RE = re.compile(r"^layer_(\d+)_expert_(\d+)_mp_rank_(\d+)_model_states\.pt$")
+LAYER_RE = re.compile(r"^layer_(\d+)(?:-model_(\d+))?-model_states\.pt$")  # pipeline stages' module weights
+EXPERT_KEY = re.compile(r"^(.*\.deepspeed_experts\.)(\d+)(\..+)$")  # <layer prefix><expert id><rest>
 # Sharded keys ds_to_universal leaves out of zero/optimizer_state.pt.
 SHARDED = ("base_optimizer_state", "param_slice_mappings", "single_partition_of_fp32_groups")
 
@@ -129,7 +140,8 @@ class DeepSpeedSource(Source):
         if isinstance(saved_dp, int) and saved_dp != self.dp:
             raise UserError(f"{self.dir} was saved by {saved_dp} data-parallel ranks but holds optimizer files of "
                             f"{self.dp}; mismatched shard counts: a shard file is missing")
-        self.experts = sorted(self.dir / n for n in names if EXPERT_RE.match(n))
+        self.layer_files = {(int(m.group(2) or 0), int(m.group(1))): self.dir / n
+                            for n in names if (m := LAYER_RE.match(n))}
         if self.stage == 3:
             self.model_files = {(int(m.group(3)), int(m.group(2))): self.dir / n for n in names if (m := Z3_MODEL_RE.match(n))}
             if set(self.model_files) != set(self.optim):
@@ -149,6 +161,7 @@ class DeepSpeedSource(Source):
         self.step = int(self.model.get("global_steps", 0) or 0)
         self.layout = {"zero_stage": self.stage, "dp": self.dp, "tp": self.tp, "pp": self.pp,
                        "optimizer_files": (OPTIM_RE.match(self.optim[(0, 0)].name).group(1) or "fp32_").rstrip("_")}
+        self.experts, self.moe = self._expert_files(names)
         self.extras: dict[str, dict] = {}
         self._plan()
 
@@ -160,22 +173,25 @@ class DeepSpeedSource(Source):
         self.shapes: dict[str, dict[int, tuple]] = {}
         self.fallback: dict[str, int] = {}  # params DeepSpeed kept no optimizer fragments for -> mp rank
         self.has_step = False
+        self.first_stage: dict[str, int] = {}
+        self.copies: dict[str, dict] = {}  # a tied weight's later pipeline stages: fqn -> pp -> like params
         for mp in range(self.mp):
             tp, pp = mp % self.tp, mp // self.tp
             model = self.model if mp == 0 else load_pt(self.model_files[mp if self.stage != 3 else (mp, 0)])
             groups = model["param_shapes"]
+            self._count_local_experts(groups)
             for g in groups:
                 for fqn, shape in g.items():
-                    if pp > 0 and self.patterns.is_pipeline_replicated(fqn):
-                        continue  # a tied weight: the first stage's copy is the one
-                    self.shapes.setdefault(fqn, {})[tp] = tuple(shape)
+                    if self._later_stage(fqn, pp):
+                        continue
+                    if model.get("module") is None:
+                        self._layer_file(fqn, tp)  # a pipeline stage: its layer file must be there
+                    for ep_rank in range(self._ep(fqn)):
+                        self.shapes.setdefault(self._global(fqn, ep_rank), {})[tp] = tuple(shape)
             if self.stage == 3:
                 self._plan_zero3(mp, tp, groups)
             else:
                 self._plan_zero12(mp, tp, pp)
-        if self.experts:  # native DeepSpeed MoE expert weights are not consolidated yet: say so
-            self.layout["expert_files"] = len(self.experts)
-            self.missing.append(f"the weights in {len(self.experts)} layer_*_expert_* files (not read)")
         for fqn, by_tp in self.shapes.items():
             if sorted(by_tp) != list(range(self.tp)):
                 raise UserError(f"{fqn!r} is in the model-state files of tp ranks {sorted(by_tp)} of {self.tp}; "
@@ -200,9 +216,108 @@ class DeepSpeedSource(Source):
             self.has_step |= any("step" in s for s in osd["base_optimizer_state"]["state"].values())
             for g, mapping in enumerate(osd["param_slice_mappings"]):
                 for fqn, frag in mapping.items():
-                    if pp > 0 and self.patterns.is_pipeline_replicated(fqn):
-                        continue
-                    self.params.setdefault(fqn, {}).setdefault(tp, []).append((mp, dp, g, frag.start, frag.numel, None))
+                    name = self._global(fqn, dp % self._ep(fqn))
+                    piece = (mp, dp, g, frag.start, frag.numel, None)
+                    if not self._later_stage(fqn, pp):
+                        self.params.setdefault(name, {}).setdefault(tp, []).append(piece)
+                    elif self.first_stage[fqn] != pp:  # compared with the first stage's copy when read
+                        self.copies.setdefault(name, {}).setdefault(pp, {}).setdefault(tp, []).append(piece)
+
+    def _later_stage(self, fqn: str, pp: int) -> bool:
+        """A tied weight (TiedLayerSpec, or named by pipeline_replicated_parameter_patterns) is in
+        every pipeline stage that uses it, kept equal by DeepSpeed: the first stage's copy is read."""
+        return self.first_stage.setdefault(fqn, pp) != pp or (pp > 0 and self.patterns.is_pipeline_replicated(fqn))
+
+    # -- native MoE experts and pipeline layer files ------------------------------------------
+
+    def _expert_files(self, names: list[str]) -> tuple[dict, dict]:
+        """{(mp, layer, expert): path} of the expert files, checked complete against
+        ``num_experts``, and {layer prefix: [num_experts, ep_size, layer]} (ep_size set by the plan)."""
+        files = {(int(m.group(3)), int(m.group(1)), int(m.group(2))): self.dir / n
+                 for n in names if (m := EXPERT_RE.match(n))}
+        counts = self.model.get("num_experts")
+        if not files and not counts:
+            return {}, {}
+        counts = [int(c) for c in (counts if isinstance(counts, list) else [counts or 0])]
+        if self.stage == 3:
+            raise UserError(f"{self.dir} is a ZeRO-3 checkpoint with native MoE expert files, which this tool does "
+                            "not read; save the MoE job with ZeRO stage 1 or 2")
+        if (self.model.get("ds_config") or {}).get("use_data_before_expert_parallelism"):
+            raise UserError(f"{self.dir} was saved with use_data_before_expert_parallelism, whose expert placement "
+                            "this tool does not read; save with the default expert-then-data placement")
+        want = {(mp, layer, e) for mp in range(self.mp) for layer, n in enumerate(counts) for e in range(n)}
+        absent = sorted(want - set(files))
+        if absent:
+            mp, layer, e = absent[0]
+            raise UserError(f"{self.dir / f'layer_{layer}_expert_{e}_mp_rank_{mp:02d}_model_states.pt'} is missing "
+                            f"({len(files)} of the {len(want)} expert files for num_experts={counts}); "
+                            "the checkpoint is incomplete")
+        extra = sorted(set(files) - want)
+        if extra:
+            raise UserError(f"{files[extra[0]]} is beyond the checkpoint's num_experts={counts} "
+                            f"({len(files)} expert files for {len(want)}); mismatched expert counts: remove the "
+                            "files of another run")
+        moe = {}
+        for layer, n in enumerate(counts):
+            for key in load_pt(files[(0, layer, 0)]):
+                m = EXPERT_KEY.match(key)
+                if m:
+                    moe[m.group(1)] = [n, None, layer]
+        self.layout.update(experts=counts)
+        return files, moe
+
+    def _count_local_experts(self, groups: list):
+        """ep_size of each MoE layer: its experts over the local experts one rank's zero file names."""
+        local = {}
+        for g in groups:
+            for fqn in g:
+                m = EXPERT_KEY.match(fqn)
+                if m and m.group(1) in self.moe:
+                    local.setdefault(m.group(1), set()).add(int(m.group(2)))
+        for prefix, ids in local.items():
+            n = self.moe[prefix][0]
+            if n % len(ids) or self.dp % (n // len(ids)) or sorted(ids) != list(range(len(ids))):
+                raise UserError(f"{self.dir}: the zero files hold local experts {sorted(ids)} of {prefix!r} but "
+                                f"the checkpoint has {n} experts over {self.dp} data-parallel ranks; mismatched "
+                                "expert counts: the files are from different runs")
+            self.moe[prefix][1] = n // len(ids)
+            self.layout["ep"] = max(self.layout.get("ep", 1), n // len(ids))
+
+    def _ep(self, fqn: str) -> int:
+        m = EXPERT_KEY.match(fqn)
+        return self.moe[m.group(1)][1] if m and m.group(1) in self.moe else 1
+
+    def _global(self, fqn: str, ep_rank: int) -> str:
+        """The global name of a parameter the zero file of expert-parallel rank ``ep_rank`` names ``fqn``."""
+        m = EXPERT_KEY.match(fqn)
+        if not m or m.group(1) not in self.moe:
+            return fqn
+        n, ep, _ = self.moe[m.group(1)]
+        return f"{m.group(1)}{ep_rank * (n // ep) + int(m.group(2))}{m.group(3)}"
+
+    def _layer_file(self, fqn: str, tp: int) -> tuple[Path, str] | None:
+        """(file, key) of a pipeline layer's weight ``<layer index>.<name in the layer>``."""
+        idx, _, key = fqn.partition(".")
+        if not idx.isdigit():
+            return None  # tied modules (``tied_modules.*``) live in their first layer's file
+        path = self.layer_files.get((tp, int(idx)))
+        if path is None:
+            suffix = f"-model_{tp:02d}" if any(t for t, _ in self.layer_files) else ""
+            raise UserError(f"{self.dir / f'layer_{int(idx):02d}{suffix}-model_states.pt'} is missing (pipeline "
+                            f"layer {idx} of {fqn!r}); the checkpoint is incomplete")
+        return path, key
+
+    def _module_tensor(self, fqn: str) -> torch.Tensor:
+        """A parameter's model weight (for parameters DeepSpeed kept no optimizer state for)."""
+        m = EXPERT_KEY.match(fqn)
+        if m and m.group(1) in self.moe:
+            return load_pt(self.experts[(0, self.moe[m.group(1)][2], int(m.group(2)))])[fqn]
+        if self.model.get("module") is None:
+            found = self._layer_file(fqn, 0)
+            if found is None:
+                raise UserError(f"{fqn!r} has no optimizer state and no layer file in {self.dir}; it cannot be read")
+            return load_pt(found[0])[found[1]]
+        return self.model["module"][fqn]
 
     def _plan_zero3(self, mp: int, tp: int, groups: list):
         for dp in range(self.dp):
@@ -238,7 +353,7 @@ class DeepSpeedSource(Source):
         fqn, state = split_name(name)
         if fqn in self.fallback:
             self.extras[name] = {}
-            return self.model["module"][fqn].float()  # as ds_to_universal: the module's weight
+            return self._module_tensor(fqn).float()  # as ds_to_universal: the module's weight
         files = {}
 
         def osd(mp, dp):
@@ -249,13 +364,27 @@ class DeepSpeedSource(Source):
         if state == "step":
             mp, dp, g, *_ = self.params[fqn][0][0]
             return torch.as_tensor(self._flat(osd(mp, dp), g, "step"), dtype=torch.float32).clone()
+        slices = self._slices(fqn, self.params[fqn], state, osd)
+        if state == "fp32":
+            for pp, frags in self.copies.get(fqn, {}).items():
+                if not all(torch.equal(a, b) for a, b in zip(slices, self._slices(fqn, frags, state, osd))):
+                    raise UserError(f"{fqn!r} is in pipeline stages {self.first_stage[fqn]} and {pp} with different "
+                                    "values, so it is not one tied weight (TiedLayerSpec ties only its "
+                                    "tied_weight_attr); a universal checkpoint holds one value per name: give the "
+                                    "copies distinct names or tie them")
+        full, extras = self.patterns.merge(fqn, slices, state)
+        self.extras[name] = extras
+        return full
+
+    def _slices(self, fqn: str, frags_by_tp: dict, state: str, osd) -> list[torch.Tensor]:
+        """Each tensor-parallel rank's slice of ``fqn``, gathered from its data-parallel fragments."""
         slices = []
         for tp in range(self.tp):
             shape = self.shapes[fqn][tp]
             numel = math.prod(shape)
             buf = torch.empty(numel, dtype=torch.float32)
             at, covered = 0, 0
-            for mp, dp, g, start, n, dst in self.params[fqn].get(tp, []):
+            for mp, dp, g, start, n, dst in frags_by_tp.get(tp, []):
                 pos = at if dst is None else dst
                 buf[pos:pos + n] = self._flat(osd(mp, dp), g, state)[start:start + n]
                 at += n
@@ -264,12 +393,11 @@ class DeepSpeedSource(Source):
                 raise UserError(f"the optimizer files of {self.dir} hold {covered} of {numel} elements of {fqn!r}; "
                                 "a shard file is missing or from another run")
             slices.append(buf.view(shape))
-        full, extras = self.patterns.merge(fqn, slices)
-        self.extras[name] = extras
-        return full
+        return slices
 
     def peak_bytes(self, name: str) -> int:
-        return 2 * self.tensors[name].nbytes  # the per-tp slices and the merged atom
+        copies = 1 + len(self.copies.get(split_name(name)[0], {}))  # a tied weight is read once per stage
+        return (1 + copies) * self.tensors[name].nbytes  # the per-tp slices and the merged atom
 
     def objects(self) -> dict:
         osd = load_pt(self.optim[(0, 0)])["optimizer_state_dict"]
@@ -306,7 +434,8 @@ class DeepSpeedUniversalSource(Source):
                 name = param_name(d.name, state)
                 obj = load_pt(f)
                 t = obj["param"] if isinstance(obj, dict) else torch.as_tensor(obj)
-                shape = () if state == "step" else tuple(t.shape) if t.dim() > 1 or d.name not in shapes else shapes[d.name]
+                flat_zero3 = t.dim() == 1 and d.name in shapes and math.prod(shapes[d.name]) == t.numel()
+                shape = () if state == "step" else shapes[d.name] if flat_zero3 else tuple(t.shape)
                 self.tensors[name] = Info(shape, t.dtype)
                 self.files[name] = f
         self.layout = {"zero_stage": int(jsonable(self.model.get("ds_config", {}).get("zero_optimization", {}).get("stage", 0)))}
@@ -356,6 +485,7 @@ def finish_deepspeed_universal(tag_dir: Path, src: Source):
             out["param_groups"] = sd["optimizer_state_dict"]["param_groups"]
         else:
             out = {k: v for k, v in sd.items() if k not in SHARDED}
+            out["group_paddings"] = [0] * len(sd.get("group_paddings") or [])  # as ds_to_universal: atoms hold no padding
             out["param_groups"] = sd["base_optimizer_state"]["param_groups"]
         save_pt(out, zero / "optimizer_state.pt")
         files = src.model_files.values()
