@@ -5,15 +5,16 @@ Three "nodes" on this machine are torchrun agents with ``--nnodes 2:3`` (c10d re
 127.0.0.1, KINTSUGI_NODE_ID telling their keepers apart), one worker each. The worker
 trains a tiny MLP with FSDP2 (``fully_shard``: every parameter and optimizer state is split
 in 3 chunks by rows), snapshots every step into its node keeper, and the keepers erasure-code
-the snapshots (k=2, m=1) and write every step to disk (L2). At step K node 2 kill -9s its
+the snapshots (k=2, m=1) and write every step to disk (L2). At step K node 1 kill -9s its
 agent, keeper and worker once the group has coded step K - 1; torchrun restarts the two
-survivors as a 2-rank job, which must restore step K - 1 from memory: node 2's snapshot
+survivors as a 2-rank job, which must restore step K - 1 from memory: node 1's snapshot
 rebuilt from the survivors' EC shares and every chunk read resharded 3 -> 2 (a new rank's
 rows span two old ranks, one of them the lost one). The reference resumes the same step from
 the disk checkpoint on 2 ranks (checkpoint.store.load_state); its losses must equal the
 recovered job's. Afterwards the survivors' keepers code over the new 2-node group (k=1, m=1).
-Torchrun numbers nodes by its agents' pids and node 0 starts last, so the survivors' ranks
-change too (node 0 goes from rank 2 to 1): the keepers must let go of the old ranks' slots.
+Torchrun numbers nodes by its agents' pids (here 0, 1, 2, and the recovery line names the
+lost node by that number, which the worker records); node 2 goes on as rank 1, so its keeper
+must count only rank 1 for a complete node snapshot from then on and free rank 2's slots.
 
     python tests/test_snapshot_elastic.py train RUN_DIR STEPS --kill-at NODE:STEP
     python tests/test_snapshot_elastic.py reference RUN_DIR STEPS --from-step S
@@ -164,23 +165,26 @@ def reference(run_dir: Path, steps: int, start: int):
 # ============================================================================ the test
 
 class ElasticJob(Job):
-    """`nodes` torchrun agents allowed to shrink to nodes - 1; node 0 hosts the rendezvous.
-    Short keep-alives let the survivors notice a dead node in ~2 s (default 15 s); a
-    rendezvous round waits 5 s for late nodes once the minimum is there. Node 0 starts last:
-    the others wait for its store, so all join the first round at once (a node slower than
-    the 5 s would start the job with 2)."""
+    """`nodes` torchrun agents allowed to shrink to nodes - 1. The test hosts the rendezvous
+    store (as test_snapshot_ec.Job does, and a cluster's standing endpoint would); it opens
+    it 2 s after starting the agents, which wait for it, so all join the first round at once
+    (a node later than the last call would start the job with 2). Short keep-alives let the
+    survivors notice a dead node in ~2 s (default 15 s); a rendezvous round waits 5 s for
+    late nodes once the minimum is there."""
 
     def __init__(self, run_dir: Path, nodes: int, steps: int, kill: str):
+        from torch.distributed import TCPStore
+
         self.run_dir, self.nodes, self.port = run_dir, nodes, free_port()
         self.args = ["train", str(run_dir), str(steps), "--kill-at", kill]
-        others = {i: self.start(i) for i in range(1, nodes)}
+        self.agents = {i: self.start(i) for i in range(nodes)}
         time.sleep(2)
-        self.agents = {0: self.start(0), **others}
+        self.store = TCPStore("127.0.0.1", self.port, is_master=True, wait_for_workers=False)
 
     def start(self, node: int) -> subprocess.Popen:
         env = {**os.environ, "KINTSUGI_NODE_ID": str(node), "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
                "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
-        conf = f"is_host={int(node == 0)},join_timeout=60,last_call_timeout=5,keep_alive_interval=1,keep_alive_max_attempt=2"
+        conf = "is_host=0,join_timeout=60,last_call_timeout=5,keep_alive_interval=1,keep_alive_max_attempt=2"
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", f"{self.nodes - 1}:{self.nodes}",
                "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{self.port}",
                "--rdzv-id", "ecjob", "--rdzv-conf", conf, "--max-restarts", "2", "--monitor-interval", "0.2",
@@ -208,9 +212,9 @@ def test_lost_node_job_continues_on_survivors_from_rebuilt_resharded_snapshot(ru
     from checkpoint.format import committed_steps
 
     steps, kill_step = 8, 5
-    job = ElasticJob(run_dir, 3, steps, kill=f"2:{kill_step}")
+    job = ElasticJob(run_dir, 3, steps, kill=f"1:{kill_step}")
     # the reference: step K - 1 from disk on 2 ranks, same code; it starts once that step is
-    # committed (node 2 is killed then) and runs while the survivors regroup
+    # committed (node 1 is killed then) and runs while the survivors regroup
     while kill_step - 1 not in committed_steps(run_dir / "ckpt") and any(a.poll() is None for a in job.agents.values()):
         time.sleep(0.1)
     ref = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
@@ -218,12 +222,12 @@ def test_lost_node_job_continues_on_survivors_from_rebuilt_resharded_snapshot(ru
                            env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}, cwd=ROOT,
                            stdout=open(run_dir / "reference.log", "wb"), stderr=subprocess.STDOUT)
     rcs = job.wait()
-    assert rcs[0] == rcs[1] == 0 and rcs[2] == -signal.SIGKILL, rcs
+    assert rcs[0] == rcs[2] == 0 and rcs[1] == -signal.SIGKILL, rcs
     first, (level, step, world, was, rebuilt) = [r.split(" ", 4) for r in (run_dir / "recoveries.txt").read_text().splitlines()]
     assert first[0] == "None"  # a fresh start
-    lost = (run_dir / "node-2.index").read_text()
+    lost = (run_dir / "node-1.index").read_text()
     assert (level, int(step), int(world), int(was), rebuilt) == ("l0", kill_step - 1, 2, 3, f"[{lost}]")
-    logs = "".join((run_dir / f"agent-{n}.log").read_text() for n in range(2))
+    logs = "".join((run_dir / f"agent-{n}.log").read_text() for n in (0, 2))
     assert re.search(rf"kintsugi: recovered step {kill_step - 1} from memory via EC rebuild of node\(s\) \[{lost}\] "
                      r"onto 2 ranks \(was 3\) in [\d.]+ s", logs), logs[-3000:]
     assert "snapshots are now erasure-coded over 2 nodes: group 0: 2 nodes, k=1, m=1" in logs
@@ -232,7 +236,7 @@ def test_lost_node_job_continues_on_survivors_from_rebuilt_resharded_snapshot(ru
     # they time out: 30 s after the job)
     from checkpoint.snapshot import inspect_keeper
 
-    for node in (0, 1):
+    for node in (0, 2):
         for _ in range(100):  # the keepers code the last snapshot after the job ended
             report = inspect_keeper(run_dir, "ecjob", str(node))
             if steps in report["ec"]["encoded"]:
