@@ -59,7 +59,7 @@ def worker(rank, world, port, cfg, out_path):
     from deepspeed.moe.layer import MoE as DSMoE
 
     from comms.moe import build_ep_groups
-    from trainer.moe import MoE, apply_expert_parallel
+    from trainer.moe import MoE, apply_expert_parallel, capacity
     from trainer.moe_config import MoEConfig
 
     deepspeed.init_distributed(dist_backend="gloo", verbose=False)
@@ -100,12 +100,16 @@ def worker(rank, world, port, cfg, out_path):
     if rank == 0:
         sched = layers["kintsugi_auto"].scheduler
         report = sched.report()["moe"]
-        Path(out_path).write_text(json.dumps({"times": times, "auto_d": report["d"],
+        capacity_rows = cfg["batch"] * capacity(layers["kintsugi_auto"].cfg, cfg["seq"])
+        Path(out_path).write_text(json.dumps({"times": times, "auto_d": report["d"], "fill": report["rows"] / capacity_rows,
                                               "auto_predicted_ms": report["predicted_ms"],
                                               "profile": sched.profile.to_dict()}))
     for m in layers.values():
         m.scheduler.close()
     dist.barrier()
+    # End the group in order: a rank that exits with gloo's threads still up can abort
+    # (seen once under load: "terminate called without an active exception").
+    dist.destroy_process_group()
 
 
 def measure(world: int, cfg: dict) -> dict:
@@ -113,7 +117,7 @@ def measure(world: int, cfg: dict) -> dict:
         out = Path(tmp) / "result.json"
         mp.spawn(worker, args=(world, free_port(), cfg, str(out)), nprocs=world)
         raw = json.loads(out.read_text())
-    row = {"ranks": world, "auto_d": raw["auto_d"], "auto_predicted_ms": raw["auto_predicted_ms"], "profile": raw["profile"]}
+    row = {"ranks": world, "auto_d": raw["auto_d"], "fill": raw["fill"], "auto_predicted_ms": raw["auto_predicted_ms"], "profile": raw["profile"]}
     for name, ts in raw["times"].items():
         q = statistics.quantiles([1e3 * t for t in ts], n=4)
         row[f"{name}_ms"] = statistics.median(1e3 * t for t in ts)
@@ -169,12 +173,14 @@ def main(argv=None):
     print(f"\nMEASURED on this machine (gloo, CPU, 1 thread per rank): one MoE layer forward+backward, "
           f"dim={cfg['dim']} hidden={cfg['hidden']} experts={cfg['experts_per_rank']}/rank k={cfg['k']} "
           f"cf={cfg['capacity_factor']} tokens/rank={cfg['batch'] * cfg['seq']}; {cfg['rounds']} interleaved rounds")
-    print(f"{'ranks':>5} | {'DeepSpeed-MoE ms':>24} | {'Kintsugi d=1 ms':>24} | {'Kintsugi auto ms':>24} | auto d | auto/DS")
-    print(f"{'':>5} | {'median [IQR] min':>24} | {'median [IQR] min':>24} | {'median [IQR] min':>24} |        | (median)")
+    print(f"{'ranks':>5} | {'DeepSpeed-MoE ms':>24} | {'Kintsugi d=1 ms':>24} | {'Kintsugi auto ms':>24} | auto d | auto/DS "
+          f"| Kintsugi rows")
+    print(f"{'':>5} | {'median [IQR] min':>24} | {'median [IQR] min':>24} | {'median [IQR] min':>24} |        | (median) "
+          f"| / capacity")
     for r in measured:
         cells = [f"{r[f'{v}_ms']:7.1f} [{r[f'{v}_iqr_ms']:5.1f}] {r[f'{v}_min_ms']:6.1f}" for v in VARIANTS]
         print(f"{r['ranks']:>5} | {cells[0]:>24} | {cells[1]:>24} | {cells[2]:>24} | {r['auto_d']:>6} | "
-              f"{r['kintsugi_auto_ms'] / r['deepspeed_ms']:.2f}")
+              f"{r['kintsugi_auto_ms'] / r['deepspeed_ms']:8.2f} | {r['fill']:.2f}")
     print(f"\nMODELLED (performance model, assumed 4 nodes x 8 GPUs, NVLink intra, 200 Gb/s inter; not measured): "
           f"sequential (d=1, gradients after backward) vs chosen schedule")
     print(f"{'M':>5} {'tokens/GPU':>10} {'experts/GPU':>11} | {'sequential ms':>13} | {'auto ms':>8} | {'d':>3} | "

@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from comms import UserError
-from comms.moe import Cost, LayerShape, Profile, choose, gpu_cluster_profile, sequential, simulate
+from comms.moe import Cost, LayerShape, MoEScheduler, Profile, choose, gpu_cluster_profile, sequential, simulate
+from comms.moe.pipeline import packed_layout
 from tests.moe_reference import reference_moe
-from trainer.moe import MoE, GroupedExperts
+from trainer.moe import MoE, GroupedExperts, capacity
 from trainer.moe_config import MoEConfig
 
 ROUTERS = ["switch", "gshard", "expert_choice", "sigmoid"]
@@ -76,18 +77,41 @@ def test_capacity_drops_deterministically_and_identically_across_chunks(router):
         m.router.gate.weight[0] += 3.0 * m.router.gate.weight[0].sign()
     x = torch.randn(2, 16, 8).abs()
     r1, r2 = m.router(x), m.router(x)
-    assert torch.equal(r1.tok, r2.tok) and torch.equal(r1.slot, r2.slot)
+    assert torch.equal(r1.tok, r2.tok) and torch.equal(r1.expert, r2.expert) and torch.equal(r1.row, r2.row)
     k = cfg.top_k
     assert r1.tok.numel() < 2 * 16 * k, "capacity must drop some assignments in this setup"
     _, kept = reference_moe(x, m.router.gate.weight, m.experts.w1, m.experts.w3, m.experts.w2, cfg)
-    ours = {(int(t) // 16, int(t) % 16, int(s) // r1.slots_per_expert) for t, s in zip(r1.tok, r1.slot)}
+    ours = {(int(t) // 16, int(t) % 16, int(e)) for t, e in zip(r1.tok, r1.expert)}
     assert ours == kept
+    # Packed: expert e's kept tokens fill rows 0..n_e-1, sequence after sequence, and
+    # the counts say how many, at most 2 sequences x capacity.
+    for e in range(cfg.n_experts):
+        mine = r1.expert == e
+        assert torch.equal(r1.row[mine].sort().values, torch.arange(int(mine.sum())))
+        seqs = (r1.tok[mine] // 16)[r1.row[mine].argsort()]
+        assert torch.equal(seqs, seqs.sort().values)
+    assert torch.equal(r1.counts, torch.bincount(r1.expert, minlength=cfg.n_experts))
+    assert int(r1.counts.max()) <= 2 * capacity(cfg, 16)
     ys = [run(m, x, d)[0] for d in (1, 2, 4)]
     dropped = sorted({(b, s) for b in range(2) for s in range(16)} - {(b, s) for b, s, _ in kept})
     for y in ys:
         torch.testing.assert_close(y, ys[0], rtol=1e-5, atol=1e-6)
         for b, s in dropped:  # a token every choice of which was dropped gets exactly zero
             assert torch.count_nonzero(y[b, s]) == 0
+
+
+def test_receiver_packs_only_the_used_rows_of_each_block():
+    # 2 sources x 2 local experts, blocks of 4 rows; used rows per (source, expert):
+    counts = torch.tensor([[3, 1], [2, 0]])
+    pos, dest, width, s = packed_layout(counts, 0, 4)
+    # Expert 0 takes rows 0-2 of source 0's block and 0-1 of source 1's, expert 1 row 0 of
+    # source 0's; flat index in (source, expert, row) blocks, packed (expert, width) places.
+    assert (width, s) == (5, 4)
+    assert pos.tolist() == [0, 1, 2, 8, 9, 4] and dest.tolist() == [0, 1, 2, 3, 4, 5]
+    # The second of two chunks of 2 rows: only row 2 of source 0's expert-0 block is used.
+    pos, dest, width, _ = packed_layout(counts, 2, 2)
+    assert (pos.tolist(), dest.tolist(), width) == ([0], [0], 1)
+    assert packed_layout(torch.full((2, 2), 4), 0, 4) is None  # nothing to skip
 
 
 def test_output_independent_of_batch_split():
@@ -171,6 +195,22 @@ def test_model_picks_more_chunks_when_comm_is_bandwidth_bound_and_fewer_when_lat
     # Communication that cannot run alongside compute (shared CPU cores): nothing to gain.
     assert choose(shape, dataclasses.replace(bw, overlap=0.0)).d == 1
     assert choose(shape, dataclasses.replace(bw, overlap=0.5)).d <= choose(shape, bw).d
+
+
+def test_auto_schedules_from_the_profile_it_holds():
+    """chunks="auto" asks the model with the scheduler's (measured) profile, for the packed
+    rows rounded up to their bucket; a profile where overlap is impossible gives d=1."""
+    shape = dataclasses.replace(SHAPE, grad_bytes=0, slots=500)
+    compute = profile(0, 0).expert(shape.expert_flops)
+    bw = profile(5e-6, compute / shape.a2a_bytes)
+    sched = MoEScheduler(None, "auto")
+    sched.profile = bw
+    want = choose(dataclasses.replace(shape, slots=512), bw)  # 500 rows -> bucket 2^9
+    got = sched.schedule(shape)
+    assert got.d == want.d >= 4 and got.predicted_s == want.predicted_s
+    shared_cores = MoEScheduler(None, "auto")
+    shared_cores.profile = dataclasses.replace(bw, overlap=0.0)
+    assert shared_cores.schedule(shape).d == 1
 
 
 def test_large_gradient_to_hide_favours_longer_link_gaps():

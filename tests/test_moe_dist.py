@@ -63,6 +63,10 @@ def check_layer(groups, router, dp_size, expert_dp=None, chunks=("1", "2", "4"))
         for g in full.values():
             g.div_(dp_size)
     local = groups.ep and ref.cfg.n_experts // groups.ep
+    # The setup must exercise packing: some expert's rows over all sources fall short of
+    # ep x the fullest block, so receivers skip padding.
+    counts = ep.scheduler.agree_counts(ep.router(x).counts)
+    assert ref.cfg.router == "expert_choice" or (counts.sum(0) < groups.ep * counts.max()).any()
     for d in chunks:
         ep.scheduler.chunks = d
         y, gx = fwd_bwd(ep, x)

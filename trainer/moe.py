@@ -5,8 +5,13 @@
 - router: scores experts per token, picks assignments and drops what exceeds capacity.
   Capacity is per sequence (GShard's "groups"), so dropping, and hence the model's output,
   does not depend on how the batch is split over ranks or chunks.
-- order: permutes tokens into a buffer of (experts, capacity slots, dim); empty slots are 0.
+- order: permutes tokens into a buffer of (experts, rows, dim), each expert's kept tokens
+  packed in (sequence, position) order. ``rows`` is the fullest expert's count on any EP
+  rank, not the capacity: the padding the capacity factor leaves (up to 1 - 1/factor of
+  the slots when routing is balanced) is neither exchanged nor computed beyond what the
+  fullest expert needs. Unused rows are 0.
 - dispatch / combine: all-to-all over the EP group (comms.moe), chunked and overlapped with
+  the expert compute.
 - experts: SwiGLU experts stored as stacked tensors (n_experts, ...), one batched matmul each.
 - inverse order: weights each expert output by its gate and sums it back onto its token.
 
@@ -34,10 +39,16 @@ class Routing:
     """Kept token->expert assignments of one forward, as flat index tensors."""
 
     tok: torch.Tensor  # (A,) token index in batch x seq
-    slot: torch.Tensor  # (A,) row of the (experts x sequences x capacity) buffer
+    expert: torch.Tensor  # (A,) expert of the assignment
+    row: torch.Tensor  # (A,) its row among the expert's kept tokens, in (sequence, position) order
     gate: torch.Tensor  # (A,) weight of the expert's output for that token
-    slots_per_expert: int  # sequences x capacity
+    counts: torch.Tensor  # (E,) kept tokens per expert (<= sequences x capacity)
+    fixed: bool  # every expert always keeps the same count (expert choice): no need to agree
     aux_loss: torch.Tensor
+
+    def slot(self, rows: int) -> torch.Tensor:
+        """Row of each assignment in the (experts x rows) buffer."""
+        return self.expert * rows + self.row
 
 
 def capacity(cfg: MoEConfig, seq: int) -> int:
@@ -86,10 +97,14 @@ class Router(nn.Module):
         onehot = F.one_hot(order, n_exp)
         pos = ((onehot.cumsum(dim=1) - 1) * onehot).sum(-1).view(bsz, k, seq).transpose(1, 2)  # (B, S, k)
         keep = pos < cap
+        # Pack each expert's kept tokens: sequence b starts after the kept tokens of b' < b.
+        kept = onehot.sum(dim=1).clamp(max=cap)  # (B, E)
+        start = kept.cumsum(dim=0) - kept
+        row = start.gather(1, experts.reshape(bsz, -1)).view_as(experts) + pos
         b = torch.arange(bsz).view(-1, 1, 1).expand_as(experts)
         s = torch.arange(seq).view(1, -1, 1).expand_as(experts)
-        slot = experts * (bsz * cap) + b * cap + pos
-        return Routing(tok=(b * seq + s)[keep], slot=slot[keep], gate=gates[keep], slots_per_expert=bsz * cap, aux_loss=aux)
+        return Routing(tok=(b * seq + s)[keep], expert=experts[keep], row=row[keep], gate=gates[keep],
+                       counts=kept.sum(dim=0), fixed=False, aux_loss=aux)
 
 
 class SwitchRouter(Router):
@@ -134,31 +149,31 @@ class ExpertChoiceRouter(Router):
         idx = probs.transpose(1, 2).sort(dim=-1, descending=True, stable=True).indices[..., :cap]  # (B, E, C)
         gate = probs.transpose(1, 2).gather(-1, idx)
         b = torch.arange(bsz).view(-1, 1, 1)
-        e = torch.arange(n_exp).view(1, -1, 1)
+        e = torch.arange(n_exp).view(1, -1, 1).expand_as(idx)
         c = torch.arange(cap).view(1, 1, -1)
-        slot = (e * (bsz * cap) + b * cap + c).expand_as(idx)
-        return Routing(tok=(b * seq + idx).reshape(-1), slot=slot.reshape(-1), gate=gate.reshape(-1),
-                       slots_per_expert=bsz * cap, aux_loss=self.losses(logits, probs, None))
+        return Routing(tok=(b * seq + idx).reshape(-1), expert=e.reshape(-1), row=(b * cap + c).expand_as(idx).reshape(-1),
+                       gate=gate.reshape(-1), counts=torch.full((n_exp,), bsz * cap, device=logits.device), fixed=True,
+                       aux_loss=self.losses(logits, probs, None))
 
 
 ROUTERS = {"switch": SwitchRouter, "gshard": GShardRouter, "expert_choice": ExpertChoiceRouter, "sigmoid": SigmoidRouter}
 
 
 class Order(nn.Module):
-    """Tokens -> (experts, slots, dim) buffer, grouped by expert; unused slots are zeros."""
+    """Tokens -> (experts, rows, dim) buffer, grouped by expert; unused rows are zeros."""
 
-    def forward(self, x: torch.Tensor, r: Routing, n_experts: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, r: Routing, slot: torch.Tensor, n_experts: int, rows: int) -> torch.Tensor:
         # In place on a fresh buffer: the out-of-place index_copy would clone it first.
-        buf = x.new_zeros(n_experts * r.slots_per_expert, x.shape[-1])
-        return buf.index_copy_(0, r.slot, x[r.tok]).view(n_experts, r.slots_per_expert, -1)
+        buf = x.new_zeros(n_experts * rows, x.shape[-1])
+        return buf.index_copy_(0, slot, x[r.tok]).view(n_experts, rows, -1)
 
 
 class InverseOrder(nn.Module):
-    """(experts, slots, dim) outputs -> tokens, each weighted by its gate and summed."""
+    """(experts, rows, dim) outputs -> tokens, each weighted by its gate and summed."""
 
-    def forward(self, out: torch.Tensor, r: Routing, n_tokens: int) -> torch.Tensor:
-        rows = out.reshape(-1, out.shape[-1])[r.slot] * r.gate.to(out.dtype).unsqueeze(-1)
-        return rows.new_zeros(n_tokens, out.shape[-1]).index_add_(0, r.tok, rows)
+    def forward(self, out: torch.Tensor, r: Routing, slot: torch.Tensor, n_tokens: int) -> torch.Tensor:
+        picked = out.reshape(-1, out.shape[-1])[slot] * r.gate.to(out.dtype).unsqueeze(-1)
+        return picked.new_zeros(n_tokens, out.shape[-1]).index_add_(0, r.tok, picked)
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -184,18 +199,22 @@ class GroupedExperts(nn.Module):
     def fwd(x, w1, w3, w2):
         """x: (local experts, rows, dim) -> (y, what the backward needs)."""
         h1, h3 = torch.bmm(x, w1.mT), torch.bmm(x, w3.mT)
-        return torch.bmm(F.silu(h1) * h3, w2.mT), (x, h1, h3)
+        act = F.silu(h1)
+        p = act * h3
+        # Keeps what autograd would (x, h1, silu(h1), h3, their product): recomputing the
+        # last two in backward costs 2 more passes over (rows x hidden).
+        return torch.bmm(p, w2.mT), (x, h1, h3, act, p)
 
     @staticmethod
     def bwd(gy, saved, w1, w3, w2):
-        """Hand-written SwiGLU backward (the pipeline runs it chunk by chunk between exchanges);
-        fused silu_backward keeps it to 4 elementwise passes."""
-        x, h1, h3 = saved
-        act = F.silu(h1)
+        """Hand-written SwiGLU backward (the pipeline runs it chunk by chunk between exchanges):
+        3 elementwise passes, in place on buffers it no longer needs (it consumes ``saved``),
+        so it allocates no (rows x hidden) tensor of its own."""
+        x, h1, h3, act, p = saved
         ga = torch.bmm(gy, w2)
-        gw2 = torch.bmm(gy.mT, act * h3)
-        gh3 = ga * act
-        gh1 = torch.ops.aten.silu_backward(ga * h3, h1)
+        gw2 = torch.bmm(gy.mT, p)
+        gh3 = act.mul_(ga)
+        gh1 = torch.ops.aten.silu_backward.grad_input(ga.mul_(h3), h1, grad_input=h1)
         gx = torch.baddbmm(torch.bmm(gh3, w3), gh1, w1)
         return gx, (torch.bmm(gh1.mT, x), torch.bmm(gh3.mT, x), gw2)
 
@@ -221,12 +240,17 @@ class MoE(nn.Module):
         self.aux_loss = r.aux_loss
         flat = x.reshape(-1, dim)
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-        buf = self.order(flat, r, self.cfg.n_experts).to(dtype)
+        # Every EP rank sends blocks of one size, the fullest expert's count on any rank; the
+        # counts of all ranks (one small all-gather) also let receivers skip the padding.
+        counts = None if r.fixed else self.scheduler.agree_counts(r.counts)
+        rows = int(r.counts.max() if counts is None else counts.max())
+        slot = r.slot(rows)
+        buf = self.order(flat, r, slot, self.cfg.n_experts, rows).to(dtype)
         # The pipeline runs its own matmuls in `dtype` (its backward is hand-written).
         with torch.autocast(x.device.type, enabled=False):
             out = self.scheduler.run(self.name, buf, self.experts.local_weights(), GroupedExperts.fwd,
-                                     GroupedExperts.bwd, self.experts.hidden)
-        y = self.inverse_order(out, r, bsz * seq).to(x.dtype)
+                                     GroupedExperts.bwd, self.experts.hidden, counts)
+        y = self.inverse_order(out, r, slot, bsz * seq).to(x.dtype)
         if self.shared is not None:
             y = y + self.shared(x).reshape(-1, dim)
         return y.view(bsz, seq, dim)

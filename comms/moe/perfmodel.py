@@ -70,7 +70,7 @@ class LayerShape:
     """What one rank's MoE layer moves and computes per step."""
 
     n_experts: int
-    slots: int  # capacity slots per expert on this rank (sequences x capacity)
+    slots: int  # rows per expert this rank sends (the layer packs kept tokens; at most sequences x capacity)
     dim: int
     hidden: int
     ep: int

@@ -1,7 +1,7 @@
 """The co-scheduled MoE pipeline: dispatch -> experts -> combine over d chunks.
 
-``run`` takes the locally ordered dispatch buffer (E experts x S capacity slots x dim) and
-returns the combined expert outputs in the same layout. The slots are split into d chunks;
+``run`` takes the locally ordered dispatch buffer (E experts x S rows x dim) and returns
+the combined expert outputs in the same layout. The rows are split into d chunks;
 the main thread computes chunk i's experts while the EP lane carries the dispatch of chunk
 i+1 and the combine of chunk i-1. The backward runs the same pipeline in reverse (the
 gradient of a combine is a dispatch and vice versa) and, after each chunk's expert backward
@@ -57,11 +57,27 @@ class _CoScheduled(torch.autograd.Function):
 class Plan:
     """One layer call's schedule: the exchanger, d, expert functions, optional reducer."""
 
-    def __init__(self, exchanger, ep: int, d: int, fwd, bwd, reducer=None, gap_bytes=None, record=None):
+    def __init__(self, exchanger, ep: int, d: int, fwd, bwd, reducer=None, gap_bytes=None, record=None, counts=None):
         self.exchanger, self.ep, self.d = exchanger, ep, d
         self.fwd, self.bwd = fwd, bwd
         self.reducer, self.gap_bytes = reducer, gap_bytes
         self.record = record or (lambda phase, seconds: None)
+        self.counts = counts  # (ep_src, local experts): used rows of each received block, or None
+        self._layouts = None  # per chunk; the backward reuses the forward's
+
+    def layouts(self, sizes: list[int]):
+        """Per chunk, where the used rows of the received (ep_src, local, s) blocks go in a
+        packed (local, width) buffer for the experts, or None when every row is used.
+
+        Senders pad each expert's block to the fullest expert of any rank; the receiver
+        knows every block's count, so it computes (and keeps activations for) only its own
+        experts' rows: width = the larger of its experts' totals over all sources."""
+        if self._layouts is None:
+            self._layouts, start = [], 0
+            for s in sizes:
+                self._layouts.append(None if self.counts is None else packed_layout(self.counts, start, s))
+                start += s
+        return self._layouts
 
     def pipeline(self, buf: torch.Tensor, compute, reducer_gaps: bool):
         """Run compute over d chunks of ``buf`` (E, S, dim) between two exchanges each.
@@ -73,23 +89,33 @@ class Plan:
         n_exp, _, dim = buf.shape
         ep, local = self.ep, n_exp // self.ep
         chunks = torch.tensor_split(buf, self.d, dim=1)
+        layouts = self.layouts([c.shape[1] for c in chunks])
 
-        def to_experts(x):  # (E, s, dim) -> received (ep_src, local, s, dim) -> (local, ep*s, dim)
-            return x.permute(1, 0, 2, 3).reshape(local, -1, dim)
+        def to_experts(x, lay):  # received (ep_src, local, s, dim) -> (local, rows, dim)
+            if lay is None:
+                return x.permute(1, 0, 2, 3).reshape(local, -1, dim)
+            pos, dest, width, _ = lay
+            out = x.new_zeros(local * width, dim)
+            return out.index_copy_(0, dest, x.reshape(-1, dim).index_select(0, pos)).view(local, width, dim)
 
-        def from_experts(y):  # (local, ep*s, dim) -> (ep_dst, local, s, dim) to send back
-            return y.view(local, ep, -1, dim).permute(1, 0, 2, 3)
+        def from_experts(y, lay):  # (local, rows, dim) -> (ep_dst, local, s, dim) to send back
+            if lay is None:
+                return y.view(local, ep, -1, dim).permute(1, 0, 2, 3)
+            pos, dest, _, s = lay
+            out = y.new_zeros(ep * local * s, dim)
+            return out.index_copy_(0, pos, y.reshape(-1, dim).index_select(0, dest)).view(ep, local, s, dim)
 
         inline = self.d == 1  # one chunk: nothing to overlap, skip the lane hand-off
 
-        def start_dispatch(c):
-            return self.exchanger.start(c, pre=lambda t: t.reshape(ep, local, -1, dim), post=to_experts, inline=inline)
+        def start_dispatch(i):
+            return self.exchanger.start(chunks[i], pre=lambda t: t.reshape(ep, local, -1, dim),
+                                        post=lambda t: to_experts(t, layouts[i]), inline=inline)
 
-        arrived = [start_dispatch(chunks[0])]
+        arrived = [start_dispatch(0)]
         combined, saved = [], []
         for i in range(self.d):
             if i + 1 < self.d:
-                arrived.append(start_dispatch(chunks[i + 1]))
+                arrived.append(start_dispatch(i + 1))
             x = arrived[i].result()
             if reducer_gaps and self.reducer is not None:
                 # The link idles while chunk i's experts compute: fill that window.
@@ -98,8 +124,25 @@ class Plan:
             if isinstance(out, tuple):
                 out, keep = out
                 saved.append(keep)
-            combined.append(self.exchanger.start(out, pre=from_experts, post=lambda t: t.reshape(n_exp, -1, dim), inline=inline))
+            combined.append(self.exchanger.start(out, pre=lambda t, lay=layouts[i]: from_experts(t, lay),
+                                                 post=lambda t: t.reshape(n_exp, -1, dim), inline=inline))
         return [c.result() for c in combined], saved
+
+
+def packed_layout(counts: torch.Tensor, start: int, s: int):
+    """For the chunk of rows [start, start + s) of every block: (pos, dest, width, s) with
+    pos the used rows' flat index in the received (ep_src, local, s) blocks and dest their
+    place in the packed (local, width) buffer (expert by expert, source after source)."""
+    ep, local = counts.shape
+    used = (counts - start).clamp(0, s).t()  # (local, ep_src)
+    mask = (torch.arange(s, device=counts.device) < used.unsqueeze(-1)).reshape(local, ep * s)
+    width = int(mask.sum(1).max())
+    if width == ep * s:
+        return None  # no padding to skip
+    expert, j = mask.nonzero(as_tuple=True)
+    dest = expert * width + (mask.cumsum(1) - 1)[expert, j]
+    pos = ((j // s) * local + expert) * s + j % s
+    return pos, dest, width, s
 
 
 def run(buf: torch.Tensor, weights, plan: Plan) -> torch.Tensor:

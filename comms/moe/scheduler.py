@@ -2,8 +2,13 @@
 schedule each layer shape runs, and predicted-vs-measured times for the log."""
 from __future__ import annotations
 
+import dataclasses
 import logging
+import math
 import statistics
+
+import torch
+import torch.distributed as dist
 
 from comms import dist_utils
 from comms.moe.a2a import EPGroups, Exchanger
@@ -34,6 +39,16 @@ class MoEScheduler:
         """Re-measure the groups at the next layer call (every rank must request it together)."""
         self.profile = None
 
+    def agree_counts(self, counts):
+        """Every EP rank's kept tokens per expert, (ep, E), from each rank's (E,) ``counts``.
+        One small all-gather per layer call; the EP lanes are idle between layer calls, so
+        it cannot interleave with an exchange on the same group."""
+        if self.ep == 1:
+            return counts.view(1, -1)
+        out = counts.new_empty(self.ep, counts.numel())
+        dist.all_gather(list(out.unbind(0)), counts, group=self.groups.group)
+        return out
+
     def schedule(self, shape: LayerShape) -> Schedule:
         if self.chunks != "auto":
             return Schedule(d=max(1, min(int(self.chunks), shape.slots)))
@@ -43,6 +58,10 @@ class MoEScheduler:
             self.profile = measure(self.groups, shape.dim, shape.hidden, shape.n_experts // shape.ep)
             self._schedules.clear()
             log.info("moe profile: %s", self.profile.to_dict())
+        # Packed rows change every step: plan for the top of the rows' bucket (4 per octave),
+        # so the ~1 ms model runs once per bucket, not per call. All EP ranks agreed on the
+        # rows, so they pick the same bucket and the same d.
+        shape = dataclasses.replace(shape, slots=math.ceil(2 ** (math.ceil(4 * math.log2(shape.slots)) / 4)))
         key = (shape.n_experts, shape.slots, shape.dim, shape.hidden, shape.elt_bytes)
         if key not in self._schedules:
             s = self._schedules[key] = choose(shape, self.profile)
@@ -50,14 +69,15 @@ class MoEScheduler:
                      key, s.d, s.gap_bytes, 1e3 * s.predicted_fwd_s, 1e3 * s.predicted_bwd_s)
         return self._schedules[key]
 
-    def run(self, name: str, buf, weights, fwd, bwd, hidden: int):
-        """Co-scheduled dispatch -> experts -> combine of ``buf`` (E, slots, dim)."""
+    def run(self, name: str, buf, weights, fwd, bwd, hidden: int, counts=None):
+        """Co-scheduled dispatch -> experts -> combine of ``buf`` (E, slots, dim); ``counts``
+        (ep, E): used rows of each rank's blocks (None: all of them)."""
         n_exp, slots, dim = buf.shape
         shape = LayerShape(n_exp, slots, dim, hidden, self.ep, buf.element_size(), self.grad_bytes_per_layer)
         sched = self.schedule(shape)
         self._calls += 1
         times = self._times.setdefault(name, {"fwd": [], "bwd": [], "schedule": sched})
-        times["schedule"] = sched
+        times["schedule"], times["rows"] = sched, slots
 
         def record(phase, seconds):
             times[phase].append(seconds)
@@ -67,19 +87,25 @@ class MoEScheduler:
                 log.info("moe %s: d=%d predicted %s, measured %.2f ms (median of %d fwd+bwd)",
                          name, r["d"], predicted, r["measured_ms"], REPORT_EVERY)
 
-        plan = Plan(self.exchanger, self.ep, sched.d, fwd, bwd, self.reducer,
-                    sched.gap_bytes if self.chunks == "auto" else None, record)
+        mine = None
+        if counts is not None and self.ep > 1:
+            local = n_exp // self.ep
+            first = dist.get_rank(self.groups.group) * local
+            mine = counts[:, first:first + local]
+        plan = Plan(self.exchanger, self.ep, min(sched.d, slots), fwd, bwd, self.reducer,
+                    sched.gap_bytes if self.chunks == "auto" else None, record, mine)
         return run(buf, weights, plan)
 
     def report(self) -> dict:
-        """Per layer: chosen d, predicted and measured (median of the last calls) fwd+bwd ms."""
+        """Per layer: chosen d, predicted and measured (median of the last calls) fwd+bwd ms,
+        and the rows per expert the last call exchanged (receivers compute only the used ones)."""
         out = {}
         for name, t in self._times.items():
             fwd, bwd = t["fwd"][-REPORT_EVERY:], t["bwd"][-REPORT_EVERY:]
             measured = 1e3 * (statistics.median(fwd) + statistics.median(bwd)) if fwd and bwd else None
             s = t["schedule"]
             out[name] = {"d": s.d, "predicted_ms": 1e3 * s.predicted_s if self.chunks == "auto" else None,
-                         "measured_ms": measured}
+                         "measured_ms": measured, "rows": t["rows"]}
         return out
 
     def close(self):
