@@ -15,6 +15,12 @@ the newest complete step; an EC rebuild of the nodes whose keepers are empty (at
 group) from their peers' shares; else the newest disk checkpoint (L1/L2), and logs that
 choice as one line. All ranks agree on the step before loading; shards held by other
 nodes' keepers are read over TCP (``remote_readers``).
+
+Elastic shrink: when torchrun restarts the job on fewer nodes (``--nnodes MIN:MAX``), a
+survivor of each lost node's group rebuilds that node's snapshot and serves it in its place
+(``SnapshotExchange.adopt``); the smaller world loads the old world's step resharded (the
+Checkpointer reads chunks by overlap), then the keepers take places in a new layout with a
+code re-chosen for the nodes left (``fit_code``).
 """
 from __future__ import annotations
 
@@ -41,6 +47,7 @@ from comms import dist_utils
 log = logging.getLogger(__name__)
 
 TRAILER = struct.Struct("<Q")  # length of the metadata JSON, the node snapshot's last 8 bytes
+LAYOUT = ("group", "pos", "k", "m", "nodes", "nodes_total")  # a keeper's place; another one drops what it coded
 
 
 # ============================================================================ keeper side
@@ -55,6 +62,10 @@ class SnapshotExchange:
         self.holding: dict[int, NodeShares] = {}  # step -> what this node serves at that step
         self.pinned: dict[int, list] = {}  # step -> slots kept alive for it
         self.meta: dict[int, bytes] = {}  # step -> metadata trailer of a rebuilt snapshot (kept verbatim)
+        # step -> [(shares, slots)] of lost nodes' snapshots this keeper rebuilt and serves in
+        # their place (elastic shrink), until the job's next layout
+        self.adopted: dict[int, list[tuple[NodeShares, list]]] = {}
+        self.ranks: set[int] | None = None  # the global ranks now on this node (None: every rank seen)
         self.encoded: set[int] = set()
         self.confirmed = -1  # newest step every peer of the group has encoded too
         self.plan: dict | None = None
@@ -66,44 +77,63 @@ class SnapshotExchange:
 
     # ------------------------------------------------------------ requests from the trainers
 
-    def configure(self, plan: dict, token: str) -> dict:
-        """plan: job, group, pos (this node's position in its group), k, m, peers (pos -> address)."""
+    def configure(self, plan: dict | None, token: str) -> dict:
+        """plan: job, group, pos (this node's position in its group), k, m, nodes (the group's
+        node slots), nodes_total, peers (pos -> address); None turns erasure coding off."""
         with self.lock:
-            old = self.plan
-            if old and (old["k"], old["m"], old["pos"], old["group"]) != (plan["k"], plan["m"], plan["pos"], plan["group"]):
+            if self.plan and (plan is None or any(self.plan.get(x) != plan.get(x) for x in LAYOUT)):
                 self._drop(list(self.holding))  # another layout: what was coded is meaningless now
+                self._release_adopted()
             self.plan = plan
-            self.server.token = token.encode()
-            for c in self.clients.values():
-                c.close()
-            self.clients = {int(p): PeerClient(a, token, self.timeout) for p, a in plan.get("peers", {}).items()
-                            if int(p) != plan["pos"]}
+            self._connect(token)
         return {"address": self.server.address}
+
+    def rekey(self, token: str):
+        """Keep this node's place, with the token of the job's new attempt."""
+        with self.lock:
+            self._connect(token)
+
+    def _connect(self, token: str):
+        self.server.token = token.encode()
+        for c in self.clients.values():
+            c.close()
+        peers = (self.plan or {}).get("peers", {})
+        self.clients = {int(p): PeerClient(a, token, self.timeout) for p, a in peers.items() if int(p) != self.plan["pos"]}
+
+    def set_ranks(self, ranks: list[int]):
+        """The global ranks now on this node (they change when torchrun restarts the job on
+        another set of nodes): only they count for a complete node snapshot; slots of other
+        ranks, left from the previous attempt and no longer needed, are freed."""
+        with self.lock:
+            self.ranks = set(ranks)
+            self._release_stale()
 
     def status(self) -> dict:
         """What this keeper holds: complete node snapshots by step (ranks, bytes), parity by
         step, the steps it has finished encoding, and its place in the group."""
         with self.store.cond:
             steps: dict[int, list] = {}
+            worlds: dict[str, int] = {}  # step -> the world size that saved it
             for s in self.store.slots:
                 if s.state == "ready":
                     steps.setdefault(s.step, []).append([s.rank, s.used])
+                    worlds[str(s.step)] = s.world
         with self.lock:
             parity = {str(st): n.nbytes for st, n in self.holding.items()}
-            layout = {}  # step -> the node snapshot's length and where each rank's slot sits in it
+            layout: dict[str, list] = {}  # step -> the node snapshots served: position, length, each rank's slot in it
             for st, slots in self.pinned.items():
-                offsets = np.cumsum([0] + [s.used for s in slots]).tolist()
-                layout[str(st)] = {"length": len(self.holding[st].snapshot),
-                                   "ranks": [[s.rank, o, s.used] for s, o in zip(slots, offsets)]}
-            plan = None if self.plan is None else {x: self.plan[x] for x in ("group", "pos", "k", "m")}
-            return {"steps": {str(k): sorted(v) for k, v in steps.items()}, "parity": parity, "layout": layout,
-                    "encoded": sorted(self.encoded), "plan": plan, "address": self.server.address}
+                layout[str(st)] = [_layout(self.holding[st], slots)]
+            for st, entries in self.adopted.items():
+                layout.setdefault(str(st), []).extend(_layout(node, slots) for node, slots in entries)
+            plan = None if self.plan is None else {x: self.plan.get(x) for x in LAYOUT}
+            return {"steps": {str(k): sorted(v) for k, v in steps.items()}, "worlds": worlds, "parity": parity,
+                    "layout": layout, "encoded": sorted(self.encoded), "plan": plan, "address": self.server.address}
 
     def committed(self, step: int):
         """A local rank committed `step` at L0; encode once all local ranks have."""
         with self.store.cond:
-            ranks = self.store.committed
-            done = len(ranks) >= self.store.local_world and all(v >= step for v in ranks.values())
+            ranks = self.store.committed if self.ranks is None else self.ranks
+            done = len(ranks) >= self.store.local_world and all(self.store.committed.get(r, -1) >= step for r in ranks)
         with self.lock:
             if done and step > self.last_queued and self.plan is not None:
                 self.last_queued = step
@@ -114,26 +144,59 @@ class SnapshotExchange:
         then re-encode its own parity (in the background) so the group is whole again."""
         t0 = time.perf_counter()
         plan = self.plan
-        code = GroupCode(plan["k"], plan["m"])
-        data = rebuild_snapshot(code, step, plan["pos"], dict(self.clients))
+        data = rebuild_snapshot(GroupCode(plan["k"], plan["m"]), step, plan["pos"], dict(self.clients))
+        raw, ranks, slots = self._install(step, data)
+        with self.store.cond:
+            for slot in slots:
+                self.store.committed[slot.rank] = step
+            self.store.local_world = max(self.store.local_world, len(slots))
+        with self.lock:
+            self.meta[step] = raw
+        self._snapshot(step, plan)  # its data shares are served at once (peers read restored shards)
+        with self.lock:
+            self.last_queued = step
+            self.jobs.put(step)
+        return {"bytes": len(data), "seconds": time.perf_counter() - t0, "ranks": ranks}
+
+    def adopt(self, step: int, pos: int) -> dict:
+        """Rebuild the snapshot of the node at group position `pos`, lost for good (the job
+        goes on without it), from this node's and the other survivors' shares: its ranks'
+        slots join this keeper's level 0 and their data shares are served in its place, so
+        the job's new, smaller layout can read their chunks. Held until the next layout."""
+        t0 = time.perf_counter()
+        plan = self.plan
+        own = self._node(step)
+        readers = {**{p: c for p, c in self.clients.items() if p != pos}, plan["pos"]: own}
+        data = rebuild_snapshot(own.code, step, pos, readers)
+        raw, ranks, slots = self._install(step, data)
+        del data
+        with self.store.cond:
+            for slot in slots:
+                slot.pins += 1  # no trainer of this node may reuse them
+        node = NodeShares(plan["job"], step, plan["group"], plan["pos"], pos, own.code,
+                          [(s.mm, s.used) for s in slots] + [raw + TRAILER.pack(len(raw))])
+        with self.lock:
+            self.adopted.setdefault(step, []).append((node, slots))
+        took = time.perf_counter() - t0
+        log.info("rebuilt the snapshot of lost group position %d at step %d (ranks %s, %d bytes) in %.3f s; serving it",
+                 pos, step, ranks, len(node.snapshot), took)
+        return {"bytes": len(node.snapshot), "seconds": took, "ranks": ranks}
+
+    def _install(self, step: int, data) -> tuple[bytes, list[int], list]:
+        """Ready level-0 slots of `step` from a decoded node snapshot (its ranks' shards back
+        to back, then the metadata trailer): (the trailer's JSON, the ranks, the slots)."""
         (n,) = TRAILER.unpack(data[-TRAILER.size:].tobytes())
         raw = data[-TRAILER.size - n:-TRAILER.size].tobytes()
-        meta = json.loads(raw)
-        off = 0
+        off, slots = 0, []
         with self.store.cond:
-            for r in meta["ranks"]:
+            for r in json.loads(raw)["ranks"]:
                 slot = self.store._create(r["rank"], max(r["used"], 1))
                 slot.mm[:r["used"]] = data[off:off + r["used"]].tobytes()
                 off += r["used"]
                 slot.state, slot.step, slot.used, slot.world = "ready", step, r["used"], r["world"]
                 slot.entries, slot.records, slot.objects = r["entries"], r["records"], r["objects"]
-                self.store.committed[r["rank"]] = step
-            self.store.local_world = max(self.store.local_world, len(meta["ranks"]))
-        with self.lock:
-            self.meta[step] = raw
-            self.last_queued = step
-            self.jobs.put(step)
-        return {"bytes": len(data), "seconds": time.perf_counter() - t0, "ranks": [r["rank"] for r in meta["ranks"]]}
+                slots.append(slot)
+        return raw, [s.rank for s in slots], slots
 
     # ------------------------------------------------------------ ShareSource (served to peers)
 
@@ -144,16 +207,26 @@ class SnapshotExchange:
             raise ShareError(f"this keeper holds no snapshot of step {step}")
         return node
 
+    def _source(self, step: int, codeword: int, index: int) -> NodeShares:
+        """Whichever snapshot this keeper serves holds that share: its own, or an adopted one."""
+        with self.lock:
+            own = self.holding.get(step)
+            for node in ([own] if own else []) + [n for n, _ in self.adopted.get(step, [])]:
+                if (codeword, index) in node.headers:
+                    return node
+        return self._node(step)  # raises ShareError, or names the step's share as missing
+
     def header(self, step: int, codeword: int, index: int) -> ShareHeader:
-        return self._node(step).header(step, codeword, index)
+        return self._source(step, codeword, index).header(step, codeword, index)
 
     def read(self, step: int, codeword: int, index: int, offset: int, length: int):
         with self.lock:  # copied under the lock: no view of a slot outlives its pin (the keeper closes it then)
-            return bytes(self._node(step).read(step, codeword, index, offset, length))
+            return bytes(self._source(step, codeword, index).read(step, codeword, index, offset, length))
 
     def held(self) -> list[ShareHeader]:
         with self.lock:
-            return [h for node in self.holding.values() for h in node.held()]
+            nodes = [*self.holding.values(), *(n for entries in self.adopted.values() for n, _ in entries)]
+            return [h for node in nodes for h in node.held()]
 
     # ------------------------------------------------------------ the encoding thread
 
@@ -172,7 +245,8 @@ class SnapshotExchange:
 
     def _snapshot(self, step: int, plan: dict) -> NodeShares | None:
         with self.store.cond:
-            slots = sorted((s for s in self.store.slots if s.step == step and s.state == "ready"), key=lambda s: s.rank)
+            slots = sorted((s for s in self.store.slots if s.step == step and s.state == "ready"
+                            and (self.ranks is None or s.rank in self.ranks)), key=lambda s: s.rank)
             if len(slots) < self.store.local_world:
                 return None  # already replaced by a newer step
             for s in slots:
@@ -188,7 +262,9 @@ class SnapshotExchange:
 
     def _encode(self, step: int):
         plan = self.plan
-        node = self._snapshot(step, plan)
+        with self.lock:
+            node = self.holding.get(step)  # a rebuilt step is served before it is coded
+        node = node or self._snapshot(step, plan)
         if node is None:
             return
         need = plan["m"] * -(-len(node.snapshot) // plan["k"])
@@ -258,26 +334,65 @@ class SnapshotExchange:
             self.meta.pop(step, None)
             for slot in self.pinned.pop(step, []):
                 self.store.unpin(slot)
+        self._release_stale()
+
+    def _release_adopted(self):
+        with self.store.cond:
+            for entries in self.adopted.values():
+                for _, slots in entries:
+                    for slot in slots:
+                        slot.pins -= 1
+                        self.store._drop(slot)
+        self.adopted.clear()
+
+    def _release_stale(self):
+        """Free the slots of ranks no longer on this node once nothing reads them."""
+        if self.ranks is None:
+            return
+        with self.store.cond:
+            for slot in [s for s in self.store.slots if s.rank not in self.ranks and s.pins == 0
+                         and s.state in ("ready", "free")]:
+                self.store._drop(slot)
+            self.store.committed = {r: v for r, v in self.store.committed.items() if r in self.ranks}
 
     def close(self):
         self.server.close()
+
+
+def _layout(node: NodeShares, slots) -> dict:
+    """Where each rank's shard sits in a node snapshot served at group position node.pos."""
+    offsets = np.cumsum([0] + [s.used for s in slots]).tolist()
+    return {"pos": node.pos, "length": len(node.snapshot), "ranks": [[s.rank, o, s.used] for s, o in zip(slots, offsets)]}
 
 
 def handle(keeper, op: str, msg: dict) -> dict:
     """The keeper's ``ec_*`` requests (called from KeeperServer.handle)."""
     if op == "ec_setup":
         if keeper.exchange is None:
+            if msg["plan"] is None:
+                return {"ok": True, "address": None}
             keeper.exchange = SnapshotExchange(keeper.store, msg["token"], int(msg.get("port", 0)),
                                                advertise=msg.get("advertise", "127.0.0.1"),
                                                timeout=float(msg.get("timeout", 10.0)))
         return {"ok": True, **keeper.exchange.configure(msg["plan"], msg["token"])}
     if keeper.exchange is None:
-        return {"ok": True, "steps": {}, "parity": {}, "layout": {}, "encoded": [], "plan": None, "address": None} \
-            if op == "ec_status" else {"ok": False, "error": "erasure coding is not set up on this keeper"}
+        if op == "ec_ranks":
+            return {"ok": True}
+        return {"ok": True, "steps": {}, "worlds": {}, "parity": {}, "layout": {}, "encoded": [], "plan": None,
+                "address": None} if op == "ec_status" else {"ok": False, "error": "erasure coding is not set up on this keeper"}
+    ex = keeper.exchange
     if op == "ec_status":
-        return {"ok": True, **keeper.exchange.status()}
+        return {"ok": True, **ex.status()}
+    if op == "ec_rekey":
+        ex.rekey(msg["token"])
+        return {"ok": True}
+    if op == "ec_ranks":
+        ex.set_ranks([int(r) for r in msg["ranks"]])
+        return {"ok": True}
     if op == "ec_rebuild":
-        return {"ok": True, **keeper.exchange.rebuild(int(msg["step"]))}
+        return {"ok": True, **ex.rebuild(int(msg["step"]))}
+    if op == "ec_adopt":
+        return {"ok": True, **ex.adopt(int(msg["step"]), int(msg["pos"]))}
     raise ValueError(f"unknown keeper request {op!r}")
 
 
@@ -301,9 +416,10 @@ class EcSnapshots:
         self.cfg, self.keeper, self.store, self.job = cfg, keeper, store, job
         self.node, self.nodes = node_index()
         self.lead = dist_utils.local_rank() == 0  # one rank per node talks to its keeper about EC
-        self.groups = plan_groups(self.nodes, cfg.k, cfg.m, cfg.target_survival, cfg.node_failure)
+        self.groups = plan_groups(self.nodes, *fit_code(cfg.k, cfg.m, self.nodes), cfg.target_survival, cfg.node_failure)
         self.slot_of_node: dict[int, int] = {}
         self.status: list[dict] = []
+        self.token = ""
 
     def _gather_status(self) -> list[dict]:
         """Every node's keeper status, by node index (only lead ranks report)."""
@@ -315,18 +431,20 @@ class EcSnapshots:
                 out[g["node"]] = g
         return out
 
-    def setup(self):
-        """Give every node's keeper its place in a group (a keeper that survived a restart
-        keeps its place; empty ones take the places left), the peer token, and its peers'
-        addresses through the store. Returns the gathered status."""
+    def setup(self, status: list[dict], keep_places: bool = True):
+        """Give every node's keeper its place in a group (with `keep_places`, a keeper that
+        survived a restart keeps its place; empty ones take the places left), the peer
+        token, and its peers' addresses through the store. Too few nodes for any parity:
+        coding is turned off."""
         if not self.groups:
-            return []
-        status = self._gather_status()
+            if self.lead and status[self.node]["plan"] is not None:
+                self.keeper.call("ec_setup", plan=None, token=self.token)
+            return
         n_slots = sum(len(g.nodes) for g in self.groups)
         slots = {}  # node -> slot (an index over all groups' nodes)
         for node, st in enumerate(status):
             plan = st["plan"]
-            if plan is not None and plan["group"] < len(self.groups):
+            if keep_places and plan is not None and plan["group"] < len(self.groups):
                 slot = self.groups[plan["group"]].nodes[plan["pos"]] if plan["pos"] < len(self.groups[plan["group"]].nodes) else None
                 if slot is not None and slot not in slots.values():
                     slots[node] = slot
@@ -335,54 +453,63 @@ class EcSnapshots:
             if node not in slots:
                 slots[node] = next(free)
         self.slot_of_node = slots
-        token = self.token = dist_utils.broadcast_object(secrets.token_hex(32) if dist_utils.rank() == 0 else None)
         if self.lead:
             group = next(g for g in self.groups if slots[self.node] in g.nodes)
-            pos = group.nodes.index(slots[self.node])
-            plan = {"job": self.job, "group": group.id, "pos": pos, "k": group.code.k, "m": group.code.m,
-                    "memory_mb": self.cfg.memory_mb}
-            reply = self.keeper.call("ec_setup", plan=plan, token=token, port=self.cfg.peer_port,
+            plan = {"job": self.job, "group": group.id, "pos": group.nodes.index(slots[self.node]), "k": group.code.k,
+                    "m": group.code.m, "nodes": list(group.nodes), "nodes_total": self.nodes, "memory_mb": self.cfg.memory_mb}
+            reply = self.keeper.call("ec_setup", plan=plan, token=self.token, port=self.cfg.peer_port,
                                      timeout=self.cfg.peer_timeout_s)
             publish(self.store, self.job, slots[self.node], reply["address"])
         dist_utils.barrier()
         if self.lead:
             plan["peers"] = {i: lookup(self.store, self.job, slot, self.cfg.peer_timeout_s)
                              for i, slot in enumerate(group.nodes)}
-            self.keeper.call("ec_setup", plan=plan, token=token, port=self.cfg.peer_port,
+            self.keeper.call("ec_setup", plan=plan, token=self.token, port=self.cfg.peer_port,
                              timeout=self.cfg.peer_timeout_s)
         dist_utils.barrier()
-        self.status = status
-        return status
 
-    def recover(self) -> dict:
-        """Before loading: rebuild the snapshots of nodes whose keepers are empty from their
-        peers' shares, when the newest step every other node holds is coded everywhere and
-        no group lost more than m nodes. Returns {"step", "rebuilt": [nodes], "seconds"}
-        or {} when nothing was (or could be) rebuilt; collective."""
-        status = self.status or self._gather_status()
-        held = [{int(s) for s in st["steps"]} for st in status]
-        encoded = [set(st["encoded"]) for st in status]
-        lost = [i for i, h in enumerate(held) if not h]
-        if not lost or not self.groups:
+    def recover(self, status: list[dict], adopt: bool) -> dict:
+        """Before loading: rebuild the snapshots of the nodes lost since the keepers' last
+        layout (their keepers are empty, or gone for good), from the survivors' shares, when
+        no group lost more than m nodes and the newest step every survivor holds is coded
+        by every survivor of the groups that lost one. The node that took a lost node's place
+        rebuilds it into its empty keeper; with `adopt` (the job shrank: nobody took it) a
+        survivor of its group rebuilds it and serves it. Returns {"step", "rebuilt": [lost
+        nodes], "seconds"}, {"step": None, "lost"} when it cannot, or {} when no node was
+        lost; collective."""
+        groups, total = old_layout(status)
+        present = {g["nodes"][pos] for g in groups.values() for pos in g["members"]}
+        lost = sorted(set(range(total)) - present)
+        if not lost:
             return {}
-        by_slot = {self.slot_of_node.get(i, i): i for i in range(self.nodes)}
-        candidates = sorted(set.union(*held), reverse=True)
-        for step in candidates:
-            ok = True
-            for g in self.groups:
-                members = [by_slot[s] for s in g.nodes]
-                gone = [i for i in members if step not in held[i]]
-                if len(gone) > g.code.m or any(step not in encoded[i] for i in members if i not in gone):
-                    ok = False
-            if ok and all(step in held[i] or i in lost for i in range(self.nodes)):
-                break
-        else:
+        where = {g["nodes"][pos]: (gid, pos) for gid, g in groups.items() for pos in range(len(g["nodes"]))
+                 if pos not in g["members"]}
+        hit = {gid for gid, _ in where.values()}
+        survivors = [node for g in groups.values() for node in g["members"].values()]
+        held = [{int(s) for s in st["steps"]} for st in status]
+        coded = [set(st["encoded"]) for st in status]
+        step = None
+        if set(lost) <= set(where) and all(sum(gid == g for g, _ in where.values()) <= groups[gid]["m"] for gid in hit):
+            common = set.intersection(*(held[i] for i in survivors))
+            step = max((s for s in common if all(s in coded[i] for gid in hit for i in groups[gid]["members"].values())),
+                       default=None)
+        if step is None:
             return {"step": None, "lost": lost}
         t0 = time.perf_counter()
+        jobs = []  # (op, group position) this node's keeper rebuilds
+        for j, slot in enumerate(lost):
+            gid, pos = where[slot]
+            if adopt:
+                members = sorted(groups[gid]["members"].values())
+                if members[j % len(members)] == self.node:
+                    jobs.append(("ec_adopt", pos))
+            elif self.slot_of_node.get(self.node) == slot:
+                jobs.append(("ec_rebuild", pos))
         error = None
-        if self.lead and self.node in lost:
+        if self.lead:
             try:
-                self.keeper.call("ec_rebuild", step=step)
+                for op, pos in jobs:
+                    self.keeper.call(op, step=step, pos=pos)
             except RuntimeError as e:
                 error = str(e)
         errors = [e for e in dist_utils.all_gather_object(error) if e]
@@ -395,46 +522,106 @@ class EcSnapshots:
         """ShardReader-likes for `step`'s shards held in other nodes' keepers (read over TCP)."""
         out = {}
         for node, st in enumerate(self.status):
-            layout = st["layout"].get(str(step)) if node != self.node else None
-            if layout is None:
+            served = st["layout"].get(str(step), []) if node != self.node else []
+            if not served:
                 continue
             client = PeerClient(st["address"], self.token, self.cfg.peer_timeout_s)
             code = GroupCode(st["plan"]["k"], st["plan"]["m"])
-            for rank, offset, used in layout["ranks"]:
-                out[SHARD.format(rank)] = RemoteShard(client, step, code, st["plan"]["pos"], layout["length"],
-                                                      offset, used)
+            for snap in served:
+                for rank, offset, used in snap["ranks"]:
+                    out[SHARD.format(rank)] = RemoteShard(client, step, code, snap["pos"], snap["length"], offset, used)
         return out
 
     def restore(self, ckpt, state: dict, optional=lambda name: False):
         """Restore `state` with `ckpt` (a Checkpointer) from the fastest place that has the
         newest complete step, rebuilding lost nodes' snapshots first; logs one line saying
-        from where, which step and how long. Collective; returns ckpt.restore's result."""
+        from where, which step and how long. Collective; returns ckpt.restore's result.
+
+        When the job now runs on fewer (or more) nodes than the keepers' last layout (an
+        elastic restart), the survivors keep their old places until the old world's step is
+        restored (resharded onto this one: chunks are read by overlap), then every keeper
+        takes its place in the new layout; the old coded steps are dropped then."""
         t0 = time.perf_counter()
-        self.setup()
-        rebuilt = self.recover() if self.groups else {}
+        status = self._gather_status()
+        self.token = dist_utils.broadcast_object(secrets.token_hex(32) if dist_utils.rank() == 0 else None)
+        reshaped = old_layout(status)[1] not in (0, self.nodes)
+        if reshaped:
+            if self.lead and status[self.node]["plan"] is not None:
+                self.keeper.call("ec_rekey", token=self.token)
+            dist_utils.barrier()
+        else:
+            self.setup(status)
+        self.status = status
+        rebuilt = self.recover(status, adopt=reshaped)
         if rebuilt.get("step") is not None:
             self.status = self._gather_status()
         ckpt.l0_remote = self.remote_readers
         got = ckpt.restore(state, optional)
-        level = getattr(ckpt, "restored_from", None)
+        if reshaped:
+            self.setup(self.status, keep_places=False)
+        nodes_of = dist_utils.all_gather_object(self.node)
+        if self.lead:
+            self.keeper.call("ec_ranks", ranks=[r for r, n in enumerate(nodes_of) if n == self.node])
         took = time.perf_counter() - t0
+        line, level, world, was = self._line(got, getattr(ckpt, "restored_from", None), rebuilt, took)
+        self._say(line)
+        if reshaped:
+            self._say(f"snapshots are now erasure-coded over {self.nodes} nodes: "
+                      + ", ".join(f"group {g.id}: {len(g.nodes)} nodes, k={g.code.k}, m={g.code.m}" for g in self.groups)
+                      if self.groups else
+                      f"{self.nodes} node left: snapshots are no longer erasure-coded (no other node to hold parity); "
+                      "they stay in this node's memory and go to disk at checkpoint.l1_interval/l2_interval")
+        self.recovery = {"line": line, "level": level, "step": got and got[0], "seconds": took,
+                         "rebuilt": rebuilt.get("rebuilt", []), "world": world, "was": was}
+        return got
+
+    def _line(self, got, level: str | None, rebuilt: dict, took: float):
+        """The recovery's log line: (line, level, world now, world that saved the step)."""
+        world = dist_utils.world_size()
+        was = next((st["worlds"][str(got[0])] for st in self.status if got and str(got[0]) in st["worlds"]), world)
+        onto = f" onto {world} ranks (was {was})" if was != world else ""
         if got is None:
             line = "no snapshot or checkpoint to restore; starting fresh"
         elif level == "l0" and rebuilt.get("step") == got[0]:
-            line = (f"recovered step {got[0]} from memory via EC rebuild of node(s) {rebuilt['rebuilt']} "
-                    f"in {took:.2f} s")
+            line = f"recovered step {got[0]} from memory via EC rebuild of node(s) {rebuilt['rebuilt']}{onto} in {took:.2f} s"
         elif level == "l0":
-            line = f"recovered step {got[0]} from memory (node keepers) in {took:.2f} s"
+            line = f"recovered step {got[0]} from memory (node keepers){onto} in {took:.2f} s"
         else:
             why = f" (nodes {rebuilt['lost']} lost, more than the code tolerates or no coded step)" \
                 if rebuilt.get("lost") else ""
             line = f"recovered step {got[0]} from disk {level.upper()}{why} in {took:.2f} s"
+        return line, level, world, was
+
+    @staticmethod
+    def _say(line: str):
         log.info("%s", line)
         if dist_utils.rank() == 0:
             print(f"kintsugi: {line}", flush=True)
-        self.recovery = {"line": line, "level": level, "step": got and got[0], "seconds": took,
-                         "rebuilt": rebuilt.get("rebuilt", [])}
-        return got
+
+
+def fit_code(k: int, m: int, nodes: int) -> tuple[int, int]:
+    """The configured k/m, or, when fewer nodes run the job than k + m (an elastic job
+    that shrank), as many parity shares as still fit with the other nodes as data."""
+    if not k or k + m <= nodes or nodes < 2:
+        return k, m
+    m2 = min(m, nodes - 1)
+    log.warning("snapshot.k=%d, snapshot.m=%d need %d nodes, the job has %d: coding with k=%d, m=%d",
+                k, m, k + m, nodes, nodes - m2, m2)
+    return nodes - m2, m2
+
+
+def old_layout(status: list[dict]) -> tuple[dict, int]:
+    """The groups the keepers were placed in before this restart, from their plans:
+    group id -> {"m", "nodes" (node slots by position), "members" {position: node index
+    now}}, and how many nodes that layout had (0: none was placed)."""
+    groups, total = {}, 0
+    for node, st in enumerate(status):
+        plan = st["plan"]
+        if plan is not None:
+            g = groups.setdefault(plan["group"], {"m": plan["m"], "nodes": plan["nodes"], "members": {}})
+            g["members"][plan["pos"]] = node
+            total = max(total, plan["nodes_total"])
+    return groups, total
 
 
 class RemoteShard:
