@@ -58,6 +58,7 @@ def worker(rank, world, port, cfg, out_path):
     import deepspeed
     from deepspeed.moe.layer import MoE as DSMoE
 
+    from comms import dist_utils
     from comms.moe import build_ep_groups
     from trainer.moe import MoE, apply_expert_parallel, capacity
     from trainer.moe_config import MoEConfig
@@ -106,10 +107,7 @@ def worker(rank, world, port, cfg, out_path):
                                               "profile": sched.profile.to_dict()}))
     for m in layers.values():
         m.scheduler.close()
-    dist.barrier()
-    # End the group in order: a rank that exits with gloo's threads still up can abort
-    # (seen once under load: "terminate called without an active exception").
-    dist.destroy_process_group()
+    dist_utils.shutdown()
 
 
 def measure(world: int, cfg: dict) -> dict:
@@ -181,8 +179,8 @@ def main(argv=None):
         cells = [f"{r[f'{v}_ms']:7.1f} [{r[f'{v}_iqr_ms']:5.1f}] {r[f'{v}_min_ms']:6.1f}" for v in VARIANTS]
         print(f"{r['ranks']:>5} | {cells[0]:>24} | {cells[1]:>24} | {cells[2]:>24} | {r['auto_d']:>6} | "
               f"{r['kintsugi_auto_ms'] / r['deepspeed_ms']:8.2f} | {r['fill']:.2f}")
-    print(f"\nMODELLED (performance model, assumed 4 nodes x 8 GPUs, NVLink intra, 200 Gb/s inter; not measured): "
-          f"sequential (d=1, gradients after backward) vs chosen schedule")
+    print("\nMODELLED (performance model, assumed 4 nodes x 8 GPUs, NVLink intra, 200 Gb/s inter; not measured): "
+          "sequential (d=1, gradients after backward) vs chosen schedule")
     print(f"{'M':>5} {'tokens/GPU':>10} {'experts/GPU':>11} | {'sequential ms':>13} | {'auto ms':>8} | {'d':>3} | "
           f"speedup | chunking only")
     for r in rows:

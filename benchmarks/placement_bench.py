@@ -76,8 +76,8 @@ def run(names, orders: int, microbatch: int, eth_gbps: float) -> dict:
 
 
 def table(results: dict) -> str:
-    head = (f"| scenario (simulation) | model, pp x dp x tp | unaware s | placed s | adaptive s | homogeneous s "
-            f"| adaptive vs unaware | adaptive / homogeneous | layers per stage |")
+    head = ("| scenario (simulation) | model, pp x dp x tp | unaware s | placed s | adaptive s | homogeneous s "
+            "| adaptive vs unaware | adaptive / homogeneous | layers per stage |")
     lines = [head, "|" + "---|" * 9]
     for name, r in results.items():
         s = r["sizes"]

@@ -63,6 +63,17 @@ def any_true(flags: list[bool], group=None) -> list[bool]:
     return [bool(v) for v in t.tolist()]
 
 
+def shutdown():
+    """End the default process group in order. The barrier makes it the last collective:
+    otherwise gloo's thread may still be releasing the previous one's Python tensors (it
+    needs the GIL) while the main thread holds the GIL in destroy_process_group, which we
+    caught deadlocked with gdb; left to interpreter exit, teardown can abort instead
+    ("terminate called without an active exception")."""
+    if initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def init_process_group(backend: str = "auto", timeout_s: float = 600.0) -> str:
     """Join the job's process group from torchrun's environment; a lone process needs none.
 

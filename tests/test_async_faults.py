@@ -94,9 +94,7 @@ def worker(run_dir: Path, steps: int):
         if stop:
             break
     ck.close()
-    # As the trainer does: an orderly end of the process group. Left to interpreter exit,
-    # gloo's teardown can abort the process ("terminate called without an active exception").
-    torch.distributed.destroy_process_group()
+    dist_utils.shutdown()  # as the trainer does: an orderly end of the process group
 
 
 # ----------------------------------------------------------------------------- the harness

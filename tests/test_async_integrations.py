@@ -2,7 +2,6 @@
 Stateful API, each through a real engine/optimizer and a real node keeper."""
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch

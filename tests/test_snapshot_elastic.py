@@ -139,18 +139,7 @@ def train(run_dir: Path, steps: int, kill: str):
         ckpt.save(step, state)
         ckpt.check()
     ckpt.close()
-    teardown()
-
-
-def teardown():
-    """A barrier is the last collective: its work holds no Python tensors. Otherwise gloo's
-    run-loop thread may still be freeing the last all-gather's tensors (it needs the GIL)
-    while this thread, holding the GIL, destroys the process group and joins that thread:
-    a deadlock at exit, seen here under load."""
-    import torch.distributed as dist
-
-    dist.barrier()
-    dist.destroy_process_group()
+    dist_utils.shutdown()
 
 
 def reference(run_dir: Path, steps: int, start: int):
@@ -170,7 +159,7 @@ def reference(run_dir: Path, steps: int, start: int):
         if dist.get_rank() == 0:
             with open(run_dir / "reference.txt", "a") as f:
                 f.write(f"{step} {loss!r}\n")
-    teardown()
+    dist_utils.shutdown()
 
 
 # ============================================================================ the test

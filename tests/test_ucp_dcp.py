@@ -3,7 +3,6 @@ equal to torch's own dcp_to_torch_save, and Kintsugi's --to dcp loads with dcp.l
 FSDP2 model on another world size. Real gloo process groups, real files."""
 import json
 import socket
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +18,7 @@ from torch.distributed.fsdp import fully_shard
 
 from checkpoint.cli import main
 from checkpoint.universal import Universal
+from comms import dist_utils
 
 
 def free_port() -> int:
@@ -64,8 +64,7 @@ def fsdp_job(rank: int, world: int, port: int, ckpt: str, mode: str, out: str):
                      for k, st in osd["state"].items() for s, v in st.items()})
         if rank == 0:
             torch.save(full, out)
-    dist.barrier()  # every rank reaches teardown together: gloo can abort a rank torn down while peers still talk
-    dist.destroy_process_group()
+    dist_utils.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,5 @@
 """The universal format, the pattern language, loading at any layout, and the CLI's contract
 (dry run, atomic and resumable convert after a real kill -9, one-line errors with exit 2)."""
-import json
 import os
 import signal
 import subprocess
@@ -13,7 +12,6 @@ import torch
 
 from checkpoint.cli import main
 from checkpoint.convert import load_any
-from checkpoint.format import LATEST
 from checkpoint.patterns import Patterns, assemble
 from checkpoint.state import Chunk
 from checkpoint.store import save_state

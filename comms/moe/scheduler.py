@@ -7,7 +7,6 @@ import logging
 import math
 import statistics
 
-import torch
 import torch.distributed as dist
 
 from comms import dist_utils
