@@ -336,7 +336,7 @@ class Checkpointer:
                     manifest = build_manifest(step, h["world"], [h["records"][r] for r in range(h["world"])],
                                               h["objects"]["objects"], h["objects"]["extra"])
                     step_dir = Path("/dev/shm")
-                    readers = {SHARD.format(x["rank"]): ShardReader(Path(x["path"]), mapped=True)
+                    readers = {SHARD.format(x["rank"]): ShardReader(Path(x["path"]), memory=True)
                                for x in snaps if x["step"] == step}
                     if self.l0_remote is not None:  # shards in other nodes' keepers
                         readers = {**self.l0_remote(step), **readers}
