@@ -211,9 +211,13 @@ def train(cfg: JobConfig) -> int:
     ckpt.close()  # waits (bounded) until the final save is durable on every level
     tracer.close()
     elapsed = time.perf_counter() - t_start
-    metrics.print(f"done: step {step}/{cfg.train.steps}, final loss {loss:.4f}, "
-                  f"{(step - first_step) * tokens_per_step / max(elapsed, 1e-9):,.0f} tok/s, "
-                  f"checkpoints in {ckpt.root}, metrics in {run_dir / 'metrics.jsonl'}, logs in {run_dir / 'logs'}")
+    if step == first_step:  # resumed a finished run: nothing was trained
+        metrics.print(f"done: the run was already at step {step}/{cfg.train.steps}; raise --train.steps to "
+                      f"train on, or delete {run_dir} to start over")
+    else:
+        metrics.print(f"done: step {step}/{cfg.train.steps}, final loss {loss:.4f}, "
+                      f"{(step - first_step) * tokens_per_step / max(elapsed, 1e-9):,.0f} tok/s, "
+                      f"checkpoints in {ckpt.root}, metrics in {run_dir / 'metrics.jsonl'}, logs in {run_dir / 'logs'}")
     metrics.close()
     dist_utils.shutdown()
     return 0
