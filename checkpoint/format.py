@@ -123,11 +123,14 @@ class ShardReader:
             raise CorruptCheckpoint(f"shard {self.path} is truncated at {key!r}")
         return meta, self.data_start + lo, hi - lo
 
+    def _mapped(self, start: int, n: int) -> torch.Tensor:
+        return torch.frombuffer(self.map, dtype=torch.uint8, count=n, offset=start) if n \
+            else torch.empty(0, dtype=torch.uint8)
+
     def read(self, key: str, crc: int | None = None) -> torch.Tensor:
         meta, start, n = self._locate(key)
         if self.map is not None:
-            raw = torch.frombuffer(self.map, dtype=torch.uint8, count=n, offset=start) if n \
-                else torch.empty(0, dtype=torch.uint8)
+            raw = self._mapped(start, n)
         else:
             raw = torch.from_numpy(np.fromfile(self.path, dtype=np.uint8, count=n, offset=start))
         if crc is not None and self.map is None and zlib.crc32(raw.numpy()) != crc:
@@ -143,8 +146,7 @@ class ShardReader:
             raise CorruptCheckpoint(f"shard {self.path} holds {key!r} as {meta['dtype']} {meta['shape']}, "
                                     f"not as its manifest says")
         if self.map is not None:
-            if n:  # torch copies with all its threads
-                torch.from_numpy(dst).copy_(torch.frombuffer(self.map, dtype=torch.uint8, count=n, offset=start))
+            torch.from_numpy(dst).copy_(self._mapped(start, n))  # torch copies with all its threads
         else:
             with open(self.path, "rb", buffering=0) as f:
                 f.seek(start)
