@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import datetime
+import logging
 import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -72,6 +74,20 @@ def shutdown():
     if initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+def exit_process(code: int = 0):
+    """End a worker process: a barrier as the job's last collective, files flushed, then exit
+    without tearing the process group down. gloo's destructor joins its worker threads while
+    holding the GIL, and a worker thread still releasing a collective's Python tensors needs
+    the GIL: a deadlock at exit that ``shutdown``'s barrier makes rarer but not impossible
+    (caught with gdb in a DDP worker, about 1 run in 10 under load)."""
+    if initialized():
+        dist.barrier()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def init_process_group(backend: str = "auto", timeout_s: float = 600.0) -> str:

@@ -94,7 +94,7 @@ def worker(run_dir: Path, steps: int):
         if stop:
             break
     ck.close()
-    dist_utils.shutdown()  # as the trainer does: an orderly end of the process group
+    dist_utils.exit_process()  # as the trainer does
 
 
 # ----------------------------------------------------------------------------- the harness

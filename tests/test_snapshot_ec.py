@@ -87,7 +87,7 @@ def train(run_dir: Path, steps: int, kills: list[str], k: int, m: int, l2_interv
         ckpt.save(step, state)
         ckpt.check()
     ckpt.close()
-    dist_utils.shutdown()
+    dist_utils.exit_process()
 
 
 # ============================================================================ the tests

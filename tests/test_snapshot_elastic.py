@@ -139,7 +139,7 @@ def train(run_dir: Path, steps: int, kill: str):
         ckpt.save(step, state)
         ckpt.check()
     ckpt.close()
-    dist_utils.shutdown()
+    dist_utils.exit_process()
 
 
 def reference(run_dir: Path, steps: int, start: int):
@@ -159,7 +159,7 @@ def reference(run_dir: Path, steps: int, start: int):
         if dist.get_rank() == 0:
             with open(run_dir / "reference.txt", "a") as f:
                 f.write(f"{step} {loss!r}\n")
-    dist_utils.shutdown()
+    dist_utils.exit_process()
 
 
 # ============================================================================ the test

@@ -1,5 +1,4 @@
-import sys
-
+from comms import dist_utils
 from trainer.train import main
 
-sys.exit(main())
+dist_utils.exit_process(main())

@@ -219,5 +219,4 @@ def train(cfg: JobConfig) -> int:
                       f"{(step - first_step) * tokens_per_step / max(elapsed, 1e-9):,.0f} tok/s, "
                       f"checkpoints in {ckpt.root}, metrics in {run_dir / 'metrics.jsonl'}, logs in {run_dir / 'logs'}")
     metrics.close()
-    dist_utils.shutdown()
     return 0
