@@ -45,12 +45,19 @@ class Net(nn.Module):
         return self.out(self.norm(torch.relu(self.mid(torch.relu(self.emb(x))))))
 
 
-def ds_job(rank: int, world: int, port: int, root: str, mode: str):
+def ds_init(rank: int, world: int, port: int):
+    """One rank of a DeepSpeed job on this machine: its environment, then DeepSpeed's gloo group."""
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
     import deepspeed
 
     deepspeed.init_distributed("gloo", verbose=False)
+
+
+def ds_job(rank: int, world: int, port: int, root: str, mode: str):
+    import deepspeed
+
+    ds_init(rank, world, port)
     g = torch.Generator().manual_seed(1)
     batches = [(torch.randn(4, 10, generator=g), torch.randn(4, 3, generator=g)) for _ in range(5)]
     losses = {}

@@ -27,7 +27,7 @@ from checkpoint.convert import detect
 from checkpoint.convert.deepspeed import load_pt
 from checkpoint.patterns import Patterns
 from comms import UserError
-from tests.test_ucp_deepspeed import ds_reference, free_port, same
+from tests.test_ucp_deepspeed import ds_init, ds_reference, free_port, same
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 slow = pytest.mark.slow  # two launches of 2 ranks, four DeepSpeed engines (~12 s per start)
@@ -101,12 +101,10 @@ def moe_step(engine, batch) -> float:
 
 
 def ds_job(rank: int, world: int, port: int, root: str, mode: str):
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
     import deepspeed
     from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
 
-    deepspeed.init_distributed("gloo", verbose=False)
+    ds_init(rank, world, port)
     g = torch.Generator().manual_seed(1)
     batches = [(torch.randn(8, 6, generator=g), torch.randn(8, 3, generator=g)) for _ in range(6)]
     if mode == "load":  # every rank holds all 4 experts: the universal atoms carry the global names
