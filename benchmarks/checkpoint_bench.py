@@ -48,9 +48,11 @@ def build(n_params: int, width: int, batch: int):
     return model, torch.randn(batch, width)
 
 
-def measure(method: str, n_params: int, width: int, batch: int, saves: int, out_dir: Path) -> dict:
+def measure(method: str, n_params: int, width: int, batch: int, saves: int, out_dir: Path, threads: int) -> dict:
     import torch
     import torch.distributed as dist
+
+    torch.set_num_threads(threads)
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("BENCH_PORT", "29533"), RANK="0",
                       WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
@@ -207,6 +209,9 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="small sizes (~10M params), for a smoke run")
     ap.add_argument("--params", type=float, nargs="*", help="model sizes in parameters (default 100e6 500e6)")
     ap.add_argument("--batch", type=int, default=64, help="rows per step: the forward/backward the lazy copy hides behind")
+    ap.add_argument("--threads", type=int, default=os.cpu_count(),
+                    help="torch threads of the training loop (default: every core; 1 leaves a core to the saver, "
+                         "as a GPU node's idle host cores are)")
     ap.add_argument("--saves", type=int, default=10, help="saves per method for the medians (>= 10)")
     ap.add_argument("--methods", nargs="*", default=METHODS, choices=METHODS)
     ap.add_argument("--dir", default="runs/bench/ckpt", help="where checkpoints are written (the disk under test)")
@@ -216,7 +221,7 @@ def main(argv=None):
     width = 1024 if a.quick else WIDTH
     sizes = a.params or ([10e6] if a.quick else [100e6, 500e6])
     if a.worker:
-        print(json.dumps(measure(a.worker, int(sizes[0]), width, a.batch, a.saves, Path(a.dir))))
+        print(json.dumps(measure(a.worker, int(sizes[0]), width, a.batch, a.saves, Path(a.dir), a.threads)))
         return 0
     out = Path(a.dir)
     results = {}
@@ -240,7 +245,7 @@ def main(argv=None):
             env = {**os.environ, "PYTHONPATH": str(ROOT), "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu"),
                    "BENCH_PORT": str(29533 + i)}
             p = subprocess.run([sys.executable, __file__, "--worker", m, "--params", str(n), "--saves", str(a.saves),
-                                "--batch", str(a.batch), "--dir", str(d)] + (["--quick"] if a.quick else []),
+                                "--batch", str(a.batch), "--threads", str(a.threads), "--dir", str(d)] + (["--quick"] if a.quick else []),
                                env=env, capture_output=True, text=True, cwd=ROOT)
             shutil.rmtree(d, ignore_errors=True)
             if p.returncode != 0:

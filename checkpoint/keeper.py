@@ -295,7 +295,14 @@ class Keeper:
     def filled(self, slot: Slot, entries: list, objects: dict | None, world: int, levels: list[str]):
         slot.entries, slot.objects, slot.world, slot.state = entries, objects, world, "crc"
         if levels:
-            self.crc_jobs.put((slot, levels))
+            # The disk writes start now and the CRC pass runs beside them (both only read the
+            # slot; the manifest, which needs the CRCs, comes after both): durable after
+            # max(write, CRC) instead of their sum, 0.3 s sooner per GB.
+            with self.store.cond:
+                slot.pins += len(levels)
+            for name in levels:
+                self.writers[name].jobs.put(("write", slot.step, slot))
+            self.crc_jobs.put(slot)
             return
         # A snapshot that stays in memory is not checksummed: the copy protocol (ready only
         # after every byte is in, double-buffered) keeps it whole, and a CRC pass costs
@@ -309,19 +316,18 @@ class Keeper:
 
     def _crc_loop(self):
         while True:
-            slot, levels = self.crc_jobs.get()
+            slot = self.crc_jobs.get()
             try:
                 fault_point("crc")
                 slot.records = checksum(slot, crc=True)
                 with self.store.cond:
                     slot.state = "ready"
-                    slot.pins += len(levels)
                     self.store.cond.notify_all()
-                for name in levels:
-                    self.writers[name].jobs.put(("write", slot.step, slot))
             except Exception as e:
                 log.exception("checksum failed")
                 self.fatal = f"keeper checksum thread crashed: {e!r}"
+            finally:
+                self.crc_jobs.task_done()
 
     def status(self, rank: int) -> dict:
         ready = self.store.snapshots(rank)
@@ -337,7 +343,7 @@ class Keeper:
             }
 
     def idle(self) -> bool:
-        return self.crc_jobs.empty() and all(w.jobs.empty() and not w.busy for w in self.writers.values())
+        return not self.crc_jobs.unfinished_tasks and all(w.jobs.empty() and not w.busy for w in self.writers.values())
 
 
 class KeeperServer:
