@@ -209,8 +209,12 @@ def main(argv=None):
     p.add_argument("--nodes", type=int, default=16)
     p.add_argument("--p-fail", type=float, default=0.05, help="per-node loss probability per snapshot interval")
     p.add_argument("--trials", type=int, default=20000)
+    p.add_argument("--threads", type=int, default=os.cpu_count(),
+                   help="torch threads of the training loop (default: every core; 1 leaves a core to the "
+                        "snapshot copy, as a GPU node's idle host cores are)")
     p.add_argument("--json", type=Path)
     a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
     if a.quick:
         a.snapshot_mb, a.repeats, a.trials, a.params_m, a.steps = 8, 3, 2000, [4], 5
 

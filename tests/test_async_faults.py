@@ -184,13 +184,14 @@ def check_committed(run_dir: Path, ref_hashes: dict) -> int:
     return newest
 
 
-@pytest.mark.parametrize("point", ["write", "rename", "latest"])
+@pytest.mark.parametrize("point", ["crc", "write", "rename", "latest"])
 def test_keeper_killed_mid_level(tmp_path, reference, point):
-    """kill -9 of the keeper while writing a shard, between the manifest's fsync and the
-    step's rename, or while moving ``latest``: the job fails on every rank (no hang), and
+    """kill -9 of the keeper while checksumming a shard (its disk write running beside),
+    writing a shard, between the manifest's fsync and the step's rename, or while moving
+    ``latest``: the job fails on every rank (no hang), and
     every step visible at L1/L2 is complete and equal to the uninterrupted run's."""
     # the N-th time the keeper passes the point: after a few commits (2 shard writes per level per save)
-    n = random.Random(point).randint(5, 9) if point == "write" else random.Random(point).randint(2, 4)
+    n = random.Random(point).randint(5, 9) if point in ("crc", "write") else random.Random(point).randint(2, 4)
     codes, out = supervise(launch(tmp_path, {0: {"KINTSUGI_FAULT": f"{point}:kill:{n}"}}))
     assert codes != [0, 0] and "node keeper" in out, out
     assert check_committed(tmp_path, reference[1]) > 0
