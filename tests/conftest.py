@@ -43,13 +43,16 @@ def train(nproc: int, run_dir: Path, *overrides: str, check: bool = True, **kw) 
     return out
 
 
-def losses(run_dir: Path) -> dict[int, float]:
-    """step -> loss from metrics.jsonl; a step logged twice (after a restart) keeps the last."""
-    out = {}
-    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        out[rec["step"]] = rec["loss"]
-    return out
+def records(path: Path) -> list[dict]:
+    """The JSON lines of a log another process may be appending to: complete lines only
+    (a test polling a running job can read a line half written)."""
+    text = Path(path).read_text() if Path(path).exists() else ""
+    return [json.loads(line) for line in text[:text.rfind("\n") + 1].splitlines() if line]
+
+
+def losses(run_dir: Path, name: str = "metrics.jsonl") -> dict[int, float]:
+    """step -> loss; a step logged twice (after a restart) keeps the last."""
+    return {rec["step"]: rec["loss"] for rec in records(Path(run_dir) / name)}
 
 
 def kintsugi(*args: str, **kw) -> subprocess.CompletedProcess:

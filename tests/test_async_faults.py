@@ -29,6 +29,8 @@ from checkpoint.format import committed_steps  # noqa: E402
 from checkpoint.keeper import KeeperAddress, KeeperClient  # noqa: E402
 from comms import dist_utils  # noqa: E402
 
+import conftest  # noqa: E402  (tests/ is on the path: pytest's rootdir, or this script's own directory)
+
 STEPS = 16
 pytestmark = pytest.mark.slow
 
@@ -150,16 +152,11 @@ def stop_keeper(run_dir: Path):
 
 
 def losses(run_dir: Path) -> dict[int, float]:
-    out = {}
-    text = (run_dir / "loss.jsonl").read_text()
-    for line in text[:text.rfind("\n") + 1].splitlines():  # a line being written is not read
-        rec = json.loads(line)
-        out[rec["step"]] = rec["loss"]  # a resumed run rewrites the steps after its restore point
-    return out
+    return conftest.losses(run_dir, "loss.jsonl")  # a resumed run rewrites the steps after its restore point
 
 
 def hashes(run_dir: Path) -> dict[int, str]:
-    return {r["step"]: r["sha"] for r in map(json.loads, (run_dir / "hashes.jsonl").read_text().splitlines())}
+    return {r["step"]: r["sha"] for r in conftest.records(run_dir / "hashes.jsonl")}
 
 
 @pytest.fixture(scope="module")
@@ -219,7 +216,7 @@ def test_whole_node_killed_resumes_from_disk(tmp_path, reference):
     keeper = []
 
     def node_dies():
-        done = (tmp_path / "loss.jsonl").exists() and max(losses(tmp_path), default=0) >= at
+        done = max(losses(tmp_path), default=0) >= at
         if done and not keeper:
             keeper.append(keeper_pid(tmp_path))
             os.kill(keeper[0], signal.SIGKILL)
@@ -239,7 +236,6 @@ def test_trainer_under_torchrun_resumes_from_keeper_memory(tmp_path):
     workers, the keeper (alive while torchrun's agent is) hands back the newest snapshot
     from memory, and the loss curve equals an uninterrupted run's."""
     from conftest import ROOT, env, torchrun_cmd, train
-    from conftest import losses as trainer_losses
     def args(run):
         return ["--train.steps=16", "--checkpoint.interval=2", f"--checkpoint.l1_dir={tmp_path / run / 'l1'}",
                 "--checkpoint.l2_interval=8", "--checkpoint.keeper_timeout_s=5"]
@@ -247,7 +243,7 @@ def test_trainer_under_torchrun_resumes_from_keeper_memory(tmp_path):
     agent = subprocess.Popen(torchrun_cmd(2, tmp_path / "killed", *args("killed"), max_restarts=3), env=env(), cwd=ROOT,
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     metrics = tmp_path / "killed" / "metrics.jsonl"
-    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 9):
+    while len(conftest.records(metrics)) < 9:
         assert agent.poll() is None, agent.stdout.read()
         time.sleep(0.05)
     import psutil
@@ -257,7 +253,7 @@ def test_trainer_under_torchrun_resumes_from_keeper_memory(tmp_path):
     out, _ = agent.communicate()
     assert agent.returncode == 0, out[-3000:]
     assert "from L0" in out, out[-3000:]
-    assert trainer_losses(tmp_path / "killed") == trainer_losses(tmp_path / "plain")
+    assert conftest.losses(tmp_path / "killed") == conftest.losses(tmp_path / "plain")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,6 @@
 uninterrupted run exactly; a checkpoint saved on one layout resumes on another."""
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -12,14 +11,14 @@ import psutil
 import pytest
 
 from checkpoint import committed_steps
-from conftest import ROOT, env, losses, torchrun_cmd, train
+from conftest import ROOT, env, losses, records, torchrun_cmd, train
 
 
 def wait_for_step(run_dir, step, proc):
     """Poll metrics.jsonl until ``step`` is logged (the job keeps running meanwhile)."""
     metrics = run_dir / "metrics.jsonl"
     while proc.poll() is None:
-        if metrics.exists() and any(json.loads(l)["step"] >= step for l in metrics.read_text().splitlines() if l):
+        if any(rec["step"] >= step for rec in records(metrics)):
             return
         time.sleep(0.05)
     raise AssertionError(f"job exited with {proc.returncode} before step {step}")
