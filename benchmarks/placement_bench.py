@@ -2,7 +2,9 @@
 
 For each scenario (a GPT on 8 nodes x 8 GPUs spread over fabrics), four layouts:
 
-- unaware_s: torch's contiguous rank order, even split;
+- unaware_s: the job without Kintsugi: torch's contiguous rank order, even split, torch's
+  Schedule1F1B; unaware_same_schedule_s: the same order and split under Kintsugi's schedule
+  (the share of placement and partition alone);
 - placed_s: Kintsugi's fabric placement, even split;
 - adaptive_s: Kintsugi's fabric placement and adaptive partition (what `kintsugi plan` writes);
 - homogeneous_s: the same nodes all on the best fabric's RDMA NICs, adaptive split.
@@ -54,7 +56,7 @@ SCENARIOS = {
 QUICK = ("ib+roce", "2 IB clusters (pipeline-only crossing)")
 
 
-def run(names, orders: int, microbatch: int, eth_gbps: float) -> dict:
+def run(names, orders: int, microbatch: int, eth_gbps: float, schedule: str = "eager-1F1B") -> dict:
     """Per scenario, the median of each layout's time over seeded node orders."""
     out = {}
     for name in names:
@@ -63,27 +65,29 @@ def run(names, orders: int, microbatch: int, eth_gbps: float) -> dict:
             all_nodes = Topology(all_nodes).with_bandwidth({"eth": eth_gbps}).nodes
         dp = sizes["dp_replicate"] * sizes["dp_shard"]
         model = PRESETS[model_name]
-        model = replace(model, microbatches=model.global_batch // (dp * microbatch))
+        model = replace(model, microbatches=model.global_batch // (dp * microbatch), schedule=schedule)
         rng = random.Random(0)
         plans = [make_plan(Topology(rng.sample(all_nodes, len(all_nodes))), model, sizes) for _ in range(orders)]
-        row = {k: statistics.median(p.predicted[k] for p in plans) for k in ("unaware_s", "placed_s", "adaptive_s", "homogeneous_s")}
+        row = {k: statistics.median(p.predicted[k] for p in plans) for k in ("unaware_s", "unaware_same_schedule_s", "placed_s", "adaptive_s", "homogeneous_s")}
         row.update(model=model_name, sizes=sizes, mixed=mixed, node_orders=orders,
                    layers_per_stage=statistics.mode(tuple(p.layers_per_stage) for p in plans),
                    speedup_vs_unaware=row["unaware_s"] / row["adaptive_s"],
+                   speedup_same_schedule=row["unaware_same_schedule_s"] / row["adaptive_s"],
                    slowdown_vs_homogeneous=row["adaptive_s"] / row["homogeneous_s"])
         out[name] = row
     return out
 
 
 def table(results: dict) -> str:
-    head = ("| scenario (simulation) | model, pp x dp x tp | unaware s | placed s | adaptive s | homogeneous s "
-            "| adaptive vs unaware | adaptive / homogeneous | layers per stage |")
-    lines = [head, "|" + "---|" * 9]
+    head = ("| scenario (simulation) | model, pp x dp x tp | unaware s | unaware, same schedule s | placed s | adaptive s "
+            "| homogeneous s | adaptive vs unaware | (same schedule) | adaptive / homogeneous | layers per stage |")
+    lines = [head, "|" + "---|" * 11]
     for name, r in results.items():
         s = r["sizes"]
         lines.append(f"| {name} | {r['model']}, {s['pp']}x{s['dp_replicate'] * s['dp_shard']}x{s['tp']} "
-                     f"| {r['unaware_s']:.2f} | {r['placed_s']:.2f} | {r['adaptive_s']:.2f} | {r['homogeneous_s']:.2f} "
-                     f"| {r['speedup_vs_unaware']:.2f}x | {r['slowdown_vs_homogeneous']:.3f} | {r['layers_per_stage']} |")
+                     f"| {r['unaware_s']:.2f} | {r['unaware_same_schedule_s']:.2f} | {r['placed_s']:.2f} | {r['adaptive_s']:.2f} "
+                     f"| {r['homogeneous_s']:.2f} | {r['speedup_vs_unaware']:.2f}x | {r['speedup_same_schedule']:.2f}x "
+                     f"| {r['slowdown_vs_homogeneous']:.3f} | {r['layers_per_stage']} |")
     return "\n".join(lines)
 
 
@@ -94,9 +98,11 @@ def main(argv=None) -> int:
     ap.add_argument("--orders", type=int, default=21, help="node orders drawn for the unaware baseline (median)")
     ap.add_argument("--microbatch", type=int, default=2, help="samples per microbatch")
     ap.add_argument("--eth-gbps", type=float, default=ETH, help="every node's Ethernet, the path between fabrics")
+    ap.add_argument("--schedule", choices=["eager-1F1B", "1F1B"], default="eager-1F1B",
+                    help="the trainer's pipeline schedule: eager 1F1B (its default) or torch's 1F1B")
     args = ap.parse_args(argv)
     names = QUICK if args.quick else list(SCENARIOS)
-    results = run(names, 3 if args.quick else args.orders, args.microbatch, args.eth_gbps)
+    results = run(names, 3 if args.quick else args.orders, args.microbatch, args.eth_gbps, args.schedule)
     print(table(results))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

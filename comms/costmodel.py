@@ -8,31 +8,35 @@ Per pipeline stage s with L_s blocks, for one microbatch of ``tokens`` tokens:
   per token, about one block of a 7B model);
 - tensor parallel: 2 all-reduces of the activations (tokens x dim values) per block
   forward and 2 backward, on the TP group's link;
-- pipeline send: one activation to the next stage forward and one gradient back, not
-  overlapped with compute (Megatron's 1F1B), on the slowest pair's link; each TP rank
-  sends 1/tp of it and the next stage all-gathers over its TP link (Megatron's
-  scatter-gather);
+- pipeline send: one activation to the next stage forward and one gradient back, on the
+  slowest pair's link; each TP rank sends 1/tp of it and the next stage all-gathers over
+  its TP link (Megatron's scatter-gather);
 - data parallel: one all-reduce of the stage's gradients (params / tp values) after its
   last backward, on the DP group's slowest link.
 
-1F1B with m microbatches, stage cycle ``t_s + c_{s-1} + c_s`` (t = fwd + bwd, c = send):
+The trainer's default schedule is eager 1F1B (trainer/schedule.py): sends fired after the
+compute and waited at the end of the step, receives posted a microbatch ahead, and stage s
+warming up with w_s = min(m, 2 (p - s) - 1) forwards. A microbatch's round trip from stage
+s to s + 1 and back then spans w_s - w_{s+1} + 1 = 3 of its cycles, so with m microbatches
+(t = fwd + bwd, c = send):
 
-    T_pipe = (m - 1) x max_s cycle_s + sum_s t_s + 2 x sum_s c_s
+    cycle = max_s max(t_s, c_s, (t_s + t_{s+1} + 2 c_s) / (w_s - w_{s+1} + 1))
+    T_pipe = (m - 1) x cycle + sum_s t_s + 2 x sum_s c_s
 
-(uniform stages without sends: (m + p - 1) x t, the textbook bubble). Stage s is done with
-the pipeline when its last gradient has reached stage s - 1 (torch waits for that send), the
-time ``drain_s = sum_{j<s} bwd_j + sum_{j<s-1} c_j`` before stage 0 is; its gradient
-all-reduce overlaps that drain, and the trainer's global grad-norm all-reduce waits for all:
+(uniform stages without sends: (m + p - 1) x t, the textbook bubble). torch's Schedule1F1B
+(``parallel.pp_schedule = "1F1B"``, ``eager=False``) waits for every send with the next
+receive: its stage cycle is t_s + c_{s-1} + c_s, in the same T_pipe. Either way stage s is
+done with the pipeline when its last gradient has reached stage s - 1 (the schedule waits
+for its sends), the time ``drain_s = sum_{j<s} bwd_j + sum_{j<s-1} c_j`` before stage 0 is;
+its gradient all-reduce (FSDP2's, after the schedule: perform_reduce_grad) overlaps that
+drain, and the trainer's global grad-norm all-reduce waits for all:
 
     T_iter = max_s (T_pipe - drain_s + allreduce_s)
 
-Schedule1F1B in torch.distributed.pipelining (what the trainer runs) waits on every send
-and receive of a step; FSDP2 reduces the gradients only after the schedule (its
-perform_reduce_grad), so nothing else overlaps them. tests/test_costmodel.py replays that
-schedule action by action: on the benchmark's plans the formula is within 0.2% of it; on
-plans for random clusters the median is +0.3%, from -8% (deep pipelines whose sends outweigh
-compute: their waits chain from stage to stage) to +12% (imbalanced short pipelines, whose
-fill and drain partly overlap the slowest stage).
+tests/test_costmodel.py replays both schedules action by action (a link carries one transfer
+at a time each way): on the benchmark's plans the formula is within 0.3% of torch's 1F1B and
+within 1.1% of eager 1F1B (above it: the formula charges the whole fill and drain); on
+random clusters it never promises less than the replay as long as sends stay below compute.
 
 A ring all-reduce of N bytes over k ranks takes 2 (k-1)/k x N / bw + 2 (k-1) x latency,
 an all-gather half of that.
@@ -60,6 +64,7 @@ class ModelSpec:
     n_kv_heads: int = 0
     ffn_hidden: int = 0  # 0 = 8/3 x dim rounded up to 32 (SwiGLU with GPT's 8 dim^2 MLP params)
     bytes_per_value: int = 2  # bf16 activations and gradients
+    schedule: str = "eager-1F1B"  # the trainer's parallel.pp_schedule: "eager-1F1B" or torch's "1F1B"
 
     @property
     def ffn(self) -> int:
@@ -201,12 +206,29 @@ def send_times(model: ModelSpec, stages: list[Stage], dp: int, tp: int) -> list[
             for s in range(len(stages))]
 
 
-def one_f_one_b(microbatches: int, costs: list[StageCost], c: list[float]) -> Estimate:
-    """The 1F1B step time of stages with these costs and sends (formulas in the module doc)."""
+def eager_warmup(p: int, m: int) -> list[int]:
+    """Forwards before the first backward per stage under eager 1F1B: 2 (p - s) - 1, two
+    more than the next stage, so a microbatch's round trip to the next stage and back (its
+    compute and both sends) spans three cycles of the stage, not two as in 1F1B."""
+    return [min(m, 2 * (p - s) - 1) for s in range(p)]
+
+
+def cycles(t: list[float], c: list[float], m: int, eager: bool) -> list[float]:
+    """Per stage, the least steady-state time between its microbatches (module doc)."""
+    p = len(t)
+    if not eager:
+        return [t[s] + c[s] + (c[s - 1] if s else 0.0) for s in range(p)]
+    w = eager_warmup(p, m) + [0]
+    return [max(t[s], c[s], (t[s] + t[s + 1] + 2 * c[s]) / (w[s] - w[s + 1] + 1) if s + 1 < p else 0.0)
+            for s in range(p)]
+
+
+def one_f_one_b(microbatches: int, costs: list[StageCost], c: list[float], eager: bool = True) -> Estimate:
+    """The step time of stages with these costs and sends under eager 1F1B (or torch's
+    1F1B: ``eager=False``); formulas in the module doc."""
     p, m = len(costs), microbatches
     t = [k.fwd + k.bwd for k in costs]
-    cycle = [t[s] + c[s] + (c[s - 1] if s else 0.0) for s in range(p)]
-    pipeline = (m - 1) * max(cycle) + sum(t) + 2 * sum(c)
+    pipeline = (m - 1) * max(cycles(t, c, m, eager)) + sum(t) + 2 * sum(c)
     drain = [sum(costs[j].bwd for j in range(s)) + sum(c[j] for j in range(s - 1)) for s in range(p)]
     iteration = max(pipeline - drain[s] + costs[s].grads for s in range(p))
     return Estimate(iteration, pipeline, t, c, [k.grads for k in costs])
@@ -218,4 +240,4 @@ def simulate(model: ModelSpec, stages: list[Stage], layers: list[int], dp: int, 
     if len(layers) != p or sum(layers) != model.n_layers or min(layers) < 1:
         raise UserError(f"layers per stage {layers} must be {p} positive counts summing to {model.n_layers}")
     costs = [stage_cost(model, stages, s, n, dp, tp) for s, n in enumerate(layers)]
-    return one_f_one_b(model.microbatches, costs, send_times(model, stages, dp, tp))
+    return one_f_one_b(model.microbatches, costs, send_times(model, stages, dp, tp), model.schedule == "eager-1F1B")

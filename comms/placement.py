@@ -25,7 +25,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -145,7 +145,16 @@ def adaptive_layers(model: ModelSpec, stages: list[Stage], dp: int, tp: int) -> 
     most = n - p + 1  # the most blocks one stage can hold
     cost = [[None] + [stage_cost(model, stages, s, k, dp, tp) for k in range(1, most + 1)] for s in range(p)]
     t = [[0.0] + [k.fwd + k.bwd for k in row[1:]] for row in cost]
-    cycle = [[0.0] + [t[s][k] + c[s] + (c[s - 1] if s else 0.0) for k in range(1, most + 1)] for s in range(p)]
+    eager = model.schedule == "eager-1F1B"
+
+    def own_cycle(s: int, k: int) -> float:
+        """Stage s's cycle with k blocks: exact under torch's 1F1B (compute + its sends); under
+        eager 1F1B max(compute, its links), a lower bound (the round-trip term spans the later
+        stages; time_of has it)."""
+        links = (c[s], c[s - 1] if s else 0.0)
+        return max(t[s][k], *links) if eager else t[s][k] + sum(links)
+
+    cycle = [[0.0] + [own_cycle(s, k) for k in range(1, most + 1)] for s in range(p)]
     # Over every split of b blocks onto stages s.. (inf: b blocks cannot fill them): the
     # least sum of t, the least max cycle, and the least max_{j>=s} (forwards of s..j-1 +
     # t of j.. + allreduce_j).
@@ -163,7 +172,7 @@ def adaptive_layers(model: ModelSpec, stages: list[Stage], dp: int, tp: int) -> 
                                        cost[s][k].fwd + least_tail[s + 1][b - k]) for k in ks)
 
     def time_of(layers):
-        return one_f_one_b(m, [cost[s][k] for s, k in enumerate(layers)], c).iteration_s
+        return one_f_one_b(m, [cost[s][k] for s, k in enumerate(layers)], c, eager).iteration_s
 
     # Start from the even split and try each stage's counts nearest to it first: good splits
     # found early prune most of the tree (half the time on random clusters).
@@ -203,7 +212,7 @@ class Plan:
     ep: int = 1
     stages: list[dict] = field(default_factory=list)  # per stage: fabrics, nodes, ranks
     nccl: dict = field(default_factory=dict)  # dim -> [{"ranks": [...], "net": "IB" | "Socket" | None}]
-    predicted: dict = field(default_factory=dict)  # seconds per step: unaware_s, placed_s, adaptive_s, homogeneous_s
+    predicted: dict = field(default_factory=dict)  # seconds per step: unaware_s, placed_s, adaptive_s, ... (make_plan)
 
     @property
     def world_size(self) -> int:
@@ -260,7 +269,9 @@ def describe(topology: Topology, plan: Plan) -> None:
 def make_plan(topology: Topology, model: ModelSpec, sizes: dict, ep: int = 1) -> Plan:
     """Place, partition and predict; ``plan.predicted`` compares with the alternatives.
 
-    unaware_s: contiguous ranks, even split. placed_s: fabric placement, even split.
+    unaware_s: the job without Kintsugi: contiguous ranks, even split, torch's Schedule1F1B.
+    unaware_same_schedule_s: contiguous ranks, even split, this plan's schedule (the share of
+    placement and partition alone). placed_s: fabric placement, even split.
     adaptive_s: fabric placement, adaptive split (the plan). homogeneous_s: the same nodes
     all on the best fabric's RDMA, adaptive split.
     """
@@ -303,7 +314,9 @@ def make_plan(topology: Topology, model: ModelSpec, sizes: dict, ep: int = 1) ->
     homogeneous_s = min(simulate(model, st, adaptive_layers(model, st, dp, tp), dp, tp).iteration_s
                         for st in (stages_of(homo, g) for g in (grid, contiguous_grid(sizes))))
     plan = Plan(sizes=sizes, rank_grid=grid, layers_per_stage=layers, ep=ep, predicted={
-        "unaware_s": timed(topology, contiguous_grid(sizes), even),
+        "unaware_s": simulate(replace(model, schedule="1F1B"), stages_of(topology, contiguous_grid(sizes)), even, dp,
+                              tp).iteration_s,
+        "unaware_same_schedule_s": timed(topology, contiguous_grid(sizes), even),
         "placed_s": placed_s,
         "adaptive_s": adaptive_s,
         "homogeneous_s": homogeneous_s,

@@ -26,10 +26,13 @@ def model_spec(name: str) -> ModelSpec:
     from trainer.config import load_config  # only for job configs: presets need no trainer
 
     cfg = load_config(name)
+    if cfg.parallel.pp_schedule == "GPipe":
+        raise UserError(f"{name}: the cost model times 1F1B schedules; set parallel.pp_schedule to eager-1F1B or 1F1B")
     m = cfg.model
     return ModelSpec(n_layers=m.n_layers, dim=m.dim, n_heads=m.n_heads, n_kv_heads=m.n_kv_heads, ffn_hidden=m.ffn_hidden,
                      vocab_size=m.vocab_size, seq_len=cfg.data.seq_len, global_batch=cfg.data.batch_size,
-                     microbatches=cfg.parallel.pp_microbatches, bytes_per_value=2 if cfg.train.dtype == "bf16" else 4)
+                     microbatches=cfg.parallel.pp_microbatches, bytes_per_value=2 if cfg.train.dtype == "bf16" else 4,
+                     schedule=cfg.parallel.pp_schedule)
 
 
 def _bandwidth(text: str) -> dict[str, float]:
@@ -58,7 +61,7 @@ def report(topology: Topology, plan: Plan, model: ModelSpec) -> str:
     sizes = " ".join(f"{d}={plan.sizes[d]}" for d in MESH_DIMS)
     lines = [f"placement of {sizes} on {len(topology.nodes)} nodes ({topology.world_size} GPUs); fabrics: {desc}",
              f"model: {model.n_layers} blocks, dim {model.dim}, {model.params / 1e9:.2f}B params, "
-             f"batch {model.global_batch} x {model.seq_len} tokens, {model.microbatches} microbatches",
+             f"batch {model.global_batch} x {model.seq_len} tokens, {model.microbatches} microbatches, {model.schedule}",
              "", f"{'stage':>5}  {'fabric':<12} {'layers':>6}  {'nodes':<28} ranks"]
     for st in plan.stages:
         nodes = ",".join(st["nodes"])
@@ -73,7 +76,8 @@ def report(topology: Topology, plan: Plan, model: ModelSpec) -> str:
         lines.append(f"{dim:>12}: {len(groups)} groups of {len(groups[0]['ranks'])}, {crossing} span fabrics; NCCL net: {', '.join(nets)}")
     p = plan.predicted
     lines += ["", "predicted iteration time (cost-model simulation):",
-              f"  topology-unaware (contiguous ranks, even split)  {p['unaware_s']:9.4g} s",
+              f"  topology-unaware (contiguous ranks, even split)  {p['unaware_s']:9.4g} s   torch's 1F1B",
+              f"    the same with {model.schedule:<10}                 {p['unaware_same_schedule_s']:9.4g} s",
               f"  fabric placement, even split                     {p['placed_s']:9.4g} s",
               f"  fabric placement, adaptive split (this plan)     {p['adaptive_s']:9.4g} s"
               f"   {p['unaware_s'] / p['adaptive_s']:.2f}x vs unaware",
@@ -93,6 +97,8 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--ep", type=int, default=1, help="expert-parallel degree (divides --dp)")
     ap.add_argument("--microbatches", type=int, help="override the model's microbatches per step")
     ap.add_argument("--batch", type=int, help="override the global batch (samples per step)")
+    ap.add_argument("--schedule", choices=["eager-1F1B", "1F1B"], help="override the pipeline schedule "
+                    "(parallel.pp_schedule; presets: eager-1F1B, the trainer's default)")
     ap.add_argument("--bandwidth", type=_bandwidth, default={}, help="override Gbit/s, e.g. eth=50,roce=200 (ib, roce per NIC; eth per node; nvlink per GPU)")
     ap.add_argument("--out", default="plan.json", help="where to write the plan file")
     args = ap.parse_args(argv)
@@ -106,8 +112,8 @@ def main(argv: list[str]) -> int:
     if args.bandwidth:
         topology = topology.with_bandwidth(args.bandwidth)
     model = model_spec(args.model)
-    if args.microbatches or args.batch:
-        model = replace(model, microbatches=args.microbatches or model.microbatches, global_batch=args.batch or model.global_batch)
+    model = replace(model, microbatches=args.microbatches or model.microbatches, global_batch=args.batch or model.global_batch,
+                    schedule=args.schedule or model.schedule)
     dp = args.dp
     if model.global_batch % (dp * model.microbatches):
         raise UserError(f"global batch {model.global_batch} is not divisible by dp {dp} x microbatches {model.microbatches}; "

@@ -10,7 +10,8 @@ LAYOUTS = {
     "ddp2": (2, ["--parallel.dp_replicate=2", "--parallel.dp_shard=1"]),
     "fsdp2": (2, []),
     "tp2": (2, ["--parallel.tp=2"]),
-    "pp2-1f1b": (2, ["--parallel.pp=2"]),
+    "pp2-1f1b": (2, ["--parallel.pp=2", "--parallel.pp_schedule=1F1B"]),
+    "pp4-eager-1f1b": (4, ["--parallel.pp=4", "--parallel.pp_microbatches=8"]),  # warm-ups 5,4,3,1 of 8
     "pp2-gpipe-uneven": (2, ["--parallel.pp=2", "--parallel.pp_schedule=GPipe", "--parallel.pp_layers=[1,3]"]),
     "fsdp2xtp2": (4, ["--parallel.dp_shard=2", "--parallel.tp=2"]),
     "ddp2-accum2": (2, ["--parallel.dp_replicate=2", "--parallel.dp_shard=1", "--train.grad_accum=2"]),

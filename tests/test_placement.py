@@ -151,14 +151,20 @@ def test_simulator_two_stage_pipeline_by_hand():
     # 1 MFLOP/s GPUs, a link that moves one activation (32 tokens x 64 x 2 bytes = 4096 B) per second.
     link = Link("eth", gbps=4096 * 8 / 1e9, latency_us=0.0)
     stages = [Stage([0], ["a"], 1e-6, None, None, link), Stage([1], ["b"], 1e-6, None, None, None)]
-    est = simulate(TINY, stages, [1, 1], dp=1, tp=1)
+    torch_1f1b = simulate(replace(TINY, schedule="1F1B"), stages, [1, 1], dp=1, tp=1)
+    eager = simulate(TINY, stages, [1, 1], dp=1, tp=1)
     fwd0 = 32 * 86016 / 1e6  # 2.752512 s: one block on 32 tokens
     fwd1 = 32 * (86016 + 16384) / 1e6  # 3.2768 s: one block + the output head
     t0, t1, c = 3 * fwd0, 3 * fwd1, 1.0
-    assert est.stage_s == pytest.approx([t0, t1]) and est.send_s == pytest.approx([c, 0.0])
-    # (m-1) x slowest cycle + one microbatch through every stage and link, both ways.
-    assert est.pipeline_s == pytest.approx((2 - 1) * (t1 + c) + (t0 + t1) + 2 * c)
-    assert est.iteration_s == pytest.approx(30.918336)
+    for est in (torch_1f1b, eager):
+        assert est.stage_s == pytest.approx([t0, t1]) and est.send_s == pytest.approx([c, 0.0])
+    # (m-1) x slowest cycle + one microbatch through every stage and link, both ways; torch's
+    # 1F1B waits for the send every cycle, eager 1F1B (2 warm-up forwards of m = 2 on stage 0,
+    # 1 on stage 1) only for the round trip over its two cycles: (t0 + t1 + 2c) / 2 = 10.04 s.
+    assert torch_1f1b.pipeline_s == pytest.approx((2 - 1) * (t1 + c) + (t0 + t1) + 2 * c)
+    assert torch_1f1b.iteration_s == pytest.approx(30.918336)
+    assert eager.pipeline_s == pytest.approx((2 - 1) * (t0 + t1 + 2 * c) / 2 + (t0 + t1) + 2 * c)
+    assert eager.iteration_s == pytest.approx(30.131904)
 
 
 def test_simulator_data_parallel_tail_by_hand():
@@ -249,7 +255,8 @@ def test_plan_puts_fast_cross_links_on_the_boundary_and_like_nodes_together():
         return Node(f"ib-{i}", 8, "ib", "ib", 4, 200.0, eth, tflops)
 
     roce = [Node(f"roce-{i}", 8, "roce", "roce", 4, 100.0, 100.0, 150.0) for i in range(2)]
-    model = replace(PRESETS["gpt-7.5b"], microbatches=16, global_batch=128)
+    # torch's 1F1B: the boundary's sends cost every cycle (eager 1F1B hides most of them).
+    model = replace(PRESETS["gpt-7.5b"], microbatches=16, global_batch=128, schedule="1F1B")
 
     def numbered_order_s(topo, sizes):
         """The best fabric order with each fabric's nodes as numbered (the previous planner)."""

@@ -74,7 +74,9 @@ class ParallelConfig:
     dp_shard: int = doc("Data-parallel shards (FSDP2 fully_shard); -1 = whatever the other dims leave.", -1)
     tp: int = doc("Tensor-parallel degree (DTensor column/row sharding of attention and MLP).", 1)
     pp: int = doc("Pipeline stages (torch.distributed.pipelining).", 1)
-    pp_schedule: str = doc("Pipeline schedule: `1F1B` or `GPipe`.", "1F1B")
+    pp_schedule: str = doc("Pipeline schedule: `eager-1F1B` (1F1B with sends off the critical path and 2(p-s)-1 "
+                           "warm-up forwards on stage s, trainer/schedule.py; what `kintsugi plan` models), torch's "
+                           "`1F1B`, or `GPipe`.", "eager-1F1B")
     pp_microbatches: int = doc("Microbatches per step under pipeline parallelism.", 4)
     pp_layers: list = doc("Blocks per pipeline stage (uneven splits); empty = as even as possible.", [])
     ep: int = doc("Expert-parallel degree for MoE layers (experts split over this many data-parallel ranks).", 1)
@@ -84,7 +86,8 @@ class ParallelConfig:
 
     def validate(self):
         check(self.engine in ("torch", "deepspeed"), "parallel.engine", "must be `torch` or `deepspeed`")
-        check(self.pp_schedule in ("1F1B", "GPipe"), "parallel.pp_schedule", "must be `1F1B` or `GPipe`")
+        check(self.pp_schedule in ("eager-1F1B", "1F1B", "GPipe"), "parallel.pp_schedule",
+              "must be `eager-1F1B`, `1F1B` or `GPipe`")
         check(self.backend in ("auto", "gloo", "nccl"), "parallel.backend", "must be auto, gloo or nccl")
         for name in ("dp_replicate", "tp", "pp", "ep", "pp_microbatches"):
             check(getattr(self, name) >= 1, f"parallel.{name}", "must be >= 1")

@@ -182,10 +182,12 @@ class TorchEngine:
         if p.pp > 1:
             from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
+            from trainer.schedule import Eager1F1B
+
             stage = PipelineStage(model, self.pp_rank, self.pp_size, torch.device(device), group=self.pp_group)
             # Stage i is not group rank i when a placement plan reorders the pipeline.
             stage.stage_index_to_group_rank = stage_to_group_rank(mesh)
-            schedule = Schedule1F1B if p.pp_schedule == "1F1B" else ScheduleGPipe
+            schedule = {"eager-1F1B": Eager1F1B, "1F1B": Schedule1F1B, "GPipe": ScheduleGPipe}[p.pp_schedule]
             # scale_grads: each microbatch's loss is a mean, so the summed grads are divided
             # by the microbatch count to equal the full batch's mean-loss gradient.
             self.schedule = schedule(stage, n_microbatches=p.pp_microbatches, loss_fn=lm_loss, scale_grads=True)
