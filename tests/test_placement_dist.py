@@ -34,8 +34,10 @@ def _gather_worker(node_rank: int, port: int, nnodes: int, out_dir: str):
 def test_gather_topology_through_tcpstore(tmp_path):
     server = dist.TCPStore("127.0.0.1", 0, is_master=True, timeout=datetime.timedelta(seconds=60))
     nnodes = 3
-    # fork: the workers need no fresh interpreter (a spawn costs seconds of torch import each)
-    mp.start_processes(_gather_worker, args=(server.port, nnodes, str(tmp_path)), nprocs=nnodes, start_method="fork")
+    # spawn, not fork: forking the multi-threaded pytest process (this store's server thread,
+    # other tests' threads) once left a child stuck on a lock copied held (CI: node 2 never
+    # published); a fresh interpreter costs a few seconds of torch import.
+    mp.start_processes(_gather_worker, args=(server.port, nnodes, str(tmp_path)), nprocs=nnodes, start_method="spawn")
     expected = [asdict(_node(i)) for i in range(nnodes)]
     for i in range(nnodes):
         assert json.loads((tmp_path / f"{i}.json").read_text()) == expected
@@ -86,7 +88,7 @@ def test_four_gloo_ranks_build_the_planned_groups(tmp_path):
     # the fast stage's longer backward: 3.306 ms vs 3.327 ms predicted the other way round),
     # so stage 0 is on the higher global ranks of each pipeline group.
     assert plan.rank_grid == [[[[1], [3]]], [[[0], [2]]]] and plan.layers_per_stage == [1, 3]
-    mp.start_processes(_mesh_worker, args=(str(tmp_path / "plan.json"), str(tmp_path)), nprocs=4, start_method="fork")
+    mp.start_processes(_mesh_worker, args=(str(tmp_path / "plan.json"), str(tmp_path)), nprocs=4, start_method="spawn")
     for rank in range(4):
         seen = json.loads((tmp_path / f"{rank}.json").read_text())
         for dim in MESH_DIMS:
