@@ -213,13 +213,18 @@ def eager_warmup(p: int, m: int) -> list[int]:
     return [min(m, 2 * (p - s) - 1) for s in range(p)]
 
 
+def own_cycle(t: float, c_in: float, c_out: float, eager: bool) -> float:
+    """A stage's cycle from its own compute and links alone: the whole cycle under torch's
+    1F1B (it waits for its sends), a lower bound under eager 1F1B (the round trip through
+    the next stage adds to it: ``cycles``)."""
+    return max(t, c_in, c_out) if eager else t + c_in + c_out
+
+
 def cycles(t: list[float], c: list[float], m: int, eager: bool) -> list[float]:
     """Per stage, the least steady-state time between its microbatches (module doc)."""
-    p = len(t)
-    if not eager:
-        return [t[s] + c[s] + (c[s - 1] if s else 0.0) for s in range(p)]
-    w = eager_warmup(p, m) + [0]
-    return [max(t[s], c[s], (t[s] + t[s + 1] + 2 * c[s]) / (w[s] - w[s + 1] + 1) if s + 1 < p else 0.0)
+    p, w = len(t), eager_warmup(len(t), m) + [0]
+    return [max(own_cycle(t[s], c[s - 1] if s else 0.0, c[s], eager),
+                (t[s] + t[s + 1] + 2 * c[s]) / (w[s] - w[s + 1] + 1) if eager and s + 1 < p else 0.0)
             for s in range(p)]
 
 

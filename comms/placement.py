@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from comms.costmodel import ModelSpec, Stage, one_f_one_b, send_times, simulate, stage_cost, stages_of
+from comms.costmodel import ModelSpec, Stage, one_f_one_b, own_cycle, send_times, simulate, stage_cost, stages_of
 from comms.errors import UserError
 from comms.mesh import MESH_DIMS
 from comms.topology import Topology
@@ -146,15 +146,10 @@ def adaptive_layers(model: ModelSpec, stages: list[Stage], dp: int, tp: int) -> 
     cost = [[None] + [stage_cost(model, stages, s, k, dp, tp) for k in range(1, most + 1)] for s in range(p)]
     t = [[0.0] + [k.fwd + k.bwd for k in row[1:]] for row in cost]
     eager = model.schedule == "eager-1F1B"
-
-    def own_cycle(s: int, k: int) -> float:
-        """Stage s's cycle with k blocks: exact under torch's 1F1B (compute + its sends); under
-        eager 1F1B max(compute, its links), a lower bound (the round-trip term spans the later
-        stages; time_of has it)."""
-        links = (c[s], c[s - 1] if s else 0.0)
-        return max(t[s][k], *links) if eager else t[s][k] + sum(links)
-
-    cycle = [[0.0] + [own_cycle(s, k) for k in range(1, most + 1)] for s in range(p)]
+    # Each stage's own cycle: exact under torch's 1F1B; under eager 1F1B a lower bound (the
+    # round-trip term spans the next stage; time_of has it).
+    cycle = [[0.0] + [own_cycle(t[s][k], c[s - 1] if s else 0.0, c[s], eager) for k in range(1, most + 1)]
+             for s in range(p)]
     # Over every split of b blocks onto stages s.. (inf: b blocks cannot fill them): the
     # least sum of t, the least max cycle, and the least max_{j>=s} (forwards of s..j-1 +
     # t of j.. + allreduce_j).
@@ -281,8 +276,8 @@ def make_plan(topology: Topology, model: ModelSpec, sizes: dict, ep: int = 1) ->
         raise UserError(f"{pp} pipeline stages need at least {pp} blocks, the model has {model.n_layers}")
     even = even_layers(model.n_layers, pp)
 
-    def timed(topo, grid, layers):
-        return simulate(model, stages_of(topo, grid), layers, dp, tp).iteration_s
+    def timed(topo, grid, layers, spec=model):
+        return simulate(spec, stages_of(topo, grid), layers, dp, tp).iteration_s
 
     def candidate(order, nodes):
         grid = place(topology, sizes, ep, list(order), nodes)
@@ -314,8 +309,7 @@ def make_plan(topology: Topology, model: ModelSpec, sizes: dict, ep: int = 1) ->
     homogeneous_s = min(simulate(model, st, adaptive_layers(model, st, dp, tp), dp, tp).iteration_s
                         for st in (stages_of(homo, g) for g in (grid, contiguous_grid(sizes))))
     plan = Plan(sizes=sizes, rank_grid=grid, layers_per_stage=layers, ep=ep, predicted={
-        "unaware_s": simulate(replace(model, schedule="1F1B"), stages_of(topology, contiguous_grid(sizes)), even, dp,
-                              tp).iteration_s,
+        "unaware_s": timed(topology, contiguous_grid(sizes), even, replace(model, schedule="1F1B")),
         "unaware_same_schedule_s": timed(topology, contiguous_grid(sizes), even),
         "placed_s": placed_s,
         "adaptive_s": adaptive_s,
