@@ -4,6 +4,7 @@
                           [--dtype bfloat16] [--max-memory 2G] [--workers 4] [--dry-run]
     kintsugi ckpt inspect PATH
     kintsugi ckpt verify A B
+    kintsugi ckpt gc
 
 The source format is detected (Kintsugi native or universal, DeepSpeed ZeRO 1/2/3 or
 universal, torch DCP, consolidated safetensors). Exit codes: 0 done / equal, 1 ``verify``
@@ -118,6 +119,15 @@ def cmd_verify(a) -> int:
     return 1 if diffs else 0
 
 
+def cmd_gc(a) -> int:
+    from checkpoint.keeper import collect_garbage
+
+    removed = collect_garbage()
+    print(f"removed {len(removed)} shared-memory segment(s) of dead node keepers" if removed
+          else "no shared memory of dead node keepers to remove")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kintsugi ckpt", description="Convert, inspect and verify checkpoints.")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -141,6 +151,9 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("a")
     v.add_argument("b")
     v.set_defaults(func=cmd_verify)
+    g = sub.add_parser("gc", help="remove the shared memory of this user's node keepers that were killed (kill -9, "
+                                  "OOM); live keepers' memory is never touched")
+    g.set_defaults(func=cmd_gc)
     return p
 
 

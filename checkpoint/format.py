@@ -187,7 +187,9 @@ def read_manifest(step_dir: Path) -> dict:
 def fault_point(name: str):
     """Fault-injection hook for the crash tests: ``KINTSUGI_FAULT=name:kill[:N]`` kills this
     process with SIGKILL the N-th time (default 1st) it passes point ``name``, ``name:pause``
-    stops it there until it is killed. Unset (always in production) it costs one dict lookup."""
+    stops it there until it is killed, ``name:hold[:N]`` writes ``$KINTSUGI_FAULT_DIR/name.held``
+    and waits there until the test removes that file (the test kills whom it wants meanwhile).
+    Unset (always in production) it costs one dict lookup."""
     spec = os.environ.get("KINTSUGI_FAULT")
     if not spec or spec.split(":")[0] != name:
         return
@@ -197,6 +199,12 @@ def fault_point(name: str):
         return
     if parts[1] == "kill":
         os.kill(os.getpid(), 9)
+    if parts[1] == "hold":
+        marker = Path(os.environ["KINTSUGI_FAULT_DIR"]) / f"{name}.held"
+        marker.write_text(str(os.getpid()))
+        while marker.exists():
+            time.sleep(0.01)
+        return
     while True:  # pause: wait here for the test's kill -9
         time.sleep(1)
 

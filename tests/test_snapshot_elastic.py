@@ -91,7 +91,7 @@ def train(run_dir: Path, steps: int, kill: str):
 
     from checkpoint import CheckpointConfig, Checkpointer
     from checkpoint.format import committed_steps
-    from checkpoint.keeper import job_id
+    from checkpoint.keeper import job_id, messages
     from checkpoint.snapshot import EcSnapshots
     from checkpoint.snapshot_config import SnapshotConfig
     from comms import dist_utils
@@ -125,7 +125,7 @@ def train(run_dir: Path, steps: int, kill: str):
             # committed on disk (the reference resumes it), step K is not saved yet
             while True:
                 ckpt.check()
-                coded = step - 1 in ckpt.keeper.call("ec_status")["encoded"]
+                coded = step - 1 in ckpt.keeper.call(messages.EcStatus()).encoded
                 ready = torch.tensor(float(coded and step - 1 in committed_steps(run_dir / "ckpt")))
                 dist.all_reduce(ready, op=dist.ReduceOp.MIN)
                 if ready.item():
