@@ -28,6 +28,11 @@ def test_hosts_have_own_names_and_addresses_and_no_way_out(testbed):
     assert [s["addr"] for s in seen] == [h.addr for h in tb.hosts] and len({h.addr for h in tb.hosts}) == 3
     assert all(s["peers"] == {h.name: h.addr for h in tb.hosts} for s in seen)
     assert tb.reachable(0, 1) and tb.reachable(2, 0)  # by name, over the bridge
+    # One path, each host's own disk (L1); one shared directory (L2).
+    for h in tb.hosts:
+        tb.run(h, ["sh", "-c", f'hostname > {tb.local}/me && hostname >> {tb.shared}/all'], check=True)
+    assert [open(os.path.join(h.local_dir, "me")).read() for h in tb.hosts] == [f"{n}\n" for n in names]
+    assert sorted(open(tb.shared / "all").read().split()) == names and not os.listdir(tb.local)
     # Only the testbed's /24 is routed: the box's own addresses, another testbed's hosts and
     # the world have no route (route lookups only: nothing is sent).
     box = subprocess.run(["ip", "-4", "-o", "addr", "show", "scope", "global"], capture_output=True, text=True).stdout
