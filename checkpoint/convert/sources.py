@@ -127,7 +127,8 @@ class SafetensorsSource(Source):
         super().__init__(path)
         self.reader = ShardReader(self.path if self.path.is_file() else self.path / self.FILE)
         meta = self.reader.header.get("__metadata__") or {}
-        self.step = int(meta.get("step", 0))
+        step = meta.get("step", "0")  # a string: the header was validated
+        self.step = int(step) if step.isascii() and step.isdigit() else 0
         self.tensors = {"model." + k: Info(tuple(v["shape"]), TORCH_DTYPES[v["dtype"]])
                         for k, v in self.reader.header.items() if k != "__metadata__"}
 
