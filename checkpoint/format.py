@@ -142,6 +142,11 @@ def is_ints(value, n: int | None = None) -> bool:
         all(type(v) is int and v >= 0 for v in value)
 
 
+def is_key(value, table: dict) -> bool:
+    """A string naming an entry of ``table`` (a dtype name, ...)."""
+    return isinstance(value, str) and value in table
+
+
 def is_crc(value) -> bool:
     return type(value) is int and 0 <= value < 1 << 32
 
@@ -170,7 +175,7 @@ def check_header(header, where: str, data_size: int):
             if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
                 bad("__metadata__ is not a map of strings")
             continue
-        if not isinstance(meta, dict) or meta.get("dtype") not in TORCH_DTYPES:
+        if not isinstance(meta, dict) or not is_key(meta.get("dtype"), TORCH_DTYPES):
             bad(f"{quoted(key)} has no known dtype")
         shape, offsets = meta.get("shape"), meta.get("data_offsets")
         if not is_ints(shape):
@@ -229,7 +234,7 @@ class ShardReader:
 
     def read(self, key: str, crc: int | None = None) -> torch.Tensor:
         meta, start, n = self._locate(key)
-        if self.map is not None:
+        if self.map is not None or n == 0:  # (numpy gives an empty read a stride torch cannot view)
             raw = self._mapped(start, n)
         else:
             raw = torch.from_numpy(np.fromfile(self.path, dtype=np.uint8, count=n, offset=start))
@@ -279,25 +284,25 @@ def write_manifest(step_dir: Path, manifest: dict, name: str = MANIFEST):
 def check_manifest(m, step_dir: Path):
     """Validate a step's manifest: every field a reader uses, with its type and bounds."""
     def bad(what: str):
-        raise CorruptCheckpoint(f"manifest of {step_dir} is damaged ({what})")
+        raise CorruptCheckpoint(f"manifest of {step_dir} has a bad {what}")
 
     if not isinstance(m, dict) or m.get("format") != FORMAT:
         raise CorruptCheckpoint(f"{step_dir} is not a Kintsugi checkpoint step (bad manifest)")
     if type(m.get("step")) is not int or m["step"] < 0:
         bad("step")
     if not isinstance(m.get("tensors"), dict) or not isinstance(m.get("objects"), dict):
-        bad("tensors or objects is not a map")
+        bad("tensors or objects map")
     for name, t in m["tensors"].items():
-        if not isinstance(t, dict) or not is_ints(t.get("shape")) or t.get("dtype") not in DTYPE_BY_NAME \
+        if not isinstance(t, dict) or not is_ints(t.get("shape")) or not is_key(t.get("dtype"), DTYPE_BY_NAME) \
                 or not isinstance(t.get("chunks"), list):
-            bad(f"tensor {quoted(name)}")
+            bad(f"entry of tensor {quoted(name)}")
         gshape = t["shape"]
         for c in t["chunks"]:
             if not isinstance(c, dict) or not is_relative(c.get("file")) or "/" in c["file"] \
                     or not isinstance(c.get("key"), str) or not is_crc(c.get("crc32")) \
                     or not is_ints(c.get("offsets"), len(gshape)) or not is_ints(c.get("shape"), len(gshape)) \
                     or any(o + n > g for o, n, g in zip(c["offsets"], c["shape"], gshape)):
-                bad(f"a chunk of {quoted(name)}")
+                bad(f"chunk of tensor {quoted(name)}")
 
 
 def read_manifest(step_dir: Path) -> dict:

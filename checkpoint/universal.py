@@ -27,7 +27,8 @@ import numpy as np
 import torch
 
 from checkpoint.format import (
-    DTYPE_BY_NAME, DTYPE_NAMES, TORCH_DTYPES, CorruptCheckpoint, ShardReader, is_crc, is_ints, is_relative, quoted,
+    DTYPE_BY_NAME, DTYPE_NAMES, TORCH_DTYPES, CorruptCheckpoint, ShardReader, is_crc, is_ints, is_key, is_relative,
+    quoted,
     write_manifest, write_shard,
 )
 from checkpoint.state import Chunk, is_chunk
@@ -137,7 +138,7 @@ def check_meta(meta, where: Path):
         bad("step, tensors, objects, source or missing")
     for name, rec in meta["tensors"].items():
         if not isinstance(rec, dict) or not is_relative(rec.get("file")) or not is_ints(rec.get("shape")) \
-                or rec.get("dtype") not in DTYPE_BY_NAME or not is_crc(rec.get("crc32")):
+                or not is_key(rec.get("dtype"), DTYPE_BY_NAME) or not is_crc(rec.get("crc32")):
             bad(f"the record of {quoted(name)}")
 
 

@@ -1,15 +1,21 @@
 """On-disk safety of the native format (checkpoint/format.py): retention by commit order,
 ``latest`` that always resolves, a redone step replaced atomically, a prune that never
-leaves a step without its files, and a real kill -9 at every commit point.
+leaves a step without its files, a real kill -9 at every commit point, and damaged shard
+headers, manifests and universal atoms (seeded random damage) that only ever raise
+CorruptCheckpoint (or, for a manifest that names another model, one UserError line).
 
 Run as a script (``python tests/test_format_safety.py ROOT KEEP_LAST STEP:VALUE...``) it saves
 those steps one after another with ``save_state`` in one process: the crash tests' victim.
 """
 from __future__ import annotations
 
+import copy
+import json
 import os
+import random
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -21,10 +27,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from checkpoint import format as fmt  # noqa: E402
 from checkpoint.format import (  # noqa: E402
-    COMMITS, LATEST, MANIFEST, TRASH, CorruptCheckpoint, check_latest, committed_steps, read_manifest, step_dirname,
+    COMMITS, LATEST, MANIFEST, TRASH, CorruptCheckpoint, ShardReader, check_latest, committed_steps, read_manifest,
+    step_dirname, write_shard,
 )
+from checkpoint.convert import convert, detect  # noqa: E402
 from checkpoint.state import Chunk  # noqa: E402
 from checkpoint.store import load_state, save_state  # noqa: E402
+from checkpoint.universal import Universal, load_universal  # noqa: E402
+from comms import UserError  # noqa: E402
 
 N = 64
 
@@ -203,6 +213,187 @@ def test_kill9_while_compacting_the_journal(tmp_path):
         save(root, step, value)
     check_visible(root)
     assert committed_steps(root) == [80, 79] and len((root / COMMITS).read_text().splitlines()) < 80
+
+
+
+# -- damaged headers and manifests ---------------------------------------------------------------
+
+TENSORS = {"a": torch.randn(3, 4, generator=torch.Generator().manual_seed(0)), "b": torch.arange(5),
+           "c": torch.tensor(True), "d": torch.zeros(0, dtype=torch.bfloat16), "e": torch.ones(2, dtype=torch.bfloat16)}
+# Values a damaged header or manifest may hold where something else belongs.
+WRONG = [None, -1, 0, 1.5, True, "x", "F32", "BF16", "float64", [], [1], [-1, 2], [0, 2 ** 70], [2 ** 63, 2 ** 64],
+         [3, 4], [0, 48], ["a"], {}, {"x": 1}, 2 ** 70, "../shard_00000.safetensors", "/etc/passwd"]
+
+
+def raw(t: torch.Tensor) -> bytes:
+    return t.reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def with_header(header, rest: bytes) -> bytes:
+    blob = header if isinstance(header, bytes) else json.dumps(header).encode()
+    return struct.pack("<Q", len(blob)) + blob + rest
+
+
+def damage(rng: random.Random, clean: bytes) -> bytes:
+    """One random damage to a safetensors-layout file's length, header JSON or size."""
+    n = struct.unpack("<Q", clean[:8])[0]
+    data, kind = bytearray(clean), rng.randrange(6)
+    if kind == 0:  # a few flipped bits in the length or the header
+        for _ in range(rng.randint(1, 4)):
+            data[rng.randrange(8 + n)] ^= 1 << rng.randrange(8)
+    elif kind == 1:  # another length
+        data[:8] = struct.pack("<Q", rng.choice([0, 1, 7, n - 1, n + 1, len(clean) - 8, len(clean), 2 ** 31,
+                                                  2 ** 63, 2 ** 64 - 1, rng.randrange(2 ** 64)]))
+    elif kind == 2:  # truncated anywhere
+        del data[rng.randrange(len(data)):]
+    elif kind == 3:  # random bytes over part of the length and header
+        i = rng.randrange(8 + n)
+        k = len(data[i:i + rng.randint(1, 24)])
+        data[i:i + k] = rng.randbytes(k)
+    elif kind == 4:  # one field of the header JSON holds a wrong value
+        header = json.loads(clean[8:8 + n])
+        key = rng.choice(list(header))
+        field = rng.choice(["dtype", "shape", "data_offsets", None]) if key != "__metadata__" else None
+        if field is None:
+            header[key] = rng.choice(WRONG) if rng.random() < 0.8 else {"k": rng.choice(WRONG)}
+        else:
+            header[key][field] = rng.choice(WRONG)
+        return with_header(header, clean[8 + n:])
+    else:  # a header that is JSON of another kind entirely, or nested beyond any parser's depth
+        return with_header(rng.choice([b"[]", b"null", b"1", b'"x"', b"[" * 50_000 + b"]" * 50_000, b"{}",
+                                       b'{"a": {"dtype": "F32"}}', b'{"a": {"dtype": "F32", "shape": [3, 4]}}']),
+                           clean[8 + n:])
+    return bytes(data)
+
+
+def test_damaged_header_cases_name_the_problem(tmp_path):
+    path = tmp_path / "s.safetensors"
+    write_shard(path, TENSORS, metadata={"k": "v"})
+    clean = path.read_bytes()
+    n = struct.unpack("<Q", clean[:8])[0]
+    header, rest = json.loads(clean[8:8 + n]), clean[8 + n:]
+    cases = [
+        (struct.pack("<Q", 2 ** 63) + clean[8:], "damaged header (length 9223372036854775808"),  # OverflowError before
+        (struct.pack("<Q", n + 1) + clean[8:], "damaged header"),
+        (clean[:5], "truncated (5 bytes)"),
+        (clean[:8 + n // 2], "damaged header"),  # struct.error / JSON before
+        (clean[:-4], "truncated at 'e'"),
+        (with_header(b"[" * 50_000 + b"]" * 50_000, rest), "damaged header (RecursionError)"),
+        (with_header(b"[1, 2]", rest), "not a JSON object"),
+        (with_header({**header, "a": {**header["a"], "dtype": "F8"}}, rest), "'a' has no known dtype"),  # KeyError
+        (with_header({**header, "a": {**header["a"], "shape": [-3, 4]}}, rest), "'a' has a bad shape"),
+        (with_header({**header, "a": {**header["a"], "shape": "34"}}, rest), "'a' has a bad shape"),
+        (with_header({**header, "b": {**header["b"], "data_offsets": [48]}}, rest), "'b' has bad data_offsets"),
+        (with_header({**header, "b": {**header["b"], "data_offsets": [48, 2 ** 40]}}, rest), "truncated at 'b'"),
+        (with_header({**header, "b": {**header["b"], "shape": [4]}}, rest), "'b' holds 40 bytes"),
+        (with_header({**header, "__metadata__": {"k": 1}}, rest), "__metadata__ is not a map of strings"),
+        (with_header({**header, "a": [1]}, rest), "'a' has no known dtype"),  # TypeError before
+    ]
+    for data, message in cases:
+        path.write_bytes(data)
+        with pytest.raises(CorruptCheckpoint) as e:
+            ShardReader(path)
+        assert message in str(e.value) and "\n" not in str(e.value) and str(path) in str(e.value)
+
+
+def test_random_header_damage_only_ever_raises_corrupt_checkpoint(tmp_path):
+    """600 seeded damages of a shard's length, header and size: every read either returns the
+    original bytes (a harmless change) or raises CorruptCheckpoint with one line."""
+    good = tmp_path / "good.safetensors"
+    crcs = write_shard(good, TENSORS, metadata={"k": "v"})
+    clean, path, rng = good.read_bytes(), tmp_path / "x.safetensors", random.Random(12)
+    outcomes = {"read": 0, "corrupt": 0}
+    for _ in range(600):
+        path.write_bytes(damage(rng, clean))
+        try:
+            reader = ShardReader(path)
+            for key, t in TENSORS.items():
+                assert raw(reader.read(key, crcs[key])) == raw(t)
+                out = torch.empty_like(t)
+                reader.read_into(key, out, crcs[key])
+                assert raw(out) == raw(t)
+            outcomes["read"] += 1
+        except CorruptCheckpoint as e:
+            assert "\n" not in str(e)
+            outcomes["corrupt"] += 1
+    assert outcomes["corrupt"] > 450, outcomes
+
+
+def mutate_json(rng: random.Random, tree):
+    """A copy of a JSON tree with one random node replaced by a wrong value or removed."""
+    tree = copy.deepcopy(tree)
+    node, path = tree, []
+    while isinstance(node, (dict, list)) and node and (not path or rng.random() < 0.75):
+        key = rng.choice(list(node)) if isinstance(node, dict) else rng.randrange(len(node))
+        path.append((node, key))
+        node = node[key]
+    parent, key = path[-1]
+    if isinstance(parent, dict) and rng.random() < 0.2:
+        del parent[key]
+    else:
+        parent[key] = rng.choice(WRONG)
+    return tree
+
+
+def test_random_manifest_damage_falls_back_or_is_one_user_error(tmp_path, capsys):
+    """300 seeded damages of the newest step's manifest: the restore falls back to the older
+    step (CorruptCheckpoint, one line), restores the newest (a harmless change), or stops with
+    one UserError line (a manifest that now describes another model); never another exception."""
+    root = tmp_path / "ckpt"
+    save(root, 1, keep_last=5)
+    save(root, 2, keep_last=5)
+    path = root / step_dirname(2) / MANIFEST
+    clean, rng = json.loads(path.read_text()), random.Random(5)
+    seen = {"fell back": 0, "restored": 0, "user error": 0}
+    for _ in range(300):
+        path.write_text(json.dumps(mutate_json(rng, clean)))
+        target = {"w": Chunk(torch.zeros(N), (N,), (0,))}
+        try:
+            step, _, _ = load_state(root, target)
+            assert step in (1, 2) and torch.all(target["w"].tensor == step)
+            seen["fell back" if step == 1 else "restored"] += 1
+        except UserError as e:
+            assert not isinstance(e, CorruptCheckpoint) and "\n" not in str(e)
+            seen["user error"] += 1
+    assert seen["fell back"] > 100 and seen["restored"] > 50, seen
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == seen["fell back"] and all(line.startswith("kintsugi: warning: checkpoint step 2 is damaged")
+                                                   for line in lines)
+
+
+def test_random_damage_of_universal_atoms_and_safetensors_sources(tmp_path):
+    """Atoms of a universal checkpoint and a consolidated safetensors file, damaged at random:
+    reading them (whole, by rows, or as a converter source) only raises CorruptCheckpoint."""
+    root = tmp_path / "ckpt"
+    state = {f"model.{k}": Chunk(t, tuple(t.shape), (0,) * t.dim(), True) for k, t in TENSORS.items()}
+    save_state(root, 3, {**state, "step": 3})
+    convert(root, tmp_path / "uni", "universal", progress=False)
+    convert(root, tmp_path / "st", "safetensors", progress=False)
+    atom, st = tmp_path / "uni" / "atoms" / "model.a.safetensors", tmp_path / "st" / "model.safetensors"
+    clean_atom, clean_st, rng = atom.read_bytes(), st.read_bytes(), random.Random(7)
+    corrupt = 0
+    for _ in range(150):
+        atom.write_bytes(damage(rng, clean_atom))
+        st.write_bytes(damage(rng, clean_st))
+        target = {"model.a": Chunk(torch.zeros(2, 4), (3, 4), (1, 0))}
+        for read in (lambda: Universal(tmp_path / "uni").read("model.a"),
+                     lambda: load_universal(tmp_path / "uni", target),
+                     lambda: [detect(st).read(name) for name in detect(st).tensors]):
+            try:
+                read()
+            except CorruptCheckpoint as e:
+                assert "\n" not in str(e)
+                corrupt += 1
+    assert corrupt > 300
+    atom.write_bytes(clean_atom)
+    meta = tmp_path / "uni" / "universal.json"
+    clean_meta = json.loads(meta.read_text())
+    for _ in range(100):
+        meta.write_text(json.dumps(mutate_json(rng, clean_meta)))
+        try:
+            load_universal(tmp_path / "uni", {"model.a": Chunk(torch.zeros(3, 4), (3, 4), (0, 0))})
+        except UserError as e:
+            assert "\n" not in str(e)
 
 
 if __name__ == "__main__":
