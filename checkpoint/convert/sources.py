@@ -179,7 +179,6 @@ def load_any(path: Path, state: dict, optional=lambda name: False) -> tuple[int,
     path = Path(path)
     if is_universal(path):
         return load_universal(path, state, optional)
-    src = detect(path)
-    if isinstance(src, NativeSource) and src.dir != path:
-        return load_state(path, state, optional)
-    return load_from_source(src, state, optional)
+    if not (path / "manifest.json").is_file() and committed_steps(path):
+        return load_state(path, state, optional)  # a native root: its newest good step
+    return load_from_source(detect(path), state, optional)
