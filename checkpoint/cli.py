@@ -23,7 +23,7 @@ import torch
 
 from checkpoint.convert import TARGETS, convert, detect
 from checkpoint.convert.stream import PARTIAL
-from checkpoint.format import DTYPE_BY_NAME
+from checkpoint.format import DTYPE_BY_NAME, CorruptCheckpoint
 from comms import UserError, exits_on_user_error
 
 
@@ -153,6 +153,8 @@ def main(argv: list[str]) -> int:
     a = parser().parse_args(argv)
     try:
         return a.func(a)
+    except CorruptCheckpoint as e:
+        raise CorruptCheckpoint(f"{e}; use another copy (of a Kintsugi root: an older step_* directory)") from None
     except KeyboardInterrupt:  # Ctrl-C: one line, the shell's code for SIGINT (128 + 2)
         partial = Path(a.dst).with_name(Path(a.dst).name + PARTIAL) if a.cmd == "convert" else None
         kept = f"; {partial} is kept, rerun the same command to resume" if partial and partial.exists() else ""

@@ -90,7 +90,8 @@ def fsync_dir(path: Path):
 def write_all(fd: int, data, offset: int | None = None):
     """Write every byte of ``data`` to ``fd`` (at ``offset``, else at its position). One
     write may take less than asked: Linux moves at most 0x7ffff000 bytes per call, and a
-    signal can cut a write short; every checkpoint write goes through this loop."""
+    signal can cut a write short. Every unbuffered checkpoint write goes through this loop
+    (Python's buffered files loop by themselves)."""
     view = memoryview(data).cast("B")
     while view:
         n = os.write(fd, view) if offset is None else os.pwrite(fd, view, offset)
@@ -121,16 +122,14 @@ def write_shard(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str
     cpu = {key: t.detach().cpu().contiguous() for key, t in tensors.items()}
     head, _ = shard_header(((key, t.dtype, tuple(t.shape)) for key, t in cpu.items()), metadata)
     crcs = {}
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        write_all(fd, head)
+    with open(path, "wb") as f:  # a buffered file loops over short writes itself
+        f.write(head)
         for key, t in cpu.items():
             data = as_bytes(t)
             crcs[key] = zlib.crc32(data)
-            write_all(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+            f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
     return crcs
 
 
