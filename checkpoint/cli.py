@@ -8,20 +8,23 @@
 
 The source format is detected (Kintsugi native or universal, DeepSpeed ZeRO 1/2/3 or
 universal, torch DCP, consolidated safetensors). Exit codes: 0 done / equal, 1 ``verify``
-found differences, 2 bad input (one line on stderr, nothing half-written left behind).
+found differences, 2 bad input or a damaged checkpoint (one line on stderr, nothing
+half-written left behind), 130 interrupted (``convert`` keeps DST.partial for the rerun).
 """
 from __future__ import annotations
 
 import argparse
 import logging
 import re
+import sys
 from collections import Counter
 from pathlib import Path
 
 import torch
 
 from checkpoint.convert import TARGETS, convert, detect
-from checkpoint.format import DTYPE_BY_NAME
+from checkpoint.convert.stream import PARTIAL
+from checkpoint.format import DTYPE_BY_NAME, CorruptCheckpoint
 from comms import UserError, exits_on_user_error
 
 
@@ -161,4 +164,12 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.WARNING, format="kintsugi: %(message)s")
     a = parser().parse_args(argv)
-    return a.func(a)
+    try:
+        return a.func(a)
+    except CorruptCheckpoint as e:
+        raise CorruptCheckpoint(f"{e}; use another copy (of a Kintsugi root: an older step_* directory)") from None
+    except KeyboardInterrupt:  # Ctrl-C: one line, the shell's code for SIGINT (128 + 2)
+        partial = Path(a.dst).with_name(Path(a.dst).name + PARTIAL) if a.cmd == "convert" else None
+        kept = f"; {partial} is kept, rerun the same command to resume" if partial and partial.exists() else ""
+        print(f"kintsugi: interrupted{kept}", file=sys.stderr, flush=True)
+        raise SystemExit(130) from None

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from checkpoint.format import (
-    commit_step, committed_steps, fault_point, read_manifest, step_dirname, write_manifest,
+    commit_step, committed_steps, fault_point, read_manifest, step_dirname, write_all, write_manifest,
 )
 
 # One write() call per 16 MiB: large enough that the disk sees sequential streams (and the
@@ -41,10 +41,7 @@ DIRECT_ALIGN = 4096
 
 def _write(fd: int, data: memoryview, start: int):
     for lo in range(start, len(data), WRITE_PIECE):
-        piece = data[lo:lo + WRITE_PIECE]
-        while piece:  # a write may take less than asked (signals)
-            n = os.pwrite(fd, piece, lo)
-            piece, lo = piece[n:], lo + n
+        write_all(fd, data[lo:lo + WRITE_PIECE], lo)
         fault_point("write")
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from checkpoint.format import (
-    FORMAT, VERSION, DTYPE_BY_NAME, DTYPE_NAMES, CorruptCheckpoint, ShardReader, commit_step,
+    FORMAT, VERSION, DTYPE_BY_NAME, DTYPE_NAMES, CorruptCheckpoint, ShardReader, check_latest, commit_step,
     committed_steps, read_manifest, step_dirname, write_manifest, write_shard,
 )
 from checkpoint.state import Chunk, is_chunk, overlap
@@ -129,6 +129,9 @@ def fill(target: Chunk, stored: dict, step_dir: Path, readers: dict, verify: boo
             reader.read_into(sc["key"], dst, crc)
         else:
             data = reader.read(sc["key"], crc)
+            if list(data.shape) != list(sc["shape"]):
+                raise CorruptCheckpoint(f"{step_dir / sc['file']} holds {sc['key']!r} as {list(data.shape)}, "
+                                        f"not as its manifest says ({sc['shape']})")
             src = data[tuple(slice(o - so, o - so + n) for o, so, n in zip(off, sc["offsets"], shape))]
             with torch.no_grad():
                 dst.copy_(src.to(DTYPE_BY_NAME[stored["dtype"]]))
@@ -153,14 +156,25 @@ def fill_all(state: dict, manifest: dict, step_dir: Path, readers: dict, optiona
     return missing
 
 
+def warn(message: str):
+    """A warning in every rank's log and, from rank 0, one line on the console."""
+    log.warning("%s", message)
+    if dist_utils.rank() == 0:
+        print(f"kintsugi: warning: {message}", flush=True)
+
+
 def load_state(root: Path, state: dict, optional=lambda name: False, step: int | None = None) -> tuple[int, dict, set]:
     """Fill ``state``'s chunks in place from the newest good step under ``root``.
 
-    Returns (step, stored objects, names that were absent but optional). Falls back to older
-    steps on corruption, logging which and why; collective (every rank agrees on the step).
+    Returns (step, stored objects, names that were absent but optional). Tries steps newest
+    commit first and falls back to older ones on corruption, logging which and why (one line
+    each on rank 0); collective (every rank agrees on the step).
     """
     root = Path(root)
     candidates = [step] if step is not None else committed_steps(root)
+    stale = check_latest(root) if step is None else None
+    if stale:
+        warn(stale)
     if not candidates:
         raise UserError(f"no committed checkpoint under {root}; check checkpoint.dir / --load-from")
     for s in candidates:
@@ -174,7 +188,5 @@ def load_state(root: Path, state: dict, optional=lambda name: False, step: int |
         errors = [e for e in dist_utils.all_gather_object(error) if e]
         if not errors:
             return s, manifest["objects"], missing
-        log.warning("checkpoint step %d is damaged (%s); falling back to an older step", s, errors[0])
-        if dist_utils.rank() == 0:
-            print(f"kintsugi: warning: checkpoint step {s} is damaged ({errors[0]}); trying the previous step", flush=True)
+        warn(f"checkpoint step {s} is damaged ({errors[0]}); trying the previous step")
     raise UserError(f"no usable checkpoint under {root}: every committed step is damaged; restore from another copy")

@@ -107,3 +107,30 @@ def reference(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("reference")
     train(1, run_dir, "--train.steps=6", "--checkpoint.interval=2")
     return run_dir
+
+
+def need_testbed():
+    """Skip the calling test, with the one-line reason, where no emulated cluster can be made."""
+    import cluster
+
+    if cluster.unavailable():
+        pytest.skip(cluster.unavailable())
+
+
+@pytest.fixture
+def testbed(tmp_path):
+    """Emulated clusters (tests/cluster.py, docs/testbed.md): ``tb = testbed(3)`` gives hosts
+    node0..node2, each with its own address, hostname and processes; all are torn down after
+    the test. Skips, with the reason, where this machine cannot make network namespaces."""
+    import cluster
+
+    made = []
+
+    def make(hosts=2, **kw):
+        need_testbed()
+        made.append(cluster.Testbed(hosts, root=tmp_path / f"testbed{len(made)}", **kw))
+        return made[-1]
+
+    yield make
+    for tb in made:
+        tb.down()

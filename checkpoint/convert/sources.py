@@ -127,7 +127,8 @@ class SafetensorsSource(Source):
         super().__init__(path)
         self.reader = ShardReader(self.path if self.path.is_file() else self.path / self.FILE)
         meta = self.reader.header.get("__metadata__") or {}
-        self.step = int(meta.get("step", 0))
+        step = meta.get("step", "0")  # a string: the header was validated
+        self.step = int(step) if step.isascii() and step.isdigit() else 0
         self.tensors = {"model." + k: Info(tuple(v["shape"]), TORCH_DTYPES[v["dtype"]])
                         for k, v in self.reader.header.items() if k != "__metadata__"}
 
@@ -178,7 +179,6 @@ def load_any(path: Path, state: dict, optional=lambda name: False) -> tuple[int,
     path = Path(path)
     if is_universal(path):
         return load_universal(path, state, optional)
-    src = detect(path)
-    if isinstance(src, NativeSource) and src.dir != path:
-        return load_state(path, state, optional)
-    return load_from_source(src, state, optional)
+    if not (path / "manifest.json").is_file() and committed_steps(path):
+        return load_state(path, state, optional)  # a native root: its newest good step
+    return load_from_source(detect(path), state, optional)

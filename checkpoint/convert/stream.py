@@ -8,7 +8,8 @@ name renamed when complete, inside ``DST.partial/``; DST appears by one rename a
 
 A rerun after an interruption finds ``DST.partial/`` and skips every output file already
 complete. An error caused by the input or the disk (missing shard, no space, ...) removes
-``DST.partial/`` so nothing half-made stays behind; an interrupt keeps it for the rerun.
+``DST.partial/`` so nothing half-made stays behind; an interrupt (Ctrl-C) drops the queued
+tensors at once, lets the ones being written finish and keeps ``DST.partial/`` for the rerun.
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ from tqdm import tqdm
 from checkpoint.convert import dcp as dcp_fmt
 from checkpoint.convert import deepspeed as ds_fmt
 from checkpoint.convert.sources import Info, Source, detect
-from checkpoint.format import DTYPES, as_bytes, fsync_dir
+from checkpoint.format import DTYPES, as_bytes, fsync_dir, write_all
 from checkpoint.universal import atom_record, split_name, write_atom, write_meta
 from comms import UserError
 
@@ -74,17 +75,29 @@ def make_plan(src: Source, to: str, workers: int, max_memory: int, dtype: torch.
     return plan
 
 
+class Cancelled(Exception):
+    """The conversion was interrupted: tensors not yet started are not converted."""
+
+
 class Budget:
-    """Bytes in flight at most ``limit``; one task larger than that may run alone."""
+    """Bytes in flight at most ``limit``; one task larger than that may run alone. After
+    ``cancel`` every waiting and later ``acquire`` raises Cancelled."""
 
     def __init__(self, limit: int):
-        self.limit, self.used = limit, 0
+        self.limit, self.used, self.cancelled = limit, 0, False
         self.cv = threading.Condition()
 
     def acquire(self, n: int):
         with self.cv:
-            self.cv.wait_for(lambda: self.used == 0 or self.used + n <= self.limit)
+            self.cv.wait_for(lambda: self.cancelled or self.used == 0 or self.used + n <= self.limit)
+            if self.cancelled:
+                raise Cancelled
             self.used += n
+
+    def cancel(self):
+        with self.cv:
+            self.cancelled = True
+            self.cv.notify_all()
 
     def release(self, n: int):
         with self.cv:
@@ -182,7 +195,7 @@ class SafetensorsWriter:
         data = as_bytes(t.to(self.dtype or t.dtype).contiguous())
         fd = os.open(self.path, os.O_WRONLY)
         try:
-            os.pwrite(fd, data, self.data_start + self.offsets[name])
+            write_all(fd, data, self.data_start + self.offsets[name])
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -246,6 +259,8 @@ def convert(src_path: Path, dst: Path, to: str, max_memory: int = 2 << 30, worke
             budget.acquire(cost)
             try:
                 t = src.read(name)
+                if budget.cancelled:
+                    raise Cancelled
                 writer.write(name, t)
                 del t
             finally:
@@ -254,12 +269,17 @@ def convert(src_path: Path, dst: Path, to: str, max_memory: int = 2 << 30, worke
 
         with ThreadPoolExecutor(plan.workers) as pool:
             futures = [pool.submit(one, n) for n in todo]
-            finished, _ = wait(futures, return_when=FIRST_EXCEPTION)
-            for f in futures:
-                if f.done() and f.exception():
-                    for g in futures:
-                        g.cancel()
-                    raise f.exception()
+            try:
+                wait(futures, return_when=FIRST_EXCEPTION)
+                for f in futures:
+                    if f.done() and f.exception():
+                        raise f.exception()
+            except BaseException:
+                # An error or Ctrl-C: drop the queued tensors and stop the waiting ones; only
+                # those being read or written finish (at most `workers`, within max_memory).
+                budget.cancel()
+                pool.shutdown(cancel_futures=True)
+                raise
         bar.close()
         writer.finish()
         (partial / STAMP).unlink()
