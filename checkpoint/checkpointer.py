@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 
 from checkpoint.config import CheckpointConfig
-from checkpoint.format import DTYPE_NAMES, CorruptCheckpoint, ShardReader, fault_point, shard_header
+from checkpoint.format import DTYPE_NAMES, CorruptCheckpoint, ShardReader, check_latest, fault_point, shard_header
 from checkpoint.keeper import KeeperClient, collect_garbage, connect, messages as m
 from checkpoint.keeper.runtime import open_segment
 from checkpoint.lazy import LazyCopy, host_unview, host_view, lazy_ok, optimizer_storages, protect
@@ -199,7 +199,7 @@ class Checkpointer:
         self._warn(f"{why or 'another rank has no room for its snapshot in the node keeper'}; saves that do not fit "
                    f"go to {self.root} directly (synchronously)")
         log.info("step %d goes to %s directly", step, self.root)
-        save_state(self.root, step, state, self.cfg.keep_last, extra)
+        save_state(self.root, step, state, self.cfg.keep_last, extra, self.gen)
         self.failures[step] = []
 
     def restore(self, state: dict, optional=lambda name: False):
@@ -370,6 +370,9 @@ class Checkpointer:
         return all(step in g["committed"].get(level, []) for g in reports)
 
     def _restore_levels(self, state: dict, optional):
+        for storage in self.storages.values():
+            if (line := check_latest(storage.root)) is not None:
+                self._warn(line)
         try:
             snaps = self.keeper.call(m.Snapshots()).snapshots
         except (OSError, ConnectionError, RuntimeError) as e:

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from checkpoint.format import (
-    commit_step, committed_steps, fault_point, read_manifest, step_dirname, write_all, write_manifest,
+    commit_step, committed_steps, fault_point, read_manifest, step_dirname, tmp_dirname, write_all, write_manifest,
 )
 
 # One write() call per 16 MiB: large enough that the disk sees sequential streams (and the
@@ -124,7 +124,7 @@ class DirectoryStorage(Storage):
         self.keep_last, self.keep_every = spec.keep_last, spec.keep_every
 
     def _tmp(self, gen: str, step: int) -> Path:
-        return self.root / f"{step_dirname(step)}.{gen}.tmp" if gen else self.root / f"{step_dirname(step)}.tmp"
+        return self.root / tmp_dirname(step, gen)
 
     def write_part(self, gen: str, step: int, fname: str, data: memoryview):
         tmp = self._tmp(gen, step)

@@ -36,7 +36,7 @@ import psutil
 import torch
 
 from checkpoint.erasure import GroupCode, ShareError, plan_groups
-from checkpoint.format import TORCH_DTYPES, CorruptCheckpoint
+from checkpoint.format import TORCH_DTYPES, CorruptCheckpoint, check_header
 from checkpoint.keeper import KeeperAddress, KeeperClient, PeerClient, lookup, messages as m, publish, read_token
 from checkpoint.snapshot_config import SnapshotConfig
 from checkpoint.store import SHARD
@@ -304,9 +304,12 @@ class RemoteShard:
         self.path = f"{client.address}/step{step}/{offset}"
         try:
             (n,) = struct.unpack("<Q", self._range(0, 8))
+            if not 0 < n <= used - 8:
+                raise ValueError(f"header length {n}")
             self.header = json.loads(self._range(8, n))
         except (ShareError, struct.error, ValueError) as e:
             raise CorruptCheckpoint(f"snapshot shard at {self.path} is unreadable ({e})") from None
+        check_header(self.header, f"snapshot shard at {self.path}", used - 8 - n)
         self.data_start = 8 + n
 
     def _range(self, lo: int, n: int) -> bytes:

@@ -19,7 +19,7 @@ import torch
 
 from checkpoint.format import (
     FORMAT, VERSION, DTYPE_BY_NAME, DTYPE_NAMES, CorruptCheckpoint, ShardReader, check_latest, commit_step,
-    committed_steps, read_manifest, step_dirname, write_manifest, write_shard,
+    committed_steps, read_manifest, step_dirname, tmp_dirname, write_manifest, write_shard,
 )
 from checkpoint.state import Chunk, is_chunk, overlap
 from comms import UserError, dist_utils
@@ -51,14 +51,16 @@ def plan_writes(all_meta: list[list[tuple]]) -> dict[str, int]:
     return owner
 
 
-def save_state(root: Path, step: int, state: dict, keep_last: int = 2, extra: dict | None = None) -> Path:
-    """Write ``state`` (name -> Chunk | object) as step ``step`` under ``root``; collective."""
+def save_state(root: Path, step: int, state: dict, keep_last: int = 2, extra: dict | None = None,
+               gen: str = "") -> Path:
+    """Write ``state`` (name -> Chunk | object) as step ``step`` under ``root``; collective.
+    ``gen``: the job attempt, when its keeper writes steps into ``root`` too."""
     root = Path(root)
     rank, world = dist_utils.rank(), dist_utils.world_size()
     chunks = {chunk_key(n, c.offsets): (n, c) for n, c in state.items() if is_chunk(c)}
     all_meta = dist_utils.all_gather_object([(k, c.nbytes) for k, (_, c) in chunks.items()])
     owner = plan_writes(all_meta)
-    tmp = root / (step_dirname(step) + ".tmp")
+    tmp = root / tmp_dirname(step, gen)
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)

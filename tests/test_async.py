@@ -172,7 +172,7 @@ def test_full_l2_disk_is_reported_and_training_goes_on(run_dir, capsys):
         assert committed_steps(run_dir / "l1")[0] == 4  # L1 went on
         target = {"w": flatten({"w": torch.zeros(100_000)})["w"]}
         assert load_state(small, target)[0] == 2 and target["w"].tensor[0] == 2
-        with pytest.raises(RuntimeError, match="final checkpoint \\(step 4\\) was not saved"):
+        with pytest.raises(UserError, match="final checkpoint \\(step 4\\) was not saved"):
             c.close()
     finally:
         subprocess.run(["umount", "-l", str(small)])

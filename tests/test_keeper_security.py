@@ -155,11 +155,11 @@ def test_a_share_altered_on_the_wire_is_rejected(served):
 
 def test_oversized_lengths_are_refused_before_allocating(served):
     server, token, _ = served
-    # a client that claims a 1 TiB request: the server drops it at the header
+    # a client that claims a 2 GiB request: the server drops it at the header
     host, port = server.address.rsplit(":", 1)
     with socket.create_connection((host, int(port))) as s:
         channel = client_handshake(s, token.encode(), "server")
-        s.sendall(HEADER.pack(1 << 40, 0))
+        s.sendall(HEADER.pack(1 << 31, 0))  # 2 GiB of JSON
         s.settimeout(5)
         assert s.recv(10) == b""  # closed, not waiting for a terabyte
     # a server that answers a 100-byte read with a 1 TiB payload: the client refuses it

@@ -25,6 +25,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from checkpoint.format import write_all
 from comms import UserError
 
 SHM = Path("/dev/shm")
@@ -101,7 +102,7 @@ def write_token(path: Path, token: str | None = None, replace: bool = False) -> 
     except FileExistsError:
         return read_token(path)
     try:
-        os.write(fd, token.encode())
+        write_all(fd, token.encode())
         os.fsync(fd)
     finally:
         os.close(fd)
