@@ -41,7 +41,9 @@ from pathlib import Path
 import torch
 
 from checkpoint.config import CheckpointConfig
-from checkpoint.format import DTYPE_NAMES, CorruptCheckpoint, ShardReader, check_latest, fault_point, shard_header
+from checkpoint.format import (
+    DTYPE_NAMES, CorruptCheckpoint, MissingShard, ShardReader, check_latest, fault_point, shard_header,
+)
 from checkpoint.keeper import KeeperClient, collect_garbage, connect, messages as m
 from checkpoint.keeper.runtime import open_segment
 from checkpoint.lazy import LazyCopy, host_unview, host_view, lazy_ok, optimizer_storages, protect
@@ -77,9 +79,9 @@ class Checkpointer:
         self.storages = {spec.name: make_storage(spec) for spec in specs}
         self.rank, self.world = dist_utils.rank(), dist_utils.world_size()
         self.local_rank = dist_utils.local_rank()
+        self.nodes = self.world // int(os.environ.get("LOCAL_WORLD_SIZE", self.world))
         self.gen = dist_utils.broadcast_object(secrets.token_hex(6) if self.rank == 0 else None)
-        self.keeper: KeeperClient = connect(run_dir, self.rank, self.local_rank,
-                                            int(os.environ.get("LOCAL_WORLD_SIZE", self.world)),
+        self.keeper: KeeperClient = connect(run_dir, self.rank, self.local_rank, self.world // self.nodes,
                                             [spec.to_dict() for spec in specs], cfg.host_memory_mb,
                                             cfg.keeper_timeout_s, self.gen)
         self.said = set()  # warnings rank 0 printed already
@@ -409,8 +411,11 @@ class Checkpointer:
                     manifest = self.storages[level].manifest(step)
                     step_dir, readers = self.storages[level].open_step(step)
                 missing = fill_all(state, manifest, step_dir, readers, optional)
+            except MissingShard as e:
+                # a node's L1 holds its own ranks' shards: on several nodes a rank may need another's
+                error = (str(e), level == "l1" and self.nodes > 1)
             except CorruptCheckpoint as e:
-                error = str(e)
+                error = (str(e), False)
             errors = [e for e in dist_utils.all_gather_object(error) if e]
             if not errors:
                 self.restored_from = level
@@ -418,6 +423,11 @@ class Checkpointer:
                 if self.rank == 0:
                     print(f"kintsugi: restored step {step} from {level.upper()}", flush=True)
                 return step, manifest["objects"], missing
+            if all(elsewhere for _, elsewhere in errors):
+                log.info("step %d at L1: a shard this rank needs is on another node (%s); trying the next copy",
+                         step, errors[0][0])
+                continue
+            errors = [e for e, _ in errors]
             log.warning("checkpoint step %d at %s is damaged (%s); trying the next copy", step, level, errors[0])
             if self.rank == 0:
                 print(f"kintsugi: warning: checkpoint step {step} at {level.upper()} is damaged ({errors[0]}); "

@@ -24,7 +24,7 @@ import torch
 
 from checkpoint.convert import TARGETS, convert, detect
 from checkpoint.convert.stream import PARTIAL
-from checkpoint.format import DTYPE_BY_NAME, CorruptCheckpoint
+from checkpoint.format import DTYPE_BY_NAME, human, CorruptCheckpoint
 from comms import UserError, exits_on_user_error
 
 
@@ -33,13 +33,6 @@ def parse_size(text: str) -> int:
     if not m:
         raise UserError(f"--max-memory {text!r} is not a size; write e.g. 512M or 4G")
     return int(float(m.group(1)) * 1024 ** " KMGT".index(m.group(2).upper() or " "))
-
-
-def human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
 
 
 def cmd_convert(a) -> int:

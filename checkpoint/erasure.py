@@ -20,7 +20,7 @@ snapshot needs k + m stripes of temporary memory, not another snapshot.
 
 A reader (``ShareReader``) is anything with ``header(step, codeword, index)`` and
 ``read(step, codeword, index, offset, length)``: a local ``NodeShares`` or a remote peer
-(checkpoint.peers.PeerClient). Encoding and rebuilding only talk to readers, so the same
+(checkpoint.keeper.peers.PeerClient). Encoding and rebuilding only talk to readers, so the same
 code runs in one process (tests, fault-injection loop) and across keepers.
 """
 from __future__ import annotations

@@ -62,6 +62,14 @@ DTYPE_NAMES = {d: str(d).removeprefix("torch.") for d in DTYPES}
 DTYPE_BY_NAME = {v: k for k, v in DTYPE_NAMES.items()}
 
 
+def human(n: float) -> str:
+    """Bytes for a person: 512 B, 16.0 KiB, 1.2 GiB."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+
+
 def step_dirname(step: int) -> str:
     return f"step_{step:08d}"
 
@@ -284,6 +292,11 @@ class ShardReader:
 
 class CorruptCheckpoint(UserError):
     """A step on disk is damaged (bad checksum, truncated or missing file, bad header or manifest)."""
+
+
+class MissingShard(CorruptCheckpoint):
+    """A shard file the manifest names is not there (damage; or, in a node-local level of a
+    multi-node job, a shard that lives on another node)."""
 
 
 def write_manifest(step_dir: Path, manifest: dict, name: str = MANIFEST):

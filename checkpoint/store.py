@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from checkpoint.format import (
-    FORMAT, VERSION, DTYPE_BY_NAME, DTYPE_NAMES, CorruptCheckpoint, ShardReader, check_latest, commit_step,
+    FORMAT, VERSION, DTYPE_BY_NAME, DTYPE_NAMES, CorruptCheckpoint, MissingShard, ShardReader, check_latest, commit_step,
     committed_steps, read_manifest, step_dirname, tmp_dirname, write_manifest, write_shard,
 )
 from checkpoint.state import Chunk, is_chunk, overlap
@@ -118,7 +118,7 @@ def fill(target: Chunk, stored: dict, step_dir: Path, readers: dict, verify: boo
         if reader is None:
             path = step_dir / sc["file"]
             if not path.is_file():
-                raise CorruptCheckpoint(f"{path} is missing")
+                raise MissingShard(f"{path} is missing")
             reader = readers[sc["file"]] = ShardReader(path)
         crc = sc["crc32"] if verify else None
         dst = target.tensor[tuple(slice(o - to, o - to + n) for o, to, n in zip(off, target.offsets, shape))]

@@ -2,7 +2,7 @@
 group encodes a new snapshot leaves a decodable one behind, and a fresh, empty keeper
 rebuilds the lost node's level-0 slots from its peers byte for byte.
 
-Each node process holds a real SnapshotStore (shared-memory slots, as in the keeper) and a
+Each node process holds a real SlotStore (shared-memory slots, as in the keeper) and a
 SnapshotExchange; it publishes its share server's address in a real TCPStore.
 """
 import datetime

@@ -208,6 +208,8 @@ def train(cfg: JobConfig) -> int:
             metrics.print(f"stop requested: saved step {step}, exiting")
             break
 
+    if step == first_step:  # resumed at its end (e.g. after a crash in close()): make sure it is durable everywhere
+        ckpt.save(step, job_state(engine, data, step, cfg), final=True)
     ckpt.close()  # waits (bounded) until the final save is durable on every level
     tracer.close()
     elapsed = time.perf_counter() - t_start

@@ -12,7 +12,7 @@ reports), ``server`` (the socket and its handler table), ``exchange`` and ``peer
 from checkpoint.keeper import messages
 from checkpoint.keeper.client import KeeperClient, KeeperHandle, connect, start_keeper
 from checkpoint.keeper.peers import PeerClient, PeerError, lookup, publish
-from checkpoint.keeper.runtime import KeeperAddress, collect_garbage, job_id, read_token
+from checkpoint.keeper.runtime import KeeperAddress, collect_garbage, job_id, read_token, shm_free
 
 __all__ = ["KeeperClient", "KeeperHandle", "KeeperAddress", "connect", "start_keeper", "job_id", "read_token",
-           "collect_garbage", "messages", "PeerClient", "PeerError", "lookup", "publish"]
+           "collect_garbage", "shm_free", "messages", "PeerClient", "PeerError", "lookup", "publish"]

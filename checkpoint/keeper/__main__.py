@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import logging
 
+from checkpoint.format import human
 from checkpoint.keeper.node import NodeKeeper
 from checkpoint.keeper.runtime import Instance, collect_garbage, read_token, shm_free
 from checkpoint.keeper.server import KeeperServer
@@ -30,8 +31,8 @@ def main(argv=None):
     if free < budget:
         # What fits, said once to the trainers (rank 0 prints it): a save that does not fit
         # then goes to disk directly instead of dying with SIGBUS in a half-mapped slot.
-        warning = (f"/dev/shm has {free >> 20} MiB free, less than checkpoint.host_memory_mb={a.host_memory_mb}: "
-                   f"the node keeper holds snapshots in {free >> 20} MiB (enlarge /dev/shm, e.g. docker --shm-size, "
+        warning = (f"/dev/shm has {human(free)} free, less than checkpoint.host_memory_mb={a.host_memory_mb}: "
+                   f"the node keeper holds snapshots in {human(free)} (enlarge /dev/shm, e.g. docker --shm-size, "
                    "or lower checkpoint.host_memory_mb)")
         log.warning("%s", warning)
         budget = free

@@ -75,12 +75,14 @@ class SnapshotExchange:
                 self._drop(list(self.holding))  # another layout: what was coded is meaningless now
                 self._release_adopted()
             self.plan = plan
+            self.error = None  # news of the previous layout or attempt
             self._connect(token)
         return m.AddressReply(self.server.address)
 
     def rekey(self, token: str):
         """Keep this node's place, with the token of the job's new attempt."""
         with self.lock:
+            self.error = None
             self._connect(token)
 
     def _connect(self, token: str):

@@ -26,6 +26,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from checkpoint.format import human
 from checkpoint.keeper.runtime import Instance
 from comms import UserError
 
@@ -75,7 +76,7 @@ class SlotStore:
             except OSError as e:
                 os.unlink(path)
                 if e.errno in (errno.ENOSPC, errno.ENOMEM):
-                    raise UserError(f"/dev/shm has no room for a {size / 2**20:.1f} MiB snapshot of rank {rank}; enlarge "
+                    raise UserError(f"/dev/shm has no room for a {human(size)} snapshot of rank {rank}; enlarge "
                                     "/dev/shm (e.g. docker --shm-size) or lower checkpoint.host_memory_mb") from None
                 raise
             mm = mmap.mmap(fd, size)
@@ -96,7 +97,7 @@ class SlotStore:
         cap = self.budget // self.local_world
         if 2 * nbytes > cap:
             raise UserError(f"the node keeper's memory is too small: {self.local_world} local rank(s) x 2 snapshots "
-                            f"of {nbytes / 2**20:.1f} MiB do not fit in {self.budget / 2**20:.1f} MiB; raise "
+                            f"of {human(nbytes)} do not fit in {human(self.budget)}; raise "
                             "checkpoint.host_memory_mb (and /dev/shm with it)")
         deadline = time.monotonic() + wait_s
         with self.cond:
