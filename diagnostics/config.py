@@ -27,7 +27,7 @@ class DiagnosticsConfig:
     straggler_sustained: float = doc("A rank the others wait for this share of every step, over window and history (slow from its first step, no onset to see), is a straggler too; 0 = off.", 0.25)
     comm_factor: float = doc("A group's collectives are slow when, with every member in, they take this many times as long as in the history (and the job slowed).", 1.5)
     probe: bool = doc("When a group's collectives slow down and no rank is late, the monitor asks the job for a pairwise link probe at a step boundary (C4P-style) to name the slow link.", True)
-    probe_bytes: int = doc("Payload of each probe transfer in bytes; 0 = the group's median collective size, clamped to 64 KiB..4 MiB.", 0)
+    probe_bytes: int = doc("Payload of each probe transfer in bytes; 0 = the group's median collective size, clamped to 1..4 MiB.", 0)
     probe_cpu_factor: float = doc("A prober whose fixed CPU work takes this many times the typical prober's is short of CPU: its slow transfers are not blamed on a link.", 2.0)
     link_window: int = doc("Recent transfers per src->dst pair judged for a slow link.", 10)
     link_factor: float = doc("A pair is slow above link_factor x the typical pair's median + link_min_ms.", 3.0)

@@ -91,7 +91,8 @@ def suspect_str(s: dict) -> str:
     if "group" in s:
         return f"group [{','.join(map(str, s['group']))}]"
     role = f" ({s['role']})" if s.get("role") else ""
-    return f"rank {s['rank']}{role} on node {s.get('node')} ({s.get('host')})"
+    where = f" on node {s.get('node')} ({s.get('host')})" if s.get("host") else ""  # Flight Recorder dumps name no host
+    return f"rank {s['rank']}{role}{where}"
 
 
 @dataclass(frozen=True)
@@ -524,6 +525,13 @@ def dump_stacks(gen: Generation) -> list[str]:
             with open(out, "w") as f:
                 subprocess.run([pyspy, "dump", "--pid", str(m["pid"])], stdout=f, stderr=subprocess.STDOUT, timeout=30)
             files.append(str(out))
+    # The writer threads dump the Flight Recorder on their next tick (0.5 s): wait for them, so
+    # that a launcher stopping the job right after this still has the dumps.
+    fr = [gen.path / f"fr-r{r}.pkl" for r, m in sorted(gen.meta.items()) if m.get("host") == host and m.get("flight_recorder")]
+    deadline = time.time() + 3
+    while fr and not all(p.exists() for p in fr) and time.time() < deadline:
+        time.sleep(0.1)
+    files += [str(p) for p in fr if p.exists()]
     return [os.path.relpath(f, gen.path.parent.parent) for f in files]
 
 

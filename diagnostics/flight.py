@@ -21,8 +21,8 @@ Each entry becomes a ``comms.trace.OpRecord``: channel = the group's global rank
 ``pg<name>`` beyond 16 ranks), members from ``pg_config`` (gloo's dumps leave them out:
 the default pg is every rank, another the ranks whose dumps use it), seq =
 collective_seq_id, arrived = created, started/ended = discovered started/completed
-(or created + duration). Ops not completed, by their state or their pg's
-last_completed_collective, are in flight. One set of dumps is one ``Generation`` with
+(or created + duration). Ops neither completed nor retired are in flight (``pg_status``
+is not used: its counters number ops differently across backends). One set of dumps is one ``Generation`` with
 ``source = "flight-recorder"``: the hang rules and the clock-free lateness apply; there are
 no heartbeats (no crash rule) and no steps (no step-windowed rules).
 """
@@ -115,10 +115,9 @@ def to_generation(dumps: dict[int, dict], path: Path, gid: int, taken: dict[int,
             members[name] = list(range(world)) if default else sorted(rs)
     chan = {name: ",".join(map(str, m)) if len(m) <= 16 else f"pg{name}" for name, m in members.items()}
     for r, d in sorted(dumps.items()):
-        done = {str(k): int(v.get("last_completed_collective", -1)) for k, v in (d.get("pg_status") or {}).items()}
         inflight, seq = [], {}
         for e in d.get("entries", []):
-            rec = _record(e, chan, done)
+            rec = _record(e, chan)
             if rec is None:
                 continue
             seq[rec.channel] = max(seq.get(rec.channel, -1), rec.seq)
@@ -126,7 +125,7 @@ def to_generation(dumps: dict[int, dict], path: Path, gid: int, taken: dict[int,
                 inflight.append(json.loads(encode(rec)))
             else:
                 gen.add(r, rec)
-        gen.meta[r] = {"rank": r, "world": world, "host": f"rank {r}", "source": "flight-recorder",
+        gen.meta[r] = {"rank": r, "world": world, "host": None, "source": "flight-recorder",
                        "version": d.get("version"), "file": str(path)}
         gen.state[r] = {"time": taken.get(r, 0.0), "step": 0, "phase": "", "inflight": inflight, "seq": seq,
                         "groups": {chan[n]: m for n, m in members.items()}, "closed": False, "error": ""}
@@ -134,7 +133,7 @@ def to_generation(dumps: dict[int, dict], path: Path, gid: int, taken: dict[int,
     return gen
 
 
-def _record(e: dict, chan: dict, done: dict) -> OpRecord | None:
+def _record(e: dict, chan: dict) -> OpRecord | None:
     name = str(e["process_group"][0])
     key = chan.get(name)
     if key is None:
@@ -147,10 +146,11 @@ def _record(e: dict, chan: dict, done: dict) -> OpRecord | None:
     if e.get("is_p2p") or op.startswith(("send", "recv")):
         return None  # its p2p_seq_id counts a rank's p2p ops with every peer: nothing to match across ranks
     seq = int(e.get("collective_seq_id", 0))
-    finished = e.get("state") == "completed" or seq <= done.get(str(e.get("pg_id")), -1)
+    # gloo's entries stay "scheduled" without times; it marks them retired when they complete.
+    finished = e.get("state") == "completed" or bool(e.get("retired"))
     if completed is not None:
         ended = completed / 1e9
-    elif finished:  # done, by the pg's counter; its time only if torch timed it
+    elif finished:  # its time only if torch timed it
         ended = (started / 1e9 if started else created) + (e.get("duration_ms") or 0.0) / 1e3
     else:
         ended = None

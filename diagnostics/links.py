@@ -3,7 +3,8 @@
 Shared by the two sources of such matrices: the job's own point-to-point traffic (pipeline
 sends, ``Generation.links``) and the pairwise link probe (``diagnostics.probe``). A cell is
 slow when most of its samples exceed ``factor`` x the typical cell + ``min_ms``; the typical
-cell is the lower median of the cells' medians, so it holds when half the cells are slow.
+cell is a low quantile of the cells' medians (the lower median: it holds while up to half
+the cells are slow).
 A whole slow row (at least two cells) is a bad sender, a whole slow column a bad receiver
 (a host's NIC or link, one direction; both: ``sender and receiver``), anything else the
 single link.
@@ -15,12 +16,13 @@ from typing import Callable
 
 
 def slow_cells(samples: dict[tuple[int, int], list[float]], *, factor: float, min_ms: float,
-               persistence: float) -> tuple[set, float, float]:
-    """(slow cells, typical ms, limit ms) of a matrix of per-cell samples in ms."""
+               persistence: float, quantile: float = 0.5) -> tuple[set, float, float]:
+    """(slow cells, typical ms, limit ms) of a matrix of per-cell samples in ms; the typical
+    cell is the lower ``quantile`` of the cells' medians."""
     if len(samples) < 2:
         return set(), 0.0, 0.0
     meds = sorted(statistics.median(v) for v in samples.values())
-    typical = meds[(len(meds) - 1) // 2]
+    typical = meds[int(quantile * (len(meds) - 1))]
     limit = factor * typical + min_ms
     slow = {cell for cell, v in samples.items() if sum(ms > limit for ms in v) >= persistence * len(v)}
     return slow, typical, limit

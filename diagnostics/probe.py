@@ -3,7 +3,8 @@
 ``request`` writes ``probe-request.json`` into a generation's trace directory; the ranks'
 tracers read it and run ``comms.probe`` at the step it names (see there for the protocol).
 ``analyse`` turns the probers' measurements into a src x dst matrix of payload round trips
-and says which link is slow, after setting aside every prober that was short of CPU during
+(each pair's fastest repetition: its capacity) and says which link is slow, after setting
+aside every prober that was short of CPU during
 the probe (its fixed CPU work took ``probe_cpu_factor`` x the typical prober's, or its cgroup
 was throttled): a starved process makes its transfers slow both ways without any link
 being at fault.
@@ -13,16 +14,16 @@ from __future__ import annotations
 import json
 import math
 import os
-import statistics
 import time
 
 from diagnostics.config import DiagnosticsConfig
-from diagnostics.floor import sigma
 from diagnostics.links import slow_cells
 from diagnostics.traces import Generation
 
 LEAD_S = 3.0  # how far ahead the probe step lies: several of every rank's 0.5 s reads of the request
-MIN_BYTES, MAX_BYTES = 64 << 10, 4 << 20
+MIN_CELLS = 6  # three probers' worth of directions
+PROBE_SLACK_MS = 0.1  # below this a difference is timer and scheduling resolution, not a link
+MIN_BYTES, MAX_BYTES = 1 << 20, 4 << 20  # a transfer, not a latency, on fast links; seconds on a slow one
 
 
 def request(gen: Generation, ranks: list[int], nbytes: int, step_s: float, cfg: DiagnosticsConfig,
@@ -36,7 +37,7 @@ def request(gen: Generation, ranks: list[int], nbytes: int, step_s: float, cfg: 
     if len(probers) < 2:  # all on one host: probe the ranks' own connections (loopback, one machine)
         probers = sorted(ranks)
     req = {"id": str(time.time_ns()), "step": step_now + math.ceil(LEAD_S / max(step_s, 1e-3)) + 2,
-           "ranks": probers, "group": sorted(ranks), "reps": 3, "join_s": max(10.0, 3 * step_s),
+           "ranks": probers, "group": sorted(ranks), "reps": 5, "join_s": max(10.0, 3 * step_s),
            "bytes": int(min(max(cfg.probe_bytes or nbytes, MIN_BYTES), MAX_BYTES)),
            "requested": time.time(), "reason": reason}
     for name in (f"probe-request-{req['id']}.json", "probe-request.json"):  # the history, then the live one
@@ -68,8 +69,10 @@ def analyse(probe: dict, cfg: DiagnosticsConfig) -> dict:
         missing = sorted(set(req["ranks"]) - set(done))
         return {**out, "status": "incomplete", "detail": f"no measurements from rank(s) {missing}",
                 "errors": {r: s for r, s in statuses.items() if s not in ("go", None)}}
-    samples = {(r, int(p)): [1e3 * x for x in v] for r, res in done.items() for p, v in res["send_s"].items()}
-    cpu = {r: statistics.median(res["cpu_s"]) for r, res in done.items()}
+    # A pair's capacity is its fastest repetition: scheduling hiccups only ever add time,
+    # a slow link slows every repetition.
+    samples = {(r, int(p)): [1e3 * min(v)] for r, res in done.items() for p, v in res["send_s"].items()}
+    cpu = {r: min(res["cpu_s"]) for r, res in done.items()}
     typical_cpu = sorted(cpu.values())[(len(cpu) - 1) // 2]
     starved = {}
     for r, res in done.items():
@@ -78,13 +81,15 @@ def analyse(probe: dict, cfg: DiagnosticsConfig) -> dict:
         if cpu[r] > cfg.probe_cpu_factor * typical_cpu or throttled > 0.1 * span:
             starved[r] = {"cpu_ratio": round(cpu[r] / typical_cpu, 2), "throttled_s": res.get("throttled_s")}
     judged = {c: v for c, v in samples.items() if c[0] not in starved and c[1] not in starved}
-    meds = [statistics.median(v) for v in judged.values()]
-    # The probe repeats one transfer size on every pair, so a link at half bandwidth (2x) is
-    # told from its peers: limit = comm_factor x typical + the cells' own spread.
-    slack = max(0.05, cfg.noise_z * sigma(meds)) if len(meds) >= 3 else cfg.link_min_ms
-    slow, typical, limit = slow_cells(judged, factor=cfg.comm_factor, min_ms=slack, persistence=0.5)
+    # Every pair moved the same payload, so a link at half bandwidth (2x) stands out from its
+    # peers: limit = comm_factor x the lower quartile of the pairs + PROBE_SLACK_MS. The
+    # quartile holds while up to 2/3 of the pairs are slow (one host slow both ways among 3).
+    slow, typical, limit = slow_cells(judged, factor=cfg.comm_factor, min_ms=PROBE_SLACK_MS, persistence=1.0,
+                                      quantile=0.25)
+    if len(judged) < MIN_CELLS:  # two hosts (or two left): nothing to compare a direction with
+        slow, out["detail"] = set(), f"{len(judged)} directions left to compare (need {MIN_CELLS})"
     return {**out, "status": "done",
-            "matrix_ms": {f"{s}->{d}": round(statistics.median(v), 3) for (s, d), v in sorted(samples.items())},
+            "matrix_ms": {f"{s}->{d}": round(v[0], 3) for (s, d), v in sorted(samples.items())},
             "cpu_ms": {r: round(1e3 * c, 2) for r, c in sorted(cpu.items())},
             "starved": starved, "slow": sorted(slow), "typical_ms": round(typical, 3), "limit_ms": round(limit, 3),
             "cells": sorted(judged)}

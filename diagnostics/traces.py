@@ -202,7 +202,7 @@ class Generation:
         """host -> its ranks among ``ranks``."""
         out: dict[str, list[int]] = {}
         for r in sorted(ranks):
-            out.setdefault(self.meta.get(r, {}).get("host", f"rank{r}"), []).append(r)
+            out.setdefault(self.meta.get(r, {}).get("host") or f"rank {r}", []).append(r)
         return out
 
     def probes(self) -> dict[str, dict]:
