@@ -24,7 +24,7 @@ class DiagnosticsConfig:
     noise_z: float = doc("A rise counts only above this many standard errors of the history's noise (robust: from its median absolute deviation).", 3.0)
     straggler_persistence: float = doc("Share of the window's steps a rank (or link sample) must be the slowest in.", 0.7)
     straggler_threshold: float = doc("Rise, as a share of the step time, of both the job's step time and the wait the others spend on a straggler, over the history (0.05 = 5%).", 0.05)
-    straggler_sustained: float = doc("A rank the others wait for this share of every step, over window and history (slow from its first step, no onset to see), is a straggler too; 0 = off.", 0.25)
+    straggler_sustained: float = doc("A rank the others wait for this share of every step (median, latest in 90% of them) over a full window and history (slow from its first step, no onset to see) is a straggler too; 0 = off.", 0.25)
     comm_factor: float = doc("A group's collectives are slow when, with every member in, they take this many times as long as in the history (and the job slowed).", 1.5)
     probe: bool = doc("When a group's collectives slow down and no rank is late, the monitor asks the job for a pairwise link probe at a step boundary (C4P-style) to name the slow link.", True)
     probe_bytes: int = doc("Payload of each probe transfer in bytes; 0 = the group's median collective size, clamped to 1..4 MiB.", 0)

@@ -55,13 +55,16 @@ import psutil
 
 from diagnostics import probe
 from diagnostics.config import DiagnosticsConfig
-from diagnostics.floor import Shift, shift
+from diagnostics.floor import mean_shift, shift
 from diagnostics.links import name_cells, slow_cells
 from diagnostics.traces import Generation, generations
 
 HANGS = ("hang_noncomm", "hang_comm")
 # Steps of recent history that set the hang limit.
 HANG_HISTORY = 20
+# Window ends in a row a straggler's onset must hold at: a chance run of late steps regresses
+# within a few steps, a slower rank does not.
+CONFIRM = 5
 
 
 @dataclass
@@ -138,6 +141,7 @@ class Detector:
         self._fr_sets: dict[tuple, int] = {}  # (directory, ranks) of Flight Recorder dumps read -> generation
         self._judged: dict[tuple[int, str], int] = {}  # (generation, rule) -> training steps judged
         self._windows: dict[tuple[int, int], dict] = {}  # (generation, step index) -> window statistics
+        self._streak: dict[tuple[int, int], int] = {}  # (generation, rank) -> window ends in a row with an onset
         self.probes: dict[int, dict[str, dict]] = {}  # generation -> probe id -> analysis
         self.verdicts: list[Verdict] = []
 
@@ -307,15 +311,15 @@ class Detector:
         latest = {s: max(ranks, key=lambda r: fr[r][s]) for s in hist + win}
         late = {}
         for r in ranks:
-            sh = shift([fr[r][s] for s in win], [fr[r][s] for s in hist], z=c.noise_z, rel_min=0.0,
-                       abs_min=c.straggler_threshold)
+            sh = mean_shift([fr[r][s] for s in win], [fr[r][s] for s in hist], z=c.noise_z, abs_min=c.straggler_threshold)
             share = sum(latest[s] == r for s in win) / len(win)
             # Its extra lateness, in seconds per step, must show in the job's step time (else
-            # the wait only moved between ranks) and explain the job's rise (else the job
-            # slowed for another reason). The lateness is the sharper measure: it is
-            # differential, so it is judged against its own floor, the step time for agreement.
+            # the wait only moved between ranks: the job is no slower) and explain at least half
+            # of the job's rise (else the job slowed for another reason). The lateness is the
+            # sharper measure (differential: no common noise), so it carries the significance;
+            # the step time, noisier, only has to agree.
             extra = sh.rise * job.window
-            agrees = job.rise >= c.straggler_threshold * job.history and 0.5 * job.rise <= extra <= 2 * job.rise
+            agrees = job.rise >= max(c.straggler_threshold * job.history, 0.25 * extra) and extra >= 0.5 * job.rise
             late[r] = {"shift": sh, "latest": share,
                        "onset": sh.significant and share >= c.straggler_persistence and agrees}
         stats = {"job": job, "late": late, "fr": fr, "latest": latest, "T": T}
@@ -332,7 +336,9 @@ class Detector:
             job, span = st["job"], hist + win
             t = now if self.live else gen.step_end(win[-1])
             for r, lr in st["late"].items():
-                if lr["onset"]:
+                # Persistent: the onset holds at CONFIRM window ends in a row (noise regresses).
+                streak = self._streak[(gen.id, r)] = self._streak.get((gen.id, r), 0) + 1 if lr["onset"] else 0
+                if streak >= CONFIRM:
                     sh = lr["shift"]
                     onset = next(s for s in win if st["fr"][r][s] > sh.history + sh.floor)
                     ev = {"summary": (f"the job's step time rose from {1e3 * job.history:.1f} to {1e3 * job.window:.1f} ms "
@@ -343,7 +349,7 @@ class Detector:
                           "step_time_s": job.to_json(), "late_share": sh.to_json(), "latest_share": lr["latest"],
                           "score": round(1 - sh.window, 3)}
                     conf = lr["latest"] * min(1.0, 0.5 + sh.rise / (4 * sh.floor))
-                elif c.straggler_sustained and len(span) >= 2 * c.straggler_window:
+                elif c.straggler_sustained and len(span) >= c.straggler_window + c.history_steps:
                     med = statistics.median(st["fr"][r][s] for s in span)
                     share = sum(st["latest"][s] == r for s in span) / len(span)
                     if med < c.straggler_sustained or share < 0.9:
@@ -428,7 +434,9 @@ class Detector:
 
     def _links(self, gen: Generation, now: float) -> list[Verdict]:
         c = self.cfg
-        recent = {cell: [ms for _s, ms in v[-c.link_window:]] for cell, v in gen.links.items() if len(v) >= c.link_window}
+        if any(len(v) < c.link_window for v in gen.links.values()):
+            return []  # judge the matrix whole: a partial one misnames a bad sender as its first link
+        recent = {cell: [ms for _s, ms in v[-c.link_window:]] for cell, v in gen.links.items()}
         slow, typical, limit = slow_cells(recent, factor=c.link_factor, min_ms=c.link_min_ms,
                                           persistence=c.straggler_persistence)
         if not slow:

@@ -49,3 +49,12 @@ def shift(window: list[float], history: list[float], *, z: float, rel_min: float
     # Standard error of a median: sqrt(pi/2) x sigma / sqrt(n); of the difference of two: combined.
     se = math.sqrt(math.pi / 2) * s * math.sqrt(1 / len(window) + 1 / len(history))
     return Shift(statistics.median(window), h, max(rel_min * abs(h), z * se, abs_min), s)
+
+
+def mean_shift(window: list[float], history: list[float], *, z: float, abs_min: float = 0.0) -> Shift:
+    """The window's mean against the history's (Welch: each side's own variance), for series
+    that are zero much of the time, such as a rank's lateness (it is late only when it is the
+    last to arrive), whose median jumps between 0 and its typical value."""
+    mw, mh = statistics.fmean(window), statistics.fmean(history)
+    se = math.sqrt(statistics.pvariance(window, mw) / len(window) + statistics.pvariance(history, mh) / len(history))
+    return Shift(mw, mh, max(z * se, abs_min), statistics.pstdev(history, mh))

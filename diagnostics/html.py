@@ -60,13 +60,15 @@ def write_html(rep: dict, det: Detector, out_dir: Path) -> Path:
     body.append(f"<h2>Verdicts ({len(rep['verdicts'])})</h2>")
     if not rep["verdicts"]:
         body.append("<p>None: no crash, hang, straggler or slow link beyond the job's own noise.</p>")
+    number = {g["id"]: i + 1 for i, g in enumerate(rep["generations"])}
     for i, v in enumerate(rep["verdicts"]):
         who = ", ".join(suspect_str(s) for s in v["suspects"])
         since = v.get("since") or v["time"]
         body.append(f"<h3 class='verdict'>{html.escape(v['kind'])}: {html.escape(who)}</h3>"
                     f"<p>{html.escape(v['evidence'].get('summary', ''))}<br>confidence {v['confidence']:.2f}; since "
                     f"{time.strftime('%H:%M:%S', time.localtime(since))} ({since - t0:+.1f} s), named "
-                    f"{time.strftime('%H:%M:%S', time.localtime(v['time']))} ({v['time'] - t0:+.1f} s); generation {v['generation']}</p>")
+                    f"{time.strftime('%H:%M:%S', time.localtime(v['time']))} ({v['time'] - t0:+.1f} s); generation "
+                    f"{number.get(v['generation'], '?')} of {len(rep['generations'])}</p>")
         gen = det.gens.get(v["generation"])
         fig = _evidence(plt, gen, v, t0) if gen is not None else None
         if fig is not None:

@@ -81,17 +81,28 @@ def test_onset_is_named_within_the_window_at_any_step_time(tmp_path, step_s):
     vs = verdicts(tmp_path)
     assert [(v.kind, v.suspects[0]["rank"]) for v in vs] == [("straggler", 1)], [v.line() for v in vs]
     ev = vs[0].evidence
-    assert ev["pattern"] == "onset" and 30 <= ev["since_step"] and ev["steps"][1] <= 30 + 10
+    assert ev["pattern"] == "onset" and 30 <= ev["since_step"] and ev["steps"][1] <= 30 + 20  # named within 20 steps
     assert vs[0].since >= 1.0e9 + 29 * step_s  # the onset, not the verdict
 
 
-def test_slowdown_within_the_noise_is_not_named(tmp_path):
-    # A 15% slowdown of rank 1: named in a quiet job, below the floor of one whose steps jitter 30%.
-    slower = lambda r, s: 0.16 * (1.15 if r == 1 and s >= 30 else 1.0)  # noqa: E731
-    write_run(tmp_path / "quiet", noise=0.02, compute=slower)
-    assert [v.kind for v in verdicts(tmp_path / "quiet")] == ["straggler"]
-    write_run(tmp_path / "noisy", noise=0.3, compute=slower)
-    assert verdicts(tmp_path / "noisy") == []
+def test_noise_alone_is_not_named(tmp_path):
+    # Steps jittering 30% on every rank, rank 0 always 9% late: nothing to name, whatever the draw.
+    for seed in range(5):
+        write_run(tmp_path / str(seed), noise=0.3, seed=seed, compute=lambda r, s: 0.16 + (0.018 if r == 0 else 0.0))
+        assert verdicts(tmp_path / str(seed)) == [], seed
+
+
+def test_wait_moving_between_ranks_is_not_named(tmp_path):
+    # Two ranks share contended cores: for steps 20-31 rank 1 gets more of them and rank 0 less,
+    # so the others wait 20% of each step for rank 0, but the job is no slower (the make run
+    # case of issue 14).
+    write_run(tmp_path, compute=lambda r, s: 0.14 if (r == 1 and 20 <= s < 32) else 0.18)
+    assert verdicts(tmp_path) == []
+
+
+def test_a_real_slowdown_in_a_quiet_job_is_named(tmp_path):
+    write_run(tmp_path, noise=0.02, compute=lambda r, s: 0.16 * (1.15 if r == 1 and s >= 30 else 1.0))
+    assert [(v.kind, v.suspects[0]["rank"]) for v in verdicts(tmp_path)] == [("straggler", 1)]
 
 
 def test_slow_from_the_start_is_named_when_it_costs_a_quarter(tmp_path):
