@@ -13,7 +13,7 @@ class DiagnosticsConfig:
     """Collective tracing, hang/straggler/link detection, and fault injection (for tests and drills)."""
 
     trace: bool = doc("Record every collective in a per-rank ring buffer flushed to RUN_DIR/diagnostics/.", True)
-    inject: list = doc("Faults to inject, e.g. `crash:rank=1,step=30`, `slow:rank=1,pct=20`, `slowlink:src=0,dst=1,ms=20` (syntax in diagnostics/inject.py); empty = none.", [])
+    inject: list = doc("Faults to inject, e.g. `crash:rank=1,step=30`, `slow:rank=1,pct=20,from=20`, `slowlink:src=0,dst=1,ms=20`, `slowcomm:rank=1,ms=20` (syntax in diagnostics/inject.py); empty = none.", [])
     policy: str = doc("What the launcher does on a hang or persistent straggler: `warn`, `restart` (kill the workers; torchrun restarts them from the newest checkpoint) or `exclude` (drop the suspect node when `--nnodes min:max` allows, else restart).", "warn")
     hang_min_s: float = doc("A collective some ranks wait in for longer than max(this, hang_factor x median step time, 2 x the longest recent step) is a hang.", 5.0)
     hang_factor: float = doc("Hang limit in median step times (see hang_min_s).", 5.0)
@@ -21,9 +21,9 @@ class DiagnosticsConfig:
     stale_s: float = doc("A rank whose trace heartbeat (every 0.5 s) is older than this is gone, or stopped when its process is still there.", 3.0)
     straggler_window: int = doc("Steps a slowdown is judged over (a 20% slower rank is named about this many steps after it slows).", 10)
     history_steps: int = doc("Steps before the window that are its reference, the job's own noise floor (judging starts once a window's worth is there).", 30)
-    noise_z: float = doc("A rise counts only above this many standard errors of the history's noise (robust: from its median absolute deviation).", 3.0)
+    noise_z: float = doc("A rise counts only above this many standard errors of the history's noise (step times: robust, from their median absolute deviation; a rank's lateness: Welch, window and history).", 3.0)
     straggler_persistence: float = doc("Share of the window's steps a rank (or link sample) must be the slowest in.", 0.7)
-    straggler_threshold: float = doc("Rise, as a share of the step time, of both the job's step time and the wait the others spend on a straggler, over the history (0.05 = 5%).", 0.05)
+    straggler_threshold: float = doc("Least rise over the history, as a share of the step time, of the wait the others spend on a straggler and of the job's step time (0.05 = 5%).", 0.05)
     straggler_sustained: float = doc("A rank the others wait for this share of every step (median, latest in 90% of them) over a full window and history (slow from its first step, no onset to see) is a straggler too; 0 = off.", 0.25)
     comm_factor: float = doc("A group's collectives are slow when, with every member in, they take this many times as long as in the history (and the job slowed).", 1.5)
     probe: bool = doc("When a group's collectives slow down and no rank is late, the monitor asks the job for a pairwise link probe at a step boundary (C4P-style) to name the slow link.", True)

@@ -18,12 +18,14 @@ later rows too). In short:
 - straggler: a rank the others keep waiting for. Per complete collective the rank that
   waited least arrived last, by (longest wait - its wait), no cross-node clocks needed; per
   step that lateness is a share of the step time. Named when, over the last
-  ``straggler_window`` steps against the ``history_steps`` before them, the job's step time
-  rose beyond its noise floor (``diagnostics.floor``), the rank's share rose beyond its own
-  (at least ``straggler_threshold``), that rise explains at least half of the job's, and it
-  was the latest rank in ``straggler_persistence`` of the window. A rank that is always a
-  little late (rank 0 logging) has no rise and is not named; one that costs the job
-  ``straggler_sustained`` of every step from the start is (no onset to see);
+  ``straggler_window`` steps against the ``history_steps`` before them
+  (``diagnostics.floor``) and at ``CONFIRM`` window ends in a row: its lateness rose beyond
+  its own noise (and by ``straggler_threshold``), it was the latest rank in
+  ``straggler_persistence`` of the window, and the job's step time rose with it (else the
+  wait only moved between ranks) by at most twice its extra lateness (else the job slowed
+  for another reason). A rank that is always a little late (rank 0 logging) has no rise and
+  is not named; one that costs the job ``straggler_sustained`` of every step from the start
+  is (no onset to see);
 - slow_comm: the job slowed, a group's collectives take ``comm_factor`` x longer once every
   member is in (beyond the floor, and explaining half the slowdown), and no rank is late:
   the network or the collective itself is slow. Live, the monitor then asks for a link probe;

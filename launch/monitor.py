@@ -12,8 +12,9 @@ per ``policy``:
   nodes' workers fail on their next collective and their agents restart them on the rest.
   With a single node there is nothing to exclude to: it restarts instead, and says so.
 
-A crash is torchrun's to restart; ``exclude`` still drops the crashed rank's node. A slow
-link is only reported. Every action is one log line and a JSON record in
+A crash is torchrun's to restart; ``exclude`` still drops the crashed rank's node. Slow
+links and slow collectives are only reported (the detector asks the job for a link probe on
+its own). Every action is one log line and a JSON record in
 RUN_DIR/diagnostics/actions.jsonl; verdicts go to RUN_DIR/diagnostics/verdicts.jsonl.
 """
 from __future__ import annotations
