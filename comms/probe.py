@@ -27,13 +27,14 @@ probe's ops are the untraced originals: they are not the job's traffic.
 from __future__ import annotations
 
 import datetime
-import socket
 import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.distributed.distributed_c10d as c10d
+
+from comms.trace import hostname
 
 CPU_LOOP = 300_000  # iterations of the fixed CPU work: ~20 ms of CPython, longer than a 10% cgroup quota slice
 
@@ -46,7 +47,7 @@ def run(req: dict, rank: int, world: int, store=None) -> dict | None:
     t0 = time.time()
     status = _agree(store, f"{key}/in", world, float(req.get("join_s", 10.0)))
     probers = [int(r) for r in req["ranks"]]
-    out = {"id": req["id"], "rank": rank, "host": socket.gethostname(), "status": status,
+    out = {"id": req["id"], "rank": rank, "host": hostname(), "status": status,
            "bytes": int(req["bytes"]), "reps": int(req.get("reps", 3)), "started": t0}
     if status == "go" and rank in probers:
         out.update(_measure(probers, rank, int(req["bytes"]), int(req.get("reps", 3))))

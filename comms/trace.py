@@ -202,7 +202,7 @@ class Tracer:
         faulthandler.register(signal.SIGTERM, file=self._stack_files[1], all_threads=True, chain=True)
         faulthandler.enable(file=self._stack_files[2], all_threads=True)
         meta = {"rank": rank, "world": world, "generation": self.generation, "trace_format": TRACE_FORMAT,
-                "pid": os.getpid(), "ppid": os.getppid(), "host": socket.gethostname(),
+                "pid": os.getpid(), "ppid": os.getppid(), "host": hostname(),
                 "node": int(os.environ.get("GROUP_RANK", 0)), "local_rank": int(os.environ.get("LOCAL_RANK", 0)),
                 "local_world": int(os.environ.get("LOCAL_WORLD_SIZE", 1)),
                 "backend": str(dist.get_backend()) if dist.is_initialized() else "", "started": time.time(),
@@ -385,13 +385,19 @@ class Tracer:
 
     # ---- the background writer ----------------------------------------------------
     def _flush_loop(self):
+        refused = False
         while not self._stop.wait(self._flush_s):
             try:
                 self._flush()
-                self._requests()
             except Exception as e:  # never let tracing take training down; say so once
                 print(f"kintsugi trace: rank {self.rank}: writer stopped: {e}", file=sys.stderr)
                 return
+            try:
+                self._requests()
+            except Exception as e:  # a bad request (or dump) must not stop the heartbeat
+                if not refused:
+                    print(f"kintsugi trace: rank {self.rank}: a request from the monitor failed: {e}", file=sys.stderr)
+                refused = True
 
     def _flush(self):
         with self._lock:
@@ -514,6 +520,13 @@ def _cuda_event():
     ev = torch.cuda.Event(enable_timing=True)
     ev.record()
     return ev
+
+
+def hostname() -> str:
+    """This host's name in traces and verdicts: ``KINTSUGI_HOST`` when set (hosts that share
+    a kernel's hostname, such as network namespaces of an emulated cluster), else the
+    system's."""
+    return os.environ.get("KINTSUGI_HOST") or socket.gethostname()
 
 
 def flight_recorder_on() -> bool:

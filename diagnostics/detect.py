@@ -46,7 +46,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import time
@@ -54,6 +53,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import psutil
+
+from comms.trace import hostname
 
 from diagnostics import probe
 from diagnostics.config import DiagnosticsConfig
@@ -458,10 +459,10 @@ def proc_state(meta: dict) -> str | None:
     try:
         p = psutil.Process(meta["pid"])
         if p.ppid() != meta.get("ppid") or p.create_time() > meta.get("started", 0) + 1:
-            return "gone" if meta.get("host") == socket.gethostname() else None  # the pid was reused
+            return "gone" if meta.get("host") == hostname() else None  # the pid was reused
         status = p.status()
     except (psutil.NoSuchProcess, KeyError):
-        return "gone" if meta.get("host") == socket.gethostname() else None
+        return "gone" if meta.get("host") == hostname() else None
     except psutil.Error:
         return None
     if status in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD):
@@ -515,7 +516,7 @@ def dump_stacks(gen: Generation) -> list[str]:
     if gen.source != "trace":
         return []
     (gen.path / "fr-request").touch()
-    host, files = socket.gethostname(), []
+    host, files = hostname(), []
     pyspy = shutil.which("py-spy")
     for r, m in sorted(gen.meta.items()):
         if m.get("host") != host:
@@ -563,4 +564,4 @@ def write_verdicts(run_dir, verdicts: list[Verdict]):
     p = Path(run_dir) / "diagnostics" / "verdicts.jsonl"
     with open(p, "a") as f:
         for v in verdicts:
-            f.write(json.dumps({**v.to_json(), "by": f"{socket.gethostname()}:{os.getpid()}"}) + "\n")
+            f.write(json.dumps({**v.to_json(), "by": f"{hostname()}:{os.getpid()}"}) + "\n")
