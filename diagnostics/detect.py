@@ -42,6 +42,7 @@ and, live, to request a link probe.
 """
 from __future__ import annotations
 
+import bisect
 import json
 import os
 import shutil
@@ -142,8 +143,8 @@ class Detector:
         self.gens: dict[int, Generation] = {}
         self._seen: set[str] = set()
         self._fr_sets: dict[tuple, int] = {}  # (directory, ranks) of Flight Recorder dumps read -> generation
-        self._judged: dict[tuple[int, str], int] = {}  # (generation, rule) -> training steps judged
-        self._windows: dict[tuple[int, int], dict] = {}  # (generation, step index) -> window statistics
+        self._judged: dict[tuple[int, str], int] = {}  # (generation, rule) -> the last window end judged
+        self._windows: dict[tuple[int, int], dict] = {}  # (generation, window end) -> window statistics
         self._streak: dict[tuple[int, int], int] = {}  # (generation, rank) -> window ends in a row with an onset
         self.probes: dict[int, dict[str, dict]] = {}  # generation -> probe id -> analysis
         self.verdicts: list[Verdict] = []
@@ -170,6 +171,11 @@ class Detector:
                         v.evidence["stacks"] = dump_stacks(gen)
                     new.append(v)
             self._windows.clear()
+            if self.live:  # keep what the windows and the hang limit still look at
+                steps = gen.training_steps()
+                keep = self.cfg.straggler_window + self.cfg.history_steps + HANG_HISTORY
+                if len(steps) > 2 * keep:
+                    gen.forget(steps[-keep])
         self.verdicts += new
         return new
 
@@ -293,8 +299,9 @@ class Detector:
         c = self.cfg
         steps = gen.training_steps()
         w = c.straggler_window
-        start = self._judged.get((gen.id, rule), 0)
-        self._judged[(gen.id, rule)] = len(steps)
+        start = bisect.bisect_right(steps, self._judged.get((gen.id, rule), -1))
+        if steps:
+            self._judged[(gen.id, rule)] = steps[-1]
         for i in range(max(start, w - 1), len(steps)):
             lo = i - w + 1
             hist = steps[max(0, lo - c.history_steps):lo]
@@ -303,7 +310,7 @@ class Detector:
 
     def _window(self, gen: Generation, i: int, win: list[int], hist: list[int]) -> dict:
         """Statistics of one window, shared by the straggler and slow_comm rules."""
-        key = (gen.id, i)
+        key = (gen.id, win[-1])
         if key in self._windows:
             return self._windows[key]
         c = self.cfg

@@ -52,6 +52,9 @@ class Generation:
         self._p2p: dict[tuple, dict] = {}  # (chan, seq) -> {"send": OpRecord, "recv": OpRecord}
         self.steps: dict[int, dict[int, StepRecord]] = collections.defaultdict(dict)  # rank -> step -> record
         self._step_time: dict[int, float] = {}
+        self._finished: dict[int, int] = collections.defaultdict(int)  # step -> ranks that finished it
+        self._asymmetric: set[int] = set()  # steps some rank spent partly in an ASYMMETRIC phase
+        self._first: int | None = None  # the generation's first complete step (start-up skew)
         # rank -> step -> seconds the others waited for this rank (clock-free, see _add_op)
         self.lateness: dict[int, dict[int, float]] = collections.defaultdict(lambda: collections.defaultdict(float))
         # collective channel -> step -> seconds its collectives took once every member was in
@@ -113,7 +116,11 @@ class Generation:
     def add(self, r: int, rec: OpRecord | StepRecord):
         """One record of rank ``r``, from any source."""
         if isinstance(rec, StepRecord):
+            if rec.step not in self.steps[r]:
+                self._finished[rec.step] += 1
             self.steps[r][rec.step] = rec
+            if any(p in rec.phases for p in ASYMMETRIC):
+                self._asymmetric.add(rec.step)
             return
         if rec.error:
             self.errors[r] = rec.error
@@ -162,18 +169,33 @@ class Generation:
                 self.damaged += 1
         return out
 
+    def forget(self, before: int):
+        """Drop per-step data of steps before ``before`` (a live watcher of a long job needs
+        only its recent history; reports keep everything)."""
+        for per in (*self.steps.values(), *self.lateness.values(), *self.comm.values()):
+            for s in [s for s in per if s < before]:
+                del per[s]
+        for s in [s for s in self._finished if s < before]:
+            del self._finished[s]
+            self._step_time.pop(s, None)
+            self._asymmetric.discard(s)
+        for cell, v in self.links.items():
+            self.links[cell] = [x for x in v if x[0] >= before]
+
     # ---- derived views -------------------------------------------------------------
     def complete_steps(self) -> list[int]:
         """Steps every rank has finished, in order."""
-        if not self.meta or len(self.steps) < len(self.meta):
+        if not self.meta:
             return []
-        return sorted(set.intersection(*(set(s) for s in self.steps.values())))
+        done = sorted(s for s, n in self._finished.items() if n >= len(self.meta))
+        if done and self._first is None:
+            self._first = done[0]
+        return done
 
     def training_steps(self) -> list[int]:
         """Complete steps that say something about stragglers: not the generation's first
         (start-up skew), none with a rank-asymmetric phase (``ASYMMETRIC``)."""
-        return [s for s in self.complete_steps()[1:]
-                if not any(p in self.steps[r][s].phases for r in self.steps for p in ASYMMETRIC)]
+        return [s for s in self.complete_steps() if s != self._first and s not in self._asymmetric]
 
     def step_time(self, step: int) -> float:
         t = self._step_time.get(step)

@@ -139,3 +139,25 @@ def test_rule_table_names_every_kind_and_what_silences_it():
     by_name = {rule.name: rule for rule in RULES}
     assert set(by_name["crash"].silenced_by) == {"hang_noncomm", "hang_comm"} and by_name["hang"].silenced_by == ("crash",)
     assert all(callable(getattr(Detector, rule.handler)) for rule in RULES)
+
+
+def test_a_live_watch_of_a_long_job_keeps_only_recent_steps(tmp_path):
+    """Live, the detector forgets steps its windows no longer look at, and still names an
+    onset long after; the trace arrives in two parts, as a running job writes it."""
+    whole = write_run(tmp_path / "whole", steps=400, compute=lambda r, s: 0.16 * (1.25 if r == 1 and s >= 300 else 1.0))
+    gen = tmp_path / "live" / "diagnostics" / whole.name
+    gen.mkdir(parents=True)
+    for p in whole.glob("*.json"):
+        (gen / p.name).write_text(p.read_text())
+    lines = {r: (whole / f"trace-r{r}.jsonl").read_text().splitlines(keepends=True) for r in (0, 1)}
+    det = Detector(tmp_path / "live", DiagnosticsConfig(), live=True, dump_stacks=False)
+    now = json.loads((whole / "state-r0.json").read_text())["time"]
+    for part in (slice(0, 500), slice(500, None)):  # two lines a step: steps 0-249, then 250-399
+        for r in (0, 1):
+            with open(gen / f"trace-r{r}.jsonl", "a") as f:
+                f.writelines(lines[r][part])
+        vs = det.poll(now=now)
+        (g,) = det.gens.values()
+        assert min(g.steps[0]) > 100  # forgotten
+    assert [(v.kind, v.suspects[0]["rank"]) for v in det.verdicts] == [("straggler", 1)]
+    assert 300 <= det.verdicts[0].evidence["since_step"] and vs == det.verdicts
