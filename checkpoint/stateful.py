@@ -125,8 +125,8 @@ def launch_config() -> tuple[CheckpointConfig, SnapshotConfig | None]:
 
 
 def _rebuild(tree: dict, flat: dict, prefix: str = "") -> dict:
-    """``tree`` with every leaf replaced by ``flat[full name]`` (restored tensors stay the
-    same objects; plain values come back from the checkpoint)."""
+    """``tree`` with its plain values replaced by ``flat[full name]`` from the checkpoint;
+    tensors stay the same objects (DTensors too), their data restored in place."""
     out = {}
     for key, value in tree.items():
         name = f"{prefix}{key}"
@@ -134,7 +134,7 @@ def _rebuild(tree: dict, flat: dict, prefix: str = "") -> dict:
             out[key] = _rebuild(value, flat, name + ".")
         else:
             v = flat.get(name, value)
-            out[key] = v.tensor if is_chunk(v) else v
+            out[key] = value if is_chunk(v) else v
     return out
 
 
