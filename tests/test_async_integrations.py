@@ -92,8 +92,10 @@ def test_stateful_api_restores_model_optimizer_and_scheduler_exactly(tmp_path):
     model, opt, sched = make(0)
     ck = AsyncCheckpointer(tmp_path, cfg)
     run(model, opt, sched, range(3))
-    ck.save(3, {"model": model, "optim": opt, "sched": sched}, final=True)
-    want = run(model, opt, sched, range(3, 6))
+    handle = ck.save(3, {"model": model, "optim": opt, "sched": sched}, final=True)
+    want = run(model, opt, sched, range(3, 6))  # the copy runs beside these steps
+    handle.wait()
+    assert handle.done() and handle.durable_s >= handle.stall_s > 0
     ck.close()
 
     model2, opt2, sched2 = make(1)
