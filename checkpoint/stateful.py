@@ -242,7 +242,9 @@ class AsyncCheckpointer:
         """Step boundary (collective; every rank, every step): commits what became durable,
         raises a keeper's or writer's error on every rank, and returns True once any rank
         was asked to stop (SIGTERM/SIGINT): then save with ``final=True`` and leave the loop."""
-        return self.ckpt.check()
+        stop = self.ckpt.check()
+        self.ckpt.finished_saves()  # their handles keep their records; the checkpointer forgets them
+        return stop
 
     def close(self):
         """Wait (at most ``close_timeout_s``) until every save is committed at its levels;

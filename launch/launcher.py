@@ -104,7 +104,7 @@ def help_parser() -> argparse.ArgumentParser:
                                              "elastic agent, with preflight checks, this node's checkpoint keeper and "
                                              "the collective monitor.")
     ap.add_argument("--config", help="job TOML (default: configs/tiny.toml for the trainer, built-in defaults for a script)")
-    ap.add_argument("--run-dir", help="run directory (overrides train.run_dir; default for a script: runs/<its name>)")
+    ap.add_argument("--run-dir", help="run directory (the trainer's train.run_dir; default for a script: runs/<its name>)")
     ap.add_argument("--skip-preflight", action="store_true", help="do not run the health checks")
     ap.add_argument("--on-fault", choices=("warn", "restart", "exclude"),
                     help="on a hang or persistent straggler: warn, restart the workers, or exclude the suspect node "
@@ -247,8 +247,8 @@ def torchrun_flags(job: Launch, nproc: int) -> list[str]:
 
 
 def run_dir_of(job: Launch, cfg) -> Path:
-    """The trainer's train.run_dir; a script's --run-dir, its config's, else runs/<its name>."""
-    if job.trainer or job.config or any(o.startswith("--train.run_dir=") for o in job.overrides):
+    """The trainer's train.run_dir; a script's --run-dir (or --train.run_dir=), else runs/<its name>."""
+    if job.trainer or any(o.startswith("--train.run_dir=") for o in job.overrides):
         return Path(cfg.train.run_dir).resolve()
     return Path("runs", job.name).resolve()
 
@@ -294,7 +294,7 @@ class Stopper:
             if self.since is None:
                 return
             if self.escalated and time.monotonic() - self.escalated > self.deadline_s:
-                _signal_group(self.agent, signal.SIGKILL)
+                self._kill_all()
             elif not self.escalated:
                 if any(p.pid not in self.workers for p in self._children()):
                     self._escalate("the agent restarted workers after the stop")
@@ -303,18 +303,27 @@ class Stopper:
 
     def _escalate(self, why: str):
         if self.escalated:
-            _signal_group(self.agent, signal.SIGKILL)
+            self._kill_all()
             return
         self.escalated = time.monotonic()
         print(f"kintsugi: {why}: stopping torchrun's agent", flush=True)
-        _signal_group(self.agent, signal.SIGTERM)
+        try:
+            os.killpg(self.agent.pid, signal.SIGTERM)  # the agent leads its own session (start_new_session)
+        except ProcessLookupError:
+            pass
 
-
-def _signal_group(agent: subprocess.Popen, sig: int):
-    try:
-        os.killpg(agent.pid, sig)  # the agent leads its own session (start_new_session)
-    except ProcessLookupError:
-        pass
+    def _kill_all(self):
+        """The agent did not stop its workers either: SIGKILL it and them (they run in sessions
+        of their own, which its process group does not reach)."""
+        try:
+            procs = [psutil.Process(self.agent.pid), *psutil.Process(self.agent.pid).children(recursive=True)]
+        except psutil.Error:
+            return
+        for p in procs:
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
 
 
 def start_keeper_detached(run_dir: Path, cfg):

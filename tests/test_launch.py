@@ -86,3 +86,22 @@ def test_version_and_plan_json(tmp_path):
     assert out.returncode == 0, out.stderr
     plan = json.loads(out.stdout)
     assert plan["sizes"]["tp"] == 8 and sum(plan["layers_per_stage"]) > 0 and (tmp_path / "plan.json").is_file()
+
+
+def test_a_script_that_dies_on_sigterm_is_not_restarted_after_the_stop(tmp_path):
+    """A worker that does not handle SIGTERM dies of it; torchrun would restart it: the
+    launcher sees the new workers, stops the agent instead, and the job exits non-zero."""
+    script = tmp_path / "plain.py"
+    script.write_text("import os, time, torch.distributed as dist\n"
+                      "dist.init_process_group('gloo')\n"
+                      "open(os.path.join(os.environ['KINTSUGI_RUN_DIR'], f'up-{os.getpid()}'), 'w').close()\n"
+                      "time.sleep(600)\n")
+    proc = subprocess.Popen([sys.executable, "-m", "launch", "launch", "--max-restarts", "2",
+                             "--run-dir", str(tmp_path / "run"), str(script)], env=env(), cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    while not list((tmp_path / "run").glob("up-*")):
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate()
+    assert proc.returncode != 0 and "the agent restarted workers after the stop: stopping torchrun's agent" in out, out[-3000:]
