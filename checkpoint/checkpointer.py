@@ -68,6 +68,19 @@ class PendingSave:
     failed: list[str] = field(default_factory=list)  # why levels could not store it
 
 
+@dataclass
+class SaveTiming:
+    """One save's cost to the training loop and its time to durable (for metrics.jsonl and
+    the library's save handles)."""
+
+    step: int
+    levels: tuple[str, ...]  # where it goes ("l0", "l1", "l2")
+    started: float  # time.monotonic() when save() was called
+    stall_s: float = 0.0  # how long save() held the caller (the lazy copy runs after it)
+    durable_s: float | None = None  # save() to committed at every level (or given up); None while in flight
+    failed: list[str] = field(default_factory=list)  # levels that did not store it, with the reason
+
+
 class Checkpointer:
     def __init__(self, cfg: CheckpointConfig, run_dir: Path):
         cfg.validate()
@@ -99,6 +112,7 @@ class Checkpointer:
         self.stop_requested = False
         self.l0_remote = None  # step -> readers of other nodes' level-0 shards (checkpoint.snapshot)
         self.restored_from: str | None = None  # the level the last restore read
+        self.timings: dict[int, SaveTiming] = {}  # saves in flight, and finished ones not yet collected
 
     # ------------------------------------------------------------------ the training loop's calls
 
@@ -108,10 +122,23 @@ class Checkpointer:
         optimizer's step already waits for pending copies."""
         protect(optimizer)
 
-    def handle_sigterm(self):
-        """On SIGTERM, make ``check()`` return True (on every rank) instead of dying; the loop
-        then saves with ``final=True`` and calls ``close()``, which waits for the levels."""
-        signal.signal(signal.SIGTERM, lambda *_: setattr(self, "stop_requested", True))
+    def handle_sigterm(self, signals=(signal.SIGTERM, signal.SIGINT)):
+        """On SIGTERM (and Ctrl-C's SIGINT), make ``check()`` return True (on every rank)
+        instead of dying; the loop then saves with ``final=True`` and calls ``close()``, which
+        waits for the levels."""
+        for sig in signals:
+            signal.signal(sig, lambda *_: setattr(self, "stop_requested", True))
+
+    def in_flight(self, step: int) -> bool:
+        """Is ``step``'s save still on its way to a level (as of the last step boundary)?"""
+        return step in self.pending
+
+    def finished_saves(self) -> list[SaveTiming]:
+        """The saves that left flight since the last call (committed, or failed at a level)."""
+        done = [t for s, t in sorted(self.timings.items()) if s not in self.pending]
+        for t in done:
+            del self.timings[t.step]
+        return done
 
     def check(self) -> bool:
         """Step boundary (collective; call it on every rank after every optimizer step):
@@ -126,11 +153,13 @@ class Checkpointer:
                 return stop
         return any(g["stop"] for g in self._sync())
 
-    def save(self, step: int, state: dict, extra: dict | None = None, final: bool = False):
+    def save(self, step: int, state: dict, extra: dict | None = None, final: bool = False) -> SaveTiming:
         """Snapshot ``state`` (name -> Chunk | JSON-able object) as ``step``; collective, returns
         at once. ``final`` sends it to every level regardless of intervals (except a level
         whose newest commit is this very step: a run resumed at its end), and ``close()``
-        then fails unless it is committed there."""
+        then fails unless it is committed there. Returns the save's timing record (its
+        ``durable_s`` is filled at the boundary that sees it committed)."""
+        started = time.monotonic()
         self._join_capture()
         chunks = {chunk_key(n, c.offsets): (n, c) for n, c in state.items() if is_chunk(c)}
         meta = sorted((k, c.nbytes) for k, (_, c) in chunks.items())
@@ -159,11 +188,14 @@ class Checkpointer:
         if any(dist_utils.any_true([no_room is not None])):
             if reply is not None:
                 self._call(m.Release(reply.slot))
+            timing = self.timings[step] = SaveTiming(step, ("l2",), started)
             self._save_to_disk(step, state, extra, no_room)
-            return
+            timing.stall_s = timing.durable_s = time.monotonic() - started
+            return timing
         self.pending[step] = PendingSave(step, {"l0", *due})
+        timing = self.timings[step] = SaveTiming(step, ("l0", *due), started)
         if reply is None:
-            return
+            return timing
         buf = self._buffer(reply)
         buf[:len(head)].copy_(torch.frombuffer(bytearray(head), dtype=torch.uint8))
         entries, lazy, owned = [], [], optimizer_storages()
@@ -181,6 +213,8 @@ class Checkpointer:
 
         filled = m.Filled(self.gen, step, reply.slot, entries, self.world, due, objects if self.rank == 0 else None)
         self.capture = LazyCopy(lazy, lambda: self._call(filled))
+        timing.stall_s = time.monotonic() - started
+        return timing
 
     def _alloc(self, step: int, nbytes: int) -> tuple[m.AllocReply | None, str | None]:
         """A keeper slot for this rank's shard, or (None, why) when it does not fit into the
@@ -364,6 +398,9 @@ class Checkpointer:
         if not p.levels:
             self.failures[step] = p.failed
             del self.pending[step]
+            if step in self.timings:
+                self.timings[step].durable_s = time.monotonic() - self.timings[step].started
+                self.timings[step].failed = self.failures[step]
 
     @staticmethod
     def _committed(level: str, step: int, gathered: list[dict]) -> bool:

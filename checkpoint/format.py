@@ -347,26 +347,30 @@ def read_manifest(step_dir: Path) -> dict:
 def fault_point(name: str):
     """Fault-injection hook for the crash tests: ``KINTSUGI_FAULT=name:kill[:N]`` kills this
     process with SIGKILL the N-th time (default 1st) it passes point ``name``, ``name:pause``
-    stops it there until it is killed, ``name:hold[:N]`` writes ``$KINTSUGI_FAULT_DIR/name.held``
-    and waits there until the test removes that file (the test kills whom it wants meanwhile).
-    Unset (always in production) it costs one dict lookup."""
+    stops it there until it is killed, ``name:sleep:SECONDS[:N]`` holds it there that long (a
+    slow disk or network), ``name:hold[:N]`` writes ``$KINTSUGI_FAULT_DIR/name.held`` and waits
+    there until the test removes that file (the test kills whom it wants meanwhile). Unset
+    (always in production) it costs one dict lookup."""
     spec = os.environ.get("KINTSUGI_FAULT")
     if not spec or spec.split(":")[0] != name:
         return
-    parts = spec.split(":")
+    _, action, *args = spec.split(":")
+    seconds = float(args.pop(0)) if action == "sleep" else 0.0
     _FAULT_HITS[name] = _FAULT_HITS.get(name, 0) + 1
-    if _FAULT_HITS[name] != (int(parts[2]) if len(parts) > 2 else 1):
+    if _FAULT_HITS[name] != (int(args[0]) if args else 1):
         return
-    if parts[1] == "kill":
+    if action == "kill":
         os.kill(os.getpid(), 9)
-    if parts[1] == "hold":
+    elif action == "sleep":
+        time.sleep(seconds)
+    elif action == "hold":
         marker = Path(os.environ["KINTSUGI_FAULT_DIR"]) / f"{name}.held"
         marker.write_text(str(os.getpid()))
         while marker.exists():
             time.sleep(0.01)
-        return
-    while True:  # pause: wait here for the test's kill -9
-        time.sleep(1)
+    else:
+        while True:  # pause: wait here for the test's kill -9
+            time.sleep(1)
 
 
 _FAULT_HITS: dict[str, int] = {}

@@ -4,12 +4,14 @@
 
 prints the placement (ranks and fabric of each stage, the network of each group), the
 layers per stage and the predicted iteration time next to the topology-unaware rank order
-and an all-RDMA cluster, and writes the plan file that `kintsugi launch --plan FILE` uses.
+and an all-RDMA cluster, and writes the plan file that `kintsugi launch --parallel.plan=FILE` uses
+(``--json``: the same as one JSON object on stdout).
 """
 from __future__ import annotations
 
 import argparse
-from dataclasses import replace
+import json
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from comms import UserError, exits_on_user_error
@@ -87,7 +89,8 @@ def report(topology: Topology, plan: Plan, model: ModelSpec) -> str:
 
 @exits_on_user_error
 def main(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(prog="kintsugi plan", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="kintsugi plan", description=__doc__.split("\n")[0],
+                                 epilog="exit codes: 0 plan written; 2 bad input (one line on stderr)")
     ap.add_argument("--topology", required=True, help="topology TOML (see configs/topology-*.toml)")
     ap.add_argument("--model", required=True, help=f"a job config TOML or a preset: {', '.join(PRESETS)}")
     ap.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (inside a node)")
@@ -101,6 +104,7 @@ def main(argv: list[str]) -> int:
                     "(parallel.pp_schedule; presets: eager-1F1B, the trainer's default)")
     ap.add_argument("--bandwidth", type=_bandwidth, default={}, help="override Gbit/s, e.g. eth=50,roce=200 (ib, roce per NIC; eth per node; nvlink per GPU)")
     ap.add_argument("--out", default="plan.json", help="where to write the plan file")
+    ap.add_argument("--json", action="store_true", help="print the plan as one JSON object instead of the report")
     args = ap.parse_args(argv)
 
     for name in ("tp", "pp", "dp", "dp_replicate", "ep"):
@@ -120,8 +124,11 @@ def main(argv: list[str]) -> int:
                         "change --batch or --microbatches")
     sizes = {"pp": args.pp, "dp_replicate": args.dp_replicate, "dp_shard": dp // args.dp_replicate, "tp": args.tp}
     plan = make_plan(topology, model, sizes, ep=args.ep)
-    print(report(topology, plan, model))
     plan.save(args.out)
-    print(f"\nwrote {Path(args.out)}; use it with: kintsugi launch --plan {args.out} "
-          f"(sets parallel.plan; parallel.pp_layers = {plan.layers_per_stage})")
+    if args.json:
+        print(json.dumps({"plan_file": str(Path(args.out)), **asdict(plan)}))
+        return 0
+    print(report(topology, plan, model))
+    print(f"\nwrote {Path(args.out)}; use it with: kintsugi launch --parallel.plan={args.out} ... "
+          f"(its sizes and layers per stage, {plan.layers_per_stage}, replace the config's)")
     return 0

@@ -52,9 +52,14 @@ def records(path: Path) -> list[dict]:
     return [json.loads(line) for line in text[:text.rfind("\n") + 1].splitlines() if line]
 
 
+def steps(run_dir: Path, name: str = "metrics.jsonl") -> list[dict]:
+    """The per-step records of metrics.jsonl (not the checkpoint events)."""
+    return [rec for rec in records(Path(run_dir) / name) if "loss" in rec]
+
+
 def losses(run_dir: Path, name: str = "metrics.jsonl") -> dict[int, float]:
     """step -> loss; a step logged twice (after a restart) keeps the last."""
-    return {rec["step"]: rec["loss"] for rec in records(Path(run_dir) / name)}
+    return {rec["step"]: rec["loss"] for rec in steps(run_dir, name)}
 
 
 def keeper_pid(run_dir: Path, job: str = "local", node_id: str | None = None) -> int | None:

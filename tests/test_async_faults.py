@@ -400,8 +400,7 @@ def test_trainer_under_torchrun_resumes_from_keeper_memory(tmp_path):
     train(2, tmp_path / "plain", *args("plain"))
     agent = subprocess.Popen(torchrun_cmd(2, tmp_path / "killed", *args("killed"), max_restarts=3), env=env(), cwd=ROOT,
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    metrics = tmp_path / "killed" / "metrics.jsonl"
-    while len(conftest.records(metrics)) < 9:
+    while len(conftest.steps(tmp_path / "killed")) < 9:
         assert agent.poll() is None, agent.stdout.read()
         time.sleep(0.05)
     import psutil
