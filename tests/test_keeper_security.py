@@ -167,7 +167,7 @@ def test_oversized_lengths_are_refused_before_allocating(served):
 
     def liar():
         conn, _ = listener.accept()
-        channel = serve_handshake(conn, token.encode())
+        channel = serve_handshake(conn, token.encode())  # it knows the token: a lying peer, not a stranger
         channel.recv(1 << 20)
         conn.sendall(HEADER.pack(11, 1 << 40) + b'{"ok":true}')
         time.sleep(1)

@@ -76,17 +76,18 @@ def train(run_dir: Path, steps: int, kills: list[str], k: int, m: int, l2_interv
         if rank == 0:
             with open(run_dir / "loss.txt", "a") as f:
                 f.write(f"{step} {loss.item()!r}\n")
-        for spec in kills:
+        due = [spec for spec in kills if int(spec.split(":")[1]) == step and not (run_dir / f"killed-{spec}").exists()]
+        if any(spec.endswith(":node") for spec in due):
+            # a reproducible fault point: the step before is erasure-coded on every node
+            while True:
+                ckpt.check()
+                coded = torch.tensor(float(step - 1 in ckpt.keeper.call(messages.EcStatus()).encoded))
+                dist.all_reduce(coded, op=dist.ReduceOp.MIN)
+                if coded.item():
+                    break
+                time.sleep(0.05)
+        for spec in due:
             kill_node, kill_step, what = spec.split(":")
-            if what == "node" and int(kill_step) == step and not (run_dir / f"killed-{spec}").exists():
-                # a reproducible fault point: the step before is erasure-coded on every node
-                while True:
-                    ckpt.check()
-                    coded = torch.tensor(float(step - 1 in ckpt.keeper.call(messages.EcStatus()).encoded))
-                    dist.all_reduce(coded, op=dist.ReduceOp.MIN)
-                    if coded.item():
-                        break
-                    time.sleep(0.05)
             if int(kill_node) == node and int(kill_step) == step and not (run_dir / f"killed-{spec}").exists():
                 (run_dir / f"killed-{spec}").touch()
                 if what == "node":  # the whole node: its agent and its keeper with it

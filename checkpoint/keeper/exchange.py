@@ -136,6 +136,8 @@ class SnapshotExchange:
         plan = self.plan
         data = rebuild_snapshot(GroupCode(plan["k"], plan["m"]), step, plan["pos"], dict(self.clients))
         raw, ranks, slots = self._install(step, data)
+        with self.store.cond:
+            self.store.local_world = max(self.store.local_world, len(slots))
         with self.lock:
             self.meta[step] = raw
         gen = slots[0].gen if slots else ""

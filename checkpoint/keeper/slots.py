@@ -136,7 +136,6 @@ class SlotStore:
             slot.entries, slot.records, slot.objects = meta["entries"], meta["records"], meta["objects"]
             self.attempts.setdefault(slot.gen, len(self.attempts))
             self.l0[rank] = (slot.gen, step)
-            self.local_world = max(self.local_world, len({s.rank for s in self.slots}))
             return slot
 
     # ------------------------------------------------------------ the L0 timeline

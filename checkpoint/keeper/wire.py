@@ -132,16 +132,21 @@ class Channel:
 
 
 def serve_handshake(sock: socket.socket, token: bytes) -> Channel | None:
-    """The server's side; None (after telling the client) when it does not know the token."""
+    """The server's side; None when the client does not know the token (the caller says no
+    with ``refuse``)."""
     nonce_s = os.urandom(NONCE)
     sock.sendall(MAGIC + nonce_s)
     hello = bytes(recv_exact(sock, NONCE + 32))
     nonce_c, proof = hello[:NONCE], hello[NONCE:]
     if not hmac.compare_digest(proof, _mac(token, b"client", nonce_s, nonce_c)):
-        sock.sendall(b"\x00")
         return None
     sock.sendall(b"\x01" + _mac(token, b"server", nonce_c, nonce_s))
     return Channel(sock, _mac(token, b"session", nonce_s, nonce_c), "server")
+
+
+def refuse(sock: socket.socket):
+    """Tell a client that does not know the token so, then the caller closes."""
+    sock.sendall(b"\x00")
 
 
 def client_handshake(sock: socket.socket, token: bytes, where: str) -> Channel:
@@ -197,8 +202,12 @@ class Acceptor:
                 except (OSError, WireError) as e:
                     channel, why = None, f"broken handshake ({e})"
                 if channel is None:
-                    self.refused += 1
+                    self.refused += 1  # counted before the client hears it
                     log.warning("refused a connection from %s: %s", addr or "a local process", why)
+                    try:
+                        refuse(conn)
+                    except OSError:
+                        pass
                     return
                 conn.settimeout(self.timeout_s)
                 self.serve(channel, addr)
