@@ -5,6 +5,7 @@
                           [--max-memory 2G] [--workers 4] [--dry-run]
     kintsugi ckpt inspect PATH [--json]
     kintsugi ckpt verify A B [--map FILE] [--prefix P] [--rtol R] [--atol A] [--allow-subset] [--json]
+    kintsugi ckpt gc
 
 The source format is detected (Kintsugi native or universal, DeepSpeed ZeRO 1/2/3 or
 universal, torch DCP from any job (torchtitan's too), safetensors files or Hugging Face
@@ -28,7 +29,7 @@ import torch
 
 from checkpoint.convert import TARGETS, NameMap, convert, detect
 from checkpoint.convert.stream import PARTIAL
-from checkpoint.format import DTYPE_BY_NAME, CorruptCheckpoint
+from checkpoint.format import DTYPE_BY_NAME, CorruptCheckpoint, human
 from comms import UserError, exits_on_user_error
 
 
@@ -41,13 +42,6 @@ def parse_size(text: str, flag: str = "--max-memory") -> int:
     if not m:
         raise UserError(f"{flag} {text!r} is not a size; write e.g. 512M or 4G")
     return int(float(m.group(1)) * 1024 ** " KMGT".index(m.group(2).upper() or " "))
-
-
-def human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
 
 
 def cmd_convert(a) -> int:
@@ -156,6 +150,15 @@ def cmd_verify(a) -> int:
     return 0 if equal else 1
 
 
+def cmd_gc(a) -> int:
+    from checkpoint.keeper import collect_garbage
+
+    removed = collect_garbage()
+    print(f"removed {len(removed)} shared-memory segment(s) of dead node keepers" if removed
+          else "no shared memory of dead node keepers to remove")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kintsugi ckpt", description="Convert, inspect and verify checkpoints.", epilog=EXIT_CODES)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -195,6 +198,9 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("--allow-subset", action="store_true", help="tensors in only one of them are not differences")
     v.add_argument("--json", action="store_true", help="print one JSON object")
     v.set_defaults(func=cmd_verify)
+    g = sub.add_parser("gc", help="remove the shared memory of this user's node keepers that were killed (kill -9, "
+                                  "OOM); live keepers' memory is never touched")
+    g.set_defaults(func=cmd_gc)
     return p
 
 

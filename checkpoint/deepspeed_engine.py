@@ -223,7 +223,7 @@ class KintsugiCheckpointEngine(CheckpointEngine):
                 if manifest.get("ds_tag") == tag:
                     found = (storage, step, manifest)
                     break
-                if found is None or step > found[1]:
+                if found is None:  # steps() lists the newest commit first
                     found = (storage, step, manifest)
             if found and found[2].get("ds_tag") == tag:
                 break

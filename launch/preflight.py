@@ -10,6 +10,7 @@ from pathlib import Path
 import psutil
 import torch
 
+from checkpoint import shm_free
 from comms import UserError
 from trainer import JobConfig, model_parameters
 
@@ -55,6 +56,12 @@ def run_checks(cfg: JobConfig, nproc: int, run_dir: Path, model: bool = True) ->
         if need["disk_mb"] > free:
             raise UserError(f"preflight: checkpoints need about {need['disk_mb']:,.0f} MB in {run_dir} but "
                             f"{free:,.0f} MB is free; free disk space, lower checkpoint.keep_last, or choose another --run-dir")
+    shm = shm_free() / MB
+    if cfg.checkpoint.host_memory_mb > shm:
+        notes.append(f"/dev/shm has {shm:,.0f} MB free, less than checkpoint.host_memory_mb="
+                     f"{cfg.checkpoint.host_memory_mb}: the node keeper holds snapshots in what fits and saves that "
+                     "do not fit go to disk directly; enlarge /dev/shm (e.g. docker --shm-size) or lower "
+                     "checkpoint.host_memory_mb")
     if torch.cuda.is_available():
         gpus = torch.cuda.device_count()
         if nproc > gpus:
