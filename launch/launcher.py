@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
+import torch
 
 from checkpoint import start_keeper
 from comms import RUN_DIR_ENV, UserError, exits_on_user_error, trace
@@ -385,7 +386,7 @@ def main(argv: list[str]) -> int:
     # restarts, and writes L1/L2 off the workers' cores. It leaves when this launcher does.
     keeper = start_keeper_detached(run_dir, cfg)
     env.update(keeper.env())
-    if cfg.diagnostics.trace:  # an NCCL job keeps a Flight Recorder ring, dumped on a hang for `kintsugi diagnose`
+    if cfg.diagnostics.trace and torch.cuda.is_available():  # NCCL: a Flight Recorder ring, dumped on a hang
         env.update({k: v for k, v in trace.flight_recorder_env(run_dir).items() if k not in env})
     # Its own session: the monitor's actions signal the agent's process group, never ours.
     agent = subprocess.Popen(cmd, env=env, start_new_session=True)
