@@ -116,7 +116,7 @@ def build_ep_groups(ep: int, device_type: str = "cpu", ranks_per_node: int | Non
     if ranks_per_node is None:
         ranks_per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world))
     mesh2 = DeviceMesh(device_type, torch.arange(world).view(world // ep, ep), mesh_dim_names=("ep_replicate", "ep"))
-    spans_nodes = ranks_per_node < ep and ep % ranks_per_node == 0
+    spans_nodes = 1 < ranks_per_node < ep and ep % ranks_per_node == 0
     use_hier = hierarchical == "on" or (hierarchical == "auto" and spans_nodes)
     if use_hier and not spans_nodes:
         raise UserError(f"config moe.hierarchical: EP size {ep} is not a multiple of {ranks_per_node} ranks per node "
