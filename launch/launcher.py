@@ -51,11 +51,15 @@ def split_args(argv: list[str]):
                          "(passed to torchrun; elastic needs --rdzv-endpoint)")
     ap.add_argument("--max-restarts", "--max_restarts", dest="max_restarts", default="3",
                     help="worker-group restarts after a failure (passed to torchrun; default 3)")
+    ap.add_argument("--plan", default=None, help="placement plan file from `kintsugi plan` (= --parallel.plan)")
+    ap.add_argument("--placement", choices=("auto",), default=None,
+                    help="auto: detect the cluster at start and plan placement and pipeline split (= --parallel.placement=auto)")
     ours, rest = ap.parse_known_args(argv)
     overrides = [a for a in rest if OVERRIDE.match(a)]
     torchrun = [a for a in rest if not OVERRIDE.match(a)]
-    if ours.run_dir:
-        overrides.append(f"--train.run_dir={ours.run_dir}")
+    for key, value in (("train.run_dir", ours.run_dir), ("parallel.plan", ours.plan), ("parallel.placement", ours.placement)):
+        if value:
+            overrides.append(f"--{key}={value}")
     return ours, overrides, torchrun
 
 

@@ -141,7 +141,7 @@ class TorchEngine:
         if p.tp > 1:
             apply_tp(model, mesh["tp"])
         self.ddp = False
-        if p.dp_shard > 1 or (p.dp_replicate > 1 and (p.tp > 1 or p.pp > 1)):
+        if (p.dp_shard > 1 or (p.dp_replicate > 1 and (p.tp > 1 or p.pp > 1))) and not p.overlap_optimizer:
             from torch.distributed.fsdp import fully_shard
 
             dp_mesh = mesh["dp_replicate", "dp_shard"] if p.dp_replicate > 1 else mesh["dp_shard"]
@@ -163,7 +163,7 @@ class TorchEngine:
                 # Replaces DDP: the MoE backward issues gradient partitions into the gaps
                 # of its own all-to-all traffic (FSMoE).
                 self.reducer = attach_grad_reducer(model, self.ep_groups, expert_names)
-        if p.dp_replicate > 1 and not (p.dp_shard > 1 or p.tp > 1 or p.pp > 1) and self.reducer is None:
+        if p.dp_replicate > 1 and not (p.dp_shard > 1 or p.tp > 1 or p.pp > 1 or p.overlap_optimizer) and self.reducer is None:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             # Experts are sharded over EP, not replicated: DDP must leave their grads alone.
@@ -179,6 +179,11 @@ class TorchEngine:
         self.model = model
         self.optimizer = make_optimizer(model, cfg)
         init_optimizer_state(self.optimizer)
+        self.dp_optim = None
+        if p.overlap_optimizer:  # replicas as plain modules; it reduces and steps (Holmes)
+            from trainer.overlap_optim import OverlappedOptimizer
+
+            self.dp_optim = OverlappedOptimizer(model, self.optimizer, mesh["dp_replicate"].get_group(), p.bucket_mb)
         if p.pp > 1:
             from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
@@ -234,8 +239,14 @@ class TorchEngine:
         return total
 
     def optimizer_step(self) -> float:
-        norm = clip_grad_norm(self.model.parameters(), self.cfg.optim.grad_clip, self.pp_group)
-        self.optimizer.step()
+        if self.dp_optim is not None:
+            squares = self.dp_optim.step()
+            if self.pp_group is not None:
+                dist.all_reduce(squares, group=self.pp_group)
+            norm = float(squares.sqrt())
+        else:
+            norm = clip_grad_norm(self.model.parameters(), self.cfg.optim.grad_clip, self.pp_group)
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return norm
 

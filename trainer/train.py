@@ -23,12 +23,13 @@ import torch.distributed as dist
 from checkpoint import Checkpointer, Chunk, EcSnapshots, job_id
 from comms import dist_utils, exits_on_user_error, trace
 from comms.mesh import build_mesh, coordinate
-from comms.placement import load_plan, nccl_backend_override
+from comms.placement import nccl_backend_override
 from diagnostics import Injector
 from trainer.config import JobConfig, load_config, to_toml
 from trainer.data import Batches
 from trainer.metrics import Metrics, rss_mb, setup_logging
 from trainer.parallelize import build_engine
+from trainer.placement import resolve_plan
 
 log = logging.getLogger("trainer")
 
@@ -127,7 +128,7 @@ def train(cfg: JobConfig) -> int:
     tracer = trace.install(run_dir, rank, world, enabled=cfg.diagnostics.trace)
     injector = Injector(cfg.diagnostics.inject, rank, tracer)
     p = cfg.parallel
-    plan = load_plan(p.plan) if p.plan else None
+    plan = resolve_plan(cfg, device, run_dir)  # a plan file, one made now from the detected cluster, or none
     mesh = build_mesh(device, {"pp": p.pp, "dp_replicate": p.dp_replicate, "dp_shard": p.dp_shard, "tp": p.tp},
                       plan.rank_grid if plan else None,
                       nccl_backend_override(plan, rank) if plan and device == "cuda" else None)

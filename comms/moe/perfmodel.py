@@ -223,7 +223,8 @@ def measure(groups, dim: int, hidden: int, local_experts: int, dtype=torch.float
     """Measure alpha/beta of all-to-all, all-reduce and all-gather on the real groups and the
     expert compute rate; collective over the whole job (every rank gets the same numbers)."""
     # Measured through a lane, as the pipeline runs it, so alpha includes the thread hand-off.
-    from comms.moe.a2a import Lane, _a2a, all_to_all  # keeps perfmodel importable offline
+    from comms.lanes import Lane
+    from comms.moe.a2a import _a2a, all_to_all  # keeps perfmodel importable offline
 
     elt = torch.tensor([], dtype=dtype).element_size()
     world_group = groups.dp if groups is not None else None

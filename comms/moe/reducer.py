@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-from comms.moe.a2a import Done, Lane
+from comms.lanes import Done, Lane
 
 
 def local(t: torch.Tensor) -> torch.Tensor:
