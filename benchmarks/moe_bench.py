@@ -31,12 +31,12 @@ Modelled (no GPUs here): the same model with an assumed GPU cluster's costs
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import math
 import os
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -94,7 +94,7 @@ def worker(cfg: dict, out_path: str):
     from trainer.moe import MoE, apply_expert_parallel, attach_grad_reducer, capacity
     from trainer.moe_config import MoEConfig
 
-    deepspeed.init_distributed(dist_backend="gloo", verbose=False, timeout=__import__("datetime").timedelta(seconds=600))
+    deepspeed.init_distributed(dist_backend="gloo", verbose=False, timeout=datetime.timedelta(seconds=600))
     world, rank = dist.get_world_size(), dist.get_rank()
     dim, hidden, n_exp, k, cf = cfg["dim"], cfg["hidden"], cfg["experts_per_rank"] * world, cfg["k"], cfg["capacity_factor"]
     torch.manual_seed(0)
@@ -104,6 +104,7 @@ def worker(cfg: dict, out_path: str):
     groups = build_ep_groups(world, "cpu", hierarchical=cfg.get("hierarchical", "auto"))
     later_n = int(cfg["later_mb"] * 1e6 / 4)
     later_grad = torch.randn(later_n)
+    reduced_bytes = 4 * (later_n + dim * n_exp)  # the later layers' gradients and the gate's
     holders = {"deepspeed": nn.ModuleDict({"moe": ds})}
     reducers = {}
     for name in VARIANTS[1:]:
@@ -114,7 +115,7 @@ def worker(cfg: dict, out_path: str):
         if name == "auto":
             reducers[name] = attach_grad_reducer(holder, groups, expert_names)
         else:  # the model must choose d knowing what gradient there is to reduce
-            holder["moe"].scheduler.grad_bytes_per_layer = 4 * later_n
+            holder["moe"].scheduler.grad_bytes_per_layer = reduced_bytes
         holders[name] = holder
     holders["deepspeed"].later = nn.Parameter(torch.zeros(later_n))
     dp = groups.dp
@@ -138,8 +139,7 @@ def worker(cfg: dict, out_path: str):
             return time.perf_counter() - t0
         # After the backward: one flat all-reduce of the non-expert gradients (the gate's and
         # the later layers'); experts need none (EP over every rank: one holder per expert).
-        grads = [p.grad for n, p in holder.named_parameters() if p.grad is not None and "experts" not in n
-                 and "deepspeed_experts" not in n]
+        grads = [p.grad for n, p in holder.named_parameters() if p.grad is not None and "experts" not in n]
         flat = torch.cat([g.reshape(-1) for g in grads])
         dist.all_reduce(flat, group=dp)
         return time.perf_counter() - t0
@@ -171,10 +171,9 @@ def worker(cfg: dict, out_path: str):
         capacity_rows = cfg["batch"] * capacity(holders["auto"]["moe"].cfg, cfg["seq"])
         Path(out_path).write_text(json.dumps({
             "times": times, "auto_d": rep["d"], "rows": rep["rows"], "fill": rep["rows"] / capacity_rows,
-            "profile": sched.profile.to_dict(), "hierarchical": groups.hierarchical,
-            "core": core,
+            "profile": sched.profile.to_dict(), "hierarchical": groups.hierarchical, "core": core,
             "shape": {"n_experts": n_exp, "slots": rep["rows"], "dim": dim, "hidden": hidden, "ep": world,
-                      "elt_bytes": 4, "grad_bytes": 4 * later_n + 4 * dim * n_exp}}))
+                      "elt_bytes": 4, "grad_bytes": reduced_bytes}}))
     for name, h in holders.items():
         if name != "deepspeed":
             h["moe"].scheduler.close()

@@ -11,10 +11,26 @@ For each scenario (a GPT on 8 nodes x 8 GPUs spread over fabrics), four layouts:
 
 Node ranks are numbered as a rendezvous hands them out: a seeded random shuffle of the
 nodes; every column is the median over --orders shuffles (the same ones for all columns).
+The unaware layouts are also given for nodes numbered fabric by fabric (a hostfile or a tidy
+scheduler), where contiguous ranks already keep each stage in one fabric.
 
     python benchmarks/placement_bench.py --json runs/bench/placement.json [--quick]
 
-All numbers are predictions of comms/costmodel.py; see docs/placement.md for its formulas.
+All numbers of this mode are predictions of comms/costmodel.py (docs/placement.md); the
+cost model is checked against measured runs with --testbed:
+
+    python benchmarks/placement_bench.py --testbed --json runs/bench/placement-testbed.json
+
+MEASURED on 4 emulated hosts (tests/cluster.py): two fabrics (a fast one and an Ethernet
+one, a slower link between them), each host's CPU capped (a "GPU" of its own), the real
+trainer through `kintsugi launch` for each layout: (a) unaware_s: contiguous ranks in the
+scheduler's node order, even split, torch's 1F1B; (b) same_schedule_s: the same with the
+trainer's eager 1F1B; (c) placed_s: the plan's placement, even split; (d) adaptive_s: the
+plan (placement and split); and the plan with the overlapped optimizer. The plan comes from
+`kintsugi plan --detect` on the hosts (fabrics from the interfaces' aliases, links measured,
+speeds profiled on the job's blocks), and its cost model's prediction stands beside every
+measured case. Jobs run round by round in a rotating order; each job's step time is the
+median of its steps after --skip; each case's the median over rounds (min-max beside it).
 """
 from __future__ import annotations
 
@@ -70,6 +86,8 @@ def run(names, orders: int, microbatch: int, eth_gbps: float, schedule: str = "e
         rng = random.Random(0)
         plans = [make_plan(Topology(rng.sample(all_nodes, len(all_nodes))), model, sizes) for _ in range(orders)]
         row = {k: statistics.median(p.predicted[k] for p in plans) for k in ("unaware_s", "unaware_same_schedule_s", "placed_s", "adaptive_s", "homogeneous_s")}
+        tidy = make_plan(Topology(all_nodes), model, sizes).predicted  # numbered fabric by fabric
+        row.update(sorted_unaware_s=tidy["unaware_s"], sorted_same_schedule_s=tidy["unaware_same_schedule_s"])
         row.update(model=model_name, sizes=sizes, mixed=mixed, node_orders=orders,
                    layers_per_stage=statistics.mode(tuple(p.layers_per_stage) for p in plans),
                    speedup_vs_unaware=row["unaware_s"] / row["adaptive_s"],
@@ -81,14 +99,16 @@ def run(names, orders: int, microbatch: int, eth_gbps: float, schedule: str = "e
 
 def table(results: dict) -> str:
     head = ("| scenario (simulation) | model, pp x dp x tp | unaware s | unaware, same schedule s | placed s | adaptive s "
-            "| homogeneous s | adaptive vs unaware | (same schedule) | adaptive / homogeneous | layers per stage |")
-    lines = [head, "|" + "---|" * 11]
+            "| homogeneous s | adaptive vs unaware | (same schedule) | adaptive / homogeneous | layers per stage "
+            "| fabric-sorted order: unaware s | (same schedule) s |")
+    lines = [head, "|" + "---|" * 13]
     for name, r in results.items():
         s = r["sizes"]
         lines.append(f"| {name} | {r['model']}, {s['pp']}x{s['dp_replicate'] * s['dp_shard']}x{s['tp']} "
                      f"| {r['unaware_s']:.2f} | {r['unaware_same_schedule_s']:.2f} | {r['placed_s']:.2f} | {r['adaptive_s']:.2f} "
                      f"| {r['homogeneous_s']:.2f} | {r['speedup_vs_unaware']:.2f}x | {r['speedup_same_schedule']:.2f}x "
-                     f"| {r['slowdown_vs_homogeneous']:.3f} | {r['layers_per_stage']} |")
+                     f"| {r['slowdown_vs_homogeneous']:.3f} | {r['layers_per_stage']} "
+                     f"| {r['sorted_unaware_s']:.2f} | {r['sorted_same_schedule_s']:.2f} |")
     return "\n".join(lines)
 
 

@@ -198,6 +198,9 @@ def choose(shape: LayerShape, prof: Profile, max_chunks: int = 16, partition: bo
 
 # ---- measuring on the real groups -------------------------------------------------------
 
+REPS = 5  # median of 5 per measured point: other jobs' bursts on a shared host hit single samples
+
+
 def _timed(fn, reps: int) -> float:
     fn()  # warm-up: first calls pay for connection set-up and allocation
     times = []
@@ -214,7 +217,7 @@ def _agreed(t: float, group=None) -> float:
 
 
 def _comm_cost(make_op, sizes, group) -> Cost:
-    (n1, t1), (n2, t2) = [(n, _agreed(_timed(make_op(n), 3), group)) for n in sizes]
+    (n1, t1), (n2, t2) = [(n, _agreed(_timed(make_op(n), REPS), group)) for n in sizes]
     return Cost.fit(n1, t1, n2, t2)
 
 
@@ -267,8 +270,8 @@ def measure(groups, dim: int, hidden: int, local_experts: int, dtype=torch.float
 
     r1, r2 = 8, 256
     flops = lambda rows: 6 * local_experts * rows * dim * hidden
-    t_compute = _agreed(_timed(expert_op(r2), 3), world_group)
-    expert = Cost.fit(flops(r1), _agreed(_timed(expert_op(r1), 3), world_group), flops(r2), t_compute)
+    t_compute = _agreed(_timed(expert_op(r2), REPS), world_group)
+    expert = Cost.fit(flops(r1), _agreed(_timed(expert_op(r1), REPS), world_group), flops(r2), t_compute)
     overlap = 1.0
     if groups is not None and groups.ep > 1:
         # An exchange about as long as the compute, run alongside it: how much is hidden?
