@@ -283,17 +283,21 @@ def measure(groups, dim: int, hidden: int, local_experts: int, dtype=torch.float
             compute()
             pending.result()
 
-        # Interleaved best-of-7: other jobs' bursts inflate single samples, and a ratio of
-        # medians taken at different moments can claim overlap that is not there.
-        best = {"comm": math.inf, "compute": math.inf, "both": math.inf}
-        for _ in range(7):
+        # Paired rounds: the three runs of a round happen back to back, all ranks starting
+        # together, so a load burst hits a round's runs alike; the median over rounds of
+        # each round's hidden share, the least any rank saw. (Minimums taken separately
+        # undercount overlap: "both" needs both parts lucky at once.)
+        shares = []
+        for _ in range(9):
+            took = {}
             for key, fn in (("comm", lambda: lane.submit(exchange).result()), ("compute", compute), ("both", both)):
+                dist.barrier(group=world_group)
                 t0 = time.perf_counter()
                 fn()
-                best[key] = min(best[key], time.perf_counter() - t0)
-        t_comm, t_comp, t_both = (_agreed(best[k], world_group) for k in ("comm", "compute", "both"))
-        hidden = t_comp + t_comm - t_both
-        overlap = min(1.0, max(0.0, hidden / min(t_comp, t_comm)))
+                took[key] = time.perf_counter() - t0
+            hidden = took["compute"] + took["comm"] - took["both"]
+            shares.append(hidden / min(took["compute"], took["comm"]))
+        overlap = min(1.0, max(0.0, -_agreed(-statistics.median(shares), world_group)))
     lane.close()
     return Profile(a2a=a2a, allreduce=allreduce, allgather=allgather, expert=expert, a2a_intra=intra, a2a_inter=inter,
                    overlap=overlap)
