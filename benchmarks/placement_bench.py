@@ -205,12 +205,13 @@ def _overlapped_prediction(plan, job: Path, bucket_mb: float) -> float:
     from comms.costmodel import simulate, stages_of
     from comms.topology import Node, Topology
     from trainer.config import load_config
+    from trainer.parallel_dims import ParallelDims
     from trainer.placement import model_spec
 
     topo = Topology([Node(**n) for n in plan.topology["nodes"]], dict(plan.topology["latency_us"]))
     cfg = load_config(str(job), ["--parallel.overlap_optimizer=true", f"--parallel.bucket_mb={bucket_mb}"])
-    cfg.validate(topo.world_size)
-    return simulate(model_spec(cfg), stages_of(topo, plan.rank_grid), plan.layers_per_stage, 2, 1).iteration_s
+    dims = ParallelDims.resolve(cfg, topo.world_size)
+    return simulate(model_spec(cfg, dims), stages_of(topo, plan.rank_grid), plan.layers_per_stage, dims.dp_size, dims.tp).iteration_s
 
 
 def testbed(args) -> dict:

@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 
 from checkpoint.format import (
-    FORMAT, VERSION, DTYPE_BY_NAME, DTYPE_NAMES, CorruptCheckpoint, ShardReader, commit_step,
-    committed_steps, read_manifest, step_dirname, write_manifest, write_shard,
+    FORMAT, VERSION, DTYPE_BY_NAME, DTYPE_NAMES, CorruptCheckpoint, MissingShard, ShardReader, check_latest, commit_step,
+    committed_steps, read_manifest, step_dirname, tmp_dirname, write_manifest, write_shard,
 )
 from checkpoint.state import Chunk, is_chunk, overlap
 from comms import UserError, dist_utils
@@ -51,14 +51,16 @@ def plan_writes(all_meta: list[list[tuple]]) -> dict[str, int]:
     return owner
 
 
-def save_state(root: Path, step: int, state: dict, keep_last: int = 2, extra: dict | None = None) -> Path:
-    """Write ``state`` (name -> Chunk | object) as step ``step`` under ``root``; collective."""
+def save_state(root: Path, step: int, state: dict, keep_last: int = 2, extra: dict | None = None,
+               gen: str = "") -> Path:
+    """Write ``state`` (name -> Chunk | object) as step ``step`` under ``root``; collective.
+    ``gen``: the job attempt, when its keeper writes steps into ``root`` too."""
     root = Path(root)
     rank, world = dist_utils.rank(), dist_utils.world_size()
     chunks = {chunk_key(n, c.offsets): (n, c) for n, c in state.items() if is_chunk(c)}
     all_meta = dist_utils.all_gather_object([(k, c.nbytes) for k, (_, c) in chunks.items()])
     owner = plan_writes(all_meta)
-    tmp = root / (step_dirname(step) + ".tmp")
+    tmp = root / tmp_dirname(step, gen)
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
@@ -116,7 +118,7 @@ def fill(target: Chunk, stored: dict, step_dir: Path, readers: dict, verify: boo
         if reader is None:
             path = step_dir / sc["file"]
             if not path.is_file():
-                raise CorruptCheckpoint(f"{path} is missing")
+                raise MissingShard(f"{path} is missing")
             reader = readers[sc["file"]] = ShardReader(path)
         crc = sc["crc32"] if verify else None
         dst = target.tensor[tuple(slice(o - to, o - to + n) for o, to, n in zip(off, target.offsets, shape))]
@@ -129,6 +131,9 @@ def fill(target: Chunk, stored: dict, step_dir: Path, readers: dict, verify: boo
             reader.read_into(sc["key"], dst, crc)
         else:
             data = reader.read(sc["key"], crc)
+            if list(data.shape) != list(sc["shape"]):
+                raise CorruptCheckpoint(f"{step_dir / sc['file']} holds {sc['key']!r} as {list(data.shape)}, "
+                                        f"not as its manifest says ({sc['shape']})")
             src = data[tuple(slice(o - so, o - so + n) for o, so, n in zip(off, sc["offsets"], shape))]
             with torch.no_grad():
                 dst.copy_(src.to(DTYPE_BY_NAME[stored["dtype"]]))
@@ -153,14 +158,25 @@ def fill_all(state: dict, manifest: dict, step_dir: Path, readers: dict, optiona
     return missing
 
 
+def warn(message: str):
+    """A warning in every rank's log and, from rank 0, one line on the console."""
+    log.warning("%s", message)
+    if dist_utils.rank() == 0:
+        print(f"kintsugi: warning: {message}", flush=True)
+
+
 def load_state(root: Path, state: dict, optional=lambda name: False, step: int | None = None) -> tuple[int, dict, set]:
     """Fill ``state``'s chunks in place from the newest good step under ``root``.
 
-    Returns (step, stored objects, names that were absent but optional). Falls back to older
-    steps on corruption, logging which and why; collective (every rank agrees on the step).
+    Returns (step, stored objects, names that were absent but optional). Tries steps newest
+    commit first and falls back to older ones on corruption, logging which and why (one line
+    each on rank 0); collective (every rank agrees on the step).
     """
     root = Path(root)
     candidates = [step] if step is not None else committed_steps(root)
+    stale = check_latest(root) if step is None else None
+    if stale:
+        warn(stale)
     if not candidates:
         raise UserError(f"no committed checkpoint under {root}; check checkpoint.dir / --load-from")
     for s in candidates:
@@ -174,7 +190,5 @@ def load_state(root: Path, state: dict, optional=lambda name: False, step: int |
         errors = [e for e in dist_utils.all_gather_object(error) if e]
         if not errors:
             return s, manifest["objects"], missing
-        log.warning("checkpoint step %d is damaged (%s); falling back to an older step", s, errors[0])
-        if dist_utils.rank() == 0:
-            print(f"kintsugi: warning: checkpoint step {s} is damaged ({errors[0]}); trying the previous step", flush=True)
+        warn(f"checkpoint step {s} is damaged ({errors[0]}); trying the previous step")
     raise UserError(f"no usable checkpoint under {root}: every committed step is damaged; restore from another copy")

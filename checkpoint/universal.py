@@ -27,7 +27,9 @@ import numpy as np
 import torch
 
 from checkpoint.format import (
-    DTYPE_BY_NAME, DTYPE_NAMES, TORCH_DTYPES, CorruptCheckpoint, ShardReader, write_manifest, write_shard,
+    DTYPE_BY_NAME, DTYPE_NAMES, TORCH_DTYPES, CorruptCheckpoint, ShardReader, is_crc, is_ints, is_key, is_relative,
+    quoted,
+    write_manifest, write_shard,
 )
 from checkpoint.state import Chunk, is_chunk
 from comms import UserError
@@ -85,12 +87,20 @@ def write_atom(root: Path, name: str, tensor: torch.Tensor) -> dict:
     return {"file": rel, "shape": list(t.shape), "dtype": DTYPE_NAMES[t.dtype], "crc32": crc}
 
 
+def open_atom(path: Path) -> ShardReader:
+    """A reader of one atom file, its header validated (one tensor named ``data``)."""
+    r = ShardReader(path)
+    if "data" not in r.header:
+        raise CorruptCheckpoint(f"atom {path} holds no tensor 'data'")
+    return r
+
+
 def atom_record(root: Path, name: str) -> dict | None:
     """The record of an atom already written by an interrupted run, or None."""
     path = root / atom_path(name)
     if not path.is_file():
         return None
-    r = ShardReader(path)
+    r = open_atom(path)
     meta = r.header["data"]
     crc = zlib.crc32(_read_range(r, "data", 0, meta["data_offsets"][1] - meta["data_offsets"][0]))
     return {"file": atom_path(name), "shape": meta["shape"], "dtype": DTYPE_NAMES[TORCH_DTYPES[meta["dtype"]]], "crc32": crc}
@@ -108,9 +118,28 @@ def is_universal(path: Path) -> bool:
 def _read_range(reader: ShardReader, key: str, lo: int, n: int) -> np.ndarray:
     """``n`` bytes of tensor ``key`` starting at byte ``lo`` of it (one positioned read)."""
     start, end = reader.header[key]["data_offsets"]
-    if reader.data_start + end > reader.size:
+    raw = np.fromfile(reader.path, dtype=np.uint8, count=n, offset=reader.data_start + start + lo) \
+        if start + lo + n <= end else None
+    if raw is None or raw.size != n:
         raise CorruptCheckpoint(f"atom {reader.path} is truncated")
-    return np.fromfile(reader.path, dtype=np.uint8, count=n, offset=reader.data_start + start + lo)
+    return raw
+
+
+def check_meta(meta, where: Path):
+    """Validate universal.json: every field a reader uses, with its type."""
+    def bad(what: str):
+        raise CorruptCheckpoint(f"{where / META} is damaged ({what}); reconvert the checkpoint")
+
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CorruptCheckpoint(f"{where} is not a Kintsugi universal checkpoint")
+    if type(meta.get("step")) is not int or not isinstance(meta.get("tensors"), dict) \
+            or not isinstance(meta.get("objects"), dict) or not isinstance(meta.get("source"), dict) \
+            or not isinstance(meta.get("missing", []), list):
+        bad("step, tensors, objects, source or missing")
+    for name, rec in meta["tensors"].items():
+        if not isinstance(rec, dict) or not is_relative(rec.get("file")) or not is_ints(rec.get("shape")) \
+                or not is_key(rec.get("dtype"), DTYPE_BY_NAME) or not is_crc(rec.get("crc32")):
+            bad(f"the record of {quoted(name)}")
 
 
 class Universal:
@@ -120,10 +149,10 @@ class Universal:
         self.path = Path(path)
         try:
             self.meta = json.loads((self.path / META).read_text())
-        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CorruptCheckpoint(f"{self.path / META} is unreadable ({e}); reconvert the checkpoint") from None
-        if self.meta.get("format") != FORMAT:
-            raise CorruptCheckpoint(f"{self.path} is not a Kintsugi universal checkpoint")
+        except (OSError, ValueError, RecursionError) as e:
+            raise CorruptCheckpoint(f"{self.path / META} is unreadable ({e.__class__.__name__}); "
+                                    "reconvert the checkpoint") from None
+        check_meta(self.meta, self.path)
         self.tensors: dict = self.meta["tensors"]
         self.readers: dict[str, ShardReader] = {}
 
@@ -138,7 +167,12 @@ class Universal:
             path = self.path / rec["file"]
             if not path.is_file():
                 raise CorruptCheckpoint(f"atom {path} is missing")
-            r = self.readers[name] = ShardReader(path)
+            r = open_atom(path)
+            meta = r.header["data"]
+            if meta["shape"] != rec["shape"] or TORCH_DTYPES[meta["dtype"]] != DTYPE_BY_NAME[rec["dtype"]]:
+                raise CorruptCheckpoint(f"atom {path} holds {meta['dtype']} {meta['shape']}, not the "
+                                        f"{rec['dtype']} {rec['shape']} of {META}")
+            self.readers[name] = r
         return r
 
     def read(self, name: str, verify: bool = True) -> torch.Tensor:

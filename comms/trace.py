@@ -5,11 +5,16 @@ point-to-point ops (the trainer, DeepSpeed and FSDP2 all call them) so that each
 recorded per rank with its process group, a per-group sequence number, bytes, dtype, and
 three times: arrived (the rank entered the call), started and completed (wall clock on
 CPU; CUDA events mapped to wall clock for tensors on a GPU; for ``async_op=True`` the
-completion is taken when the returned Work's future finishes). Records go into a
-fixed-size ring buffer that a background thread appends to
-``RUN_DIR/diagnostics/gen-<G>/trace-r<R>.jsonl`` every ``flush_s`` seconds, together with a
-small state file (heartbeat, ops in flight, last sequence number per group, current step
-and phase) that ``diagnostics`` reads to call hangs while they happen.
+completion is taken when the returned Work's future finishes). Each op is an
+``OpRecord`` and each step a ``StepRecord`` (typed records, one JSON object a line, see
+``encode``/``decode``). Records go into a fixed-size ring buffer that a background thread
+appends to ``RUN_DIR/diagnostics/gen-<G>/trace-r<R>.jsonl`` every ``flush_s`` seconds,
+together with a small state file (heartbeat, ops in flight, last sequence number per group,
+current step and phase) that ``diagnostics`` reads to call hangs while they happen.
+
+The same thread carries out what the monitor asks of a rank through files in that
+directory: a pairwise link probe at a step boundary (``probe-request.json``, run by
+``comms.probe``) and a dump of torch's Flight Recorder (``fr-request``) when it is on.
 
 The generation ``G`` is rank 0's start time broadcast at install, so each torchrun restart
 (and every node of one restart) writes into one fresh directory.
@@ -36,6 +41,7 @@ import socket
 import sys
 import threading
 import time
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -60,6 +66,60 @@ _PEER = {"send": "dst", "isend": "dst", "recv": "src", "irecv": "src",
          "send_object_list": "dst", "recv_object_list": "src"}
 _SENDS = {"send", "isend", "send_object_list"}
 _FUNCOL = ("all_reduce", "all_gather_tensor", "reduce_scatter_tensor", "all_to_all_single", "broadcast")
+
+# The on-disk format of trace-r<R>.jsonl, named in meta-r<R>.json; readers refuse others.
+TRACE_FORMAT = 2
+
+
+@dataclass(slots=True)
+class OpRecord:
+    """One op of one rank: a line ``{"t": "op", ...}`` of trace-r<R>.jsonl, and an entry of
+    the state file's ``inflight`` list while it runs (``ended`` None)."""
+
+    channel: str  # the group's global ranks ("0,1,2,3"; "h<sha1>" above 16); p2p "0,1,2,3|src>dst"
+    op: str  # the torch.distributed function ("all_reduce", "isend", "funcol.all_gather_tensor")
+    seq: int  # per channel from 0: collective #n is the same op on every member, send #n meets recv #n
+    peer: int  # p2p: the other rank; -1 for collectives
+    nbytes: int
+    dtype: str
+    arrived: float  # wall clock when the rank entered the call
+    started: float  # when the op started (on a GPU: its start event), else = arrived
+    ended: float | None  # when it completed; None while in flight
+    step: int
+    error: str = ""
+    blocked: float = 0.0  # seconds spent in other blocking traced ops since this rank's last op on this channel
+
+
+@dataclass(slots=True)
+class StepRecord:
+    """One finished step of one rank: a line ``{"t": "step", ...}``."""
+
+    step: int
+    start: float
+    end: float
+    phases: dict  # phase name -> seconds (data, forward_backward, optimizer, checkpoint, probe)
+
+
+_KINDS = {"op": OpRecord, "step": StepRecord}
+_FIELDS = {cls: tuple(f.name for f in fields(cls)) for cls in _KINDS.values()}
+_TAG = {cls: t for t, cls in _KINDS.items()}
+
+
+def encode(rec: OpRecord | StepRecord) -> str:
+    d = {"t": _TAG[type(rec)]}
+    for name in _FIELDS[type(rec)]:
+        d[name] = getattr(rec, name)
+    return json.dumps(d, separators=(",", ":"))
+
+
+def decode(line: str | bytes | dict) -> OpRecord | StepRecord:
+    """A line of a trace file (or a parsed one) as its record; ValueError if it is not one."""
+    try:
+        d = dict(json.loads(line) if isinstance(line, (str, bytes)) else line)
+        return _KINDS[d.pop("t", "op")](**d)
+    except (TypeError, KeyError, AttributeError) as e:
+        raise ValueError(f"not a trace record: {e}") from None
+
 
 _active: "Tracer | None" = None
 _originals: dict[str, object] = {}  # name -> the function torch shipped
@@ -118,17 +178,20 @@ class Tracer:
         self._ring = collections.deque(maxlen=capacity)  # oldest records drop if the writer falls behind
         self._appended = 0
         self._written = 0
-        self._inflight: dict[int, list] = {}
+        self._inflight: dict[int, OpRecord] = {}
         self._blocked = 0.0  # seconds spent inside blocking traced ops, ever
         self._blocked_at: dict[str, float] = {}  # channel -> _blocked when its last op returned
         self._seq: dict[str, int] = {}
         self._groups: dict[int, tuple[str, tuple[int, ...]]] = {}
         self._members: dict[str, list[int]] = {}
-        self._cuda: list = []  # records whose CUDA events have not completed yet
+        self._events: dict[int, list] = {}  # id(record) -> [start, end] CUDA events
+        self._cuda: list[OpRecord] = []  # records whose CUDA end event has not completed yet
         self._cuda_ref = None
         self._closed = False
         self._error = ""
         self._flush_s = flush_s
+        self._probe: dict | None = None  # the monitor's probe request, read by the writer thread
+        self._probes_done: set[str] = set()
         self._lock = threading.Lock()  # serialises writers of the files (thread vs error/close)
         self._trace = open(self.dir / f"trace-r{rank}.jsonl", "a", buffering=1 << 16)
         # Stacks on request (SIGUSR1, sent by the monitor on a hang), on SIGTERM (so a rank
@@ -138,11 +201,12 @@ class Tracer:
         faulthandler.register(signal.SIGUSR1, file=self._stack_files[0], all_threads=True, chain=False)
         faulthandler.register(signal.SIGTERM, file=self._stack_files[1], all_threads=True, chain=True)
         faulthandler.enable(file=self._stack_files[2], all_threads=True)
-        meta = {"rank": rank, "world": world, "generation": self.generation, "pid": os.getpid(),
-                "ppid": os.getppid(), "host": socket.gethostname(), "node": int(os.environ.get("GROUP_RANK", 0)),
-                "local_rank": int(os.environ.get("LOCAL_RANK", 0)),
+        meta = {"rank": rank, "world": world, "generation": self.generation, "trace_format": TRACE_FORMAT,
+                "pid": os.getpid(), "ppid": os.getppid(), "host": hostname(),
+                "node": int(os.environ.get("GROUP_RANK", 0)), "local_rank": int(os.environ.get("LOCAL_RANK", 0)),
                 "local_world": int(os.environ.get("LOCAL_WORLD_SIZE", 1)),
-                "backend": str(dist.get_backend()) if dist.is_initialized() else "", "started": time.time()}
+                "backend": str(dist.get_backend()) if dist.is_initialized() else "", "started": time.time(),
+                "flight_recorder": flight_recorder_on()}
         _atomic_json(self.dir / f"meta-r{rank}.json", meta)
         self._write_state()
         self._stop = threading.Event()
@@ -168,11 +232,19 @@ class Tracer:
             self._phase = ""
 
     def end_step(self, step: int):
-        """Close step ``step``: its duration and phase times become one record."""
+        """Close step ``step``: its duration and phase times become one record. If the
+        monitor asked for a link probe at this step, every rank takes part in it here (its
+        time is the step's ``probe`` phase, so the detector leaves the step out)."""
+        if self.enabled and self._probe is not None and self._probe.get("step") == step:
+            req, self._probe = self._probe, None
+            if req["id"] not in self._probes_done:
+                self._probes_done.add(req["id"])
+                with self.phase("probe"):
+                    self._run_probe(req)
         now = time.time()
         self.last_step_s = now - self._step_t0
         if self.enabled:
-            self._push(["s", step, self._step_t0, now, self._phases])
+            self._push(StepRecord(step, self._step_t0, now, self._phases))
         self._phases, self._step_t0, self.step = {}, now, step + 1
 
     def close(self):
@@ -195,6 +267,19 @@ class Tracer:
             _unpatch()
             _active = None
 
+    def _run_probe(self, req: dict):
+        from comms import probe
+
+        _depth.n = 1  # the probe's own sends are not the job's traffic
+        try:
+            result = probe.run(req, self.rank, self.world)
+        except Exception as e:  # a probe must never take training down; the report says why
+            result = {"id": req["id"], "rank": self.rank, "status": f"failed: {type(e).__name__}: {e}"[:300]}
+        finally:
+            _depth.n = 0
+        if result is not None:
+            _atomic_json(self.dir / f"probe-{req['id']}-r{self.rank}.json", result)
+
     # ---- recording ----------------------------------------------------------------
     def _group(self, group) -> tuple[str, tuple[int, ...]] | None:
         g = self._groups.get(id(group))
@@ -207,7 +292,7 @@ class Tracer:
             self._members[key] = list(ranks)
         return g
 
-    def _begin(self, op: str, group, payload, peer, group_peer) -> list | None:
+    def _begin(self, op: str, group, payload, peer, group_peer) -> OpRecord | None:
         g = self._group(group)
         if g is None:
             return None
@@ -228,26 +313,24 @@ class Tracer:
         # a rank late because it waited elsewhere (a serialised p2p ring, a slow link) is not
         # a compute straggler.
         blk = self._blocked - self._blocked_at.get(chan, self._blocked)
-        # [type, channel, op, seq, peer, bytes, dtype, arrived, started, ended, step, error, blocked]
-        rec = ["c", chan, op, seq, -1 if peer is None else peer, nbytes, dtype, now, now, None, self.step, "", blk]
+        rec = OpRecord(chan, op, seq, -1 if peer is None else peer, nbytes, dtype, now, now, None, self.step, "", blk)
         self._inflight[id(rec)] = rec
         if cuda:
-            rec.append(_cuda_start())
+            self._events[id(rec)] = [_cuda_event()]
         for hook in self.hooks:
             hook(op, key, peer, True)
         return rec
 
-    def _end(self, rec: list | None, work=None):
+    def _end(self, rec: OpRecord | None, work=None):
         """The op returned; returns the Work to hand to the caller."""
         if rec is None:
             return work
         if work is None:  # a blocking call: its time is time this rank could not compute
-            self._blocked += time.time() - rec[7]
-        self._blocked_at[rec[1]] = self._blocked
-        if len(rec) > 13:  # CUDA: completion comes from the events, resolved by the flusher
-            end = torch.cuda.Event(enable_timing=True)
-            end.record()
-            rec.append(end)
+            self._blocked += time.time() - rec.arrived
+        self._blocked_at[rec.channel] = self._blocked
+        events = self._events.get(id(rec))
+        if events is not None:  # CUDA: completion comes from the events, resolved by the flusher
+            events.append(_cuda_event())
             self._cuda.append(rec)
             return work
         if work is not None:
@@ -261,23 +344,24 @@ class Tracer:
         self._complete(rec)
         return work
 
-    def _complete(self, rec: list):
+    def _complete(self, rec: OpRecord):
         if self._inflight.pop(id(rec), None) is None:  # atomic: the first of wait/poller/callback wins
             return
-        rec[9] = time.time()
+        rec.ended = time.time()
         self._push(rec)
 
-    def _fail(self, rec: list | None, exc: BaseException):
+    def _fail(self, rec: OpRecord | None, exc: BaseException):
         """A collective raised (peer gone, timeout): record it and write to disk now, since the
         process is likely about to die."""
         if rec is not None:
-            rec[9], rec[11] = time.time(), f"{type(exc).__name__}: {exc}"[:300]
+            rec.ended, rec.error = time.time(), f"{type(exc).__name__}: {exc}"[:300]
             self._inflight.pop(id(rec), None)
+            self._events.pop(id(rec), None)
             self._push(rec)
         self._error = f"{type(exc).__name__}: {exc}"[:300]
         self._flush()
 
-    def _push(self, rec: list):
+    def _push(self, rec: OpRecord | StepRecord):
         self._ring.append(rec)
         self._appended += 1
 
@@ -292,7 +376,7 @@ class Tracer:
             while self._unwatched and not self._stop.is_set():
                 still = []
                 for work, rec in self._unwatched:
-                    if rec[9] is None and not work.is_completed():
+                    if rec.ended is None and not work.is_completed():
                         still.append((work, rec))
                     else:
                         self._complete(rec)
@@ -301,12 +385,19 @@ class Tracer:
 
     # ---- the background writer ----------------------------------------------------
     def _flush_loop(self):
+        refused = False
         while not self._stop.wait(self._flush_s):
             try:
                 self._flush()
             except Exception as e:  # never let tracing take training down; say so once
                 print(f"kintsugi trace: rank {self.rank}: writer stopped: {e}", file=sys.stderr)
                 return
+            try:
+                self._requests()
+            except Exception as e:  # a bad request (or dump) must not stop the heartbeat
+                if not refused:
+                    print(f"kintsugi trace: rank {self.rank}: a request from the monitor failed: {e}", file=sys.stderr)
+                refused = True
 
     def _flush(self):
         with self._lock:
@@ -316,24 +407,41 @@ class Tracer:
             lines = []
             while True:
                 try:
-                    rec = self._ring.popleft()
+                    lines.append(encode(self._ring.popleft()))
                 except IndexError:
                     break
-                lines.append(_encode(rec[:13]) if rec[0] == "c" else _encode(rec))
             self._written += len(lines)
             if lines:
                 self._trace.write("\n".join(lines) + "\n")
                 self._trace.flush()
             self._write_state()
 
+    def _requests(self):
+        """What the monitor asked for: a probe at a coming step boundary (the request names
+        the step, far enough ahead that every rank reads it first), a Flight Recorder dump."""
+        req = _read_json(self.dir / "probe-request.json")
+        if req and req.get("id") not in self._probes_done and req.get("step", -1) >= self.step:
+            self._probe = req
+        fr = self.dir / "fr-request"
+        out = self.dir / f"fr-r{self.rank}.pkl"
+        if fr.exists() and not out.exists() and flight_recorder_on():
+            # torch's own pickle of its ring of collectives (read back by diagnostics.flight,
+            # which unpickles plain types only); from this thread, since the training thread
+            # may be stuck in the very collective the dump is for.
+            dump = torch._C._distributed_c10d._dump_fr_trace(includeStackTraces=False)
+            tmp = out.with_suffix(f".tmp{os.getpid()}")
+            tmp.write_bytes(dump)
+            os.replace(tmp, out)
+
     def _resolve_cuda(self):
         still = []
         for rec in self._cuda:
-            start, end = rec[13], rec[14]
+            start, end = self._events[id(rec)]
             if end.query():
                 base_wall, base_ev = self._cuda_base()
-                rec[8] = base_wall + base_ev.elapsed_time(start) / 1e3
-                rec[9] = base_wall + base_ev.elapsed_time(end) / 1e3
+                rec.started = base_wall + base_ev.elapsed_time(start) / 1e3
+                rec.ended = base_wall + base_ev.elapsed_time(end) / 1e3
+                del self._events[id(rec)]
                 self._inflight.pop(id(rec), None)
                 self._ring.append(rec)
             else:
@@ -351,7 +459,7 @@ class Tracer:
 
     def _write_state(self):
         now = time.time()
-        inflight = [[r[1], r[2], r[3], r[4], r[7]] for r in list(self._inflight.values())]
+        inflight = [json.loads(encode(r)) for r in list(self._inflight.values())]
         state = {"time": now, "step": self.step, "phase": self._phase, "inflight": inflight,
                  "seq": dict(self._seq), "groups": dict(self._members), "closed": self._closed,
                  "error": self._error, "records": self._appended,
@@ -408,20 +516,51 @@ def _payload(x) -> tuple[int, str, bool]:
     return 0, "", False
 
 
-def _cuda_start():
+def _cuda_event():
     ev = torch.cuda.Event(enable_timing=True)
     ev.record()
     return ev
 
 
-def _encode(rec) -> str:
-    return json.dumps(rec, separators=(",", ":"))
+def hostname() -> str:
+    """This host's name in traces and verdicts: ``KINTSUGI_HOST`` when set (hosts that share
+    a kernel's hostname, such as network namespaces of an emulated cluster), else the
+    system's."""
+    return os.environ.get("KINTSUGI_HOST") or socket.gethostname()
+
+
+def flight_recorder_on() -> bool:
+    """Whether torch's Flight Recorder keeps a ring of this process's collectives (NCCL, and
+    gloo in recent torch): ``TORCH_FR_BUFFER_SIZE`` or ``TORCH_NCCL_TRACE_BUFFER_SIZE`` > 0."""
+    for name in ("TORCH_FR_BUFFER_SIZE", "TORCH_NCCL_TRACE_BUFFER_SIZE"):
+        if name in os.environ:
+            return os.environ[name].strip().isdigit() and int(os.environ[name]) > 0
+    return False
+
+
+def flight_recorder_env(run_dir, entries: int = 2000) -> dict:
+    """Environment that makes an NCCL job keep a Flight Recorder ring and dump it per rank
+    into RUN_DIR/diagnostics/flight-recorder/ on a watchdog timeout, where
+    ``kintsugi diagnose`` reads it. Set it before the process group is created (the
+    launcher's environment for its workers)."""
+    d = Path(run_dir).resolve() / "diagnostics" / "flight-recorder"
+    d.mkdir(parents=True, exist_ok=True)
+    return {"TORCH_NCCL_TRACE_BUFFER_SIZE": str(entries), "TORCH_NCCL_DUMP_ON_TIMEOUT": "1",
+            "TORCH_NCCL_DEBUG_INFO_TEMP_FILE": str(d / "nccl_trace_rank_")}
 
 
 def _atomic_json(path: Path, obj):
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     tmp.write_text(json.dumps(obj))
     os.replace(tmp, path)
+
+
+def _read_json(path: Path) -> dict | None:
+    """A small JSON file another process replaces atomically; None when absent or unreadable."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 # ---- patching torch.distributed -----------------------------------------------------

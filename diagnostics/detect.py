@@ -1,51 +1,85 @@
-"""Classifying a job's traces into verdicts (C4D's rules, MegaScale-style scores).
+"""Classifying a job's traces into verdicts (C4D's rules, MegaScale-style scores, a noise
+floor learned from the job's own steps).
 
 Training is periodic and homogeneous: every rank issues the same collectives in the same
-order, each step looks like the last. So, per generation of the job:
+order, each step looks like the last. ``RULES`` below is the detector: one row per rule,
+its handler, the verdict kinds it emits, and the kinds that silence it in a generation once
+found there (rows run in this order, so a kind found earlier in the same poll silences the
+later rows too). In short:
 
-- crash: a rank's heartbeat stopped (its writer thread is gone) and it left no sign of
-  being stopped by someone else (no SIGTERM stack, no collective error), while others did;
-- hang, non-communication: ranks have waited in collective (group, #s) longer than
-  ``hang_s`` while others never issued #s: those others (and their nodes) are the suspects;
-- hang, communication: every member issued #s and it never completes: the group is suspect;
-- compute straggler: a rank the others keep waiting for. Per complete collective, the rank
-  that waited least arrived last, by (longest wait - its wait) (no cross-node clocks
-  needed); per step that lateness is a share of the step time. A rank is flagged when, over
-  the last ``straggler_window`` steps, it was the latest in at least ``straggler_persistence``
-  of them and its median share is at least ``straggler_threshold``;
-- slow link: per point-to-point pair, transfer time = receiver's completion - the later of
-  the two arrivals (wall clocks: same host exact, across hosts as good as NTP). A cell is
-  slow when its median exceeds ``link_factor`` x the typical cell + ``link_min_ms`` in most
-  recent samples; a whole slow row is a bad sender, a whole column a bad receiver.
+- hang: ranks have waited in collective (group, #s) longer than the hang limit while others
+  never issued #s (non-communication: those others are the suspects), or every member
+  issued it and it never completes (communication: the group). A member whose whole process
+  froze (heartbeat stopped, process still there, e.g. SIGSTOP) is the suspect whether or not
+  it had entered the op. Limit: max(``hang_min_s``, ``hang_factor`` x the median step,
+  2 x the longest recent step);
+- crash: a rank's heartbeat stopped, its process is gone (or not visible from here) and it
+  left no sign of being stopped by someone else (no SIGTERM stack, no collective error);
+- straggler: a rank the others keep waiting for. Per complete collective the rank that
+  waited least arrived last, by (longest wait - its wait), no cross-node clocks needed; per
+  step that lateness is a share of the step time. Named when, over the last
+  ``straggler_window`` steps against the ``history_steps`` before them
+  (``diagnostics.floor``) and at ``CONFIRM`` window ends in a row: its lateness rose beyond
+  its own noise (and by ``straggler_threshold``), it was the latest rank in
+  ``straggler_persistence`` of the window, and the job's step time rose with it (else the
+  wait only moved between ranks) by at most twice its extra lateness (else the job slowed
+  for another reason). A rank that is always a little late (rank 0 logging) has no rise and
+  is not named; one that costs the job ``straggler_sustained`` of every step from the start
+  is (no onset to see);
+- slow_comm: the job slowed, a group's collectives take ``comm_factor`` x longer once every
+  member is in (beyond the floor, and explaining half the slowdown), and no rank is late:
+  the network or the collective itself is slow. Live, the monitor then asks for a link probe;
+- probe: a finished link probe (``diagnostics.probe``) names the slow link (slow_link), or a
+  prober short of CPU (straggler), or nothing;
+- p2p links: per point-to-point pair (pipeline sends), transfer time = receiver's completion
+  - the later of the two arrivals; slow cells as in ``diagnostics.links``.
 
-``Detector.poll()`` reads what is new and returns verdicts not reported before. It never
-touches the job except to ask local ranks for their stacks on a hang (SIGUSR1, py-spy).
+``Detector.poll()`` reads what is new and returns verdicts not reported before. Windowed
+rules judge every step once, in order, so a report written after the job reads the same
+verdicts as the monitor that watched it. The detector never touches the job except to ask
+local ranks for their stacks on a hang (SIGUSR1, py-spy), to note processes it found frozen,
+and, live, to request a link probe.
 """
 from __future__ import annotations
 
+import bisect
 import json
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import psutil
+
+from comms.trace import hostname
+
+from diagnostics import probe
 from diagnostics.config import DiagnosticsConfig
+from diagnostics.floor import mean_shift, shift
+from diagnostics.links import name_cells, slow_cells
 from diagnostics.traces import Generation, generations
+
+HANGS = ("hang_noncomm", "hang_comm")
+# Steps of recent history that set the hang limit.
+HANG_HISTORY = 20
+# Window ends in a row a straggler's onset must hold at: a chance run of late steps regresses
+# within a few steps, a slower rank does not.
+CONFIRM = 5
 
 
 @dataclass
 class Verdict:
-    kind: str  # crash | hang_noncomm | hang_comm | straggler | slow_link
-    suspects: list  # [{"rank", "node", "host"}] or [{"link": [src, dst]}] or [{"group": [...]}]
+    kind: str  # crash | hang_noncomm | hang_comm | straggler | slow_comm | slow_link
+    suspects: list  # [{"rank", "node", "host"[, "role"]}] or [{"link": [src, dst]}] or [{"group": [...]}]
     evidence: dict
     confidence: float
-    time: float
+    time: float  # when it was found (live) or could have been (reports: the evidence's last step)
     generation: int = 0
+    since: float = 0.0  # wall clock of the fault's onset, as far as the evidence shows
     key: str = field(default="", repr=False)  # what makes two polls' verdicts the same
 
     def to_json(self) -> dict:
@@ -54,66 +88,119 @@ class Verdict:
         return d
 
     def line(self) -> str:
-        who = ", ".join(_suspect_str(s) for s in self.suspects)
+        who = ", ".join(suspect_str(s) for s in self.suspects)
         return f"{self.kind}: {who} (confidence {self.confidence:.2f}) {self.evidence.get('summary', '')}".rstrip()
 
 
-def _suspect_str(s: dict) -> str:
+def suspect_str(s: dict) -> str:
     if "link" in s:
-        return f"link {s['link'][0]}->{s['link'][1]}"
+        return f"link {s['link'][0]}->{s['link'][1]}" + (f" ({s['hosts'][0]} -> {s['hosts'][1]})" if s.get("hosts") else "")
     if "group" in s:
         return f"group [{','.join(map(str, s['group']))}]"
     role = f" ({s['role']})" if s.get("role") else ""
-    return f"rank {s['rank']}{role} on node {s.get('node')} ({s.get('host')})"
+    where = f" on node {s.get('node')} ({s.get('host')})" if s.get("host") else ""  # Flight Recorder dumps name no host
+    return f"rank {s['rank']}{role}{where}"
+
+
+@dataclass(frozen=True)
+class Rule:
+    name: str
+    handler: str  # Detector method: (gen, now) -> [Verdict]
+    emits: tuple[str, ...]
+    silenced_by: tuple[str, ...]  # kinds that, once found in the generation, stop this rule there
+    why: str
+
+
+RULES = (
+    Rule("hang", "_hang", HANGS, ("crash",),
+         "after a crash the survivors sit in their next collective until torchrun stops them: fallout, not a second fault"),
+    Rule("crash", "_crash", ("crash",), HANGS,
+         "ranks that die once a hang is named are someone ending it (an operator, the launcher)"),
+    Rule("straggler", "_straggler", ("straggler",), (), ""),
+    Rule("slow_comm", "_slow_comm", ("slow_comm",), (),
+         "needs no late rank in the same window: a straggler makes the others wait inside collectives"),
+    Rule("probe", "_probe", ("slow_link", "straggler"), (),
+         "a prober short of CPU is named as a straggler and its transfers are not judged"),
+    Rule("p2p links", "_links", ("slow_link",), (), ""),
+)
 
 
 class Detector:
     """Watches a run directory. ``live=True``: ``now`` is the wall clock and generations
     older than the detector are ignored; ``live=False`` (reports): each generation is judged
-    at its own last heartbeat, so finished, crashed and running jobs all read the same."""
+    at its own last heartbeat, so finished, crashed and running jobs all read the same.
+    ``flight_recorder``: more places to look for torch Flight Recorder dumps (see
+    ``diagnostics.flight``)."""
 
     def __init__(self, run_dir, cfg: DiagnosticsConfig | None = None, *, live: bool = True,
-                 dump_stacks: bool = True):
+                 dump_stacks: bool = True, flight_recorder: list | None = None):
         self.run_dir = Path(run_dir)
         self.cfg = cfg or DiagnosticsConfig()
         self.live = live
         self.dump = dump_stacks
+        self.flight_recorder = list(flight_recorder or [])
         self.started = time.time()
         self.gens: dict[int, Generation] = {}
         self._seen: set[str] = set()
+        self._fr_sets: dict[tuple, int] = {}  # (directory, ranks) of Flight Recorder dumps read -> generation
+        self._judged: dict[tuple[int, str], int] = {}  # (generation, rule) -> the last window end judged
+        self._windows: dict[tuple[int, int], dict] = {}  # (generation, window end) -> window statistics
+        self._streak: dict[tuple[int, int], int] = {}  # (generation, rank) -> window ends in a row with an onset
+        self.probes: dict[int, dict[str, dict]] = {}  # generation -> probe id -> analysis
         self.verdicts: list[Verdict] = []
 
     def poll(self, now: float | None = None) -> list[Verdict]:
-        for p in generations(self.run_dir):
-            gid = int(p.name[4:])
-            if gid not in self.gens and (not self.live or gid / 1e9 >= self.started - 30):
-                self.gens[gid] = Generation(p)
+        self._discover()
         new = []
         for gen in self.gens.values():
             gen.update()
             if not gen.meta:
                 continue
             t = now if now is not None else (time.time() if self.live else gen.heartbeat())
-            hung = any(v.generation == gen.id and v.kind.startswith("hang") for v in self.verdicts)
-            crashed = any(v.generation == gen.id and v.kind == "crash" for v in self.verdicts)
-            # After a crash the survivors sit in their next collective until torchrun stops
-            # them: that is the crash's fallout, not a second fault.
-            found = [] if crashed else self._hang(gen, t)
-            # Once a generation hangs, ranks dying later are someone ending it (an operator,
-            # the launcher), not a crash.
-            found += [] if hung or found else self._crash(gen, t)
-            for v in found + self._straggler(gen, t) + self._links(gen, t):
-                if v.key not in self._seen:
+            found = {v.kind for v in self.verdicts if v.generation == gen.id}
+            for rule in RULES:
+                if found & set(rule.silenced_by):
+                    continue
+                for v in getattr(self, rule.handler)(gen, t):
+                    if v.key in self._seen:
+                        continue
                     self._seen.add(v.key)
                     v.generation = gen.id
-                    if v.kind.startswith("hang") and self.dump:
+                    found.add(v.kind)
+                    if v.kind in HANGS and self.dump:
                         v.evidence["stacks"] = dump_stacks(gen)
                     new.append(v)
+            self._windows.clear()
+            if self.live:  # keep what the windows and the hang limit still look at
+                steps = gen.training_steps()
+                keep = self.cfg.straggler_window + self.cfg.history_steps + HANG_HISTORY
+                if len(steps) > 2 * keep:
+                    gen.forget(steps[-keep])
         self.verdicts += new
         return new
 
-    # ---- rules ------------------------------------------------------------------------
+    def _discover(self):
+        from diagnostics import flight
+
+        for p in generations(self.run_dir):
+            gid = int(p.name[4:])
+            # Live: the generations of the job being watched: begun or still beating since.
+            if gid not in self.gens and (not self.live or gid / 1e9 >= self.started - 30 or _beating(p, self.started - 30)):
+                self.gens[gid] = Generation(p)
+        for d, files in flight.dump_sets(self.run_dir, self.flight_recorder):
+            key = (str(d), tuple(sorted(files)))
+            newest = max(p.stat().st_mtime for p in files.values())
+            # Live: only dumps written since the watch began, once their writers are done.
+            if key in self._fr_sets or (self.live and not self.started - 30 <= newest <= time.time() - 2):
+                continue
+            gen = flight.read_set(d, files)
+            self._fr_sets[key] = gen.id
+            self.gens[gen.id] = gen
+
+    # ---- crash and hang -------------------------------------------------------------
     def _crash(self, gen: Generation, now: float) -> list[Verdict]:
+        if gen.source != "trace":  # no heartbeats to tell a dead rank by
+            return []
         victims: dict[int, float] = {}  # rank -> when it was seen failing (collective error or SIGTERM)
         still = []
         for r, st in gen.state.items():
@@ -125,114 +212,288 @@ class Detector:
             elif not st.get("closed"):
                 still.append(r)
         # Gone: no heartbeat for stale_s, or none since the first failure (a live rank writes
-        # one every 0.5 s; live, a second of grace lets it), so a crash is named as soon as the ranks
-        # it took down are seen, not stale_s later.
+        # one every 0.5 s; live, a second of grace lets it), so a crash is named as soon as the
+        # ranks it took down are seen, not stale_s later; and its process is not there.
         first_fail = min(victims.values(), default=None)
-        dead = [r for r in still if now - gen.state[r].get("time", 0) > self.cfg.stale_s
-                or (first_fail is not None and now - first_fail >= (1.0 if self.live else 0.0) and gen.state[r].get("time", 0) < first_fail)]
+        dead = [r for r in still if (now - gen.state[r].get("time", 0) > self.cfg.stale_s
+                or (first_fail is not None and now - first_fail >= (1.0 if self.live else 0.0)
+                    and gen.state[r].get("time", 0) < first_fail)) and self._process(gen, r, now) == "gone"]
         alive = [r for r in gen.state if r not in dead and r not in victims]
         if not dead or not (victims or alive):  # everyone killed without a trace: nothing to say
             return []
         faults = {r: _head(gen.path / f"fault-r{r}.txt") for r in dead}
         ev = {"summary": f"rank(s) {dead} stopped without a stack or error; {len(victims)} rank(s) failed after them",
+              "since_step": min(gen.state[r].get("step", 0) for r in dead),
               "last_heartbeat": {r: gen.state[r].get("time") for r in dead},
               "last_step": {r: gen.state[r].get("step") for r in dead},
               "victims": {r: gen.state[r].get("error") or "terminated (SIGTERM)" for r in victims},
               "fatal_signal": {r: f for r, f in faults.items() if f}}
         return [Verdict("crash", [gen.node_of(r) for r in dead], ev, 0.9 if victims else 0.7, now,
-                        key=f"{gen.id}:crash:{dead}")]
+                        since=min(gen.state[r].get("time", now) for r in dead), key=f"{gen.id}:crash:{dead}")]
+
+    def _process(self, gen: Generation, r: int, now: float) -> str:
+        """For a rank whose heartbeat is late: ``frozen`` (its process is still there:
+        stopped, or stuck so hard its writer thread cannot run) or ``gone`` (its process is
+        not there, or not visible from this host)."""
+        st = gen.state.get(r)
+        if st is None or gen.source != "trace":
+            return "gone"
+        noted = gen.path / f"frozen-r{r}.json"
+        seen = proc_state(gen.meta.get(r, {})) if self.live else None
+        if seen in ("stopped", "running"):
+            if not noted.exists() and now - st.get("time", 0) > self.cfg.stale_s:
+                # So that a report written after the job reads the same.
+                _write_json(noted, {"state": seen, "time": time.time(), "heartbeat": st.get("time")})
+            return "frozen"
+        return "frozen" if noted.exists() else "gone"
 
     def _hang(self, gen: Generation, now: float) -> list[Verdict]:
-        steps = gen.complete_steps()
-        typical = statistics.median(gen.step_time(s) for s in steps[-20:]) if steps else 0.0
-        out = []
-        stuck: dict[tuple, dict] = {}  # (chan, seq) -> rank -> arrival
-        for r, st in gen.state.items():
-            for chan, op, seq, _peer, arr in st.get("inflight", []):
-                stuck.setdefault((chan, seq), {})[r] = (arr, op)
-        for (chan, seq), waiting in sorted(stuck.items(), key=lambda kv: min(a for a, _ in kv[1].values())):
-            members = gen.members(chan)
+        recent = [gen.step_time(s) for s in gen.training_steps()[-HANG_HISTORY:]]
+        typical = statistics.median(recent) if recent else 0.0
+        stale = {r for r, st in gen.state.items() if now - st.get("time", 0) > self.cfg.stale_s and not st.get("closed")}
+        frozen = {r for r in stale if self._process(gen, r, now) == "frozen"}
+        stuck: dict[tuple, dict] = {}  # (chan, seq) -> rank -> OpRecord
+        for r in gen.state:
+            for rec in gen.inflight(r):
+                stuck.setdefault((rec.channel, rec.seq), {})[r] = rec
+        for (chan, seq), waiting in sorted(stuck.items(), key=lambda kv: min(x.arrived for x in kv[1].values())):
+            members = gen.members(chan) or sorted(waiting)
             missing = [m for m in members if m not in waiting and gen.state.get(m, {}).get("seq", {}).get(chan, -1) < seq]
-            oldest = min(a for a, _ in waiting.values())
-            limit = self._hang_limit(gen, missing, typical, bool(steps))
-            if now - oldest < limit or any(_stale(gen, m, now, self.cfg.stale_s) for m in missing):
+            # A member whose whole process froze is the cause even if it had entered the op.
+            culprits = missing + sorted(m for m in members if m in frozen and m not in missing)
+            oldest = min(x.arrived for x in waiting.values())
+            limit = self._hang_limit(gen, culprits, typical, max(recent, default=0.0), bool(recent))
+            if now - oldest < limit or any(m in stale and m not in frozen for m in missing):
                 continue  # a dead rank is the crash rule's, not a hang
-            op = next(iter(waiting.values()))[1]
+            op = next(iter(waiting.values())).op
             ev = {"group": members, "channel": chan, "op": op, "seq": seq, "waited_s": round(now - oldest, 2),
-                  "limit_s": round(limit, 2), "arrived": {r: a for r, (a, _o) in waiting.items()},
-                  "typical_step_s": round(typical, 4)}
-            if missing:
-                ev["summary"] = f"ranks {sorted(waiting)} wait in {op} #{seq} for {now - oldest:.1f}s; {missing} never arrived"
-                ev["missing_state"] = {m: {k: gen.state.get(m, {}).get(k) for k in ("step", "phase")} for m in missing}
-                out.append(Verdict("hang_noncomm", [gen.node_of(m) for m in missing], ev, 0.9, now,
-                                   key=f"{gen.id}:hang_noncomm:{missing}"))
-            else:
-                ev["summary"] = f"all of group {members} entered {op} #{seq} {now - oldest:.1f}s ago; it never completed"
-                out.append(Verdict("hang_comm", [{"group": members, "nodes": sorted({gen.node_of(m)["node"] for m in members})}],
-                                   ev, 0.6, now, key=f"{gen.id}:hang_comm:{chan}"))
-            break  # the oldest stuck op explains the rest
-        return out
+                  "limit_s": round(limit, 2), "arrived": {r: x.arrived for r, x in waiting.items()},
+                  "typical_step_s": round(typical, 4),
+                  "step_multiple": round((now - oldest) / typical, 1) if typical else None}
+            if culprits:
+                states = {m: {"step": gen.state.get(m, {}).get("step"), "phase": gen.state.get(m, {}).get("phase"),
+                              "process": _frozen_detail(gen, m) if m in frozen else "running"} for m in culprits}
+                why = "; ".join(f"rank {m} {d['process']}" for m, d in states.items() if m in frozen)
+                ev["summary"] = (f"ranks {sorted(set(waiting) - set(culprits))} wait in {op} #{seq} for {now - oldest:.1f}s "
+                                 f"(limit {limit:.1f}s); {culprits} never arrived" + (f" ({why})" if why else ""))
+                ev["missing_state"] = states
+                return [Verdict("hang_noncomm", [gen.node_of(m) for m in culprits], ev, 0.9, now, since=oldest,
+                                key=f"{gen.id}:hang_noncomm:{culprits}")]
+            ev["summary"] = f"all of group {members} entered {op} #{seq} {now - oldest:.1f}s ago; it never completed"
+            return [Verdict("hang_comm", [{"group": members, "nodes": sorted({gen.node_of(m)["node"] for m in members}),
+                                           "hosts": sorted({gen.node_of(m)["host"] for m in members})}],
+                            ev, 0.6, now, since=oldest, key=f"{gen.id}:hang_comm:{chan}")]
+        return []
 
-    def _hang_limit(self, gen: Generation, missing: list, typical: float, started: bool) -> float:
+    def _hang_limit(self, gen: Generation, missing: list, typical: float, longest: float, started: bool) -> float:
         c = self.cfg
+        if gen.source != "trace":  # Flight Recorder dumps: no steps to scale by
+            return c.hang_min_s
         if not started or any(gen.state.get(m, {}).get("phase") == "checkpoint" for m in missing):
             return c.hang_slow_phase_s  # loading or saving a checkpoint may legitimately take long
-        return max(c.hang_min_s, c.hang_factor * typical)
+        return max(c.hang_min_s, c.hang_factor * typical, 2 * longest)
+
+    # ---- stragglers and slow collectives: windows against the job's own history ------
+    def _new_windows(self, gen: Generation, rule: str):
+        """(index, window steps, history steps) of every window end not judged by ``rule`` yet."""
+        c = self.cfg
+        steps = gen.training_steps()
+        w = c.straggler_window
+        start = bisect.bisect_right(steps, self._judged.get((gen.id, rule), -1))
+        if steps:
+            self._judged[(gen.id, rule)] = steps[-1]
+        for i in range(max(start, w - 1), len(steps)):
+            lo = i - w + 1
+            hist = steps[max(0, lo - c.history_steps):lo]
+            if len(hist) >= w:  # a shorter history under-states the noise
+                yield i, steps[lo:i + 1], hist
+
+    def _window(self, gen: Generation, i: int, win: list[int], hist: list[int]) -> dict:
+        """Statistics of one window, shared by the straggler and slow_comm rules."""
+        key = (gen.id, win[-1])
+        if key in self._windows:
+            return self._windows[key]
+        c = self.cfg
+        T = {s: gen.step_time(s) for s in hist + win}
+        job = shift([T[s] for s in win], [T[s] for s in hist], z=c.noise_z, rel_min=c.straggler_threshold)
+        ranks = sorted(gen.meta)
+        fr = {r: {s: gen.late_fraction(r, s) for s in hist + win} for r in ranks}
+        latest = {s: max(ranks, key=lambda r: fr[r][s]) for s in hist + win}
+        late = {}
+        for r in ranks:
+            sh = mean_shift([fr[r][s] for s in win], [fr[r][s] for s in hist], z=c.noise_z, abs_min=c.straggler_threshold)
+            share = sum(latest[s] == r for s in win) / len(win)
+            # Its extra lateness, in seconds per step, must show in the job's step time (else
+            # the wait only moved between ranks: the job is no slower) and explain at least half
+            # of the job's rise (else the job slowed for another reason). The lateness is the
+            # sharper measure (differential: no common noise), so it carries the significance;
+            # the step time, noisier, only has to agree.
+            extra = sh.rise * job.window
+            agrees = job.rise >= max(c.straggler_threshold * job.history, 0.25 * extra) and extra >= 0.5 * job.rise
+            late[r] = {"shift": sh, "latest": share,
+                       "onset": sh.significant and share >= c.straggler_persistence and agrees}
+        stats = {"job": job, "late": late, "fr": fr, "latest": latest, "T": T}
+        self._windows[key] = stats
+        return stats
 
     def _straggler(self, gen: Generation, now: float) -> list[Verdict]:
         c = self.cfg
-        steps = gen.training_steps()[1:]  # the first carries start-up skew
-        window = steps[-c.straggler_window:]
-        if len(window) < c.straggler_window or len(gen.meta) < 2:
+        if len(gen.meta) < 2:
             return []
-        ranks = sorted(gen.meta)
-        fracs = {r: [gen.late_fraction(r, s) for s in window] for r in ranks}
-        latest = [max(ranks, key=lambda r: fracs[r][i]) for i in range(len(window))]
         out = []
-        for r in ranks:
-            share = latest.count(r) / len(window)
-            med = statistics.median(fracs[r])
-            if share >= c.straggler_persistence and med >= c.straggler_threshold:
-                before = [gen.late_fraction(r, s) for s in steps[:-c.straggler_window]]
-                ev = {"summary": f"others waited a median {med:.0%} of each step for it; latest in {share:.0%} of steps {window[0]}-{window[-1]}",
-                      "score": round(1 - med, 3), "best_score": round(1 - min(statistics.median(f) for f in fracs.values()), 3),
-                      "median_late_share": round(med, 4), "latest_share": share, "steps": [window[0], window[-1]],
-                      "history_late_share": round(statistics.median(before), 4) if before else None,
-                      "step_time_s": round(gen.step_time(window[-1]), 4)}
-                out.append(Verdict("straggler", [gen.node_of(r)], ev, round(share, 2), now,
+        for i, win, hist in self._new_windows(gen, "straggler"):
+            st = self._window(gen, i, win, hist)
+            job, span = st["job"], hist + win
+            t = now if self.live else gen.step_end(win[-1])
+            for r, lr in st["late"].items():
+                # Persistent: the onset holds at CONFIRM window ends in a row (noise regresses).
+                streak = self._streak[(gen.id, r)] = self._streak.get((gen.id, r), 0) + 1 if lr["onset"] else 0
+                if streak >= CONFIRM:
+                    sh = lr["shift"]
+                    onset = next(s for s in win if st["fr"][r][s] > sh.history + sh.floor)
+                    ev = {"summary": (f"the job's step time rose from {1e3 * job.history:.1f} to {1e3 * job.window:.1f} ms "
+                                      f"and the others now wait a median "
+                                      f"{sh.window:.0%} of each step for this rank (was {sh.history:.0%}); it was the latest "
+                                      f"in {lr['latest']:.0%} of steps {win[0]}-{win[-1]}"),
+                          "pattern": "onset", "steps": [win[0], win[-1]], "since_step": onset,
+                          "step_time_s": job.to_json(), "late_share": sh.to_json(), "latest_share": lr["latest"],
+                          "score": round(1 - sh.window, 3)}
+                    conf = lr["latest"] * min(1.0, 0.5 + sh.rise / (4 * sh.floor))
+                elif c.straggler_sustained and len(span) >= c.straggler_window + c.history_steps:
+                    med = statistics.median(st["fr"][r][s] for s in span)
+                    share = sum(st["latest"][s] == r for s in span) / len(span)
+                    if med < c.straggler_sustained or share < 0.9:
+                        continue
+                    ev = {"summary": (f"the others waited a median {med:.0%} of every step for this rank over steps "
+                                      f"{span[0]}-{span[-1]} (latest in {share:.0%}): slow since the job started"),
+                          "pattern": "sustained", "steps": [span[0], span[-1]], "since_step": span[0],
+                          "median_late_share": round(med, 4), "latest_share": round(share, 3), "score": round(1 - med, 3)}
+                    conf = 0.8 * share
+                else:
+                    continue
+                since = min(gen.steps[q][ev["since_step"]].start for q in gen.steps)
+                out.append(Verdict("straggler", [gen.node_of(r)], ev, round(min(conf, 0.95), 2), t, since=since,
                                    key=f"{gen.id}:straggler:{r}"))
+        return out
+
+    def _slow_comm(self, gen: Generation, now: float) -> list[Verdict]:
+        c = self.cfg
+        out = []
+        for i, win, hist in self._new_windows(gen, "slow_comm"):
+            st = self._window(gen, i, win, hist)
+            job = st["job"]
+            if not job.significant or any(lr["onset"] for lr in st["late"].values()):
+                continue
+            for chan, per_step in list(gen.comm.items()):
+                members = gen.members(chan)
+                key = f"{gen.id}:slow_comm:{chan}"
+                if len(members) < 2 or key in self._seen:
+                    continue
+                sh = shift([per_step.get(s, 0.0) for s in win], [per_step.get(s, 0.0) for s in hist], z=c.noise_z,
+                           rel_min=c.comm_factor - 1)
+                above = sum(per_step.get(s, 0.0) > sh.history + sh.floor for s in win) / len(win)
+                if not (sh.significant and above >= c.straggler_persistence and sh.rise >= 0.5 * job.rise):
+                    continue
+                t = now if self.live else gen.step_end(win[-1])
+                ev = {"summary": (f"the job's step time rose from {1e3 * job.history:.1f} to {1e3 * job.window:.1f} ms; "
+                                  f"once every member is in, group {members}'s collectives now take {1e3 * sh.window:.1f} ms "
+                                  f"per step (was {1e3 * sh.history:.1f}) and no rank arrives late: a slow link or "
+                                  "network inside the collectives"),
+                      "channel": chan, "group": members, "steps": [win[0], win[-1]], "step_time_s": job.to_json(),
+                      "comm_s": sh.to_json(), "hosts": gen.hosts(members)}
+                if self.live and c.probe and gen.source == "trace":
+                    nbytes = int(statistics.median(gen.comm_bytes[chan])) if gen.comm_bytes[chan] else 0
+                    req = probe.request(gen, members, nbytes, job.window, c, reason=f"slow collectives of group {members}")
+                    if req:
+                        ev["probe"] = {"id": req["id"], "step": req["step"], "ranks": req["ranks"]}
+                        ev["summary"] += f"; probing the links between ranks {req['ranks']} at step {req['step']}"
+                out.append(Verdict("slow_comm", [{"group": members, "hosts": sorted(gen.hosts(members))}], ev,
+                                   round(min(0.9, 0.5 + sh.rise / (4 * sh.floor)), 2), t,
+                                   since=min(gen.steps[q][win[0]].start for q in gen.steps),
+                                   key=key))
+        return out
+
+    # ---- links ------------------------------------------------------------------------
+    def _probe(self, gen: Generation, now: float) -> list[Verdict]:
+        out = []
+        done = self.probes.setdefault(gen.id, {})
+        for pid, p in sorted(gen.probes().items()):
+            if pid in done or not probe.finished(gen, p):
+                continue
+            a = done[pid] = probe.analyse(p, self.cfg)
+            t = now if self.live else max((r.get("ended", 0) for r in p["results"].values()), default=now)
+            since = p["request"]["requested"]
+            for r, s in sorted(a.get("starved", {}).items()):
+                ev = {"summary": (f"during the link probe at step {a['step']} this rank's fixed CPU work took "
+                                  f"{s['cpu_ratio']}x the typical prober's" + (f", its cgroup was throttled {s['throttled_s']:.2f} s"
+                                                                               if s.get("throttled_s") else "")
+                                  + ": its process is short of CPU (its transfers were not judged as links)"),
+                      "pattern": "cpu", "probe": a}
+                out.append(Verdict("straggler", [gen.node_of(r)], ev, 0.7, t, since=since, key=f"{gen.id}:probe:{pid}:cpu:{r}"))
+            if a.get("slow"):
+                cells = [tuple(c) for c in a["cells"]]
+                slow = {tuple(c) for c in a["slow"]}
+                worst = max(slow, key=lambda c: a["matrix_ms"][f"{c[0]}->{c[1]}"])
+                ev = {"summary": (f"link probe at step {a['step']} ({a['bytes'] >> 10} KiB per transfer): "
+                                  f"{len(slow)} of {len(cells)} directions slower than {a['limit_ms']:.2f} ms, worst "
+                                  f"{worst[0]}->{worst[1]} {a['matrix_ms'][f'{worst[0]}->{worst[1]}']:.2f} ms "
+                                  f"(typical {a['typical_ms']:.2f} ms)"), "probe": a}
+                out.append(Verdict("slow_link", name_cells(slow, cells, gen.node_of), ev, 0.85, t, since=since,
+                                   key=f"{gen.id}:probe:{pid}:link"))
         return out
 
     def _links(self, gen: Generation, now: float) -> list[Verdict]:
         c = self.cfg
-        recent = {cell: [ms for _s, ms in v[-c.link_window:]] for cell, v in gen.links.items() if len(v) >= c.link_window}
-        if len(recent) < 2:
-            return []
-        meds = sorted(statistics.median(v) for v in recent.values())
-        typical = meds[(len(meds) - 1) // 2]  # the lower median: robust when half the cells are slow
-        limit = c.link_factor * typical + c.link_min_ms
-        slow = {cell for cell, v in recent.items() if sum(ms > limit for ms in v) >= c.straggler_persistence * len(v)}
+        if any(len(v) < c.link_window for v in gen.links.values()):
+            return []  # judge the matrix whole: a partial one misnames a bad sender as its first link
+        recent = {cell: [ms for _s, ms in v[-c.link_window:]] for cell, v in gen.links.items()}
+        slow, typical, limit = slow_cells(recent, factor=c.link_factor, min_ms=c.link_min_ms,
+                                          persistence=c.straggler_persistence)
         if not slow:
             return []
-        suspects, covered = [], set()
-        for axis, role in ((0, "sender"), (1, "receiver")):
-            for r in sorted({cell[axis] for cell in slow}):
-                line = [cell for cell in recent if cell[axis] == r]
-                if len(line) >= 2 and all(cell in slow for cell in line):
-                    suspects.append({**gen.node_of(r), "role": role})
-                    covered |= set(line)
-        suspects += [{"link": list(cell), "nodes": [gen.node_of(cell[0])["node"], gen.node_of(cell[1])["node"]]}
-                     for cell in sorted(slow - covered)]
         ev = {"summary": f"{len(slow)} of {len(recent)} src->dst pairs slower than {limit:.1f} ms (typical {typical:.2f} ms)",
               "median_ms": {f"{s}->{d}": round(statistics.median(v), 3) for (s, d), v in recent.items()},
               "limit_ms": round(limit, 3)}
-        key = f"{gen.id}:slow_link:{sorted(slow)}"
-        return [Verdict("slow_link", suspects, ev, 0.8, now, key=key)]
+        first = min(s for cell in slow for s, ms in gen.links[cell][-c.link_window:] if ms > limit)
+        since = min((gen.steps[q][first].start for q in gen.steps if first in gen.steps[q]), default=now)
+        return [Verdict("slow_link", name_cells(slow, recent, gen.node_of), ev, 0.8, now, since=since,
+                        key=f"{gen.id}:slow_link:{sorted(slow)}")]
 
 
-def _stale(gen: Generation, rank: int, now: float, stale_s: float) -> bool:
-    st = gen.state.get(rank)
-    return st is None or (now - st.get("time", 0) > stale_s and not st.get("closed"))
+def proc_state(meta: dict) -> str | None:
+    """``running``, ``stopped`` or ``gone`` for the process a rank's metadata names, when it
+    is visible from here (same pid, parent and start time), else None."""
+    try:
+        p = psutil.Process(meta["pid"])
+        if p.ppid() != meta.get("ppid") or p.create_time() > meta.get("started", 0) + 1:
+            return "gone" if meta.get("host") == hostname() else None  # the pid was reused
+        status = p.status()
+    except (psutil.NoSuchProcess, KeyError):
+        return "gone" if meta.get("host") == hostname() else None
+    except psutil.Error:
+        return None
+    if status in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD):
+        return "gone"
+    return "stopped" if status in (psutil.STATUS_STOPPED, psutil.STATUS_TRACING_STOP) else "running"
+
+
+def _beating(gen_dir: Path, since: float) -> bool:
+    """Whether any rank of a generation wrote its state file since ``since``."""
+    for p in gen_dir.glob("state-r*.json"):
+        try:
+            if p.stat().st_mtime >= since:
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def _frozen_detail(gen: Generation, r: int) -> str:
+    noted = _read_json(gen.path / f"frozen-r{r}.json")
+    hb = gen.state.get(r, {}).get("time")
+    state = noted.get("state", "unresponsive")
+    what = "is stopped (SIGSTOP or a debugger)" if state == "stopped" else "is alive but its trace heartbeat stopped"
+    return what + (f", last heartbeat {time.strftime('%H:%M:%S', time.localtime(hb))}" if hb else "")
 
 
 def _head(p: Path, n: int = 400) -> str:
@@ -242,10 +503,27 @@ def _head(p: Path, n: int = 400) -> str:
         return ""
 
 
+def _read_json(p: Path) -> dict:
+    try:
+        return json.loads(p.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_json(p: Path, obj):
+    tmp = p.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(obj))
+    os.replace(tmp, p)
+
+
 def dump_stacks(gen: Generation) -> list[str]:
     """Ask every rank of ``gen`` running on this host for its Python stacks (faulthandler on
-    SIGUSR1, py-spy too when installed); returns the files, relative to the run directory."""
-    host, files = socket.gethostname(), []
+    SIGUSR1, py-spy too when installed), and every rank for a Flight Recorder dump when torch
+    keeps one; returns the stack files, relative to the run directory."""
+    if gen.source != "trace":
+        return []
+    (gen.path / "fr-request").touch()
+    host, files = hostname(), []
     pyspy = shutil.which("py-spy")
     for r, m in sorted(gen.meta.items()):
         if m.get("host") != host:
@@ -265,6 +543,13 @@ def dump_stacks(gen: Generation) -> list[str]:
             with open(out, "w") as f:
                 subprocess.run([pyspy, "dump", "--pid", str(m["pid"])], stdout=f, stderr=subprocess.STDOUT, timeout=30)
             files.append(str(out))
+    # The writer threads dump the Flight Recorder on their next tick (0.5 s): wait for them, so
+    # that a launcher stopping the job right after this still has the dumps.
+    fr = [gen.path / f"fr-r{r}.pkl" for r, m in sorted(gen.meta.items()) if m.get("host") == host and m.get("flight_recorder")]
+    deadline = time.time() + 3
+    while fr and not all(p.exists() for p in fr) and time.time() < deadline:
+        time.sleep(0.1)
+    files += [str(p) for p in fr if p.exists()]
     return [os.path.relpath(f, gen.path.parent.parent) for f in files]
 
 
@@ -286,4 +571,4 @@ def write_verdicts(run_dir, verdicts: list[Verdict]):
     p = Path(run_dir) / "diagnostics" / "verdicts.jsonl"
     with open(p, "a") as f:
         for v in verdicts:
-            f.write(json.dumps({**v.to_json(), "by": f"{socket.gethostname()}:{os.getpid()}"}) + "\n")
+            f.write(json.dumps({**v.to_json(), "by": f"{hostname()}:{os.getpid()}"}) + "\n")

@@ -8,6 +8,10 @@ Each spec is ``kind:key=value,...``; ranks are global ranks, steps are optimizer
     slow:rank=1,pct=20            ... 20% of its own step time (a 20% slower rank)
     slow:rank=1,ms=5,per=op       ... 5 ms before each collective it enters
     slowlink:src=0,dst=1,ms=20    sends from rank 0 to rank 1 take 20 ms longer (dst=* : all)
+    slowcomm:rank=1,ms=20         every collective rank 1 enters takes 20 ms longer for all
+                                  members, with nobody arriving late (the signature of a slow
+                                  link inside collectives; the link probe finds no slow pair,
+                                  since the network is not slowed: phase 2 shapes real links)
     commhang:rank=1,step=30       the rank enters its first collective at step >= 30 and never
                                   leaves it: every rank has arrived, the op never completes
 
@@ -28,7 +32,7 @@ from comms import UserError
 
 _KINDS = {
     "crash": {"rank", "step"}, "hang": {"rank", "step"}, "commhang": {"rank", "step"},
-    "slow": {"rank"}, "slowlink": {"src", "dst", "ms"},
+    "slow": {"rank"}, "slowlink": {"src", "dst", "ms"}, "slowcomm": {"rank", "ms"},
 }
 _OPTIONAL = {"from", "ms", "pct", "per", "attempt"}
 _P2P_SENDS = {"send", "isend", "send_object_list"}
@@ -122,13 +126,15 @@ class Injector:
             elif (f.kind == "slowlink" and arrived and op in _P2P_SENDS and step >= a.get("from", 0)
                   and (a["dst"] == "*" or a["dst"] == peer)):
                 time.sleep(a["ms"] / 1e3)
+            elif f.kind == "slowcomm" and arrived and peer is None and step >= a.get("from", 0):
+                time.sleep(a["ms"] / 1e3)  # after its arrival is recorded: inside the op, not late to it
             elif f.kind == "commhang" and arrived and peer is None and step >= a["step"] and not self._hung:
                 self._hung = True
                 _sleep_forever()
 
 
 def _needs_hooks(f: Fault) -> bool:
-    return f.kind in ("slowlink", "commhang") or f.args.get("per") == "op"
+    return f.kind in ("slowlink", "slowcomm", "commhang") or f.args.get("per") == "op"
 
 
 def _sleep_forever():

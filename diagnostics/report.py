@@ -1,37 +1,60 @@
-"""`kintsugi diagnose report RUN_DIR`: what the traces say, for a person.
+"""`kintsugi diagnose report RUN_DIR`: what the traces say, for a person and for a program.
 
 Reads a finished, crashed or still-running run directory (each generation judged at its
-own last heartbeat), then writes ``report.json`` and a self-contained ``report.html``
-(matplotlib figures embedded as base64 PNG) into RUN_DIR/diagnostics/ and returns the
-terminal summary: verdicts, the worst and best ranks by straggler score, and Megatron-style
-min/max lines per phase naming the rank.
+own last heartbeat, as the monitor would have judged it live), plus any Flight Recorder
+dumps, and returns ``report.json``'s content: one paragraph of what happened
+(``what_happened``), the verdicts (with the live monitor's, if it saw more), the launcher's
+actions, link probes, straggler scores and Megatron-style min/max per phase naming the
+rank. ``summary`` is the terminal text; ``diagnostics.html`` draws the page.
 """
 from __future__ import annotations
 
-import base64
-import html
-import io
 import json
 import statistics
+import time
 from pathlib import Path
 
 from comms import UserError
-from diagnostics.detect import Detector
-from diagnostics.traces import Generation, generations
+from diagnostics.detect import Detector, suspect_str
+from diagnostics.floor import sigma
+from diagnostics.traces import ASYMMETRIC, Generation, generations
 
-PHASES = ("data", "forward_backward", "optimizer", "checkpoint")
+PHASES = ("data", "forward_backward", "optimizer") + ASYMMETRIC
+# Most telling first: the verdict the paragraph leads with.
+SEVERITY = ("crash", "hang_noncomm", "hang_comm", "slow_link", "straggler", "slow_comm")
+WHAT = {"crash": "crashed at {when}", "hang_noncomm": "has hung the job since {when} (the others wait for it)",
+        "hang_comm": "has hung since {when}, inside a collective every member entered",
+        "straggler": "has slowed the job down since {when}", "slow_link": "has been slow since {when}",
+        "slow_comm": "has had slow collectives since {when}"}
+ADVICE = {
+    "crash": "check that host's kernel log (dmesg: the OOM killer, segfaults) and the rank's log in RUN_DIR/logs; "
+             "torchrun restarts crashed workers, and --diagnostics.policy=exclude drops a node that keeps failing",
+    "hang_noncomm": "read the suspects' stacks (listed with the verdict) to see where they stopped; a process stopped "
+                    "on purpose (SIGSTOP, a debugger) goes on with SIGCONT; --diagnostics.policy=restart or exclude "
+                    "makes the launcher end the hang",
+    "hang_comm": "every member entered the collective: suspect the network between the group's hosts (a NIC, a "
+                 "switch port, a firewall dropping traffic); for NCCL jobs keep the Flight Recorder on "
+                 "(comms.trace.flight_recorder_env)",
+    "straggler": "look at that host's CPU (cgroup throttling, competing processes: top, cpu.stat), memory pressure, "
+                 "GPU clocks and temperature; --diagnostics.policy=exclude drops the node if it persists",
+    "slow_link": "measure that link (iperf3 between the two hosts), check its NIC speed and error counters (ethtool -S) "
+                 "and any traffic shaping (tc qdisc show)",
+    "slow_comm": "the monitor probes the group's links when it watches live; otherwise measure the links between "
+                 "the group's hosts pairwise (iperf3)",
+}
 
 
-def build(run_dir) -> tuple[dict, Detector]:
+def build(run_dir, flight_recorder: list | None = None) -> tuple[dict, Detector]:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UserError(f"run directory {str(run_dir)!r} does not exist; pass the train.run_dir of a job")
-    if not generations(run_dir):
-        raise UserError(f"{str(run_dir)!r} has no traces under diagnostics/; run the job with diagnostics.trace = true")
-    det = Detector(run_dir, live=False, dump_stacks=False)
+    det = Detector(run_dir, live=False, dump_stacks=False, flight_recorder=flight_recorder)
     det.poll()
     gens = [g for g in det.gens.values() if g.meta]
     if not gens:
+        if not generations(run_dir):
+            raise UserError(f"{str(run_dir)!r} has no traces under diagnostics/ and no Flight Recorder dumps; "
+                            "run the job with diagnostics.trace = true")
         raise UserError(f"{str(run_dir)!r}: the trace directories hold no rank metadata (damaged); delete diagnostics/gen-* and rerun")
     verdicts = [v.to_json() for v in det.verdicts]
     known = {(v["generation"], v["kind"], json.dumps(v["suspects"], sort_keys=True)) for v in verdicts}
@@ -40,26 +63,44 @@ def build(run_dir) -> tuple[dict, Detector]:
         if k not in known:
             known.add(k)
             verdicts.append(v)
+    verdicts.sort(key=lambda v: (v.get("since") or v["time"], v["time"]))
     main = max(gens, key=lambda g: (len(g.complete_steps()), g.id))  # the generation with most steps
-    return {
+    rep = {
         "run_dir": str(run_dir),
-        "generations": [_gen_summary(g) for g in gens],
+        "generated": time.time(),
+        "generations": [_gen_summary(g) for g in sorted(gens, key=lambda g: g.id)],
         "verdicts": verdicts,
         "actions": list(_jsonl(run_dir / "diagnostics" / "actions.jsonl")),
         "analysed_generation": main.id,
+        "step_time_ms": _step_noise(main),
         "scores": scores(main),
         "phases": phase_minmax(main),
         "links_ms": {f"{s}->{d}": round(statistics.median(ms for _, ms in v), 3) for (s, d), v in sorted(main.links.items())},
-    }, det
+        "probes": [a for per_gen in det.probes.values() for a in per_gen.values()],
+    }
+    rep["what_happened"] = what_happened(rep)
+    return rep, det
 
 
 def _gen_summary(g: Generation) -> dict:
     states = g.state.values()
     status = ("finished" if states and all(s.get("closed") and not s.get("error") for s in states)
               else "failed" if any(s.get("error") for s in states) else "running or killed")
-    return {"id": g.id, "world": g.world, "ranks": len(g.meta), "hosts": sorted({m.get("host") for m in g.meta.values()}),
-            "complete_steps": len(g.complete_steps()), "status": status, "damaged_lines": g.damaged,
-            "dropped_records": sum(s.get("dropped", 0) for s in states)}
+    if g.source != "trace":
+        status = "flight recorder dump"
+    steps = g.complete_steps()
+    return {"id": g.id, "source": g.source, "world": g.world, "ranks": len(g.meta),
+            "hosts": sorted({str(m.get("host")) for m in g.meta.values()}), "complete_steps": len(steps),
+            "first_step": steps[0] if steps else None, "last_step": steps[-1] if steps else None,
+            "start": min((m.get("started", 0) for m in g.meta.values()), default=0), "end": g.heartbeat(),
+            "status": status, "damaged_lines": g.damaged, "dropped_records": sum(s.get("dropped", 0) for s in states)}
+
+
+def _step_noise(g: Generation) -> dict:
+    times = [g.step_time(s) for s in g.training_steps()]
+    if len(times) < 3:
+        return {}
+    return {"median": round(1e3 * statistics.median(times), 3), "noise": round(1e3 * sigma(times), 3), "steps": len(times)}
 
 
 def scores(g: Generation) -> dict:
@@ -76,7 +117,7 @@ def phase_minmax(g: Generation) -> dict:
     for name in ("step",) + PHASES:
         per_rank = {}
         for r, steps in g.steps.items():
-            vals = [(e - s) if name == "step" else ph.get(name) for s, e, ph in steps.values()]
+            vals = [(x.end - x.start) if name == "step" else x.phases.get(name) for x in steps.values()]
             vals = [v for v in vals if v is not None]
             if vals:
                 per_rank[r] = 1e3 * statistics.mean(vals)
@@ -86,17 +127,54 @@ def phase_minmax(g: Generation) -> dict:
     return out
 
 
+def what_happened(rep: dict) -> str:
+    """One paragraph for a person: who, since when, how sure, what to do."""
+    gens = rep["generations"]
+    steps = sum(g["complete_steps"] for g in gens)
+    noise = rep.get("step_time_ms") or {}
+    pace = f" at a median {noise['median']:.1f} ms per step (step-to-step noise {noise['noise']:.1f} ms)" if noise else ""
+    restarts = len([g for g in gens if g["source"] == "trace"]) - 1
+    run = f"{len(gens)} generation(s) ({restarts} restart(s)), {steps} complete steps{pace}" if restarts > 0 \
+        else f"{steps} complete steps{pace}"
+    if not rep["verdicts"]:
+        sc = rep["scores"]
+        worst = f" The rank the others waited for most was rank {min(sc, key=sc.get)} (score {min(sc.values()):.3f}), within the job's own noise." if sc else ""
+        return f"No fault found: {run}.{worst}"
+    first = min(rep["verdicts"], key=lambda v: (SEVERITY.index(v["kind"]) if v["kind"] in SEVERITY else 99, v["time"]))
+    who = ", ".join(suspect_str(s) for s in first["suspects"])
+    since = first.get("since") or first["time"]
+    ev = first["evidence"]
+    step = ev.get("since_step") or ev.get("seq") and f"collective #{ev['seq']}"
+    when = time.strftime("%H:%M:%S", time.localtime(since)) + (f" ({'step ' + str(step) if isinstance(step, int) else step})" if step else "")
+    text = (f"{who[:1].upper() + who[1:]} {WHAT.get(first['kind'], first['kind'] + ' since {when}').format(when=when)}: "
+            f"{ev.get('summary', '')}. "
+            f"Confidence {first['confidence']:.2f}.")
+    acted = [a for a in rep["actions"] if a["verdict"].get("kind") == first["kind"] and a["action"] != "warn"]
+    if acted:
+        text += f" The launcher acted: {acted[0]['action']} ({acted[0]['detail']})."
+    later = [g for g in gens if g["source"] == "trace" and g["id"] > first["generation"]]
+    if later:
+        text += (f" The job restarted {len(later)} time(s) and reached step {later[-1]['last_step']} "
+                 f"({later[-1]['status']}).")
+    text += f" What to do: {ADVICE.get(first['kind'], 'see the evidence below')}."
+    others = len(rep["verdicts"]) - 1
+    return text + (f" {others} more verdict(s) below." if others else "")
+
+
 def summary(rep: dict) -> str:
-    lines = [f"run {rep['run_dir']}: {len(rep['generations'])} generation(s)"]
+    lines = [rep["what_happened"], "", f"run {rep['run_dir']}: {len(rep['generations'])} generation(s)"]
     for g in rep["generations"]:
         lines.append(f"  gen {g['id']}: {g['ranks']}/{g['world']} ranks, {g['complete_steps']} steps, {g['status']}"
                      + (f", {g['damaged_lines']} damaged lines" if g["damaged_lines"] else ""))
     lines.append(f"verdicts: {len(rep['verdicts']) or 'none'}")
     for v in rep["verdicts"]:
-        who = ", ".join(_who(s) for s in v["suspects"])
+        who = ", ".join(suspect_str(s) for s in v["suspects"])
         lines.append(f"  {v['kind']}: {who} (confidence {v['confidence']}) {v['evidence'].get('summary', '')}")
     for a in rep["actions"]:
         lines.append(f"  action {a['action']} on node {a['node']}: {a['detail']}")
+    for p in rep["probes"]:
+        lines.append(f"  link probe {p['id']} at step {p['step']} among ranks {p['ranks']}: {p['status']}"
+                     + (f", slow {p['slow']}" if p.get("slow") else "") + (f", short of CPU {sorted(p['starved'])}" if p.get("starved") else ""))
     sc = rep["scores"]
     if sc:
         order = sorted(sc, key=sc.get)
@@ -107,14 +185,6 @@ def summary(rep: dict) -> str:
     return "\n".join(lines)
 
 
-def _who(s: dict) -> str:
-    if "link" in s:
-        return f"link {s['link'][0]}->{s['link'][1]}"
-    if "group" in s:
-        return f"group {s['group']}"
-    return f"rank {s['rank']}" + (f" ({s['role']})" if s.get("role") else "") + f" node {s.get('node')}"
-
-
 def _jsonl(p: Path):
     if not p.exists():
         return
@@ -123,103 +193,3 @@ def _jsonl(p: Path):
             yield json.loads(line)
         except ValueError:
             continue
-
-
-# ---- HTML --------------------------------------------------------------------------
-def write_html(rep: dict, det: Detector, path: Path):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise UserError("matplotlib is not installed, so report.html cannot be drawn; pip install 'kintsugi[report]' (report.json was written)") from None
-    g = det.gens[rep["analysed_generation"]]
-    figs = [("Step time per rank (ms)", _heatmap(plt, g)), ("Phase time per rank", _phases(plt, g)),
-            ("Link matrix: median transfer ms, src x dst", _links(plt, g))]
-    for v in rep["verdicts"][:6]:
-        gen = det.gens.get(v.get("generation"))
-        if gen is not None:
-            figs.append((f"Collective waits before the {v['kind']} verdict", _timeline(plt, gen, v)))
-    body = [f"<h1>Kintsugi diagnostics: {html.escape(rep['run_dir'])}</h1>",
-            f"<pre>{html.escape(summary(rep))}</pre>"]
-    for title, png in figs:
-        if png:
-            body.append(f"<h2>{html.escape(title)}</h2><img src='data:image/png;base64,{png}'>")
-    body.append(f"<h2>report.json</h2><pre>{html.escape(json.dumps(rep, indent=1, default=str)[:200000])}</pre>")
-    path.write_text("<!doctype html><meta charset='utf-8'><title>Kintsugi diagnostics</title>"
-                    "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}img{max-width:100%}</style>"
-                    + "\n".join(body))
-
-
-def _png(plt, fig) -> str:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=80, bbox_inches="tight")
-    plt.close(fig)
-    return base64.b64encode(buf.getvalue()).decode()
-
-
-def _heatmap(plt, g: Generation) -> str:
-    steps = sorted({s for st in g.steps.values() for s in st})
-    ranks = sorted(g.meta)
-    if not steps:
-        return ""
-    grid = [[1e3 * (g.steps[r][s][1] - g.steps[r][s][0]) if s in g.steps.get(r, {}) else float("nan") for s in steps] for r in ranks]
-    fig, ax = plt.subplots(figsize=(10, 1 + 0.35 * len(ranks)))
-    im = ax.imshow(grid, aspect="auto", interpolation="nearest", cmap="viridis",
-                   extent=(steps[0] - 0.5, steps[-1] + 0.5, len(ranks) - 0.5, -0.5))
-    ax.set_xlabel("step")
-    ax.set_ylabel("rank")
-    ax.set_yticks(range(len(ranks)), [str(r) for r in ranks])
-    fig.colorbar(im, ax=ax, label="ms")
-    return _png(plt, fig)
-
-
-def _phases(plt, g: Generation) -> str:
-    ranks = sorted(g.steps)
-    if not ranks:
-        return ""
-    fig, ax = plt.subplots(figsize=(8, 3))
-    bottom = [0.0] * len(ranks)
-    for name in PHASES:
-        vals = [1e3 * statistics.mean([ph.get(name, 0.0) for _s, _e, ph in g.steps[r].values()]) for r in ranks]
-        ax.bar([str(r) for r in ranks], vals, bottom=bottom, label=name)
-        bottom = [b + v for b, v in zip(bottom, vals)]
-    ax.set_xlabel("rank")
-    ax.set_ylabel("mean ms per step")
-    ax.legend(fontsize=8)
-    return _png(plt, fig)
-
-
-def _links(plt, g: Generation) -> str:
-    if not g.links:
-        return ""
-    n = max(max(c) for c in g.links) + 1
-    grid = [[float("nan")] * n for _ in range(n)]
-    for (s, d), v in g.links.items():
-        grid[s][d] = statistics.median(ms for _, ms in v)
-    fig, ax = plt.subplots(figsize=(4 + 0.3 * n, 3 + 0.3 * n))
-    im = ax.imshow(grid, cmap="magma_r")
-    ax.set_xlabel("dst rank")
-    ax.set_ylabel("src rank")
-    ax.set_xticks(range(n))
-    ax.set_yticks(range(n))
-    fig.colorbar(im, ax=ax, label="median ms")
-    return _png(plt, fig)
-
-
-def _timeline(plt, g: Generation, v: dict) -> str:
-    """Each rank's collectives in the 5 s before the verdict: a bar from arrival to
-    completion (the wait), ops still in flight in red up to the verdict."""
-    t_end = v["time"]
-    fig, ax = plt.subplots(figsize=(10, 1 + 0.35 * max(1, len(g.meta))))
-    for _chan, _seq, _op, _step, per_rank in g.timeline:
-        for r, (a, e) in per_rank.items():
-            if e > t_end - 5 and a < t_end:
-                ax.barh(r, e - a, left=a - t_end, color="tab:blue", height=0.6)
-    for r, st in g.state.items():
-        for _chan, _op, _seq, _peer, a in st.get("inflight", []):
-            ax.barh(r, t_end - a, left=a - t_end, color="tab:red", height=0.6)
-    ax.set_xlabel("seconds before the verdict (blue: waited in a collective, red: still waiting)")
-    ax.set_ylabel("rank")
-    ax.set_yticks(sorted(g.meta))
-    return _png(plt, fig)

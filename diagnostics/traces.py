@@ -2,8 +2,10 @@
 
 A run directory holds ``diagnostics/gen-<G>/`` per process-group lifetime (one per torchrun
 restart). A ``Generation`` tails its ``trace-r<R>.jsonl`` files (only whole lines; a line
-cut by a crash is skipped and counted) and joins the ranks' records of the same op:
-collectives by (group, sequence number), point-to-point by (direction, sequence number).
+cut by a crash is skipped and counted), decodes them into ``comms.trace`` records and joins
+the ranks' records of the same op: collectives by (group, sequence number), point-to-point
+by (direction, sequence number). The same joins serve records from other sources (torch's
+Flight Recorder, ``diagnostics.flight``) through ``add``.
 """
 from __future__ import annotations
 
@@ -13,10 +15,14 @@ import statistics
 from pathlib import Path
 
 from comms import UserError
+from comms.trace import TRACE_FORMAT, OpRecord, StepRecord, decode
 
 # Completed collectives kept for the report's wait timeline (about 50 steps of a
 # 100-collective-per-step job).
 TIMELINE = 5000
+# Phases that make a step rank-asymmetric by design (one rank commits a checkpoint while the
+# others wait; the probe's pairs): such steps say nothing about stragglers.
+ASYMMETRIC = ("checkpoint", "probe")
 
 
 def generations(run_dir: Path) -> list[Path]:
@@ -27,19 +33,34 @@ def generations(run_dir: Path) -> list[Path]:
 
 
 class Generation:
-    def __init__(self, path: Path):
-        self.path = path
-        self.id = int(path.name[4:])
+    """One process-group lifetime: its ranks' metadata, state, steps and joined ops.
+
+    ``source`` says where the records come from: ``trace`` (comms.trace's files, with
+    heartbeats and steps) or ``flight-recorder`` (torch's dumps: ops only, no heartbeat).
+    """
+
+    def __init__(self, path: Path, gid: int | None = None, source: str = "trace"):
+        self.path = Path(path)
+        self.id = int(self.path.name[4:]) if gid is None else gid
+        self.source = source
         self.meta: dict[int, dict] = {}
         self.state: dict[int, dict] = {}
         self.world = 0
-        self.damaged = 0  # lines that were not valid JSON records
+        self.damaged = 0  # lines that were not valid records
         self._offset: dict[int, int] = {}
-        self._colls: dict[tuple, dict] = {}  # (chan, seq) -> rank -> (arrived, ended, step, op, error)
-        self._p2p: dict[tuple, dict] = {}  # (chan, seq) -> {"send": rec, "recv": rec}
-        self.steps: dict[int, dict[int, tuple]] = collections.defaultdict(dict)  # rank -> step -> (start, end, phases)
+        self._colls: dict[tuple, dict] = {}  # (chan, seq) -> rank -> OpRecord, until every member's is in
+        self._p2p: dict[tuple, dict] = {}  # (chan, seq) -> {"send": OpRecord, "recv": OpRecord}
+        self.steps: dict[int, dict[int, StepRecord]] = collections.defaultdict(dict)  # rank -> step -> record
+        self._step_time: dict[int, float] = {}
+        self._finished: dict[int, int] = collections.defaultdict(int)  # step -> ranks that finished it
+        self._asymmetric: set[int] = set()  # steps some rank spent partly in an ASYMMETRIC phase
+        self._first: int | None = None  # the generation's first complete step (start-up skew)
+        # rank -> step -> seconds the others waited for this rank (clock-free, see _add_op)
         self.lateness: dict[int, dict[int, float]] = collections.defaultdict(lambda: collections.defaultdict(float))
-        self.timeline: collections.deque = collections.deque(maxlen=TIMELINE)
+        # collective channel -> step -> seconds its collectives took once every member was in
+        self.comm: dict[str, dict[int, float]] = collections.defaultdict(lambda: collections.defaultdict(float))
+        self.comm_bytes: dict[str, collections.deque] = collections.defaultdict(lambda: collections.deque(maxlen=256))
+        self.timeline: collections.deque = collections.deque(maxlen=TIMELINE)  # (chan, seq, op, step, {rank: (arrived, ended)})
         self.links: dict[tuple[int, int], list[tuple[int, float]]] = collections.defaultdict(list)  # (src, dst) -> (step, ms)
         self.errors: dict[int, str] = {}
 
@@ -54,11 +75,17 @@ class Generation:
 
     def update(self):
         """Read what the ranks wrote since the last call."""
+        if self.source != "trace":
+            return
         for p in self.path.glob("meta-r*.json"):
             r = int(p.stem[6:])
             if r not in self.meta:
-                self.meta[r] = _read_json(p)
-                self.world = max(self.world, self.meta[r].get("world", 0))
+                meta = _read_json(p)
+                if meta.get("trace_format") != TRACE_FORMAT:
+                    raise UserError(f"{p} was written by another version of Kintsugi (trace format "
+                                    f"{meta.get('trace_format', 1)}, this one reads {TRACE_FORMAT}); read it with that version")
+                self.meta[r] = meta
+                self.world = max(self.world, meta.get("world", 0))
         for r in self.meta:
             p = self.path / f"state-r{r}.json"
             if p.exists():
@@ -80,64 +107,106 @@ class Generation:
         self._offset[r] = self._offset.get(r, 0) + end
         for line in data[:end].splitlines():
             try:
-                rec = json.loads(line)
-                kind = rec[0]
-            except (ValueError, IndexError, TypeError):
+                rec = decode(line)
+            except ValueError:
                 self.damaged += 1
                 continue
-            if kind == "s" and len(rec) == 5:
-                self.steps[r][rec[1]] = (rec[2], rec[3], rec[4])
-            elif kind == "c" and len(rec) == 13:
-                self._add_op(r, rec)
-            else:
-                self.damaged += 1
+            self.add(r, rec)
 
-    def _add_op(self, r: int, rec: list):
-        _, chan, op, seq, peer, _n, _dt, arr, _st, end, step, err, blk = rec
-        if err:
-            self.errors[r] = err
-        if end is None:
+    def add(self, r: int, rec: OpRecord | StepRecord):
+        """One record of rank ``r``, from any source."""
+        if isinstance(rec, StepRecord):
+            if rec.step not in self.steps[r]:
+                self._finished[rec.step] += 1
+            self.steps[r][rec.step] = rec
+            if any(p in rec.phases for p in ASYMMETRIC):
+                self._asymmetric.add(rec.step)
             return
-        if "|" in chan:
-            pair = self._p2p.setdefault((chan, seq), {})
-            pair["recv" if "recv" in op else "send"] = (arr, end)
+        if rec.error:
+            self.errors[r] = rec.error
+        if rec.ended is None:
+            return
+        if "|" in rec.channel:
+            pair = self._p2p.setdefault((rec.channel, rec.seq), {})
+            pair["recv" if "recv" in rec.op else "send"] = rec
             if len(pair) == 2:
-                del self._p2p[(chan, seq)]
-                (s_arr, _), (r_arr, r_end) = pair["send"], pair["recv"]
-                src, dst = self.members(chan)
-                self.links[(src, dst)].append((step, (r_end - max(s_arr, r_arr)) * 1e3))
+                del self._p2p[(rec.channel, rec.seq)]
+                send, recv = pair["send"], pair["recv"]
+                src, dst = self.members(rec.channel)
+                self.links[(src, dst)].append((recv.step, (recv.ended - max(send.arrived, recv.arrived)) * 1e3))
             return
-        ranks = self._colls.setdefault((chan, seq), {})
-        ranks[r] = (arr, end, step, blk)
-        members = self.members(chan)
+        ranks = self._colls.setdefault((rec.channel, rec.seq), {})
+        ranks[r] = rec
+        members = self.members(rec.channel)
         if members and len(ranks) == len(members):
-            del self._colls[(chan, seq)]
-            # Clock-free lateness: all ranks leave together, so the one that waited least
-            # arrived last, by (longest wait - its wait); minus what its own extra time blocked
-            # in other ops since the last one here explains (not compute).
-            waits = {q: e - a for q, (a, e, _s, _b) in ranks.items()}
-            longest, least_blocked = max(waits.values()), min(b for *_x, b in ranks.values())
-            for q, w in waits.items():
-                late = (longest - w) - (ranks[q][3] - least_blocked)
-                self.lateness[q][ranks[q][2]] += max(late, 0.0)
-            self.timeline.append((chan, seq, op, step, {q: (a, e) for q, (a, e, _s, _b) in ranks.items()}))
+            del self._colls[(rec.channel, rec.seq)]
+            self._join(rec.channel, rec.op, rec.seq, ranks)
+
+    def _join(self, chan: str, op: str, seq: int, ranks: dict[int, OpRecord]):
+        # Clock-free lateness: all ranks leave together, so the one that waited least
+        # arrived last, by (longest wait - its wait); minus what its own extra time blocked
+        # in other ops since the last one here explains (not compute).
+        waits = {q: x.ended - x.arrived for q, x in ranks.items()}
+        longest, shortest = max(waits.values()), min(waits.values())
+        least_blocked = min(x.blocked for x in ranks.values())
+        for q, w in waits.items():
+            late = (longest - w) - (ranks[q].blocked - least_blocked)
+            self.lateness[q][ranks[q].step] += max(late, 0.0)
+        # Once the last member is in, the op takes what the network (and the reduction) need:
+        # the shortest wait. It grows with a slow link even when nobody arrives late.
+        step = min(x.step for x in ranks.values())
+        self.comm[chan][step] += shortest
+        self.comm_bytes[chan].append(max(x.nbytes for x in ranks.values()))
+        self.timeline.append((chan, seq, op, step, {q: (x.arrived, x.ended) for q, x in ranks.items()}))
+
+    def inflight(self, r: int) -> list[OpRecord]:
+        """Rank ``r``'s ops in flight at its last heartbeat."""
+        out = []
+        for d in self.state.get(r, {}).get("inflight", []):
+            try:
+                out.append(decode(d))
+            except ValueError:
+                self.damaged += 1
+        return out
+
+    def forget(self, before: int):
+        """Drop per-step data of steps before ``before`` (a live watcher of a long job needs
+        only its recent history; reports keep everything)."""
+        for per in (*self.steps.values(), *self.lateness.values(), *self.comm.values()):
+            for s in [s for s in per if s < before]:
+                del per[s]
+        for s in [s for s in self._finished if s < before]:
+            del self._finished[s]
+            self._step_time.pop(s, None)
+            self._asymmetric.discard(s)
+        for cell, v in self.links.items():
+            self.links[cell] = [x for x in v if x[0] >= before]
 
     # ---- derived views -------------------------------------------------------------
     def complete_steps(self) -> list[int]:
         """Steps every rank has finished, in order."""
-        if not self.meta or len(self.steps) < len(self.meta):
+        if not self.meta:
             return []
-        common = set.intersection(*(set(s) for s in self.steps.values()))
-        return sorted(common)
+        done = sorted(s for s, n in self._finished.items() if n >= len(self.meta))
+        if done and self._first is None:
+            self._first = done[0]
+        return done
 
     def training_steps(self) -> list[int]:
-        """Complete steps without a checkpoint save: saving is rank-asymmetric by design
-        (one rank commits the manifest while the others wait), so those steps say nothing
-        about stragglers."""
-        return [s for s in self.complete_steps() if not any("checkpoint" in self.steps[r][s][2] for r in self.steps)]
+        """Complete steps that say something about stragglers: not the generation's first
+        (start-up skew), none with a rank-asymmetric phase (``ASYMMETRIC``)."""
+        return [s for s in self.complete_steps() if s != self._first and s not in self._asymmetric]
 
     def step_time(self, step: int) -> float:
-        return statistics.median(self.steps[r][step][1] - self.steps[r][step][0] for r in self.steps)
+        t = self._step_time.get(step)
+        if t is None:
+            t = statistics.median(self.steps[r][step].end - self.steps[r][step].start for r in self.steps)
+            if len(self.steps) == len(self.meta):  # complete: it will not change
+                self._step_time[step] = t
+        return t
+
+    def step_end(self, step: int) -> float:
+        return max(self.steps[r][step].end for r in self.steps if step in self.steps[r])
 
     def late_fraction(self, rank: int, step: int) -> float:
         """Share of step ``step`` the others spent waiting for ``rank`` to arrive."""
@@ -151,9 +220,33 @@ class Generation:
         m = self.meta.get(rank, {})
         return {"rank": rank, "node": m.get("node"), "host": m.get("host")}
 
+    def hosts(self, ranks) -> dict[str, list[int]]:
+        """host -> its ranks among ``ranks``."""
+        out: dict[str, list[int]] = {}
+        for r in sorted(ranks):
+            out.setdefault(self.meta.get(r, {}).get("host") or f"rank {r}", []).append(r)
+        return out
 
-def _read_json(p: Path) -> dict:
+    def probes(self) -> dict[str, dict]:
+        """Link probes of this generation: id -> {"request", "results": {rank: dict}}."""
+        out: dict[str, dict] = {}
+        if self.source != "trace":
+            return out
+        for p in self.path.glob("probe-request*.json"):
+            req = _read_json(p, missing_ok=True)
+            if req.get("id"):
+                out[req["id"]] = {"request": req, "results": {}}
+        for p in self.path.glob("probe-*-r*.json"):
+            res = _read_json(p, missing_ok=True)
+            if res.get("id") in out:
+                out[res["id"]]["results"][int(res["rank"])] = res
+        return out
+
+
+def _read_json(p: Path, missing_ok: bool = False) -> dict:
     try:
         return json.loads(p.read_text())
     except (OSError, ValueError) as e:
+        if missing_ok:  # a file being replaced as we read, or one not written yet
+            return {}
         raise UserError(f"{p} is damaged ({e}); delete that generation directory or point at another run") from None

@@ -12,8 +12,9 @@ per ``policy``:
   nodes' workers fail on their next collective and their agents restart them on the rest.
   With a single node there is nothing to exclude to: it restarts instead, and says so.
 
-A crash is torchrun's to restart; ``exclude`` still drops the crashed rank's node. A slow
-link is only reported. Every action is one log line and a JSON record in
+A crash is torchrun's to restart; ``exclude`` still drops the crashed rank's node. Slow
+links and slow collectives are only reported (the detector asks the job for a link probe on
+its own). Every action is one log line and a JSON record in
 RUN_DIR/diagnostics/actions.jsonl; verdicts go to RUN_DIR/diagnostics/verdicts.jsonl.
 """
 from __future__ import annotations
@@ -22,7 +23,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -30,6 +30,7 @@ from pathlib import Path
 
 import psutil
 
+from comms.trace import hostname
 from diagnostics import DiagnosticsConfig, Detector, stop_all, write_verdicts
 from diagnostics.config import POLICIES
 
@@ -105,7 +106,7 @@ class Monitor(threading.Thread):
             pids = {p.pid for p in psutil.Process(self.agent.pid).children(recursive=True)}
         except psutil.Error:
             pids = set()
-        host = socket.gethostname()
+        host = hostname()
         return {r for r, m in gen.meta.items()
                 if m.get("pid") in pids or (not pids and m.get("host") == host and m.get("node") == self.node_rank)}
 
@@ -119,7 +120,7 @@ class Monitor(threading.Thread):
 
     def _record(self, action: str, v, detail: str):
         rec = {"time": time.time(), "action": action, "policy": self.policy, "node": self.node_rank,
-               "host": socket.gethostname(), "detail": detail, "verdict": v.to_json()}
+               "host": hostname(), "detail": detail, "verdict": v.to_json()}
         self.actions.append(rec)
         log.warning("kintsugi monitor: %s: %s (%s)", action, v.line(), detail)
         with open(self.run_dir / "diagnostics" / "actions.jsonl", "a") as f:

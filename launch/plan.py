@@ -4,7 +4,8 @@
 
 prints the placement (ranks and fabric of each stage, the network of each group), the
 layers per stage and the predicted iteration time next to the topology-unaware rank order
-and an all-RDMA cluster, and writes the plan file that `kintsugi launch --plan FILE` uses.
+and an all-RDMA cluster, and writes the plan file that `kintsugi launch --plan FILE` uses
+(``--json``: the same as one JSON object on stdout).
 
     kintsugi plan --detect --nnodes 4 --rdzv-endpoint node0:29400 --model job.toml --pp 2 --dp 2   # on every node
 
@@ -15,6 +16,7 @@ time the job's blocks and measure every pair of nodes' links (trainer/placement.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -102,7 +104,8 @@ def report(topology: Topology, plan: Plan, model: ModelSpec) -> str:
 
 @exits_on_user_error
 def main(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(prog="kintsugi plan", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="kintsugi plan", description=__doc__.split("\n")[0],
+                                 epilog="exit codes: 0 plan written; 2 bad input (one line on stderr)")
     ap.add_argument("--topology", help="topology TOML (see configs/topology-*.toml); or --detect")
     ap.add_argument("--detect", action="store_true", help="detect the cluster: run on every node with --nnodes and --rdzv-endpoint")
     ap.add_argument("--nnodes", type=int, help="--detect: nodes that meet at the rendezvous")
@@ -122,6 +125,7 @@ def main(argv: list[str]) -> int:
                     "(parallel.pp_schedule; presets: eager-1F1B, the trainer's default)")
     ap.add_argument("--bandwidth", type=_bandwidth, default={}, help="override Gbit/s, e.g. eth=50,roce=200 (ib, roce per NIC; eth per node; nvlink per GPU)")
     ap.add_argument("--out", default="plan.json", help="where to write the plan file")
+    ap.add_argument("--json", action="store_true", help="print the plan as one JSON object instead of the report")
     args = ap.parse_args(argv)
 
     for name in ("tp", "pp", "dp", "dp_replicate", "ep"):
@@ -153,13 +157,17 @@ def main(argv: list[str]) -> int:
         topology = topology.with_bandwidth(args.bandwidth)
     plan = make_plan(topology, model, sizes, ep=args.ep)
     if args.detect:
-        print(cluster_report(found))
         plan.topology = {"nodes": [asdict(n) for n in topology.nodes], "latency_us": topology.latency_us,
                          "link_mb_s": found.probe.mb_s, "interfaces": found.interfaces}
-    print(report(topology, plan, model))
     plan.save(args.out)
-    print(f"\nwrote {Path(args.out)}; use it with: kintsugi launch --plan {args.out} "
-          f"(sets parallel.plan; parallel.pp_layers = {plan.layers_per_stage})")
+    if args.json:
+        print(json.dumps({"plan_file": str(Path(args.out)), **asdict(plan)}))
+        return 0
+    if args.detect:
+        print(cluster_report(found))
+    print(report(topology, plan, model))
+    print(f"\nwrote {Path(args.out)}; use it with: kintsugi launch --plan {args.out} ... "
+          f"(its sizes and layers per stage, {plan.layers_per_stage}, replace the config's)")
     return 0
 
 
@@ -193,7 +201,7 @@ def detected(args):
         import torch
 
         gpus = args.gpus_per_node or max(torch.cuda.device_count(), 1)
-        found = detect_cluster(job_config(args.model), "cpu", gpus=gpus, probe_mb=args.probe_mb)
+        found = detect_cluster(job_config(args.model), "cpu", args.dp, gpus=gpus, probe_mb=args.probe_mb)
         return found if dist.get_rank() == 0 else None
     finally:
         dist.destroy_process_group()

@@ -32,22 +32,24 @@ from comms.costmodel import ModelSpec
 from comms.placement import Plan, load_plan, make_plan
 from comms.topology import LinkProbe, Topology, detect_local_node, gather_topology, interfaces, probe_links, with_probe
 from trainer.config import JobConfig
+from trainer.parallel_dims import ParallelDims
 
 log = logging.getLogger(__name__)
 
 PROFILE_BLOCKS = 2  # blocks timed per node: enough to average out one block's fixed costs
 
 
-def model_spec(cfg: JobConfig) -> ModelSpec:
+def model_spec(cfg: JobConfig, dims: ParallelDims | None = None) -> ModelSpec:
     """What the cost model needs to know of this job: its model, batch, schedule and how its
-    data parallelism steps the optimizer."""
+    data parallelism steps the optimizer (``dims``: the resolved degrees; without, the
+    optimizer counts as sharded over all data-parallel ranks)."""
     if cfg.parallel.pp_schedule == "GPipe":
         raise UserError("the cost model times 1F1B schedules; set parallel.pp_schedule to eager-1F1B or 1F1B")
     m, p = cfg.model, cfg.parallel
     return ModelSpec(n_layers=m.n_layers, dim=m.dim, n_heads=m.n_heads, n_kv_heads=m.n_kv_heads, ffn_hidden=m.ffn_hidden,
                      vocab_size=m.vocab_size, seq_len=cfg.data.seq_len, global_batch=cfg.data.batch_size,
                      microbatches=p.pp_microbatches, bytes_per_value=2 if cfg.train.dtype == "bf16" else 4,
-                     schedule=p.pp_schedule, dp_shard=max(p.dp_shard, 1),
+                     schedule=p.pp_schedule, dp_shard=dims.dp_shard if dims else 0,
                      bucket_mb=p.bucket_mb if p.overlap_optimizer else 0.0)
 
 
@@ -104,9 +106,11 @@ class Detected:
     interfaces: list[list[dict]]
 
 
-def detect_cluster(cfg: JobConfig | None, device: str, gpus: int | None = None, probe_mb: float = 8.0) -> Detected:
+def detect_cluster(cfg: JobConfig | None, device: str, dp: int = 1, gpus: int | None = None,
+                   probe_mb: float = 8.0) -> Detected:
     """Collective over the default group (module doc). ``cfg`` None: no compute profile (the
-    nodes keep the default speeds: a plan by network only)."""
+    nodes keep the default speeds: a plan by network only); ``dp``: data-parallel ranks the
+    batch is split over (the profile's microbatch)."""
     world, rank = dist.get_world_size(), dist.get_rank()
     per_node = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     nnodes, node_rank, first = world // per_node, rank // per_node, rank % per_node == 0
@@ -114,8 +118,7 @@ def detect_cluster(cfg: JobConfig | None, device: str, gpus: int | None = None, 
     if first:
         kw = {}
         if cfg is not None:
-            p = cfg.parallel
-            tflops, adam = profile_speed(cfg, device, p.dp_replicate * max(p.dp_shard, 1))
+            tflops, adam = profile_speed(cfg, device, dp)
             kw = {"tflops": tflops, "adam_gps": adam}
         node = detect_local_node(gpus=gpus or per_node, **kw)
     topology = gather_topology(dist.distributed_c10d._get_default_store(), node_rank, nnodes, node)
@@ -124,15 +127,13 @@ def detect_cluster(cfg: JobConfig | None, device: str, gpus: int | None = None, 
     return Detected(with_probe(topology, probe), probe, [n for n in nets if n is not None])
 
 
-def auto_plan(cfg: JobConfig, device: str, run_dir: Path) -> Plan:
+def auto_plan(cfg: JobConfig, dims: ParallelDims, device: str, run_dir: Path) -> Plan:
     """Detect the cluster and plan this job's placement on it (module doc); collective."""
     t0 = time.perf_counter()
-    found = detect_cluster(cfg, device)
-    p = cfg.parallel
-    sizes = {"pp": p.pp, "dp_replicate": p.dp_replicate, "dp_shard": p.dp_shard, "tp": p.tp}
+    found = detect_cluster(cfg, device, dims.dp_size)
     plan = None
     if dist.get_rank() == 0:
-        plan = make_plan(found.topology, model_spec(cfg), sizes, ep=p.ep)
+        plan = make_plan(found.topology, model_spec(cfg, dims), dims.mesh_sizes(), ep=dims.ep)
         plan.topology = {"nodes": [asdict(n) for n in found.topology.nodes], "latency_us": found.topology.latency_us,
                          "link_mb_s": found.probe.mb_s, "interfaces": found.interfaces}
         plan.save(run_dir / "plan.json")
@@ -151,15 +152,15 @@ def describe_choice(plan: Plan) -> str:
             f"{p['unaware_s']:.3g} s)")
 
 
-def resolve_plan(cfg: JobConfig, device: str, run_dir: Path) -> Plan | None:
-    """The placement this job runs: ``parallel.plan`` (a file), one made now
-    (``parallel.placement = "auto"``), or none (ranks in order). Sets the blocks per stage."""
+def resolve_plan(cfg: JobConfig, dims: ParallelDims, device: str, run_dir: Path) -> tuple[Plan | None, ParallelDims]:
+    """The placement this job runs: ``parallel.plan`` (a file; ``dims`` already has its
+    sizes and split), one made now (``parallel.placement = "auto"``: its split goes into the
+    returned degrees), or none (ranks in order)."""
     p = cfg.parallel
     if p.plan:
-        return load_plan(p.plan)
+        return load_plan(p.plan), dims
     if p.placement != "auto":
-        return None
-    plan = auto_plan(cfg, device, run_dir)
-    plan.check(dist_utils.world_size(), cfg.model.n_layers, "the detected plan")
-    p.pp_layers = list(plan.layers_per_stage)
-    return plan
+        return None, dims
+    plan = auto_plan(cfg, dims, device, run_dir)
+    plan.check(dims.world, cfg.model.n_layers, "the detected plan")
+    return plan, replace(dims, pp_layers=tuple(plan.layers_per_stage))

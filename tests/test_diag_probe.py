@@ -1,0 +1,213 @@
+"""The pairwise link probe: its analysis on recorded probe matrices (slow pair, slow sender,
+slow host, a prober short of CPU), and its mechanics on a real 4-rank gloo job (request at a
+step boundary, every ordered pair measured, a rank whose process is really CPU-throttled
+named as short of CPU and none of its links blamed). Loopback links cannot be slowed here:
+a real slow link is phase 2's (tc on the emulated cluster)."""
+import contextlib
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from comms.probe import rounds
+from diagnostics import DiagnosticsConfig, Detector
+from diagnostics.drill import _entry, free_port
+from diagnostics.probe import analyse, request
+from diagnostics.traces import Generation, generations
+
+CFG = DiagnosticsConfig()
+
+
+def recorded(matrix_ms: dict, cpu_ms: dict | None = None, throttled: dict | None = None, world=4) -> dict:
+    """A finished probe as the probers write it: per prober its round trips to each peer."""
+    req = {"id": "1", "step": 40, "ranks": list(range(world)), "bytes": 1 << 20, "requested": 0.0}
+    results = {}
+    for r in range(world):
+        sends = {str(d): [matrix_ms.get((r, d), 2.0) / 1e3 * f for f in (0.98, 1.0, 1.03)] for d in range(world) if d != r}
+        results[r] = {"id": "1", "rank": r, "status": "go", "send_s": sends, "started": 0.0, "ended": 1.0,
+                      "cpu_s": [(cpu_ms or {}).get(r, 20.0) / 1e3] * 4, "throttled_s": (throttled or {}).get(r)}
+    return {"request": req, "results": results}
+
+
+def named(a: dict) -> list:
+    from diagnostics.links import name_cells
+
+    node = lambda r: {"rank": r, "node": 0, "host": f"h{r}"}  # noqa: E731
+    return [s.get("link") or (s["rank"], s["role"]) for s in name_cells({tuple(c) for c in a["slow"]},
+                                                                        [tuple(c) for c in a["cells"]], node)]
+
+
+@pytest.mark.parametrize("n", [2, 3, 4, 5, 6])
+def test_rounds_pair_everyone_once(n):
+    rs = rounds(list(range(n)))
+    pairs = [frozenset(p) for rnd in rs for p in rnd]
+    assert len(pairs) == len(set(pairs)) == n * (n - 1) // 2
+    assert all(len({r for p in rnd for r in p}) == 2 * len(rnd) for rnd in rs)  # nobody twice in a round
+
+
+def test_analysis_names_the_slow_pair_sender_and_host():
+    assert analyse(recorded({}), CFG)["slow"] == []  # all at 2 ms
+    a = analyse(recorded({(1, 2): 4.0}), CFG)  # one direction at half bandwidth
+    assert a["status"] == "done" and named(a) == [[1, 2]] and a["matrix_ms"]["1->2"] == pytest.approx(4.0 * 0.98)
+    a = analyse(recorded({(2, d): 5.0 for d in (0, 1, 3)}), CFG)  # host 2's egress
+    assert named(a) == [(2, "sender")]
+    both = {**{(2, d): 5.0 for d in (0, 1, 3)}, **{(s, 2): 5.0 for s in (0, 1, 3)}}
+    assert named(analyse(recorded(both), CFG)) == [(2, "sender and receiver")]
+
+
+def test_a_prober_short_of_cpu_is_not_a_slow_link():
+    # Rank 3's transfers are slow both ways, and so is its fixed CPU work: its process, not its link.
+    slow = {**{(3, d): 9.0 for d in range(3)}, **{(s, 3): 9.0 for s in range(3)}}
+    a = analyse(recorded(slow, cpu_ms={3: 90.0}), CFG)
+    assert a["slow"] == [] and set(a["starved"]) == {3} and a["starved"][3]["cpu_ratio"] == pytest.approx(4.5)
+    a = analyse(recorded(slow, throttled={3: 0.4}), CFG)  # its cgroup says so
+    assert a["slow"] == [] and set(a["starved"]) == {3}
+
+
+def test_incomplete_and_abandoned_probes_say_so():
+    p = recorded({})
+    del p["results"][2]
+    assert analyse(p, CFG)["status"] == "incomplete"
+    p = recorded({})
+    p["results"][1] = {"id": "1", "rank": 1, "status": "abandoned"}
+    assert analyse(p, CFG)["status"] == "abandoned"
+
+
+# ---- on real ranks ------------------------------------------------------------------------
+@contextlib.contextmanager
+def cpu_throttled(pid: int, share: float):
+    """Really hold a process to ``share`` of one CPU: a cgroup CPU quota (v2 cpu.max, v1
+    cfs_quota_us) when this machine lets us make one, else a SIGSTOP/SIGCONT duty cycle."""
+    period = 100_000
+    for root, v2 in ((Path("/sys/fs/cgroup"), True), (Path("/sys/fs/cgroup/cpu"), False)):
+        quota_file = "cpu.max" if v2 else "cpu.cfs_quota_us"
+        if not (root / "cgroup.procs").exists() or (v2 and not (root / "cgroup.subtree_control").exists()):
+            continue
+        cg = root / f"kintsugi-test-{os.getpid()}-{pid}"
+        try:
+            cg.mkdir()
+            (cg / quota_file).write_text(f"{int(share * period)} {period}" if v2 else str(int(share * period)))
+            (cg / "cgroup.procs").write_text(str(pid))
+        except OSError:
+            with contextlib.suppress(OSError):
+                cg.rmdir()
+            continue
+        try:
+            yield "cgroup"
+        finally:
+            with contextlib.suppress(OSError):
+                (root / "cgroup.procs").write_text(str(pid))
+            for _ in range(50):
+                with contextlib.suppress(OSError):
+                    cg.rmdir()
+                    break
+                time.sleep(0.1)
+        return
+    stop = threading.Event()
+
+    def duty():
+        while not stop.is_set():
+            os.kill(pid, signal.SIGSTOP)
+            time.sleep(0.02 * (1 - share))
+            os.kill(pid, signal.SIGCONT)
+            time.sleep(0.02 * share)
+
+    t = threading.Thread(target=duty, daemon=True)
+    t.start()
+    try:
+        yield "sigstop"
+    finally:
+        stop.set()
+        t.join()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
+
+
+def _job(tmp_path, world, steps):
+    import torch.multiprocessing as mp
+
+    ctx = mp.start_processes(_entry, args=(world, free_port(), {"run_dir": str(tmp_path), "steps": steps, "p2p": False}),
+                             nprocs=world, join=False, start_method="fork")
+    deadline = time.time() + 120
+    while True:
+        gens = generations(tmp_path)
+        if gens and len(list(gens[-1].glob("state-r*.json"))) == world:
+            gen = Generation(gens[-1])
+            gen.update()
+            if min(st.get("step", 0) for st in gen.state.values()) >= 2:
+                return ctx, gen
+        assert time.time() < deadline, "the job never started"
+        time.sleep(0.2)
+
+
+def _wait_results(gen, req, world, ctx):
+    deadline = time.time() + 180
+    while len(gen.probes()[req["id"]]["results"]) < len(req["ranks"]):
+        assert time.time() < deadline and all(p.is_alive() for p in ctx.processes), "the probe never finished"
+        time.sleep(0.2)
+        gen.update()
+    return gen.probes()[req["id"]]
+
+
+def _finish(ctx):
+    for p in ctx.processes:
+        p.join(120)
+        assert p.exitcode == 0
+
+
+def test_probe_at_a_step_boundary_measures_every_pair(tmp_path):
+    ctx, gen = _job(tmp_path, 4, steps=250)
+    req = request(gen, [0, 1, 2, 3], 1 << 20, step_s=0.03, cfg=CFG, reason="test")
+    assert req["ranks"] == [0, 1, 2, 3] and req["bytes"] == 1 << 20  # one host: every rank probes
+    assert request(gen, [0, 1, 2, 3], 1 << 20, step_s=0.03, cfg=CFG) is None  # one at a time
+    probe = _wait_results(gen, req, 4, ctx)
+    _finish(ctx)
+    gen.update()
+    a = analyse(probe, CFG)
+    assert a["status"] == "done" and len(a["matrix_ms"]) == 12 and all(ms > 0 for ms in a["matrix_ms"].values())
+    assert all(res["status"] == "go" and res["left"] == "go" for res in probe["results"].values())
+    # every rank spent the probe inside the requested step, recorded as its phase and left out of the statistics
+    assert all("probe" in gen.steps[r][req["step"]].phases for r in range(4))
+    assert req["step"] in gen.complete_steps() and req["step"] not in gen.training_steps()
+    det = Detector(tmp_path, live=False, dump_stacks=False)
+    det.poll()
+    assert list(det.probes[gen.id]) == [req["id"]]
+
+
+def test_cpu_throttled_rank_during_the_probe_is_not_a_link_fault(tmp_path):
+    ctx, gen = _job(tmp_path, 3, steps=250)
+    req = request(gen, [0, 1, 2], 1 << 20, step_s=0.03, cfg=CFG, reason="test")
+    with cpu_throttled(ctx.processes[2].pid, 0.15) as how:
+        probe = _wait_results(gen, req, 3, ctx)
+    _finish(ctx)
+    a = analyse(probe, CFG)
+    assert a["status"] == "done" and set(a["starved"]) == {2}, (how, a)
+    assert not any(2 in cell for cell in a["slow"])
+    vs = Detector(tmp_path, live=False, dump_stacks=False).poll()
+    cpu = [v for v in vs if v.evidence.get("pattern") == "cpu"]
+    assert [(v.kind, v.suspects[0]["rank"]) for v in cpu] == [("straggler", 2)]
+    assert not any(v.kind == "slow_link" and any(2 in s.get("link", []) or s.get("rank") == 2 for s in v.suspects) for v in vs)
+    if how == "cgroup":  # its cgroup's own account; without one, its fixed CPU work gave it away
+        assert probe["results"][2]["throttled_s"] > 0
+    else:
+        assert a["starved"][2]["cpu_ratio"] >= CFG.probe_cpu_factor
+
+
+def test_slow_collectives_make_the_monitor_probe_the_links(tmp_path):
+    """End to end on the drill: rank 1 holds every collective 30 ms once inside it (nobody is
+    late); the live detector names slow_comm, asks for a probe, the ranks run it at the step
+    it names, and the probe's answer is analysed (on loopback the links are fine)."""
+    from diagnostics.drill import run_local
+
+    verdicts, _ = run_local(3, tmp_path, inject=["slowcomm:rank=1,ms=30,from=12"], steps=90, watch_s=120)
+    slow = [v for v in verdicts if v.kind == "slow_comm"]
+    assert len(slow) == 1 and slow[0].suspects[0]["group"] == [0, 1, 2], [v.line() for v in verdicts]
+    asked = slow[0].evidence["probe"]
+    assert asked["ranks"] == [0, 1, 2] and "probing the links" in slow[0].evidence["summary"]
+    det = Detector(tmp_path, live=False, dump_stacks=False)
+    det.poll()
+    (a,) = det.probes[next(iter(det.probes))].values()
+    assert a["id"] == asked["id"] and a["status"] == "done" and len(a["matrix_ms"]) == 6
