@@ -197,8 +197,8 @@ def _job(tb, cluster, name: str, job: Path, *overrides: str) -> list[float]:
     run = tb.shared / name
     procs = tb.launch_job(name, "--config", str(job), f"--train.run_dir={run}", "--skip-preflight", *overrides, env=_env(cluster))
     _wait(tb, procs, "launch")
-    lines = (run / "metrics.jsonl").read_text().splitlines()
-    return [json.loads(line)["step_time_s"] for line in lines if line.strip()]
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return [r["step_time_s"] for r in records if "step_time_s" in r]  # not the checkpoint events
 
 
 def _overlapped_prediction(plan, job: Path, bucket_mb: float) -> float:
