@@ -225,7 +225,7 @@ class EcSnapshots:
         if rebuilt.get("step") is not None:
             self.status = self._gather_status()
         ckpt.l0_remote = self.remote_readers
-        got = ckpt.restore(state, optional)
+        got = ckpt.restore(state, optional, say=False)
         if reshaped:
             self.setup(self.status, keep_places=False)
         nodes_of = dist_utils.all_gather_object(self.node)
