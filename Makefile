@@ -6,6 +6,10 @@ BIN     := $(VENV)/bin
 TORCH_CPU ?= torch==2.13.0
 NPROC   ?= 2
 ARGS    ?=
+# DeepSpeed compiles a C++ op at its first start, under a lock file in this directory; a job
+# killed mid-build leaves the lock and every later DeepSpeed start waits on it for ever. The
+# project keeps its own (built once by `setup`, before any test kills a job).
+export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 
 .PHONY: setup run test bench clean
 
@@ -18,6 +22,7 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	  if command -v nvidia-smi >/dev/null 2>&1; then $(BIN)/pip install -q torch; \
 	  else $(BIN)/pip install -q $(TORCH_CPU); fi; fi
 	$(BIN)/pip install -q -e '.[dev,report]'
+	DS_ACCELERATOR=cpu $(BIN)/python -m launch.prebuild
 	touch $@
 
 setup: $(VENV)/.installed

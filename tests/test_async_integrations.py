@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from checkpoint.format import committed_steps
+from diagnostics.drill import free_port
 
 from test_async import stop_keeper
 
@@ -35,7 +36,7 @@ def ds_steps(engine, steps: range) -> list[float]:
 @pytest.fixture
 def single_rank(monkeypatch):
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")
-    for k, v in dict(MASTER_ADDR="127.0.0.1", MASTER_PORT="29561", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
+    for k, v in dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
                      LOCAL_WORLD_SIZE="1").items():
         monkeypatch.setenv(k, v)
     yield

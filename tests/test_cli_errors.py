@@ -83,3 +83,21 @@ def test_preflight_checkpoint_disk_exceeds_free_disk(tmp_path):
         assert not (small / "run").exists()
     finally:
         subprocess.run(["umount", "-l", str(small)])
+
+
+def test_prebuild_refuses_a_stale_deepspeed_build_lock(tmp_path):
+    """A DeepSpeed build killed mid-way leaves its lock and every later start would wait on it
+    for ever: the prebuild step says so in one line instead of hanging."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT, env
+
+    lock = tmp_path / "py311_cpu" / "deepspeed_shm_comm" / "lock"
+    lock.parent.mkdir(parents=True)
+    lock.touch()
+    os.utime(lock, (0, 0))
+    out = subprocess.run([sys.executable, "-m", "launch.prebuild"], capture_output=True, text=True, cwd=ROOT,
+                         env={**env(), "DS_ACCELERATOR": "cpu", "TORCH_EXTENSIONS_DIR": str(tmp_path)})
+    one_line_error(out, str(lock), "killed", "rm ")
+    assert lock.exists()  # the user's to remove: nothing is deleted behind their back
