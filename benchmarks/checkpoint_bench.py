@@ -127,7 +127,7 @@ def measure(method: str, n_params: int, width: int, batch: int, saves: int, out_
         from checkpoint import CheckpointConfig, Checkpointer, flatten
         from checkpoint.keeper import messages
         cfg = CheckpointConfig(interval=1, dir=str(out_dir / "l2"), l2_interval=10**6, l1_dir=str(out_dir / "l1"),
-                               l1_keep_last=1, host_memory_mb=3 * (nbytes >> 20) + 256)
+                               l1_keep_last=1, host_memory_mb=2 * (nbytes >> 20) + 64)  # double buffering
         ck = Checkpointer(cfg, out_dir)
         ck.attach(opt)
         train_step, boundary = step, []
