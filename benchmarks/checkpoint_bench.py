@@ -23,7 +23,7 @@ one thread copying the checkpoint's bytes into a pre-faulted buffer (the floor o
 copy), beside ``memcpy_fresh_ms`` into freshly mapped shared memory (the difference is the
 cost of first-touch page faults, ``fault_us`` per 4 KiB page).
 
-    python benchmarks/checkpoint_bench.py --json runs/bench/checkpoint.json            # ~100M and ~300M params
+    python benchmarks/checkpoint_bench.py --json runs/bench/checkpoint.json            # ~100M and ~300M params (<10 min)
     python benchmarks/checkpoint_bench.py --quick --json runs/bench/checkpoint.json    # ~10M, a smoke run
 """
 from __future__ import annotations
@@ -325,7 +325,9 @@ def main(argv=None):
                     help="torch threads of the training loop (default: every core; 1 leaves a core to the saver, "
                          "as a GPU node's idle host cores are)")
     ap.add_argument("--saves", type=int, default=7, help="saves per method for the medians")
-    ap.add_argument("--methods", nargs="*", default=METHODS, choices=METHODS)
+    ap.add_argument("--methods", nargs="*", choices=METHODS,
+                    help="methods to run (default: all six at the first size; at larger sizes torch_save, dcp_async "
+                         "and kintsugi, so that the default run stays under 10 minutes here)")
     ap.add_argument("--dir", default="runs/bench/ckpt", help="where checkpoints are written (the disk under test)")
     ap.add_argument("--json", default=None, help="write the results here")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -354,7 +356,8 @@ def main(argv=None):
               f"(into fresh shared memory {fresh:.0f} ms: {res['fault_us']:.2f} us per page fault); load {load()}")
         print(f"{'method':18}{'stall ms':>10}{'x memcpy':>9}{'ovh/step %':>12}{'ovh/10 %':>10}{'durable s':>11}"
               f"{'GB/s':>7}{'peak RSS MB':>13}{'peak PSS MB':>13}{'x ckpt':>8}")
-        for i, m in enumerate(a.methods):
+        methods = a.methods or (METHODS if n == sizes[0] else ["torch_save", "dcp_async", "kintsugi"])
+        for i, m in enumerate(methods):
             d = out / m
             shutil.rmtree(d, ignore_errors=True)
             d.mkdir(parents=True)
