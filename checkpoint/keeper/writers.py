@@ -12,10 +12,9 @@ import threading
 import time
 from dataclasses import dataclass
 
-from checkpoint.format import checksum, fault_point
+from checkpoint.format import SHARD, checksum, fault_point
 from checkpoint.keeper.slots import Slot
 from checkpoint.levels import Storage
-from checkpoint.store import SHARD
 
 log = logging.getLogger(__name__)
 
