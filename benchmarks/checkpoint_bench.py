@@ -76,12 +76,15 @@ class PeakPss(threading.Thread):
 
     def run(self):
         while not self.stop.wait(self.period):
-            self.peak_kb = max(self.peak_kb, sum(map(pss_kb, self.pids())))
+            self.peak_kb = max(self.peak_kb, self.now_kb())
+
+    def now_kb(self) -> int:
+        return sum(map(pss_kb, set(self.pids())))  # a set: the keeper is a child of the trainer, and named too
 
     def peak_mb(self) -> float:
         self.stop.set()
         self.join()
-        return max(self.peak_kb, sum(map(pss_kb, self.pids()))) / 1024
+        return max(self.peak_kb, self.now_kb()) / 1024
 
 
 # ----------------------------------------------------------------------------- one method, in its own process
@@ -389,11 +392,11 @@ def main(argv=None):
             print(f"kintsugi keeper L1 write {k['keeper_write_gbps']:.2f} GB/s = "
                   f"{k['keeper_write_gbps'] / raw:.2f} x raw")
         results[f"{res['params'] / 1e6:.0f}M"] = res
-    if a.json:
-        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-        # one object per method at the top level for the first (or only) size, all sizes under "sizes"
-        first = next(iter(results.values()))
-        Path(a.json).write_text(json.dumps({**first, "sizes": results}, indent=1))
+        if a.json:  # after every size: a run stopped midway keeps the sizes it finished
+            Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+            # one object per method at the top level for the first (or only) size, all sizes under "sizes"
+            first = next(iter(results.values()))
+            Path(a.json).write_text(json.dumps({**first, "sizes": results}, indent=1))
     return 0
 
 
