@@ -9,33 +9,82 @@ AdamW state, side by side on this machine, each in its own process (so peak RSS 
   deepspeed         DeepSpeed ZeRO-2 engine.save_checkpoint
   kintsugi          checkpoint.Checkpointer: lazy copy into the node keeper, L1 write by the keeper
 
-Per method: the stall of the training loop per save (median of >= 10 saves: the time inside
+Per method: the stall of the training loop per save (median of the saves: the time inside
 the save call plus what the next step took beyond the median step without saving), step-time
 overhead when saving every step and every 10 steps, seconds until the save is durable on
-disk (L1 for Kintsugi), checkpoint bytes per second until durable, and peak RSS (for
-Kintsugi plus the keeper's). The raw write+fsync bandwidth of the same directory is measured
-first, with the same number of bytes, buffered and with O_DIRECT; the faster is the
-reference.
+disk (L1 for Kintsugi), checkpoint bytes per second until durable, peak RSS and peak PSS
+(proportional set size, sampled every 50 ms: shared memory mapped by the trainer and the
+keeper counts once) of the process tree, Kintsugi's keeper included, and ``breakdown_ms``:
+where one save's time goes (medians, ms per save; see ``BREAKDOWN``).
 
-    python benchmarks/checkpoint_bench.py --json runs/bench/checkpoint.json            # ~100M and ~500M params
+References measured in the same run: the raw write+fsync bandwidth of the same directory
+(the same number of bytes, buffered and with O_DIRECT; the faster counts), and ``memcpy_ms``:
+one thread copying the checkpoint's bytes into a pre-faulted buffer (the floor of a host
+copy), beside ``memcpy_fresh_ms`` into freshly mapped shared memory (the difference is the
+cost of first-touch page faults, ``fault_us`` per 4 KiB page).
+
+    python benchmarks/checkpoint_bench.py --json runs/bench/checkpoint.json            # ~100M and ~300M params (<10 min)
     python benchmarks/checkpoint_bench.py --quick --json runs/bench/checkpoint.json    # ~10M, a smoke run
 """
 from __future__ import annotations
 
 import argparse
 import json
+import mmap
 import os
 import resource
 import shutil
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 METHODS = ["torch_save", "dcp_save", "dcp_async", "dcp_async_pinned", "deepspeed", "kintsugi"]
 WIDTH = 2048  # Linear(2048, 2048) layers: 4.2M parameters each
+# ms per save, medians over the saves. Every method: save_call (inside save), step_extra (the
+# next step beyond the plain step). Kintsugi also: sync (keeper status + gather at save), alloc
+# (the keeper's slot), eager (tensors copied at save), copy (CPU time of the lazy copy, all
+# threads; copy_wall: its wall time, longer when the cores are busy with the step),
+# page_faults (first touches of shared memory: faults x fault_us, modelled), gil (the copier
+# waiting between pieces), hook_wait (optimizer.step waiting for the copy), report (the
+# keeper round trip at the copy's end), boundary (check() in the next step), crc and
+# l1_write (the keeper's: off the training process, on the same cores here).
+BREAKDOWN = ("save_call", "step_extra", "sync", "alloc", "eager", "copy", "copy_wall", "page_faults", "gil", "hook_wait",
+             "report", "boundary", "crc", "l1_write")
+
+
+def pss_kb(pid: int) -> int:
+    """Proportional set size of a process (kB): shared pages count 1/n in each of n mappers."""
+    try:
+        text = Path(f"/proc/{pid}/smaps_rollup").read_text()
+    except OSError:  # gone
+        return 0
+    return sum(int(line.split()[1]) for line in text.splitlines() if line.startswith("Pss:"))
+
+
+class PeakPss(threading.Thread):
+    """Samples the PSS of a set of processes every ``period`` s; ``peak_mb`` is the largest sum."""
+
+    def __init__(self, pids, period: float = 0.05):
+        super().__init__(daemon=True)
+        self.pids, self.period, self.peak_kb = pids, period, 0
+        self.stop = threading.Event()
+        self.start()
+
+    def run(self):
+        while not self.stop.wait(self.period):
+            self.peak_kb = max(self.peak_kb, self.now_kb())
+
+    def now_kb(self) -> int:
+        return sum(map(pss_kb, set(self.pids())))  # a set: the keeper is a child of the trainer, and named too
+
+    def peak_mb(self) -> float:
+        self.stop.set()
+        self.join()
+        return max(self.peak_kb, self.now_kb()) / 1024
 
 
 # ----------------------------------------------------------------------------- one method, in its own process
@@ -75,6 +124,28 @@ def measure(method: str, n_params: int, width: int, batch: int, saves: int, out_
             opt.step()
             opt.zero_grad()
 
+    nbytes = sum(p.numel() * 4 * 3 for p in model.parameters())  # weights + AdamW's two moments
+    ck = None
+    if method == "kintsugi":
+        from checkpoint import CheckpointConfig, Checkpointer, flatten
+        from checkpoint.keeper import messages
+        cfg = CheckpointConfig(interval=1, dir=str(out_dir / "l2"), l2_interval=10**6, l1_dir=str(out_dir / "l1"),
+                               l1_keep_last=1, host_memory_mb=2 * (nbytes >> 20) + 64)  # double buffering
+        ck = Checkpointer(cfg, out_dir)
+        ck.attach(opt)
+        train_step, boundary = step, []
+
+        def step():  # a training loop's step: the optimizer step, then the boundary (collective)
+            train_step()
+            t = time.perf_counter()
+            ck.check()
+            boundary.append(time.perf_counter() - t)
+
+    import psutil
+    me = psutil.Process()
+    sampler = PeakPss(lambda: [me.pid, *(c.pid for c in me.children(recursive=True)),
+                               *([ck.keeper.pid] if ck is not None and ck.keeper is not None else [])])
+
     for _ in range(2):
         step()
     times = []
@@ -87,16 +158,7 @@ def measure(method: str, n_params: int, width: int, batch: int, saves: int, out_
     def state_dict():
         return {"model": model.state_dict(), "optim": opt.state_dict()}
 
-    nbytes = sum(p.numel() * 4 * 3 for p in model.parameters())  # weights + AdamW's two moments
     pending = []  # what an async method still owes (waited for before its next save)
-    ck = None
-    if method == "kintsugi":
-        from checkpoint import CheckpointConfig, Checkpointer, flatten
-        from checkpoint.keeper import messages
-        cfg = CheckpointConfig(interval=1, dir=str(out_dir / "l2"), l2_interval=10**6, l1_dir=str(out_dir / "l1"),
-                               l1_keep_last=1, host_memory_mb=3 * (nbytes >> 20) + 256)
-        ck = Checkpointer(cfg, out_dir)
-        ck.attach(opt)
 
     stager = None
     if method == "dcp_async_pinned":
@@ -120,7 +182,7 @@ def measure(method: str, n_params: int, width: int, batch: int, saves: int, out_
         elif method == "deepspeed":
             engine.save_checkpoint(str(out_dir), tag=f"s{i}")
         else:
-            ck.save(i, flatten({"model": model.state_dict(), "optim": opt.state_dict()["state"]}))
+            timings.append(ck.save(i, flatten({"model": model.state_dict(), "optim": opt.state_dict()["state"]})))
 
     def wait_durable():
         if ck is not None:
@@ -135,19 +197,30 @@ def measure(method: str, n_params: int, width: int, batch: int, saves: int, out_
         for p in out_dir.glob("s*"):
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink()
 
-    stalls, durables = [], []
+    stalls, durables, timings, parts = [], [], [], {k: [] for k in BREAKDOWN}
     for i in range(1, saves + 1):
         step()
         t0 = time.perf_counter()
         save(i)
         t1 = time.perf_counter()
+        boundary_before = len(boundary) if ck is not None else 0
         step()
         t2 = time.perf_counter()
         wait_durable()
         durables.append(time.perf_counter() - t0)
         stalls.append((t1 - t0) + max(0.0, (t2 - t1) - base))
+        parts["save_call"].append(t1 - t0)
+        parts["step_extra"].append(max(0.0, (t2 - t1) - base))
+        if ck is not None:
+            p = timings[-1].parts
+            for key in ("sync", "alloc", "eager", "copy", "copy_wall", "gil", "hook_wait", "report"):
+                parts[key].append(p[key + "_s"])
+            parts["page_faults"].append(p["faults"])  # a count here: the driver makes it ms
+            parts["boundary"].append(sum(boundary[boundary_before:]))
+            written = ck.keeper.call(messages.Status(ck.gen)).written
+            parts["crc"].append(written["crc"][1])
+            parts["l1_write"].append(written["l1"][1])
         clean()
-
     def overhead(every: int, steps: int) -> float:
         """Time of ``steps`` steps saving every ``every`` (until the last is durable) over
         the same number of steps right before without saving (the machine may be shared)."""
@@ -166,10 +239,14 @@ def measure(method: str, n_params: int, width: int, batch: int, saves: int, out_
 
     every_step = overhead(1, 5)
     every_10 = overhead(10, 10)
-    result = {"stall_ms": 1e3 * statistics.median(stalls), "overhead_pct_every_step": every_step,
+    result = {"stall_ms": 1e3 * statistics.median(stalls), "stall_ms_range": [1e3 * min(stalls), 1e3 * max(stalls)],
+              "overhead_pct_every_step": every_step,
               "overhead_pct_every_10": every_10, "durable_s": statistics.median(durables),
               "write_gbps": nbytes / statistics.median(durables) / 1e9, "step_s": base, "bytes": nbytes,
-              "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+              "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+              "peak_pss_mb": sampler.peak_mb(),
+              "breakdown_ms": {k: (1 if k == "page_faults" else 1e3) * statistics.median(v)
+                               for k, v in parts.items() if v}}
     if ck is not None:
         wrote, secs = ck.keeper.call(messages.Status(ck.gen)).written["l1"]
         result["keeper_write_gbps"] = wrote / secs / 1e9  # the keeper's own L1 write rate
@@ -204,22 +281,62 @@ def raw_write_gbps(directory: Path, nbytes: int, direct: bool) -> float:
     return (nbytes - nbytes % 4096) / dt / 1e9
 
 
+def memcpy_ms(nbytes: int, repeats: int = 5) -> tuple[float, float]:
+    """One thread copying ``nbytes`` (8 MiB pieces, as the lazy copy does) into a pre-faulted
+    buffer, and into freshly mapped shared memory (every 4 KiB page faulted on first touch):
+    medians, ms."""
+    import numpy as np
+    src = np.random.default_rng(0).integers(0, 255, nbytes, dtype=np.uint8)
+    piece = 8 << 20
+
+    def copy(dst) -> float:
+        t = time.perf_counter()
+        for lo in range(0, nbytes, piece):
+            np.copyto(dst[lo:lo + piece], src[lo:lo + piece])
+        return 1e3 * (time.perf_counter() - t)
+
+    warm = np.ones(nbytes, dtype=np.uint8)
+    hot = statistics.median(copy(warm) for _ in range(repeats))
+    del warm
+    fresh = []
+    for _ in range(3):
+        path = f"/dev/shm/kintsugi-bench-{os.getpid()}"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.posix_fallocate(fd, 0, nbytes)  # as the keeper reserves its slots
+            mm = mmap.mmap(fd, nbytes)
+            dst = np.frombuffer(mm, dtype=np.uint8)
+            fresh.append(copy(dst))
+            del dst
+            mm.close()
+        finally:
+            os.close(fd)
+            os.unlink(path)
+    return hot, statistics.median(fresh)
+
+
+def load() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="small sizes (~10M params), for a smoke run")
-    ap.add_argument("--params", type=float, nargs="*", help="model sizes in parameters (default 100e6 500e6)")
+    ap.add_argument("--params", type=float, nargs="*", help="model sizes in parameters (default 100e6 300e6)")
     ap.add_argument("--batch", type=int, default=64, help="rows per step: the forward/backward the lazy copy hides behind")
     ap.add_argument("--threads", type=int, default=os.cpu_count(),
                     help="torch threads of the training loop (default: every core; 1 leaves a core to the saver, "
                          "as a GPU node's idle host cores are)")
-    ap.add_argument("--saves", type=int, default=10, help="saves per method for the medians (>= 10)")
-    ap.add_argument("--methods", nargs="*", default=METHODS, choices=METHODS)
+    ap.add_argument("--saves", type=int, default=7, help="saves per method for the medians")
+    ap.add_argument("--methods", nargs="*", choices=METHODS,
+                    help="methods to run (default: all six at the first size; at larger sizes torch_save, dcp_async "
+                         "and kintsugi, so that the default run stays under 10 minutes here)")
     ap.add_argument("--dir", default="runs/bench/ckpt", help="where checkpoints are written (the disk under test)")
     ap.add_argument("--json", default=None, help="write the results here")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     width = 1024 if a.quick else WIDTH
-    sizes = a.params or ([10e6] if a.quick else [100e6, 500e6])
+    sizes = a.params or ([10e6] if a.quick else [100e6, 300e6])
     if a.worker:
         print(json.dumps(measure(a.worker, int(sizes[0]), width, a.batch, a.saves, Path(a.dir), a.threads)))
         return 0
@@ -232,13 +349,18 @@ def main(argv=None):
         raws = {mode: statistics.median(raw_write_gbps(out, nbytes, mode == "direct") for _ in range(3))
                 for mode in ("buffered", "direct")}
         raw = max(raws.values())
+        hot, fresh = memcpy_ms(nbytes)
         res = {"params": layers * (width * width + width), "raw_write_gbps": raw,
-               "raw_buffered_gbps": raws["buffered"], "raw_direct_gbps": raws["direct"]}
+               "raw_buffered_gbps": raws["buffered"], "raw_direct_gbps": raws["direct"], "memcpy_ms": hot,
+               "memcpy_fresh_ms": fresh, "fault_us": max(0.0, fresh - hot) * 1e3 / (nbytes / 4096),
+               "load_before": load()}
         print(f"\n{res['params'] / 1e6:.0f}M params, {nbytes / 1e9:.2f} GB per checkpoint, raw write+fsync "
-              f"{raw:.2f} GB/s (buffered {raws['buffered']:.2f}, O_DIRECT {raws['direct']:.2f})")
-        print(f"{'method':18}{'stall ms':>10}{'ovh/step %':>12}{'ovh/10 %':>10}{'durable s':>11}{'GB/s':>7}"
-              f"{'peak RSS MB':>13}")
-        for i, m in enumerate(a.methods):
+              f"{raw:.2f} GB/s (buffered {raws['buffered']:.2f}, O_DIRECT {raws['direct']:.2f}); memcpy {hot:.0f} ms "
+              f"(into fresh shared memory {fresh:.0f} ms: {res['fault_us']:.2f} us per page fault); load {load()}")
+        print(f"{'method':18}{'stall ms':>10}{'x memcpy':>9}{'ovh/step %':>12}{'ovh/10 %':>10}{'durable s':>11}"
+              f"{'GB/s':>7}{'peak RSS MB':>13}{'peak PSS MB':>13}{'x ckpt':>8}")
+        methods = a.methods or (METHODS if n == sizes[0] else ["torch_save", "dcp_async", "kintsugi"])
+        for i, m in enumerate(methods):
             d = out / m
             shutil.rmtree(d, ignore_errors=True)
             d.mkdir(parents=True)
@@ -253,8 +375,15 @@ def main(argv=None):
                 res[m] = {"error": p.stderr[-2000:]}
                 continue
             r = res[m] = json.loads(p.stdout.strip().splitlines()[-1])
-            print(f"{m:18}{r['stall_ms']:10.1f}{r['overhead_pct_every_step']:12.1f}{r['overhead_pct_every_10']:10.1f}"
-                  f"{r['durable_s']:11.2f}{r['write_gbps']:7.2f}{r['peak_rss_mb']:13.0f}", flush=True)
+            b = r["breakdown_ms"]
+            if "page_faults" in b:  # a count from the worker: ms at this run's cost per fault (modelled)
+                b["page_faults"] *= res["fault_us"] / 1e3
+            print(f"{m:18}{r['stall_ms']:10.1f}{r['stall_ms'] / hot:9.2f}{r['overhead_pct_every_step']:12.1f}"
+                  f"{r['overhead_pct_every_10']:10.1f}{r['durable_s']:11.2f}{r['write_gbps']:7.2f}"
+                  f"{r['peak_rss_mb']:13.0f}{r['peak_pss_mb']:13.0f}{r['peak_pss_mb'] * 2**20 / nbytes:8.2f}", flush=True)
+            print(f"{'':18}breakdown ms: " + ", ".join(f"{k} {b[k]:.0f}" for k in BREAKDOWN if k in b), flush=True)
+        res["load_after"] = load()
+        print(f"load (1, 5, 15 min) before {res['load_before']}, after {res['load_after']}")
         k = res.get("kintsugi", {})
         if "stall_ms" in k:
             for other in ("torch_save", "dcp_async"):
@@ -263,11 +392,11 @@ def main(argv=None):
             print(f"kintsugi keeper L1 write {k['keeper_write_gbps']:.2f} GB/s = "
                   f"{k['keeper_write_gbps'] / raw:.2f} x raw")
         results[f"{res['params'] / 1e6:.0f}M"] = res
-    if a.json:
-        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-        # one object per method at the top level for the first (or only) size, all sizes under "sizes"
-        first = next(iter(results.values()))
-        Path(a.json).write_text(json.dumps({**first, "sizes": results}, indent=1))
+        if a.json:  # after every size: a run stopped midway keeps the sizes it finished
+            Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+            # one object per method at the top level for the first (or only) size, all sizes under "sizes"
+            first = next(iter(results.values()))
+            Path(a.json).write_text(json.dumps({**first, "sizes": results}, indent=1))
     return 0
 
 

@@ -6,6 +6,13 @@ process tree; we sample it every 20 ms for wall time, peak RSS (summed over the 
 and peak disk use of what it writes (``peak_extra_disk_mb``: the peak beyond the final
 output, i.e. temporary files). Medians over ``--repeats`` runs, alternating the order.
 
+``floor_s`` (same run, beside each repeat): reading the checkpoint's files once and writing
+the same number of bytes once (16 MiB pieces, direct I/O where the filesystem allows, as
+the converter writes; then fsync): what any conversion costs at least. ``breakdown_s``:
+where Kintsugi's conversion spends its time, from one more run in a process that times
+its imports (start-up) and ``convert()``'s parts (seconds summed over the workers: read,
+serialize, checksum, write_fsync, finish; ``convert`` is the wall time).
+
     python benchmarks/convert_bench.py --json runs/bench/convert.json      # ~1.1 GB checkpoint
     python benchmarks/convert_bench.py --quick                             # ~100 MB smoke run
 """
@@ -13,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import mmap
 import os
 import shutil
 import socket
@@ -93,6 +101,53 @@ def measure(cmd: list[str], out: Path, env: dict) -> dict:
             "peak_extra_disk_mb": max(0, peak_disk - final) / 2**20, "output_mb": final / 2**20}
 
 
+def floor_s(src: Path, out: Path) -> float:
+    """Read every file under ``src`` once, then write as many bytes to one file under ``out``
+    once (16 MiB pieces from one page-aligned buffer; direct I/O where the filesystem allows,
+    the tail buffered; fsync): seconds."""
+    files = [p for p in sorted(src.rglob("*")) if p.is_file()]
+    total = sum(p.stat().st_size for p in files)
+    buf = mmap.mmap(-1, 16 << 20)
+    view = memoryview(buf)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "floor.bin"
+    t = time.perf_counter()
+    for p in files:
+        with open(p, "rb", buffering=0) as f:
+            while f.readinto(view):
+                pass
+    body = total - total % 4096
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        try:
+            direct = os.open(path, os.O_WRONLY | os.O_DIRECT)
+        except OSError:  # no direct I/O here (tmpfs): all buffered
+            direct, body = fd, 0
+        for lo in range(0, body, len(view)):
+            os.pwrite(direct, view[:min(len(view), body - lo)], lo)
+        if direct != fd:
+            os.close(direct)
+        for lo in range(body, total, len(view)):
+            os.pwrite(fd, view[:min(len(view), total - lo)], lo)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    dt = time.perf_counter() - t
+    shutil.rmtree(out, ignore_errors=True)
+    view.release()
+    buf.close()
+    return dt
+
+
+def profile(ckpt: Path, dst: Path, workers: int):
+    """--profile-worker: one conversion in this process, its start-up and parts timed (JSON)."""
+    t = time.perf_counter()
+    from checkpoint.convert.stream import convert
+    imports = time.perf_counter() - t
+    plan = convert(ckpt, dst, "deepspeed-universal", workers=workers, progress=False)
+    print(json.dumps({"startup": imports, **plan.seconds}))
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="~100 MB checkpoint, one run each")
@@ -100,7 +155,10 @@ def main(argv=None):
     ap.add_argument("--workers", type=int, default=4, help="workers for both converters")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--keep", type=Path, help="reuse/keep the DeepSpeed checkpoint here")
+    ap.add_argument("--profile-worker", nargs=2, type=Path, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
+    if a.profile_worker:
+        return profile(*a.profile_worker, a.workers)
     width, depth, repeats = (1024, 8, 1) if a.quick else (2048, 19, a.repeats)  # 8.4M / 79.7M parameters
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT)}
     work = Path(tempfile.mkdtemp(prefix="convert_bench_"))
@@ -111,7 +169,9 @@ def main(argv=None):
     tag = (ckpt / "latest").read_text().strip()
     size_mb = du(ckpt / tag) / 2**20
     runs = {"deepspeed": [], "kintsugi": []}
+    floors = []
     for r in range(repeats):
+        floors.append(floor_s(ckpt / tag, work / "floor"))
         for tool in (("deepspeed", "kintsugi") if r % 2 == 0 else ("kintsugi", "deepspeed")):
             box = work / f"{tool}_{r}"  # everything the converter writes lands in here
             box.mkdir()
@@ -126,6 +186,17 @@ def main(argv=None):
             shutil.rmtree(box, ignore_errors=True)
             runs[tool].append(res)
     result = {tool: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for tool, rs in runs.items()}
+    for tool, rs in runs.items():
+        result[tool]["wall_s_range"] = [min(r["wall_s"] for r in rs), max(r["wall_s"] for r in rs)]
+    result["floor_s"] = statistics.median(floors)
+    result["floor_s_range"] = [min(floors), max(floors)]
+    p = subprocess.run([sys.executable, __file__, "--profile-worker", str(ckpt), str(work / "profile"),
+                        "--workers", str(a.workers)], env=env, cwd=ROOT, capture_output=True, text=True)
+    if p.returncode != 0:
+        raise SystemExit(f"the profiling run failed: {p.stderr[-2000:]}")
+    result["kintsugi"]["breakdown_s"] = json.loads(p.stdout.strip().splitlines()[-1])
+    shutil.rmtree(work / "profile", ignore_errors=True)
+    result["load"] = " ".join(Path("/proc/loadavg").read_text().split()[:3])
     result["checkpoint_mb"] = size_mb
     result["params"] = width * (width + 1) * depth
     result["repeats"] = repeats
@@ -136,6 +207,12 @@ def main(argv=None):
     for name, r in (("deepspeed", ds), ("kintsugi", ks)):
         print(f"{name:12s} {r['wall_s']:8.1f} {r['peak_rss_mb']:12.0f} {r['peak_disk_mb']:13.0f} {r['peak_extra_disk_mb']:14.0f}")
     print(f"{'ratio':12s} {ks['wall_s'] / ds['wall_s']:8.2f} {ks['peak_rss_mb'] / ds['peak_rss_mb']:12.2f}")
+    print(f"floor (read + write the same bytes once) {result['floor_s']:.2f} s: kintsugi {ks['wall_s'] / result['floor_s']:.2f}x, "
+          f"deepspeed {ds['wall_s'] / result['floor_s']:.2f}x; spread of {repeats}: kintsugi "
+          f"{ks['wall_s_range'][0]:.1f}-{ks['wall_s_range'][1]:.1f} s, deepspeed {ds['wall_s_range'][0]:.1f}-"
+          f"{ds['wall_s_range'][1]:.1f} s; load {result['load']}")
+    print("kintsugi breakdown (s; parts summed over workers): " +
+          ", ".join(f"{k} {v:.2f}" for k, v in ks["breakdown_s"].items()))
     if a.json:
         a.json.parent.mkdir(parents=True, exist_ok=True)
         a.json.write_text(json.dumps(result, indent=1))

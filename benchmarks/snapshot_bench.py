@@ -113,6 +113,15 @@ def copy_speed(state: dict, repeats: int) -> tuple[float, float]:
     return nbytes / lazy_s / 1e9, nbytes / memcpy_s / 1e9
 
 
+def peak_pss_mb(pids: list[int]) -> float:
+    """PSS of these processes (shared memory mapped by several counts once), MB."""
+    total = 0
+    for pid in pids:
+        text = Path(f"/proc/{pid}/smaps_rollup").read_text()
+        total += sum(int(line.split()[1]) for line in text.splitlines() if line.startswith("Pss:"))
+    return total / 1024
+
+
 def evict(root: Path):
     """Drop a level's files from the page cache, as after a node restart: a disk level is
     then read from the disk, not from memory."""
@@ -134,16 +143,17 @@ def checkpoint_bench(params_m: float, steps: int, work: Path) -> tuple[dict, np.
     copy_gbps, memcpy_gbps = copy_speed(state, 5)  # medians of 3 swung 0.67-1.33x
 
     cfg = CheckpointConfig(interval=1, dir=str(work / "l2"), l2_interval=1 << 30, l1_dir=str(work / "l1"),
-                           l1_interval=1 << 30, host_memory_mb=4 * (nbytes >> 20) + 64, keeper_timeout_s=30)
+                           l1_interval=1 << 30, host_memory_mb=2 * (nbytes >> 20) + 64, keeper_timeout_s=30)
     ckpt = Checkpointer(cfg, work)
     ckpt.attach(opt)
-    times = []
+    times, parts = [], []
     for i in range(1, steps + 1):
         t = time.perf_counter()
         step()
-        ckpt.save(i, state)
+        parts.append(ckpt.save(i, state).parts)
         ckpt.check()
         times.append(time.perf_counter() - t)
+    pss = peak_pss_mb([os.getpid(), ckpt.keeper.pid])  # both snapshot slots are mapped and touched by now
     ckpt.save(steps + 1, state, final=True)  # to L1 and L2 as well
     while ckpt.pending:
         ckpt.check()
@@ -157,8 +167,12 @@ def checkpoint_bench(params_m: float, steps: int, work: Path) -> tuple[dict, np.
     recover_l2 = median_time(lambda: load_state(work / "l2", state), 3, setup=lambda: evict(work / "l2"))
     ckpt.close()
     snap = np.concatenate([t.detach().reshape(-1).view(torch.uint8).numpy() for t in expected])
+    # ms per snapshot (medians; the first two are left out: they map fresh keeper memory)
+    breakdown = {k[:-2]: 1e3 * statistics.median(p[k] for p in parts[2:] or parts) for k in parts[0] if k.endswith("_s")}
+    breakdown["faults"] = statistics.median(p["faults"] for p in parts[2:] or parts)
     return {"params_m": sum(p.numel() for p in model.parameters()) / 1e6, "state_mb": nbytes / 2 ** 20,
             "step_ms": base * 1e3, "snapshot_stall_ms": max(0.0, statistics.median(times) - base) * 1e3,
+            "breakdown_ms": breakdown, "peak_pss_mb": pss, "memcpy_ms": nbytes / memcpy_gbps / 1e6,
             "disk_stall_ms": disk * 1e3, "copy_gbps": copy_gbps, "memcpy_gbps": memcpy_gbps,
             "recover_memory_s": recover_memory, "recover_l1_s": recover_l1, "recover_l2_s": recover_l2}, snap
 
@@ -235,6 +249,11 @@ def main(argv=None):
         print(f"{r['params_m']:>6.0f}M {r['state_mb']:>6.0f}MB {r['step_ms']:>6.0f}ms {r['snapshot_stall_ms']:>8.1f}ms "
               f"{r['disk_stall_ms']:>8.0f}ms {r['copy_gbps']:>6.2f} {r['memcpy_gbps']:>6.2f} {r['recover_memory_s']:>6.3f}s "
               f"{r['recover_ec_s']:>6.3f}s {r['recover_l1_s']:>6.3f}s {r['recover_l2_s']:>6.3f}s")
+    for r in runs:
+        print(f"{r['params_m']:>6.0f}M: stall {100 * r['snapshot_stall_ms'] / r['step_ms']:.0f}% of the step, "
+              f"{r['snapshot_stall_ms'] / r['memcpy_ms']:.2f}x memcpy ({r['memcpy_ms']:.0f} ms); peak PSS "
+              f"{r['peak_pss_mb']:.0f} MB = {r['peak_pss_mb'] / r['state_mb']:.2f}x the state; breakdown ms per snapshot: "
+              + ", ".join(f"{k} {v:.0f}" for k, v in r["breakdown_ms"].items()) + f"; load {os.getloadavg()[0]:.1f}")
 
     speeds = [coding_speed(k, m, a.snapshot_mb << 20, a.repeats) for k, m in [(3, 1), (6, 2)]]
     print(f"zfec coding, one core, {a.snapshot_mb} MiB snapshot per node (GB/s of snapshot bytes, median of {a.repeats})")

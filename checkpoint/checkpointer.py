@@ -35,7 +35,7 @@ import signal
 import socket
 import time
 import zlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -79,6 +79,9 @@ class SaveTiming:
     stall_s: float = 0.0  # how long save() held the caller (the lazy copy runs after it)
     durable_s: float | None = None  # save() to committed at every level (or given up); None while in flight
     failed: list[str] = field(default_factory=list)  # levels that did not store it, with the reason
+    # Where the stall goes: sync_s (keeper status + the ranks' gather), alloc_s (the keeper's
+    # slot), eager_s (tensors copied at save), then the lazy copy's copy_s, faults, hook_wait_s.
+    parts: dict = field(default_factory=dict)
 
 
 class Checkpointer:
@@ -165,7 +168,9 @@ class Checkpointer:
         meta = sorted((k, c.nbytes) for k, (_, c) in chunks.items())
         sig = zlib.crc32(repr(meta).encode())
         latest = {n: st.steps()[:1] for n, st in self.storages.items()} if final else {}
+        t_sync = time.monotonic()
         gathered = self._sync(sig=sig, wait_ready=True, latest=latest)
+        t_sync = time.monotonic() - t_sync
         if [g["sig"] for g in gathered] != self.sigs:  # the layout changed (or first save): re-plan
             self.owner = plan_writes(dist_utils.all_gather_object(meta))
             self.sigs = [g["sig"] for g in gathered]
@@ -184,7 +189,9 @@ class Checkpointer:
         mine = sorted(k for k in chunks if self.owner[k] == self.rank)
         head, offsets = shard_header((k, chunks[k][1].tensor.dtype, chunks[k][1].shape) for k in mine)
         nbytes = len(head) + sum(chunks[k][1].nbytes for k in mine)
+        t_alloc = time.monotonic()
         reply, no_room = self._alloc(step, nbytes)  # waits when memory is spent
+        t_alloc = time.monotonic() - t_alloc
         if any(dist_utils.any_true([no_room is not None])):
             if reply is not None:
                 self._call(m.Release(reply.slot))
@@ -194,8 +201,10 @@ class Checkpointer:
             return timing
         self.pending[step] = PendingSave(step, {"l0", *due})
         timing = self.timings[step] = SaveTiming(step, ("l0", *due), started)
+        timing.parts.update(sync_s=t_sync, alloc_s=t_alloc)
         if reply is None:
             return timing
+        t_eager = time.monotonic()
         buf = self._buffer(reply)
         buf[:len(head)].copy_(torch.frombuffer(bytearray(head), dtype=torch.uint8))
         entries, lazy, owned = [], [], optimizer_storages()
@@ -212,7 +221,8 @@ class Checkpointer:
                             DTYPE_NAMES[c.tensor.dtype], lo, lo + c.nbytes])
 
         filled = m.Filled(self.gen, step, reply.slot, entries, self.world, due, objects if self.rank == 0 else None)
-        self.capture = LazyCopy(lazy, lambda: self._call(filled))
+        timing.parts["eager_s"] = time.monotonic() - t_eager
+        self.capture = LazyCopy(lazy, lambda: self._call(filled), timing.parts)
         timing.stall_s = time.monotonic() - started
         return timing
 
@@ -352,7 +362,7 @@ class Checkpointer:
             st = self._call(m.Status(self.gen))
         if self.keeper_error is not None:
             return {"fatal": self.keeper_error[0], "user": self.keeper_error[1]}
-        st = asdict(st)
+        st = dict(vars(st))  # shallow: asdict's deep copy of every record cost ~10 ms per boundary
         l0 = {str(s) for s, p in self.pending.items() if "l0" in p.levels}
         st["ready"] = {s: r for s, r in st["ready"].items() if s in l0}  # records travel until L0 commits
         st["objects"] = {s: o for s, o in st["objects"].items() if s in l0}

@@ -35,11 +35,11 @@ import secrets
 import shutil
 import struct
 import time
-import zlib
 from pathlib import Path
 
 import numpy as np
 import torch
+from isal import isal_zlib
 
 from comms import UserError
 
@@ -100,8 +100,11 @@ def as_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(t.reshape(-1).view(torch.uint8).numpy())
 
 
-def crc32(t: torch.Tensor) -> int:
-    return zlib.crc32(as_bytes(t.detach().cpu().contiguous()))
+def checksum(data, value: int = 0) -> int:
+    """CRC32 of a buffer (zlib's polynomial, so every manifest's ``crc32`` reads alike), by
+    ISA-L's carry-less-multiply kernel: 4-5x zlib's speed here, the GIL released."""
+    return isal_zlib.crc32(data, value)
+
 
 
 def fsync_dir(path: Path):
@@ -151,7 +154,7 @@ def write_shard(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str
         f.write(head)
         for key, t in cpu.items():
             data = as_bytes(t)
-            crcs[key] = zlib.crc32(data)
+            crcs[key] = checksum(data)
             f.write(data)
         f.flush()
         os.fsync(f.fileno())
@@ -264,7 +267,7 @@ class ShardReader:
             raw = torch.from_numpy(np.fromfile(self.path, dtype=np.uint8, count=n, offset=start))
             if raw.numel() != n:  # shrank since it was opened
                 raise CorruptCheckpoint(f"shard {self.path} is truncated at {quoted(key)}")
-        if crc is not None and self.map is None and zlib.crc32(raw.numpy()) != crc:
+        if crc is not None and self.map is None and checksum(raw.numpy()) != crc:
             raise CorruptCheckpoint(f"checksum mismatch for {quoted(key)} in {self.path}")
         return raw.view(TORCH_DTYPES[meta["dtype"]]).reshape(meta["shape"])
 
@@ -287,7 +290,7 @@ class ShardReader:
                     if not k:
                         raise CorruptCheckpoint(f"shard {self.path} is truncated at {quoted(key)}")
                     got += k
-        if crc is not None and self.map is None and zlib.crc32(dst) != crc:
+        if crc is not None and self.map is None and checksum(dst) != crc:
             raise CorruptCheckpoint(f"checksum mismatch for {quoted(key)} in {self.path}")
 
 

@@ -12,9 +12,12 @@ eagerly at the save instead.
 """
 from __future__ import annotations
 
+import resource
 import threading
+import time
 import weakref
 
+import numpy as np
 import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
@@ -22,7 +25,7 @@ from checkpoint.format import fault_point
 from checkpoint.state import is_dtensor
 
 # Copies are cut into 8 MiB pieces: the step hook can take over the rest of a large
-# tensor, and the CPU copier holds no lock for long (~5-10 ms per piece at 1-2 GB/s).
+# tensor, and the CPU copier holds no lock for long (~1-5 ms per piece).
 PIECE = 8 << 20
 
 _active: "weakref.WeakSet[LazyCopy]" = weakref.WeakSet()
@@ -64,7 +67,9 @@ def lazy_ok(t: torch.Tensor, owned: set[int]) -> bool:
 def _pre_step(optimizer, args, kwargs):
     protect(optimizer)
     for copy in list(_active):
+        t = time.perf_counter()
         copy.wait()
+        copy.stats["hook_wait_s"] += time.perf_counter() - t
 
 
 register_optimizer_step_pre_hook(_pre_step)
@@ -87,13 +92,23 @@ def host_unview(buf: torch.Tensor):
 
 class LazyCopy:
     """Copies ``(source tensor, destination byte view)`` pairs in the background; calls
-    ``on_done()`` (from the copier) once every byte is in host memory."""
+    ``on_done()`` (from the copier) once every byte is in host memory.
 
-    def __init__(self, pairs: list[tuple[torch.Tensor, torch.Tensor]], on_done):
+    ``stats`` (a dict it fills) says what the copy cost, summed over the threads that
+    copied: ``copy_s`` CPU seconds copying (``copy_wall_s`` their wall time: with the CPU
+    shared, also time waiting for it), ``faults`` minor page faults taken meanwhile (first
+    touches of shared memory not yet mapped here), ``gil_s`` the copier thread's time
+    between pieces (waiting for the GIL), ``hook_wait_s`` the optimizer's pre-step wait,
+    ``report_s`` the ``on_done`` call (the keeper round trip saying the copy is complete)."""
+
+    def __init__(self, pairs: list[tuple[torch.Tensor, torch.Tensor]], on_done, stats: dict | None = None):
+        self.cuda = any(src.is_cuda for src, _ in pairs)
         self.pieces = []
         for src, dst in pairs:
             flat = src.detach().reshape(-1).view(torch.uint8)
-            for lo in range(0, flat.numel(), PIECE):
+            if not self.cuda:  # numpy's copy is one plain memcpy per piece (no thread pool), GIL released
+                flat, dst = flat.numpy(), dst.numpy()
+            for lo in range(0, flat.shape[0], PIECE):
                 self.pieces.append((flat[lo:lo + PIECE], dst[lo:lo + PIECE]))
         self.on_done = on_done
         self.next = 0
@@ -101,7 +116,8 @@ class LazyCopy:
         self.lock = threading.Lock()
         self.done = threading.Event()
         self.error: BaseException | None = None
-        self.cuda = any(src.is_cuda for src, _ in pairs)
+        self.stats = stats if stats is not None else {}
+        self.stats.update(copy_s=0.0, copy_wall_s=0.0, faults=0, gil_s=0.0, hook_wait_s=0.0, report_s=0.0)
         _active.add(self)
         if not self.pieces:  # everything was copied eagerly
             self._finish()
@@ -110,8 +126,8 @@ class LazyCopy:
         else:
             threading.Thread(target=self._copier, name="kintsugi-lazy-copy", daemon=True).start()
 
-    # CPU: a copier thread and the step hook take pieces from the same queue; torch's
-    # copy_ releases the GIL, so the copier overlaps the forward/backward of the main thread.
+    # CPU: a copier thread and the step hook take pieces from the same queue; the copy
+    # releases the GIL, so the copier overlaps the forward/backward of the main thread.
     def _take(self):
         with self.lock:
             if self.next == len(self.pieces):
@@ -119,25 +135,35 @@ class LazyCopy:
             self.next += 1
             return self.pieces[self.next - 1]
 
-    def _copy_some(self) -> bool:
+    def _copy_some(self) -> float | None:
+        """Copy the next piece; its seconds, or None when none is left."""
         piece = self._take()
         if piece is None:
-            return False
+            return None
+        t, cpu, faults = time.perf_counter(), time.thread_time(), resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
         try:
             fault_point("copy")
-            piece[1].copy_(piece[0])
+            np.copyto(piece[1], piece[0])
         except BaseException as e:  # surfaced by wait() on the training thread
             self.error = e
+        faults = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt - faults
+        cpu, dt = time.thread_time() - cpu, time.perf_counter() - t
         with self.lock:
+            self.stats["copy_s"] += cpu
+            self.stats["copy_wall_s"] += dt
+            self.stats["faults"] += faults
             self.left -= 1
             last = self.left == 0
         if last:
             self._finish()
-        return True
+        return dt
 
     def _copier(self):
-        while self._copy_some():
-            pass
+        start, copying = time.perf_counter(), 0.0
+        while (dt := self._copy_some()) is not None:
+            copying += dt
+        # the copier's time between its pieces: waiting for the GIL (and taking the next piece)
+        self.stats["gil_s"] = max(0.0, time.perf_counter() - start - copying - self.stats["report_s"])
 
     # CUDA: the side stream first waits for the work that produced the tensors, then copies
     # them non-blocking into pinned host memory; the optimizer's stream waits on the event
@@ -161,11 +187,13 @@ class LazyCopy:
 
     def _finish(self):
         _active.discard(self)
+        t = time.perf_counter()
         try:
             if self.error is None:
                 self.on_done()
         except BaseException as e:
             self.error = e
+        self.stats["report_s"] = time.perf_counter() - t
         self.done.set()
 
     def wait(self):
@@ -173,7 +201,7 @@ class LazyCopy:
         if self.cuda:
             torch.cuda.current_stream().wait_event(self.event)
             return
-        while self._copy_some():
+        while self._copy_some() is not None:
             pass
         self.done.wait()
 

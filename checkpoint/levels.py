@@ -67,6 +67,17 @@ def _write_direct(path: Path, data: memoryview) -> int:
     return body
 
 
+def write_file(path: Path, data: memoryview):
+    """Create ``path`` holding ``data``, durably: direct I/O where it can, then fsync."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        done = _write_direct(path, data)
+        _write(fd, data, done)  # the unaligned tail, or everything without direct I/O
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 @dataclass
 class LevelSpec:
     """One level's storage, as the trainer's config gives it and as it travels to the keeper."""
@@ -129,14 +140,7 @@ class DirectoryStorage(Storage):
     def write_part(self, gen: str, step: int, fname: str, data: memoryview):
         tmp = self._tmp(gen, step)
         tmp.mkdir(parents=True, exist_ok=True)
-        path = tmp / fname
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            done = _write_direct(path, data)
-            _write(fd, data, done)  # the unaligned tail, or everything without direct I/O
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        write_file(tmp / fname, data)
 
     def commit(self, gen: str, step: int, manifest: dict):
         tmp = self._tmp(gen, step)

@@ -236,7 +236,7 @@ class Patterns:
             extras["sub_param_shape"] = sub.spec
         else:
             dim = 1 if kind == "row" else 0
-            full = torch.cat(slices, dim=dim)
+            full = slices[0] if len(slices) == 1 else torch.cat(slices, dim=dim)  # one slice: no copy
             extras["cat_dim"] = dim
         if self.is_vocabulary(name):
             if self.original_vocab_size is None:

@@ -119,3 +119,24 @@ def test_ctrl_c_stops_a_conversion_promptly_and_the_rerun_resumes(tmp_path):
     assert all((dst / "atoms" / name).stat().st_ino == ino for name, ino in inodes.items())  # kept, not redone
     u = Universal(dst)
     assert len(u.tensors) == 200 and all(torch.equal(u.read(n), t) for n, t in full.items())
+
+
+def test_deepspeed_universal_files_carry_the_zip_checksums(tmp_path):
+    """save_pt builds torch.save's zip without torch's CRC-32s and fills them in itself:
+    every record must check (zipfile verifies each one) and load back, empty tensors and a
+    buffer grown past its first size included."""
+    import zipfile
+
+    from checkpoint.convert.deepspeed import save_pt
+
+    objects = [{"param": torch.randn(300, 7), "cat_dim": 0}, torch.tensor(3.0),
+               {"a": [torch.ones(5), torch.zeros(0)], "b": torch.arange(3 << 18, dtype=torch.int64)}]
+    for i, obj in enumerate(objects):
+        path = tmp_path / f"{i}.pt"
+        save_pt(obj, path, size_hint=16)  # far too small a hint: the buffer grows
+        with zipfile.ZipFile(path) as z:
+            assert z.testzip() is None and all(info.CRC for info in z.infolist() if info.file_size)
+        back = torch.load(path, weights_only=True)
+        flat = lambda o: o if isinstance(o, torch.Tensor) else o.get("param", o.get("b"))  # noqa: E731
+        assert torch.equal(flat(back), flat(obj))
+    assert torch.serialization.get_crc32_options()  # torch.save elsewhere keeps its own CRCs

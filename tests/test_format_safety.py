@@ -401,3 +401,18 @@ if __name__ == "__main__":
     for arg in sys.argv[3:]:
         step, value = map(int, arg.split(":"))
         save(root, step, value, keep_last)
+
+
+def test_the_checksum_is_zlib_crc32_so_older_manifests_verify():
+    """Manifests keep the field "crc32" with zlib's polynomial whatever computes it."""
+    import zlib
+
+    import numpy as np
+
+    from checkpoint.format import checksum
+
+    rng = np.random.default_rng(0)
+    for n in (0, 1, 7, 4096, 1 << 20):
+        data = rng.integers(0, 256, n, dtype=np.uint8)
+        assert checksum(data) == zlib.crc32(data)
+        assert checksum(data[n // 2:], checksum(data[:n // 2])) == zlib.crc32(data)

@@ -27,17 +27,23 @@ from __future__ import annotations
 
 import argparse
 import math
+import mmap
 import os
 import pickle
 import re
 import shutil
+import struct
+import threading
+import time
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from checkpoint.convert.sources import Info, Source
-from checkpoint.format import CorruptCheckpoint
+from checkpoint.format import CorruptCheckpoint, checksum
+from checkpoint.levels import write_file
 from checkpoint.patterns import Patterns
 from checkpoint.universal import jsonable, param_name, split_name
 from comms import UserError
@@ -83,14 +89,141 @@ def load_pt(path: Path, mmap: bool = True):
         raise CorruptCheckpoint(f"{path} is truncated or corrupt ({str(e).splitlines()[0][:120]})") from None
 
 
-def save_pt(obj, path: Path):
-    """torch.save through a tmp file and a rename (a present file is a complete file)."""
+def save_pt(obj, path: Path, size_hint: int = 0, seconds: dict | None = None):
+    """torch.save through a tmp file and a rename (a present file is a complete file). The
+    zip is built in page-aligned memory (``size_hint``: about its bytes), its records' CRC-32s
+    filled in by ISA-L (torch's own miniz CRC took half of torch.save's time here), then
+    written with direct I/O where the filesystem allows (buffered writes reached a third of
+    its speed here) and fsynced. ``seconds`` gets the parts' times added (serialize,
+    checksum, write)."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
+    sink = _sinks.__dict__.setdefault("sink", _Sink())
+    sink.reset(size_hint + (1 << 20))
+    t0 = time.perf_counter()
+    with _no_torch_crc:
+        torch.save(obj, sink)
+    view = sink.view()
+    try:
+        t1 = time.perf_counter()
+        fill_zip_crcs(view)
+        t2 = time.perf_counter()
+        write_file(tmp, view)
+    finally:
+        view.release()
     os.replace(tmp, path)
+    if seconds is not None:
+        with _no_torch_crc.lock:
+            for part, dt in (("serialize", t1 - t0), ("checksum", t2 - t1), ("write_fsync", time.perf_counter() - t2)):
+                seconds[part] = seconds.get(part, 0.0) + dt
+
+
+_sinks = threading.local()  # one per converting thread, reused: fresh memory costs a page fault per 4 KiB
+
+
+class _Sink:
+    """A growable page-aligned buffer that torch.save writes into (a file-like ``write``)."""
+
+    def __init__(self):
+        self.mm, self.pos = mmap.mmap(-1, 1 << 20), 0
+
+    def reset(self, capacity: int):
+        self.pos = 0
+        if capacity > len(self.mm):
+            self._grow(capacity)
+
+    def _grow(self, capacity: int):
+        bigger = mmap.mmap(-1, capacity)
+        bigger[:self.pos] = self.mm[:self.pos]
+        self.mm.close()
+        self.mm = bigger
+
+    def write(self, data) -> int:
+        data = memoryview(data).cast("B")
+        if self.pos + len(data) > len(self.mm):
+            self._grow(max(2 * len(self.mm), self.pos + len(data)))
+        self.mm[self.pos:self.pos + len(data)] = data
+        self.pos += len(data)
+        return len(data)
+
+    def flush(self):
+        pass
+
+    def view(self) -> memoryview:
+        return memoryview(self.mm)[:self.pos]
+
+
+class _NoTorchCrc:
+    """torch.save without its CRC-32s while any thread is inside (the option is process-wide)."""
+
+    def __init__(self):
+        self.lock, self.inside, self.before = threading.Lock(), 0, True
+
+    def __enter__(self):
+        with self.lock:
+            if self.inside == 0:
+                self.before = torch.serialization.get_crc32_options()
+                torch.serialization.set_crc32_options(False)
+            self.inside += 1
+
+    def __exit__(self, *exc):
+        with self.lock:
+            self.inside -= 1
+            if self.inside == 0:
+                torch.serialization.set_crc32_options(self.before)
+
+
+_no_torch_crc = _NoTorchCrc()
+
+
+def fill_zip_crcs(data: memoryview):
+    """Write every record's CRC-32 into a zip (in memory) that torch.save wrote without them:
+    records are stored uncompressed; the CRC goes into the central directory and into the
+    record's data descriptor (general flag bit 3; torch writes one after every non-empty
+    record), else into its local header."""
+    with zipfile.ZipFile(_Reader(data)) as z:
+        infos, cd = z.infolist(), z.start_dir
+    for info in infos:
+        if info.compress_type != zipfile.ZIP_STORED or data[cd:cd + 4] != b"PK\x01\x02":
+            raise ValueError(f"not the zip layout torch.save writes ({info.filename!r})")
+        name_len, extra_len = struct.unpack_from("<HH", data, info.header_offset + 26)
+        start = info.header_offset + 30 + name_len + extra_len
+        crc = checksum(data[start:start + info.file_size])
+        at = info.header_offset + 14
+        if info.flag_bits & 0x08:
+            at = start + info.file_size
+            at += 4 if data[at:at + 4] == b"PK\x07\x08" else 0
+        struct.pack_into("<I", data, at, crc)
+        struct.pack_into("<I", data, cd + 16, crc)
+        cd += 46 + sum(struct.unpack_from("<HHH", data, cd + 28))
+
+
+class _Reader:
+    """A read-only file over a memoryview, for zipfile (which reads only the directory)."""
+
+    def __init__(self, data: memoryview):
+        self.data, self.pos = data, 0
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        self.pos = (0, self.pos, len(self.data))[whence] + offset
+        return self.pos
+
+    def tell(self) -> int:
+        return self.pos
+
+    def read(self, n: int = -1) -> bytes:
+        end = len(self.data) if n is None or n < 0 else min(len(self.data), self.pos + n)
+        out = bytes(self.data[self.pos:end])
+        self.pos = max(self.pos, end)
+        return out
+
+
+def copy_into(dst: torch.Tensor, src: torch.Tensor):
+    """``dst[:] = src`` for 1-d CPU tensors; of the same dtype by numpy (one memcpy), as torch's
+    copy would start a thread team in every conversion worker."""
+    if dst.dtype == src.dtype and dst.is_contiguous() and src.is_contiguous():
+        np.copyto(dst.view(torch.uint8).numpy(), src.detach().view(torch.uint8).numpy())
+    else:
+        dst.copy_(src)
 
 
 def _tag_dir(path: Path, latest: str) -> Path:
@@ -386,7 +519,7 @@ class DeepSpeedSource(Source):
             at, covered = 0, 0
             for mp, dp, g, start, n, dst in frags_by_tp.get(tp, []):
                 pos = at if dst is None else dst
-                buf[pos:pos + n] = self._flat(osd(mp, dp), g, state)[start:start + n]
+                copy_into(buf[pos:pos + n], self._flat(osd(mp, dp), g, state)[start:start + n])
                 at += n
                 covered += n
             if covered != numel:
@@ -453,7 +586,8 @@ class DeepSpeedUniversalSource(Source):
                                                 for g in osd.get("param_groups", [])]})
 
 
-def write_deepspeed_universal_atom(zero: Path, src: Source, name: str, tensor: torch.Tensor):
+def write_deepspeed_universal_atom(zero: Path, src: Source, name: str, tensor: torch.Tensor,
+                                   seconds: dict | None = None):
     """zero/<fqn>/<state>.pt exactly as ds_to_universal writes it for this source."""
     fqn, state = split_name(name)
     d = zero / fqn
@@ -471,7 +605,7 @@ def write_deepspeed_universal_atom(zero: Path, src: Source, name: str, tensor: t
             from deepspeed.checkpoint.universal_checkpoint import SubparamShape
             extras["sub_param_shape"] = SubparamShape(**extras["sub_param_shape"])
         obj = {**extras, "param": tensor}
-    save_pt(obj, d / f"{state}.pt")
+    save_pt(obj, d / f"{state}.pt", tensor.nbytes, seconds)
 
 
 def finish_deepspeed_universal(tag_dir: Path, src: Source):

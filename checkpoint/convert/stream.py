@@ -18,7 +18,9 @@ import logging
 import os
 import shutil
 import threading
+import time
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -52,6 +54,10 @@ class Plan:
     dtype: torch.dtype | None = None
     skipped: list[str] = field(default_factory=list)  # source tensors the target does not hold
     shard_bytes: int = 5 << 30  # safetensors: at most this many bytes per file (Hugging Face's default)
+    # Where the time went, seconds summed over the workers: read (the source's pieces into one
+    # tensor), write (the target's file: for deepspeed-universal split into serialize,
+    # checksum, write), finish (the non-tensor files), plus the wall time of convert().
+    seconds: dict = field(default_factory=dict)
 
 
 def make_plan(src: Source, to: str, workers: int, max_memory: int, dtype: torch.dtype | None,
@@ -74,7 +80,10 @@ def make_plan(src: Source, to: str, workers: int, max_memory: int, dtype: torch.
                         f"nothing to write: --to {to} takes {what[to]}, and none of the {len(skipped)} tensors of "
                         f"{src.path} is one (e.g. {', '.join(skipped[:3])}); rename them with --prefix model. or --map FILE")
     infos = {n: Info(src.tensors[n].shape, dtype or src.tensors[n].dtype) for n in names}
-    costs = {n: src.peak_bytes(n) + infos[n].nbytes for n in names}
+    # a tensor's cost: the source's buffers, the tensor, and for deepspeed-universal the torch.save
+    # bytes built in memory (each worker keeps one such buffer, as large as its largest tensor)
+    serialized = 2 if to == "deepspeed-universal" else 1
+    costs = {n: src.peak_bytes(n) + serialized * infos[n].nbytes for n in names}
     plan = Plan(to, names, infos, costs, workers, max_memory, dtype=dtype, skipped=skipped, shard_bytes=shard_bytes)
     plan.out_bytes = sum(i.nbytes for i in infos.values())
     biggest = sorted(costs.values(), reverse=True)
@@ -136,7 +145,7 @@ class UniversalWriter:
 
 class DeepSpeedUniversalWriter:
     def __init__(self, root: Path, src: Source, plan: Plan):
-        self.src = src
+        self.src, self.plan = src, plan
         self.tag = root / f"global_step{src.step}"
         self.zero = self.tag / "zero"
         self.zero.mkdir(parents=True, exist_ok=True)
@@ -146,7 +155,7 @@ class DeepSpeedUniversalWriter:
         return (self.zero / fqn / f"{state}.pt").is_file()
 
     def write(self, name: str, t: torch.Tensor):
-        ds_fmt.write_deepspeed_universal_atom(self.zero, self.src, name, t)
+        ds_fmt.write_deepspeed_universal_atom(self.zero, self.src, name, t, self.plan.seconds)
 
     def finish(self):
         ds_fmt.finish_deepspeed_universal(self.tag, self.src)
@@ -197,6 +206,7 @@ def convert(src_path: Path, dst: Path, to: str, max_memory: int = 2 << 30, worke
             names: NameMap | None = None, shard_bytes: int = 5 << 30) -> Plan:
     """Convert the checkpoint at ``src_path`` (format detected, tensors renamed by ``names``)
     to format ``to`` at ``dst``."""
+    started = time.perf_counter()
     src = detect(src_path, names)
     plan = make_plan(src, to, max(1, workers), max_memory, dtype, shard_bytes)
     dst = Path(dst)
@@ -222,10 +232,12 @@ def convert(src_path: Path, dst: Path, to: str, max_memory: int = 2 << 30, worke
             cost = plan.costs[name]
             budget.acquire(cost)
             try:
-                t = src.read(name)
+                with timed(plan, "read"):
+                    t = src.read(name)
                 if budget.cancelled:
                     raise Cancelled
-                writer.write(name, t)
+                with timed(plan, "write"):
+                    writer.write(name, t)
                 del t
             finally:
                 budget.release(cost)
@@ -245,7 +257,8 @@ def convert(src_path: Path, dst: Path, to: str, max_memory: int = 2 << 30, worke
                 pool.shutdown(cancel_futures=True)
                 raise
         bar.close()
-        writer.finish()
+        with timed(plan, "finish"):
+            writer.finish()
         (partial / STAMP).unlink()
         fsync_dir(partial)
         os.replace(partial, dst)
@@ -256,4 +269,19 @@ def convert(src_path: Path, dst: Path, to: str, max_memory: int = 2 << 30, worke
     except OSError as e:
         shutil.rmtree(partial, ignore_errors=True)
         raise UserError(f"writing {dst} failed ({e.strerror or e}); free space or fix the destination") from None
+    plan.seconds["convert"] = time.perf_counter() - started
     return plan
+
+
+_timing = threading.Lock()
+
+
+@contextmanager
+def timed(plan: Plan, part: str):
+    """Add the block's seconds to ``plan.seconds[part]`` (from any worker thread)."""
+    t = time.perf_counter()
+    try:
+        yield
+    finally:
+        with _timing:
+            plan.seconds[part] = plan.seconds.get(part, 0.0) + time.perf_counter() - t

@@ -43,7 +43,7 @@ class NodeKeeper:
         self.gen = ""  # the newest job attempt that said hello
         self.fatal: str | None = None
         self.exchange = None  # checkpoint.keeper.exchange.SnapshotExchange, once erasure coding is set up
-        self.written: dict[str, tuple[int, float]] = {}  # level -> (bytes, seconds) of its last shard write
+        self.written: dict[str, tuple[int, float]] = {}  # level (or "crc") -> (bytes, seconds) of its last shard
 
     def hello(self, msg: m.Hello):
         """Levels from the trainers' config (the first hello creates them); a new attempt."""
@@ -71,6 +71,10 @@ class NodeKeeper:
         with self.lock:
             self._save(gen, step).durable.setdefault(level, set()).add(rank)
             self.written[level] = written
+
+    def note_written(self, what: str, cost: tuple[int, float]):
+        with self.lock:
+            self.written[what] = cost
 
     def note_committed(self, level: str, gen: str, step: int):
         with self.lock:
