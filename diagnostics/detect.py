@@ -270,12 +270,21 @@ class Detector:
                   "limit_s": round(limit, 2), "arrived": {r: x.arrived for r, x in waiting.items()},
                   "typical_step_s": round(typical, 4),
                   "step_multiple": round((now - oldest) / typical, 1) if typical else None}
+            cut = None if any(m in frozen for m in culprits) else _cut_off(gen)
+            if cut:  # the network stopped carrying data: the ranks missing here wait on it too
+                suspects, ev["connections"] = cut
+                ev["summary"] = (f"ranks {sorted(waiting)} wait in {op} #{seq} for {now - oldest:.1f}s (limit {limit:.1f}s); "
+                                 f"{_cut_summary(suspects, ev['connections'])}")
+                return [Verdict("hang_comm", suspects, ev, 0.85, now, since=oldest, key=f"{gen.id}:hang_comm:{chan}")]
             if culprits:
                 states = {m: {"step": gen.state.get(m, {}).get("step"), "phase": gen.state.get(m, {}).get("phase"),
                               "process": _frozen_detail(gen, m) if m in frozen else "running"} for m in culprits}
                 why = "; ".join(f"rank {m} {d['process']}" for m, d in states.items() if m in frozen)
-                ev["summary"] = (f"ranks {sorted(set(waiting) - set(culprits))} wait in {op} #{seq} for {now - oldest:.1f}s "
-                                 f"(limit {limit:.1f}s); {culprits} never arrived" + (f" ({why})" if why else ""))
+                others = sorted(set(waiting) - set(culprits))
+                ev["summary"] = ((f"ranks {others} wait in {op} #{seq} for {now - oldest:.1f}s (limit {limit:.1f}s); "
+                                  f"{culprits} never arrived" if others else
+                                  f"rank(s) {culprits} stopped inside {op} #{seq} {now - oldest:.1f}s ago (limit {limit:.1f}s)")
+                                 + (f" ({why})" if why else ""))
                 ev["missing_state"] = states
                 return [Verdict("hang_noncomm", [gen.node_of(m) for m in culprits], ev, 0.9, now, since=oldest,
                                 key=f"{gen.id}:hang_noncomm:{culprits}")]
@@ -395,10 +404,11 @@ class Detector:
                 if not (sh.significant and above >= c.straggler_persistence and sh.rise >= 0.5 * job.rise):
                     continue
                 t = now if self.live else gen.step_end(win[-1])
+                what = (f"transfers {members[0]}->{members[1]}" if "|" in chan
+                        else f"once every member is in, group {members}'s collectives")
                 ev = {"summary": (f"the job's step time rose from {1e3 * job.history:.1f} to {1e3 * job.window:.1f} ms; "
-                                  f"once every member is in, group {members}'s collectives now take {1e3 * sh.window:.1f} ms "
-                                  f"per step (was {1e3 * sh.history:.1f}) and no rank arrives late: a slow link or "
-                                  "network inside the collectives"),
+                                  f"{what} now take {1e3 * sh.window:.1f} ms per step (was {1e3 * sh.history:.1f}) and "
+                                  "no rank arrives late: a slow link or network"),
                       "channel": chan, "group": members, "steps": [win[0], win[-1]], "step_time_s": job.to_json(),
                       "comm_s": sh.to_json(), "hosts": gen.hosts(members)}
                 if self.live and c.probe and gen.source == "trace":
@@ -458,6 +468,50 @@ class Detector:
         since = min((gen.steps[q][first].start for q in gen.steps if first in gen.steps[q]), default=now)
         return [Verdict("slow_link", name_cells(slow, recent, gen.node_of), ev, 0.8, now, since=since,
                         key=f"{gen.id}:slow_link:{sorted(slow)}")]
+
+
+def _cut_off(gen: Generation) -> tuple[list, list] | None:
+    """Suspects named by the ranks' stalled connections (``comms.sockets``: unacknowledged
+    data, retransmission timeouts expiring): the one host that every stalled connection
+    leads to or from (cut off the network: its NIC, cable or switch port), or the one pair
+    of hosts they join (the link between them); None when there is no such evidence or it
+    names neither. Returns (suspects, the stalled connections host -> host)."""
+    host_of = {a: m.get("host") for m in gen.meta.values() for a in m.get("addrs", [])}
+    first = {}  # host -> its lowest rank (a link between hosts is named by one rank of each)
+    for r in sorted(gen.meta):
+        first.setdefault(gen.meta[r].get("host"), r)
+    edges: dict[tuple[str, str], dict] = {}
+    for r, st in gen.state.items():
+        me = gen.meta.get(r, {}).get("host")
+        for peer, s in (st.get("stalled") or {}).items():
+            other = host_of.get(peer)
+            if other and other != me:
+                edges[(me, other)] = {**s, "rank": r}
+    if not edges:
+        return None
+    pairs = {frozenset(e) for e in edges}
+    conns = [{"from": a, "to": b, **s} for (a, b), s in sorted(edges.items())]
+    if len(pairs) == 1:
+        a, b = sorted(next(iter(pairs)))
+        ra, rb = first[a], first[b]
+        return [{"link": [ra, rb], "nodes": [gen.node_of(ra)["node"], gen.node_of(rb)["node"]], "hosts": [a, b]}], conns
+    common = set.intersection(*(set(p) for p in pairs))
+    if len(common) != 1:
+        return None
+    host = common.pop()
+    return [{**gen.node_of(r), "role": "cut off"} for r in sorted(gen.meta) if gen.meta[r].get("host") == host], conns
+
+
+def _cut_summary(suspects: list, conns: list) -> str:
+    worst = max(c["retransmits"] for c in conns)
+    if "link" in suspects[0]:
+        a, b = suspects[0]["hosts"]
+        return (f"the connections between {a} and {b} carry nothing (unacknowledged data, {worst} retransmission "
+                "timeouts): the link between them")
+    host = suspects[0]["host"]
+    peers = sorted({c["to"] if c["from"] == host else c["from"] for c in conns})
+    return (f"every stalled connection (unacknowledged data, up to {worst} retransmission timeouts) leads to or from "
+            f"{host} (with {', '.join(peers)}): {host} is cut off the network (its NIC, cable or switch port)")
 
 
 def proc_state(meta: dict) -> str | None:

@@ -21,7 +21,8 @@ from diagnostics.links import slow_cells
 from diagnostics.traces import Generation
 
 LEAD_S = 3.0  # how far ahead the probe step lies: several of every rank's 0.5 s reads of the request
-MIN_CELLS = 6  # three probers' worth of directions
+MIN_HOSTS = 3
+MIN_CELLS = MIN_HOSTS * (MIN_HOSTS - 1)  # directions a cell is compared with
 PROBE_SLACK_MS = 0.1  # below this a difference is timer and scheduling resolution, not a link
 MIN_BYTES, MAX_BYTES = 1 << 20, 4 << 20  # a transfer, not a latency, on fast links; seconds on a slow one
 
@@ -32,8 +33,17 @@ def request(gen: Generation, ranks: list[int], nbytes: int, step_s: float, cfg: 
     current = gen.probes().get(_read(gen.path / "probe-request.json").get("id", ""))
     if current and not finished(gen, current):
         return None
+    # One claim per request, made exclusively: every node's monitor (and any watcher) sees the
+    # same slowdown at about the same moment, and the job must get one request, not several.
+    try:
+        os.close(os.open(gen.path / f"probe-claim-{len(list(gen.path.glob('probe-request-*.json')))}",
+                         os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return None
     step_now = max((st.get("step", 0) for st in gen.state.values()), default=0)
     probers = [rs[0] for rs in gen.hosts(ranks).values()]
+    if len(probers) < MIN_HOSTS:  # a pair alone has nothing to compare with: probe the job's hosts
+        probers = [rs[0] for rs in gen.hosts(sorted(gen.meta)).values()]
     if len(probers) < 2:  # all on one host: probe the ranks' own connections (loopback, one machine)
         probers = sorted(ranks)
     req = {"id": str(time.time_ns()), "step": step_now + math.ceil(LEAD_S / max(step_s, 1e-3)) + 2,

@@ -57,7 +57,7 @@ class Generation:
         self._first: int | None = None  # the generation's first complete step (start-up skew)
         # rank -> step -> seconds the others waited for this rank (clock-free, see _add_op)
         self.lateness: dict[int, dict[int, float]] = collections.defaultdict(lambda: collections.defaultdict(float))
-        # collective channel -> step -> seconds its collectives took once every member was in
+        # channel -> step -> seconds its collectives took once every member was in (p2p: its transfers)
         self.comm: dict[str, dict[int, float]] = collections.defaultdict(lambda: collections.defaultdict(float))
         self.comm_bytes: dict[str, collections.deque] = collections.defaultdict(lambda: collections.deque(maxlen=256))
         self.timeline: collections.deque = collections.deque(maxlen=TIMELINE)  # (chan, seq, op, step, {rank: (arrived, ended)})
@@ -133,7 +133,11 @@ class Generation:
                 del self._p2p[(rec.channel, rec.seq)]
                 send, recv = pair["send"], pair["recv"]
                 src, dst = self.members(rec.channel)
-                self.links[(src, dst)].append((recv.step, (recv.ended - max(send.arrived, recv.arrived)) * 1e3))
+                took = recv.ended - max(send.arrived, recv.arrived)
+                self.links[(src, dst)].append((recv.step, took * 1e3))
+                # Per step too, like a collective's time once every member is in (slow_comm).
+                self.comm[rec.channel][recv.step] += took
+                self.comm_bytes[rec.channel].append(max(send.nbytes, recv.nbytes))
             return
         ranks = self._colls.setdefault((rec.channel, rec.seq), {})
         ranks[r] = rec
