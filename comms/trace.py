@@ -213,6 +213,7 @@ class Tracer:
                 "local_world": int(os.environ.get("LOCAL_WORLD_SIZE", 1)),
                 "backend": str(dist.get_backend()) if dist.is_initialized() else "", "started": time.time(),
                 "flight_recorder": flight_recorder_on(), "addrs": sockets.local_addresses()}
+        self._meta = meta
         _atomic_json(self.dir / f"meta-r{rank}.json", meta)
         self._write_state()
         self._stop = threading.Event()
@@ -236,6 +237,14 @@ class Tracer:
         finally:
             self._phases[name] = self._phases.get(name, 0.0) + time.perf_counter() - t0
             self._phase = ""
+
+    def annotate(self, **fields):
+        """Add facts about this rank to its metadata, e.g. ``pipeline_stage`` (the detector
+        does not compare a pipeline's stages with each other from the start: they do
+        different work)."""
+        if self.enabled:
+            self._meta.update(fields)
+            _atomic_json(self.dir / f"meta-r{self.rank}.json", self._meta)
 
     def end_step(self, step: int):
         """Close step ``step``: its duration and phase times become one record. If the
@@ -349,7 +358,7 @@ class Tracer:
             except RuntimeError:  # gloo's send/recv have no future: poll it (see _poll_loop)
                 self._unwatched.append((work, rec))
                 self._poke.set()
-                return _TracedWork(work, lambda: self._complete(rec))
+                return _TracedWork(work, lambda: self._complete(rec), self._waited)
             return work
         self._complete(rec)
         return work
@@ -378,6 +387,9 @@ class Tracer:
             self._cuda.append(rec)
         else:
             self._complete(rec)
+
+    def _waited(self, seconds: float):
+        self._blocked += seconds
 
     def _complete(self, rec: OpRecord):
         if self._inflight.pop(id(rec), None) is None:  # atomic: the first of wait/poller/callback wins
@@ -509,14 +521,17 @@ class Tracer:
 
 class _TracedWork(c10d.Work):
     """A Work without a future (gloo send/recv): the op completes, as far as this rank can
-    tell, when it is waited for or found completed."""
+    tell, when it is waited for or found completed; the time its caller spends waiting for
+    it is time blocked (a pipeline stage waiting for its neighbour is not computing)."""
 
-    def __init__(self, work, done):
+    def __init__(self, work, done, waited):
         super().__init__()
-        self._work, self._done = work, done
+        self._work, self._done, self._waited = work, done, waited
 
     def wait(self, timeout=None):
+        t0 = time.time()
         ok = self._work.wait() if timeout is None else self._work.wait(timeout)
+        self._waited(time.time() - t0)
         self._done()
         return ok
 

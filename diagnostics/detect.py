@@ -145,7 +145,9 @@ class Detector:
         self._fr_sets: dict[tuple, int] = {}  # (directory, ranks) of Flight Recorder dumps read -> generation
         self._judged: dict[tuple[int, str], int] = {}  # (generation, rule) -> the last window end judged
         self._windows: dict[tuple[int, int], dict] = {}  # (generation, window end) -> window statistics
-        self._streak: dict[tuple[int, int], int] = {}  # (generation, rank) -> window ends in a row with an onset
+        # (generation, "late" | "comm", rank | channel) -> (window ends in a row with an onset,
+        # the first one's end time, its first step while it pins the history, else None)
+        self._streak: dict[tuple, tuple[int, float, int | None]] = {}
         self.probes: dict[int, dict[str, dict]] = {}  # generation -> probe id -> analysis
         self.verdicts: list[Verdict] = []
 
@@ -174,6 +176,9 @@ class Detector:
             if self.live:  # keep what the windows and the hang limit still look at
                 steps = gen.training_steps()
                 keep = self.cfg.straggler_window + self.cfg.history_steps + HANG_HISTORY
+                pin = self._pinned(gen)
+                if pin is not None:  # an onset being confirmed keeps its history
+                    keep = max(keep, len(steps) - bisect.bisect_left(steps, pin) + self.cfg.history_steps)
                 if len(steps) > 2 * keep:
                     gen.forget(steps[-keep])
         self.verdicts += new
@@ -313,9 +318,18 @@ class Detector:
             self._judged[(gen.id, rule)] = steps[-1]
         for i in range(max(start, w - 1), len(steps)):
             lo = i - w + 1
-            hist = steps[max(0, lo - c.history_steps):lo]
+            # While an onset is being confirmed, later windows are judged against the history
+            # from before it (else, in a job of short steps, the history fills with the slow
+            # steps before confirm_s has passed).
+            pin = self._pinned(gen)
+            stop = lo if pin is None else min(lo, bisect.bisect_left(steps, pin))
+            hist = steps[max(0, stop - c.history_steps):stop]
             if len(hist) >= w:  # a shorter history under-states the noise
                 yield i, steps[lo:i + 1], hist
+
+    def _pinned(self, gen: Generation) -> int | None:
+        """The first step of the earliest onset still being confirmed in ``gen``, if any."""
+        return min((v[2] for k, v in self._streak.items() if k[0] == gen.id and v[2] is not None), default=None)
 
     def _window(self, gen: Generation, i: int, win: list[int], hist: list[int]) -> dict:
         """Statistics of one window, shared by the straggler and slow_comm rules."""
@@ -345,19 +359,33 @@ class Detector:
         self._windows[key] = stats
         return stats
 
+    def _held(self, key: tuple, gen: Generation, win: list[int], onset: bool) -> bool:
+        """Whether an onset seen in window ``win`` has held at ``CONFIRM`` window ends in a
+        row spanning at least ``confirm_s``: noise regresses within a few steps, and a busy
+        machine's scheduling hiccups pass within a second or two, whatever the step time; a
+        slow host or link stays."""
+        if not onset:
+            self._streak.pop(key, None)
+            return False
+        n, t0, first = self._streak.get(key, (0, gen.step_end(win[-1]), win[0]))
+        held = n + 1 >= CONFIRM and gen.step_end(win[-1]) - t0 >= self.cfg.confirm_s
+        self._streak[key] = (n + 1, t0, None if held else first)  # once named, its history may move on
+        return held
+
     def _straggler(self, gen: Generation, now: float) -> list[Verdict]:
         c = self.cfg
         if len(gen.meta) < 2:
             return []
         out = []
+        # Pipeline stages do different work (the first finishes the step last, by its last
+        # backward): lateness from the start says nothing about them, only its onset does.
+        stages = {r for r, m in gen.meta.items() if m.get("pipeline_stage") is not None}
         for i, win, hist in self._new_windows(gen, "straggler"):
             st = self._window(gen, i, win, hist)
             job, span = st["job"], hist + win
             t = now if self.live else gen.step_end(win[-1])
             for r, lr in st["late"].items():
-                # Persistent: the onset holds at CONFIRM window ends in a row (noise regresses).
-                streak = self._streak[(gen.id, r)] = self._streak.get((gen.id, r), 0) + 1 if lr["onset"] else 0
-                if streak >= CONFIRM:
+                if self._held((gen.id, "late", r), gen, win, lr["onset"]):
                     sh = lr["shift"]
                     onset = next(s for s in win if st["fr"][r][s] > sh.history + sh.floor)
                     ev = {"summary": (f"the job's step time rose from {1e3 * job.history:.1f} to {1e3 * job.window:.1f} ms "
@@ -368,7 +396,8 @@ class Detector:
                           "step_time_s": job.to_json(), "late_share": sh.to_json(), "latest_share": lr["latest"],
                           "score": round(1 - sh.window, 3)}
                     conf = lr["latest"] * min(1.0, 0.5 + sh.rise / (4 * sh.floor))
-                elif c.straggler_sustained and len(span) >= c.straggler_window + c.history_steps:
+                elif (c.straggler_sustained and len(span) >= c.straggler_window + c.history_steps
+                      and r not in stages):
                     med = statistics.median(st["fr"][r][s] for s in span)
                     share = sum(st["latest"][s] == r for s in span) / len(span)
                     if med < c.straggler_sustained or share < 0.9:
@@ -391,8 +420,7 @@ class Detector:
         for i, win, hist in self._new_windows(gen, "slow_comm"):
             st = self._window(gen, i, win, hist)
             job = st["job"]
-            if not job.significant or any(lr["onset"] for lr in st["late"].values()):
-                continue
+            slowed = job.significant and not any(lr["onset"] for lr in st["late"].values())
             for chan, per_step in list(gen.comm.items()):
                 members = gen.members(chan)
                 key = f"{gen.id}:slow_comm:{chan}"
@@ -401,7 +429,8 @@ class Detector:
                 sh = shift([per_step.get(s, 0.0) for s in win], [per_step.get(s, 0.0) for s in hist], z=c.noise_z,
                            rel_min=c.comm_factor - 1)
                 above = sum(per_step.get(s, 0.0) > sh.history + sh.floor for s in win) / len(win)
-                if not (sh.significant and above >= c.straggler_persistence and sh.rise >= 0.5 * job.rise):
+                onset = slowed and sh.significant and above >= c.straggler_persistence and sh.rise >= 0.5 * job.rise
+                if not self._held((gen.id, "comm", chan), gen, win, onset):
                     continue
                 t = now if self.live else gen.step_end(win[-1])
                 what = (f"transfers {members[0]}->{members[1]}" if "|" in chan

@@ -132,6 +132,9 @@ def train(cfg: JobConfig) -> int:
                       plan.rank_grid if plan else None,
                       nccl_backend_override(plan, rank) if plan and device == "cuda" else None)
 
+    if p.pp > 1:
+        tracer.annotate(pipeline_stage=coordinate(mesh, "pp")[0])
+
     # ---- model, optimizer, data, checkpoints ----
     engine = build_engine(cfg, mesh, device)
     rep, n_rep = coordinate(mesh, "dp_replicate")
