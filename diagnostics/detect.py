@@ -344,15 +344,20 @@ class Detector:
         latest = {s: max(ranks, key=lambda r: fr[r][s]) for s in hist + win}
         late = {}
         for r in ranks:
-            sh = mean_shift([fr[r][s] for s in win], [fr[r][s] for s in hist], z=c.noise_z, abs_min=c.straggler_threshold)
+            # When the job's own step time rose beyond its floor, that is independent evidence
+            # of a slowdown, and the lateness needs only 2/3 of noise_z more: two tests at
+            # z = 2 agreeing by chance are rarer than one at 3.
+            z = c.noise_z * (2 / 3 if job.significant else 1)
+            sh = mean_shift([fr[r][s] for s in win], [fr[r][s] for s in hist], z=z, abs_min=c.straggler_threshold)
             share = sum(latest[s] == r for s in win) / len(win)
             # Its extra lateness, in seconds per step, must show in the job's step time (else
-            # the wait only moved between ranks: the job is no slower) and explain at least half
-            # of the job's rise (else the job slowed for another reason). The lateness is the
-            # sharper measure (differential: no common noise), so it carries the significance;
-            # the step time, noisier, only has to agree.
-            extra = sh.rise * job.window
-            agrees = job.rise >= max(c.straggler_threshold * job.history, 0.25 * extra) and extra >= 0.5 * job.rise
+            # the wait only moved between ranks: the job is no slower) and explain at least a
+            # third of the job's rise (else the job slowed for another reason; a rank short of
+            # CPU also moves its share of each collective slower, which shows as collective
+            # time, not lateness). The lateness is the sharper measure (differential: no common
+            # noise), so it carries the significance; the step time, noisier, only has to agree.
+            extra = sh.window * job.window - sh.history * job.history
+            agrees = job.rise >= max(c.straggler_threshold * job.history, 0.25 * extra) and extra >= job.rise / 3
             late[r] = {"shift": sh, "latest": share,
                        "onset": sh.significant and share >= c.straggler_persistence and agrees}
         stats = {"job": job, "late": late, "fr": fr, "latest": latest, "T": T}
@@ -402,8 +407,10 @@ class Detector:
                     share = sum(st["latest"][s] == r for s in span) / len(span)
                     if med < c.straggler_sustained or share < 0.9:
                         continue
+                    first = span[0] == gen.training_steps()[0]
                     ev = {"summary": (f"the others waited a median {med:.0%} of every step for this rank over steps "
-                                      f"{span[0]}-{span[-1]} (latest in {share:.0%}): slow since the job started"),
+                                      f"{span[0]}-{span[-1]} (latest in {share:.0%})"
+                                      + (": slow since the job started" if first else "")),
                           "pattern": "sustained", "steps": [span[0], span[-1]], "since_step": span[0],
                           "median_late_share": round(med, 4), "latest_share": round(share, 3), "score": round(1 - med, 3)}
                     conf = 0.8 * share

@@ -203,27 +203,26 @@ def _cpu_seconds(tb: cluster.Testbed, h: int) -> float:
 
 
 def _inject(tb: cluster.Testbed, fault: Fault, run_dir: Path, usage: list) -> dict:
+    """Do the fault; returns what was done (the host's rank, the CPU quota)."""
     h = tb.host(fault.host)
+    meta = _rank_on(run_dir, h.name)
     if fault.kind in ("stop", "kill"):
-        meta = _rank_on(run_dir, h.name)
         os.kill(meta["pid"], signal.SIGSTOP if fault.kind == "stop" else signal.SIGKILL)
-        return {"rank": meta["rank"], "pid": meta["pid"]}
-    if fault.kind == "partition":
+    elif fault.kind == "partition":
         tb.partition(h)
-        return {}
-    if fault.kind == "link":
+    elif fault.kind == "link":
         tb.link(fault.host, fault.peer, rate_mbit=fault.rate_mbit)
-        return {}
-    if fault.kind == "port":
+    elif fault.kind == "port":
         tb.port(fault.host, rate_mbit=fault.rate_mbit)
-        return {}
+    if fault.kind != "cpu":
+        return {"rank": meta["rank"]}
     # cpu: the host's use over its last steps (at least 5), cut to 1/(1 + slower) of it
     t1, c1, s1 = usage[-1]
     t0, c0, s0 = next((u for u in reversed(usage) if s1 - u[2] >= 5), usage[0])
     used = (c1 - c0) / max(t1 - t0, 1e-3)
     cores = used / (1 + fault.slower)
     tb.slow_cpu(h, cores)
-    return {"used_cores": round(used, 3), "quota_cores": round(cores, 3)}
+    return {"rank": meta["rank"], "used_cores": round(used, 3), "quota_cores": round(cores, 3)}
 
 
 def _generation(run_dir: Path) -> Generation:

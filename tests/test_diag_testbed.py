@@ -3,7 +3,7 @@ rank per host, and a real fault done to a host from outside (tests/faults.py): a
 slower with tc, a host's CPU cut with its cgroup quota, a rank stopped with SIGSTOP, a host's
 traffic dropped, a rank killed. Each is named with the right kind and the right host or
 link, by a live Detector and by every host's own launcher monitor. The whole matrix (every
-layout x every fault, with timings) is benchmarks/detect_bench.py's."""
+layout x every fault, DeepSpeed included, with timings) is benchmarks/detect_bench.py's."""
 from __future__ import annotations
 
 import pytest
@@ -71,6 +71,6 @@ def test_partitioned_host_is_a_hang_in_communication(testbed):
 def test_killed_rank_is_a_crash(testbed):
     tb = testbed(2)
     fault = faults.Fault("kill", host=1, step=8)
-    out = faults.run(tb, "deepspeed", fault, steps=1000)
+    out = faults.run(tb, "fsdp2", fault, steps=1000)
     v = _check(tb, out, fault)
     assert v.evidence["victims"]  # the survivor's collective failed after it
