@@ -322,8 +322,12 @@ class Detector:
             # While an onset is being confirmed, later windows are judged against the history
             # from before it (else, in a job of short steps, the history fills with the slow
             # steps before confirm_s has passed).
-            pin = self._pinned(gen)  # the history ends a window before it: the change may have begun there
-            stop = lo if pin is None else min(lo, bisect.bisect_left(steps, pin) - w)
+            pin = self._pinned(gen)
+            if pin is None:
+                stop = lo
+            else:  # the history ends a window before it (the change may have begun there), if that leaves one
+                p = bisect.bisect_left(steps, pin)
+                stop = min(lo, p - w if p - w >= w else p)
             hist = steps[max(0, stop - c.history_steps):stop]
             if len(hist) >= w:  # a shorter history under-states the noise
                 yield i, steps[lo:i + 1], hist
@@ -444,8 +448,9 @@ class Detector:
                 sh = shift([per_step.get(s, 0.0) for s in win], [per_step.get(s, 0.0) for s in hist], z=c.noise_z,
                            rel_min=c.comm_factor - 1)
                 above = sum(per_step.get(s, 0.0) > sh.history + sh.floor for s in win) / len(win)
-                onset = slowed and sh.significant and above >= c.straggler_persistence and sh.rise >= 0.5 * job.rise
-                if not self._held((gen.id, "comm", chan), gen, win, onset):
+                candidate = sh.significant and above >= c.straggler_persistence
+                onset = candidate and slowed and sh.rise >= 0.5 * job.rise
+                if not self._held((gen.id, "comm", chan), gen, win, onset, candidate):
                     continue
                 t = now if self.live else gen.step_end(win[-1])
                 what = (f"transfers {members[0]}->{members[1]}" if "|" in chan

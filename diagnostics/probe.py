@@ -92,9 +92,9 @@ def analyse(probe: dict, cfg: DiagnosticsConfig) -> dict:
             starved[r] = {"cpu_ratio": round(cpu[r] / typical_cpu, 2), "throttled_s": res.get("throttled_s")}
     judged = {c: v for c, v in samples.items() if c[0] not in starved and c[1] not in starved}
     # Every pair moved the same payload, so a link at half bandwidth (2x) stands out from its
-    # peers: limit = comm_factor x the lower quartile of the pairs + PROBE_SLACK_MS. The
+    # peers: limit = probe_factor x the lower quartile of the pairs + PROBE_SLACK_MS. The
     # quartile holds while up to 2/3 of the pairs are slow (one host slow both ways among 3).
-    slow, typical, limit = slow_cells(judged, factor=cfg.comm_factor, min_ms=PROBE_SLACK_MS, persistence=1.0,
+    slow, typical, limit = slow_cells(judged, factor=cfg.probe_factor, min_ms=PROBE_SLACK_MS, persistence=1.0,
                                       quantile=0.25)
     if len(judged) < MIN_CELLS:  # two hosts (or two left): nothing to compare a direction with
         slow, out["detail"] = set(), f"{len(judged)} directions left to compare (need {MIN_CELLS})"
