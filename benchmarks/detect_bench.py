@@ -116,9 +116,13 @@ class TestbedHarness:
 
     def run(self, case: Case, root: Path) -> Row:
         fault = case.fault()
-        with cluster.Testbed(case.hosts, root=root) as tb:
-            out = faults.run(tb, case.layout, fault, steps=case.steps(), extra=MODEL, rdzv=f"bench{os.getpid()}")
-            want = fault.expected(tb)
+        try:
+            with cluster.Testbed(case.hosts, root=root) as tb:
+                out = faults.run(tb, case.layout, fault, steps=case.steps(), extra=MODEL, rdzv=f"bench{os.getpid()}")
+                want = fault.expected(tb)
+        except RuntimeError as e:  # the job itself failed (counted as a miss, not a false positive)
+            shutil.rmtree(root, ignore_errors=True)
+            return Row(str(case), case.layout, case.kind, case.hosts, False, [], detail={"error": str(e)[-2000:]})
         row = Row(str(case), case.layout, case.kind, case.hosts, out.correct(want, fault), [v.line() for v in out.verdicts])
         step_s = out.step_s()
         row.detail = {"step_ms": round(1e3 * step_s, 1) if step_s else None, **out.detail}
@@ -136,6 +140,7 @@ class TestbedHarness:
             v = next(v for v in out.verdicts if v.kind == "straggler")
             row.detail["detect_steps"] = v.evidence["steps"][1] - out.fault_step
             row.detail["job_slowdown_pct"] = round(100 * (faults.job_slowdown(out) or 0), 1)
+            row.detail["host_slowdown_pct"] = round(100 * (faults.host_slowdown(out) or 0), 1)
         elif case.kind in ("link", "port"):
             slow = faults.job_slowdown(out)
             row.detail["job_slowdown_pct"] = round(100 * slow, 1) if slow is not None else None
@@ -152,10 +157,13 @@ def run_cases(harness, cases: list[Case], tmp: Path, what: str) -> list[Row]:
         row = harness.run(case, tmp / f"{what}{i}")
         rows.append(row)
         d = row.detail
-        note = (f"{d['detect_s']:.1f} s ({d.get('step_multiple')} steps of {d['step_ms']:.0f} ms)" if "detect_s" in d
-                else f"{d['detect_steps']} steps (job {d['job_slowdown_pct']:+.0f}%)" if "detect_steps" in d
+        note = (f"{d['detect_s']:.1f} s" + (f" ({d['step_multiple']} steps of {d['step_ms']:.0f} ms)" if d.get("step_multiple") else "")
+                if "detect_s" in d
+                else f"{d['detect_steps']} steps (host compute {d['host_slowdown_pct']:+.0f}%, job {d['job_slowdown_pct']:+.0f}%)"
+                if "detect_steps" in d
                 else f"job {d['job_slowdown_pct']:+.0f}%" if d.get("job_slowdown_pct") is not None else "")
-        status = ("named" if row.named else "MISSED") if case.kind else ("clean" if row.named else "FALSE POSITIVE")
+        status = ("JOB FAILED" if "error" in d else ("named" if row.named else "MISSED") if case.kind
+                  else ("clean" if row.named else "FALSE POSITIVE"))
         print(f"  {str(case):<62} {status:<14} {note}  [{time.time() - t0:.0f} s]"
               + ("" if row.named else "  got: " + "; ".join(row.verdicts)), flush=True)
     return rows
@@ -253,8 +261,10 @@ def main():
     ov = overhead(pairs, a.steps or (20 if a.quick else 60), tmp)
     loads.append(load())
     fp = sum(len(r.verdicts) for r in clean_rows) + ov["default_job_false_positives"]
+    failed = [r.case for r in clean_rows if "error" in r.detail]
     res = {**det, "baseline_hang_s": dist.constants.default_pg_timeout.total_seconds(),
-           "false_positives": fp, "clean_runs": len(clean_rows) + pairs,
+           "false_positives": fp, "clean_runs": len(clean_rows) - len(failed) + pairs, "failed_jobs": failed + [
+               r.case for r in fault_rows if "error" in r.detail],
            "trace_overhead_pct": ov["trace_overhead_pct"], "trace_overhead_pairs": ov["trace_overhead_pairs"],
            "step_ms_off": ov["step_ms_off"], "step_ms_on": ov["step_ms_on"], "harness": harness.name, "quick": a.quick,
            "wall_s": round(time.time() - t0, 1), "load": loads,

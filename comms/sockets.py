@@ -1,4 +1,5 @@
-"""Which of this process's TCP connections the network has stopped carrying.
+"""Which of this process's TCP connections the network has stopped carrying, and whether
+this host's own network interface lost its link.
 
 When traffic to a host is dropped (a partitioned host, a dead NIC or switch port), every
 collective that needs it hangs with every member inside it: the collective trace says only
@@ -10,7 +11,10 @@ late but delivers, so neither looks like this.
 
 Read from ``/proc/self/net/tcp{,6}`` (this process's network namespace) for the sockets
 this process holds (``/proc/self/fd``): gloo's and NCCL's socket transport connections, the
-c10d store. Linux only; elsewhere it finds nothing.
+c10d store. A connection carries evidence only while it has data in flight (gloo sends a
+payload once the receiver has asked for it), so a host cut off mid-step may leave stalled
+connections with only some of its peers; its own interface having no carrier (a pulled
+cable, a switch port turned off) says it whole. Linux only; elsewhere it finds nothing.
 """
 from __future__ import annotations
 
@@ -50,6 +54,29 @@ def stalled(min_retransmits: int = MIN_RETRANSMITS) -> dict[str, dict]:
                 s["unacked"] += unacked
                 s["retransmits"] = max(s["retransmits"], retransmits)
                 s["connections"] += 1
+    return out
+
+
+def nics_down() -> dict[str, str]:
+    """This host's network interfaces that hold an address but have lost their link (no
+    carrier: a pulled cable, a switch port turned off): name -> operstate."""
+    out = {}
+    try:
+        import psutil
+
+        with_addr = {name for name, addrs in psutil.net_if_addrs().items()
+                     if any(a.family in (socket.AF_INET, socket.AF_INET6) for a in addrs)}
+    except (ImportError, OSError):
+        return out
+    for name in sorted(with_addr - {"lo"}):
+        d = Path("/sys/class/net") / name
+        try:
+            state = (d / "operstate").read_text().strip()
+            carrier = (d / "carrier").read_text().strip()
+        except OSError:  # carrier is unreadable while the interface is administratively down
+            state, carrier = (d / "operstate").read_text().strip() if (d / "operstate").exists() else "", "0"
+        if carrier == "0" or state in ("down", "lowerlayerdown"):
+            out[name] = state or "down"
     return out
 
 

@@ -512,7 +512,7 @@ class Tracer:
         # data: say which peers' connections are stalled (read only then: a few ms).
         stuck = any(now - r.arrived > STALL_CHECK_S for r in ops)
         state = {"time": now, "step": self.step, "phase": self._phase, "inflight": inflight,
-                 "stalled": sockets.stalled() if stuck else {},
+                 "stalled": sockets.stalled() if stuck else {}, "nics_down": sockets.nics_down() if stuck else {},
                  "seq": dict(self._seq), "groups": dict(self._members), "closed": self._closed,
                  "error": self._error, "records": self._appended,
                  "dropped": self._appended - self._written - len(self._ring) - len(self._cuda)}

@@ -11,28 +11,34 @@ later rows too). In short:
   never issued #s (non-communication: those others are the suspects), or every member
   issued it and it never completes (communication: the group). A member whose whole process
   froze (heartbeat stopped, process still there, e.g. SIGSTOP) is the suspect whether or not
-  it had entered the op. Limit: max(``hang_min_s``, ``hang_factor`` x the median step,
-  2 x the longest recent step);
+  it had entered the op. When the ranks' stalled TCP connections (``comms.sockets``:
+  unacknowledged data, retransmission timeouts) all lead to or from one host, that host is
+  cut off the network and is the suspect (hang_comm); between just two hosts, their link.
+  Limit: max(``hang_min_s``, ``hang_factor`` x the median step, 2 x the longest recent step);
 - crash: a rank's heartbeat stopped, its process is gone (or not visible from here) and it
   left no sign of being stopped by someone else (no SIGTERM stack, no collective error);
 - straggler: a rank the others keep waiting for. Per complete collective the rank that
-  waited least arrived last, by (longest wait - its wait), no cross-node clocks needed; per
-  step that lateness is a share of the step time. Named when, over the last
-  ``straggler_window`` steps against the ``history_steps`` before them
-  (``diagnostics.floor``) and at ``CONFIRM`` window ends in a row: its lateness rose beyond
-  its own noise (and by ``straggler_threshold``), it was the latest rank in
-  ``straggler_persistence`` of the window, and the job's step time rose with it (else the
-  wait only moved between ranks) by at most twice its extra lateness (else the job slowed
-  for another reason). A rank that is always a little late (rank 0 logging) has no rise and
-  is not named; one that costs the job ``straggler_sustained`` of every step from the start
-  is (no onset to see);
-- slow_comm: the job slowed, a group's collectives take ``comm_factor`` x longer once every
-  member is in (beyond the floor, and explaining half the slowdown), and no rank is late:
-  the network or the collective itself is slow. Live, the monitor then asks for a link probe;
+  waited least arrived last, by (longest wait - its wait), no cross-node clocks needed, less
+  its extra time blocked waiting on other ops; per step that lateness is a share of the
+  step time. Named when, over the last ``straggler_window`` steps against the
+  ``history_steps`` before them (``diagnostics.floor``), at ``CONFIRM`` window ends in a row
+  spanning ``confirm_s``: its lateness rose beyond its own noise (and by
+  ``straggler_threshold``), it was the latest rank in ``straggler_persistence`` of the
+  window, and the job's step time rose with it (else the wait only moved between ranks) by
+  at most 3 times its extra lateness (else the job slowed for another reason). From the
+  first window that shows the rise, later windows keep the history from before it. A rank
+  that is always a little late (rank 0 logging) has no rise and is not named; one that costs
+  the job ``straggler_sustained`` of every step over a window and its history is (no onset
+  to see), unless it is a pipeline stage (they differ by design);
+- slow_comm: the job slowed, a group's collectives (or a point-to-point direction's
+  transfers) take ``comm_factor`` x longer once every member is in (beyond the floor, and
+  explaining half the slowdown, held like a straggler's onset), and no rank is late: the
+  network or the collective itself is slow. Live, the monitor then asks for a link probe;
 - probe: a finished link probe (``diagnostics.probe``) names the slow link (slow_link), or a
   prober short of CPU (straggler), or nothing;
 - p2p links: per point-to-point pair (pipeline sends), transfer time = receiver's completion
-  - the later of the two arrivals; slow cells as in ``diagnostics.links``.
+  - the latest of the two arrivals and the previous transfer's end; slow cells as in
+  ``diagnostics.links``.
 
 ``Detector.poll()`` reads what is new and returns verdicts not reported before. Windowed
 rules judge every step once, in order, so a report written after the job reads the same
@@ -66,8 +72,8 @@ from diagnostics.traces import Generation, generations
 HANGS = ("hang_noncomm", "hang_comm")
 # Steps of recent history that set the hang limit.
 HANG_HISTORY = 20
-# Window ends in a row a straggler's onset must hold at: a chance run of late steps regresses
-# within a few steps, a slower rank does not.
+# Window ends in a row a slowdown's onset must hold at (and over confirm_s): a chance run of
+# late steps regresses within a few steps, a slower rank does not.
 CONFIRM = 5
 
 
@@ -146,8 +152,9 @@ class Detector:
         self._judged: dict[tuple[int, str], int] = {}  # (generation, rule) -> the last window end judged
         self._windows: dict[tuple[int, int], dict] = {}  # (generation, window end) -> window statistics
         # (generation, "late" | "comm", rank | channel) -> (window ends in a row with an onset,
-        # the first one's end time, its first step while it pins the history, else None)
-        self._streak: dict[tuple, tuple[int, float, int | None]] = {}
+        # the first one's end time, the first step of the window that pins the history (None:
+        # no pin), the last window end that showed it)
+        self._streak: dict[tuple, tuple] = {}
         self.probes: dict[int, dict[str, dict]] = {}  # generation -> probe id -> analysis
         self.verdicts: list[Verdict] = []
 
@@ -376,17 +383,25 @@ class Detector:
         slow host or link stays. From the first window that shows a ``candidate`` (the
         specific sign, before the job-level evidence agrees; default: the onset itself)
         later windows are judged against the history before it, for up to history_steps."""
-        n, t0, first = self._streak.get(key, (0, None, win[0]))
-        if not (onset if candidate is None else candidate) or (not onset and first is not None
-                                                                 and win[-1] - first > self.cfg.history_steps):
-            self._streak.pop(key, None)
+        c = self.cfg
+        n, t0, first, seen = self._streak.get(key, (0, None, None, None))
+        if not (onset if candidate is None else candidate):
+            # A window that misses keeps the pin (noise), until a window's worth of them did.
+            if first is None or win[-1] - seen >= c.straggler_window or win[-1] - first > c.history_steps:
+                self._streak.pop(key, None)
+            else:
+                self._streak[key] = (0, None, first, seen)
             return False
+        first = win[0] if first is None and n == 0 else first
         if not onset:
-            self._streak[key] = (0, None, first)
+            if first is not None and win[-1] - first > c.history_steps:  # a pin is not forever
+                self._streak.pop(key, None)
+            else:
+                self._streak[key] = (0, None, first, win[-1])
             return False
         t0 = gen.step_end(win[-1]) if t0 is None else t0
-        held = n + 1 >= CONFIRM and gen.step_end(win[-1]) - t0 >= self.cfg.confirm_s
-        self._streak[key] = (n + 1, t0, None if held else first)  # once named, its history may move on
+        held = n + 1 >= CONFIRM and gen.step_end(win[-1]) - t0 >= c.confirm_s
+        self._streak[key] = (n + 1, t0, None if held else first, win[-1])  # once named, its history may move on
         return held
 
     def _straggler(self, gen: Generation, now: float) -> list[Verdict]:
@@ -503,6 +518,11 @@ class Detector:
 
     def _links(self, gen: Generation, now: float) -> list[Verdict]:
         c = self.cfg
+        # Cells are compared with each other, which holds for alike transfers (a ring
+        # exchange); a pipeline's differ by design (activations, gradients, when each stage
+        # posts its receives): its links are judged against their own history (slow_comm).
+        if any(m.get("pipeline_stage") is not None for m in gen.meta.values()):
+            return []
         if any(len(v) < c.link_window for v in gen.links.values()):
             return []  # judge the matrix whole: a partial one misnames a bad sender as its first link
         recent = {cell: [ms for _s, ms in v[-c.link_window:]] for cell, v in gen.links.items()}
@@ -530,16 +550,25 @@ def _cut_off(gen: Generation) -> tuple[list, list] | None:
     for r in sorted(gen.meta):
         first.setdefault(gen.meta[r].get("host"), r)
     edges: dict[tuple[str, str], dict] = {}
+    down: dict[str, dict] = {}  # host -> its interfaces without a link
     for r, st in gen.state.items():
         me = gen.meta.get(r, {}).get("host")
         for peer, s in (st.get("stalled") or {}).items():
             other = host_of.get(peer)
             if other and other != me:
                 edges[(me, other)] = {**s, "rank": r}
-    if not edges:
+        if st.get("nics_down"):
+            down[me] = st["nics_down"]
+    if not edges and not down:
         return None
     pairs = {frozenset(e) for e in edges}
     conns = [{"from": a, "to": b, **s} for (a, b), s in sorted(edges.items())]
+    conns += [{"from": h, "nics_down": nics} for h, nics in sorted(down.items())]
+    if len(down) == 1 and all(next(iter(down)) in p for p in pairs):  # its own link is down
+        host = next(iter(down))
+        return [{**gen.node_of(r), "role": "cut off"} for r in sorted(gen.meta) if gen.meta[r].get("host") == host], conns
+    if not edges:
+        return None
     if len(pairs) == 1:
         a, b = sorted(next(iter(pairs)))
         ra, rb = first[a], first[b]
@@ -552,7 +581,13 @@ def _cut_off(gen: Generation) -> tuple[list, list] | None:
 
 
 def _cut_summary(suspects: list, conns: list) -> str:
-    worst = max(c["retransmits"] for c in conns)
+    nics = [f"{c['from']}'s {', '.join(f'{n} ({st})' for n, st in c['nics_down'].items())}" for c in conns if "nics_down" in c]
+    conns = [c for c in conns if "nics_down" not in c]
+    worst = max((c["retransmits"] for c in conns), default=0)
+    if nics and "link" not in suspects[0]:
+        host = suspects[0]["host"]
+        return (f"{'; '.join(nics)} lost its link" + (f", and {len(conns)} connection(s) to or from {host} carry nothing "
+                f"(up to {worst} retransmission timeouts)" if conns else "") + f": {host} is cut off the network")
     if "link" in suspects[0]:
         a, b = suspects[0]["hosts"]
         return (f"the connections between {a} and {b} carry nothing (unacknowledged data, {worst} retransmission "

@@ -57,7 +57,7 @@ EXPECTED = {"stop": "hang_noncomm", "kill": "crash", "partition": "hang_comm", "
 # Verdicts that may come before the one expected, naming the same fault from less evidence:
 # a slow link first shows as slow collectives of the group that crosses it.
 PRECURSORS = {"link": ("slow_comm",), "port": ("slow_comm",)}
-HANGS = ("stop", "kill", "partition")
+COMPUTE = ("data", "forward_backward", "optimizer")  # a step's phases (comms.trace) spent computing
 
 
 @dataclass
@@ -216,13 +216,34 @@ def _inject(tb: cluster.Testbed, fault: Fault, run_dir: Path, usage: list) -> di
         tb.port(fault.host, rate_mbit=fault.rate_mbit)
     if fault.kind != "cpu":
         return {"rank": meta["rank"]}
-    # cpu: the host's use over its last steps (at least 5), cut to 1/(1 + slower) of it
+    # cpu: the CPU the host got while its rank computed over its last steps (at least 5), cut
+    # to 1/(1 + slower) of it: its compute then takes (1 + slower) as long. (Its average use
+    # would not do: the rank computes in bursts between collectives, and a quota of its
+    # average throttles each burst far more.)
     t1, c1, s1 = usage[-1]
     t0, c0, s0 = next((u for u in reversed(usage) if s1 - u[2] >= 5), usage[0])
-    used = (c1 - c0) / max(t1 - t0, 1e-3)
-    cores = used / (1 + fault.slower)
+    per = compute_s(run_dir, meta["rank"])
+    computing = sum(per.get(s, 0.0) for s in range(s0 + 1, s1 + 1))
+    rate = (c1 - c0) / max(computing, 1e-3)
+    cores = rate / (1 + fault.slower)
     tb.slow_cpu(h, cores)
-    return {"rank": meta["rank"], "used_cores": round(used, 3), "quota_cores": round(cores, 3)}
+    return {"rank": meta["rank"], "computing_cores": round(rate, 3), "quota_cores": round(cores, 3)}
+
+
+def compute_s(run_dir: Path, rank: int) -> dict[int, float]:
+    """Step -> seconds rank ``rank`` spent computing in it (its data, forward/backward and
+    optimizer phases; waits inside them included), from its trace."""
+    gen = _generation(run_dir)
+    return {s: sum(v for k, v in rec.phases.items() if k in COMPUTE) for s, rec in gen.steps.get(rank, {}).items()}
+
+
+def host_slowdown(out: "Outcome") -> float | None:
+    """The faulty host's rank's median compute time per step after the fault over before it,
+    minus 1 (measured)."""
+    per = compute_s(out.run_dir, out.detail.get("rank"))
+    before = [t for s, t in per.items() if 1 < s <= out.fault_step]
+    after = [t for s, t in per.items() if s > out.fault_step]
+    return statistics.median(after) / statistics.median(before) - 1 if before and after else None
 
 
 def _generation(run_dir: Path) -> Generation:
