@@ -352,6 +352,17 @@ class Detector:
         T = {s: gen.step_time(s) for s in hist + win}
         job = shift([T[s] for s in win], [T[s] for s in hist], z=c.noise_z, rel_min=c.straggler_threshold)
         ranks = sorted(gen.meta)
+        comm = {}  # channel -> the shift of its time per step, once every member is in
+        for chan, per_step in list(gen.comm.items()):
+            if len(gen.members(chan)) >= 2:
+                sh = shift([per_step.get(s, 0.0) for s in win], [per_step.get(s, 0.0) for s in hist], z=c.noise_z,
+                           rel_min=c.comm_factor - 1)
+                above = sum(per_step.get(s, 0.0) > sh.history + sh.floor for s in win) / len(win)
+                comm[chan] = {"shift": sh, "candidate": sh.significant and above >= c.straggler_persistence}
+        # A slowdown has one place: ranks arriving late, or collectives slower once all are in
+        # (a slow link also makes the ranks at its ends late in the next ones). The larger rise,
+        # in seconds per step, is the cause; the other is its echo.
+        comm_rise = max((x["shift"].rise for x in comm.values() if x["candidate"]), default=0.0)
         fr = {r: {s: gen.late_fraction(r, s) for s in hist + win} for r in ranks}
         latest = {s: max(ranks, key=lambda r: fr[r][s]) for s in hist + win}
         late = {}
@@ -371,8 +382,9 @@ class Detector:
             extra = sh.window * job.window - sh.history * job.history
             agrees = job.rise >= max(c.straggler_threshold * job.history, 0.25 * extra) and extra >= job.rise / 3
             candidate = sh.significant and share >= c.straggler_persistence
-            late[r] = {"shift": sh, "latest": share, "candidate": candidate, "onset": candidate and agrees}
-        stats = {"job": job, "late": late, "fr": fr, "latest": latest, "T": T}
+            late[r] = {"shift": sh, "latest": share, "candidate": candidate, "extra": extra,
+                       "onset": candidate and agrees and extra > comm_rise}
+        stats = {"job": job, "late": late, "comm": comm, "fr": fr, "latest": latest, "T": T}
         self._windows[key] = stats
         return stats
 
@@ -454,17 +466,32 @@ class Detector:
         for i, win, hist in self._new_windows(gen, "slow_comm"):
             st = self._window(gen, i, win, hist)
             job = st["job"]
-            slowed = job.significant and not any(lr["onset"] for lr in st["late"].values())
-            for chan, per_step in list(gen.comm.items()):
+            late_rise = max((lr["extra"] for lr in st["late"].values() if lr["candidate"]), default=0.0)
+            comm_rise = max((x["shift"].rise for x in st["comm"].values() if x["candidate"]), default=0.0)
+            # The job slowed and neither a late rank nor a group's collectives explain a third
+            # of it (a slow link inside a ring shows only partly in the clock-free collective
+            # time): live, ask the job for a link probe among all its hosts, once per generation.
+            # No verdict unless the probe names a link: the probe is the evidence.
+            unexplained = job.significant and max(late_rise, comm_rise) < job.rise / 3
+            key = f"{gen.id}:probe:unexplained"
+            if (self._held((gen.id, "job", ""), gen, win, unexplained) and self.live and c.probe
+                    and gen.source == "trace" and key not in self._seen):
+                members = sorted(gen.meta)
+                reason = (f"the job's step time rose from {1e3 * job.history:.1f} to {1e3 * job.window:.1f} ms "
+                          f"(steps {win[0]}-{win[-1]}) with no rank late and no group's collectives clearly slower")
+                nbytes = max((int(statistics.median(v)) for v in gen.comm_bytes.values() if v), default=0)
+                if probe.request(gen, members, nbytes, job.window, c, reason=reason):
+                    self._seen.add(key)
+            for chan, x in st["comm"].items():
                 members = gen.members(chan)
                 key = f"{gen.id}:slow_comm:{chan}"
-                if len(members) < 2 or key in self._seen:
+                if key in self._seen:
                     continue
-                sh = shift([per_step.get(s, 0.0) for s in win], [per_step.get(s, 0.0) for s in hist], z=c.noise_z,
-                           rel_min=c.comm_factor - 1)
-                above = sum(per_step.get(s, 0.0) > sh.history + sh.floor for s in win) / len(win)
-                candidate = sh.significant and above >= c.straggler_persistence
-                onset = candidate and slowed and sh.rise >= 0.5 * job.rise
+                sh, candidate = x["shift"], x["candidate"]
+                # It must explain a third of the job's rise (its time is clock-free: from the last
+                # arrival to that rank's completion, so a ring that finishes later past a slow
+                # link shows only part of it) and more than any late rank does.
+                onset = candidate and job.significant and sh.rise >= max(job.rise / 3, late_rise)
                 if not self._held((gen.id, "comm", chan), gen, win, onset, candidate):
                     continue
                 t = now if self.live else gen.step_end(win[-1])
