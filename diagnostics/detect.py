@@ -25,15 +25,19 @@ later rows too). In short:
   spanning ``confirm_s``: its lateness rose beyond its own noise (and by
   ``straggler_threshold``), it was the latest rank in ``straggler_persistence`` of the
   window, and the job's step time rose with it (else the wait only moved between ranks) by
-  at most 3 times its extra lateness (else the job slowed for another reason). From the
+  at most 3 times its extra lateness (else the job slowed for another reason), and its
+  extra lateness exceeds any channel's rise in collective time (a slow link also makes the
+  ranks at its ends late: the larger rise is the cause). From the
   first window that shows the rise, later windows keep the history from before it. A rank
   that is always a little late (rank 0 logging) has no rise and is not named; one that costs
   the job ``straggler_sustained`` of every step over a window and its history is (no onset
   to see), unless it is a pipeline stage (they differ by design);
 - slow_comm: the job slowed, a group's collectives (or a point-to-point direction's
-  transfers) take ``comm_factor`` x longer once every member is in (beyond the floor, and
-  explaining half the slowdown, held like a straggler's onset), and no rank is late: the
-  network or the collective itself is slow. Live, the monitor then asks for a link probe;
+  transfers) take ``comm_factor`` x longer once every member is in (beyond the floor,
+  explaining a third of the slowdown and more than any late rank, held like a straggler's
+  onset): the network or the collective itself is slow. Live, the monitor then asks for a
+  link probe; when the job slowed and neither explains it, it asks for one among all the
+  job's hosts (once per generation; no verdict unless the probe names a link);
 - probe: a finished link probe (``diagnostics.probe``) names the slow link (slow_link), or a
   prober short of CPU (straggler), or nothing;
 - p2p links: per point-to-point pair (pipeline sends), transfer time = receiver's completion
