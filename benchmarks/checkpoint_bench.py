@@ -92,6 +92,7 @@ def measure(method: str, n_params: int, width: int, batch: int, saves: int, out_
     ck = None
     if method == "kintsugi":
         from checkpoint import CheckpointConfig, Checkpointer, flatten
+        from checkpoint.keeper import messages
         cfg = CheckpointConfig(interval=1, dir=str(out_dir / "l2"), l2_interval=10**6, l1_dir=str(out_dir / "l1"),
                                l1_keep_last=1, host_memory_mb=3 * (nbytes >> 20) + 256)
         ck = Checkpointer(cfg, out_dir)
@@ -170,8 +171,7 @@ def measure(method: str, n_params: int, width: int, batch: int, saves: int, out_
               "write_gbps": nbytes / statistics.median(durables) / 1e9, "step_s": base, "bytes": nbytes,
               "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     if ck is not None:
-        st = ck.keeper.call("status")
-        wrote, secs = st["written"]["l1"]
+        wrote, secs = ck.keeper.call(messages.Status(ck.gen)).written["l1"]
         result["keeper_write_gbps"] = wrote / secs / 1e9  # the keeper's own L1 write rate
         keeper_hwm = [line for line in Path(f"/proc/{ck.keeper.pid}/status").read_text().splitlines()
                       if line.startswith("VmHWM")]

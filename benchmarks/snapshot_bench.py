@@ -33,7 +33,7 @@ import torch
 from checkpoint import CheckpointConfig, Checkpointer, flatten, load_state, save_state
 from checkpoint.erasure import GroupCode, NodeShares, inject_faults, plan_groups, rebuild_snapshot, survival
 from checkpoint.lazy import LazyCopy, host_view
-from checkpoint.peers import PeerClient, PeerServer
+from checkpoint.keeper.peers import PeerClient, PeerServer
 
 
 def median_time(fn, repeats: int, setup=lambda: None) -> float:

@@ -39,7 +39,7 @@ def run(name: str, steps: int, workdir: Path) -> dict:
            "--train.progress=false", *flags]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
     subprocess.run(cmd, env=env, cwd=ROOT, check=True, capture_output=True)
-    recs = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    recs = [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
     tps = [r["tokens_per_s"] for r in recs[3:]]
     return {"ranks": nproc, "tokens_per_s": statistics.median(tps), "step_ms": 1000 * statistics.median(r["step_time_s"] for r in recs[3:]),
             "final_loss": recs[-1]["loss"]}

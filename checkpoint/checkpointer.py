@@ -15,6 +15,14 @@ rank 0 for L2, each node's local rank 0 for its L1) has its keeper write the man
 commit once every rank's shard is durable there. A keeper or writer failure is raised on
 every rank at the same boundary; a failed level write is a warning (training goes on
 with the other levels) unless it was the final save.
+
+Each Checkpointer is one attempt of the job (a *generation*, agreed by all ranks when it
+starts): the keeper keys what it reports by (generation, step), so after a restart redoes
+step S no report of the old attempt counts for the new one, and each attempt writes its
+shards under its own ``step_S.<gen>.tmp``.
+
+When a snapshot does not fit into the keeper's memory (a /dev/shm smaller than
+``host_memory_mb``), that save goes to L2 directly and synchronously (one warning line).
 """
 from __future__ import annotations
 
@@ -22,21 +30,26 @@ import json
 import logging
 import mmap
 import os
+import secrets
 import signal
 import socket
 import time
 import zlib
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
 from checkpoint.config import CheckpointConfig
-from checkpoint.format import DTYPE_NAMES, CorruptCheckpoint, ShardReader, shard_header
-from checkpoint.keeper import KeeperClient, connect
-from checkpoint.lazy import LazyCopy, host_unview, host_view, lazy_ok, protect
-from checkpoint.levels import DirectoryStorage
+from checkpoint.format import (
+    DTYPE_NAMES, CorruptCheckpoint, MissingShard, ShardReader, check_latest, fault_point, shard_header,
+)
+from checkpoint.keeper import KeeperClient, collect_garbage, connect, messages as m
+from checkpoint.keeper.runtime import open_segment
+from checkpoint.lazy import LazyCopy, host_unview, host_view, lazy_ok, optimizer_storages, protect
+from checkpoint.levels import LevelSpec, make_storage
 from checkpoint.state import is_chunk
-from checkpoint.store import SHARD, build_manifest, chunk_key, fill_all, plan_writes
+from checkpoint.store import SHARD, build_manifest, chunk_key, fill_all, plan_writes, save_state
 from comms import UserError, dist_utils
 
 log = logging.getLogger(__name__)
@@ -44,26 +57,53 @@ log = logging.getLogger(__name__)
 LEVELS = ("l0", "l1", "l2")  # fastest first
 
 
+@dataclass
+class PendingSave:
+    """A save on its way to its levels."""
+
+    step: int
+    levels: set[str]  # levels it is not yet committed at ("l0" until every rank's snapshot is ready)
+    requested: set[str] = field(default_factory=set)  # levels whose commit was asked of the committer's keeper
+    manifest: dict | None = None  # built when it commits at L0
+    failed: list[str] = field(default_factory=list)  # why levels could not store it
+
+
+@dataclass
+class SaveTiming:
+    """One save's cost to the training loop and its time to durable (for metrics.jsonl and
+    the library's save handles)."""
+
+    step: int
+    levels: tuple[str, ...]  # where it goes ("l0", "l1", "l2")
+    started: float  # time.monotonic() when save() was called
+    stall_s: float = 0.0  # how long save() held the caller (the lazy copy runs after it)
+    durable_s: float | None = None  # save() to committed at every level (or given up); None while in flight
+    failed: list[str] = field(default_factory=list)  # levels that did not store it, with the reason
+
+
 class Checkpointer:
     def __init__(self, cfg: CheckpointConfig, run_dir: Path):
         cfg.validate()
         self.cfg = cfg
         self.root = Path(cfg.dir) if cfg.dir else Path(run_dir) / "checkpoints"
-        self.storages = {"l2": DirectoryStorage("l2", self.root, cfg.keep_last, cfg.keep_every)}
+        specs = [LevelSpec("l2", str(self.root), cfg.keep_last, cfg.keep_every)]
         if cfg.l1_dir:
-            self.storages["l1"] = DirectoryStorage("l1", cfg.l1_dir, cfg.l1_keep_last)
+            specs.append(LevelSpec("l1", cfg.l1_dir, cfg.l1_keep_last))
+        self.storages = {spec.name: make_storage(spec) for spec in specs}
         self.rank, self.world = dist_utils.rank(), dist_utils.world_size()
         self.local_rank = dist_utils.local_rank()
-        levels = {n: {"root": str(s.root), "keep_last": s.keep_last, "keep_every": s.keep_every}
-                  for n, s in self.storages.items()}
-        self.keeper: KeeperClient = connect(run_dir, self.rank, self.local_rank,
-                                            int(os.environ.get("LOCAL_WORLD_SIZE", self.world)), levels,
-                                            cfg.host_memory_mb, cfg.keeper_timeout_s)
+        self.nodes = self.world // int(os.environ.get("LOCAL_WORLD_SIZE", self.world))
+        self.gen = dist_utils.broadcast_object(secrets.token_hex(6) if self.rank == 0 else None)
+        self.keeper: KeeperClient = connect(run_dir, self.rank, self.local_rank, self.world // self.nodes,
+                                            [spec.to_dict() for spec in specs], cfg.host_memory_mb,
+                                            cfg.keeper_timeout_s, self.gen)
+        self.said = set()  # warnings rank 0 printed already
+        if self.keeper.warning:
+            self._warn(self.keeper.warning)
         self.keeper_error: tuple[str, bool] | None = None  # (message, is the user's to fix)
         self.buffers: dict[int, torch.Tensor] = {}  # keeper slot id -> its bytes, mapped here
-        self.shm_files: dict[int, tuple[str, int]] = {}  # keeper slot id -> (path, inode)
         self.capture: LazyCopy | None = None
-        self.pending: dict[int, dict] = {}  # step -> {"levels", "requested", "manifest", "failed"}
+        self.pending: dict[int, PendingSave] = {}
         self.failures: dict[int, list[str]] = {}  # finished steps -> level failures
         self.owner: dict[str, int] = {}
         self.sigs: list | None = None
@@ -72,6 +112,7 @@ class Checkpointer:
         self.stop_requested = False
         self.l0_remote = None  # step -> readers of other nodes' level-0 shards (checkpoint.snapshot)
         self.restored_from: str | None = None  # the level the last restore read
+        self.timings: dict[int, SaveTiming] = {}  # saves in flight, and finished ones not yet collected
 
     # ------------------------------------------------------------------ the training loop's calls
 
@@ -81,10 +122,23 @@ class Checkpointer:
         optimizer's step already waits for pending copies."""
         protect(optimizer)
 
-    def handle_sigterm(self):
-        """On SIGTERM, make ``check()`` return True (on every rank) instead of dying; the loop
-        then saves with ``final=True`` and calls ``close()``, which waits for the levels."""
-        signal.signal(signal.SIGTERM, lambda *_: setattr(self, "stop_requested", True))
+    def handle_sigterm(self, signals=(signal.SIGTERM, signal.SIGINT)):
+        """On SIGTERM (and Ctrl-C's SIGINT), make ``check()`` return True (on every rank)
+        instead of dying; the loop then saves with ``final=True`` and calls ``close()``, which
+        waits for the levels."""
+        for sig in signals:
+            signal.signal(sig, lambda *_: setattr(self, "stop_requested", True))
+
+    def in_flight(self, step: int) -> bool:
+        """Is ``step``'s save still on its way to a level (as of the last step boundary)?"""
+        return step in self.pending
+
+    def finished_saves(self) -> list[SaveTiming]:
+        """The saves that left flight since the last call (committed, or failed at a level)."""
+        done = [t for s, t in sorted(self.timings.items()) if s not in self.pending]
+        for t in done:
+            del self.timings[t.step]
+        return done
 
     def check(self) -> bool:
         """Step boundary (collective; call it on every rank after every optimizer step):
@@ -99,15 +153,19 @@ class Checkpointer:
                 return stop
         return any(g["stop"] for g in self._sync())
 
-    def save(self, step: int, state: dict, extra: dict | None = None, final: bool = False):
+    def save(self, step: int, state: dict, extra: dict | None = None, final: bool = False) -> SaveTiming:
         """Snapshot ``state`` (name -> Chunk | JSON-able object) as ``step``; collective, returns
-        at once. ``final`` sends it to every level regardless of intervals, and ``close()``
-        then fails unless it is committed there."""
+        at once. ``final`` sends it to every level regardless of intervals (except a level
+        whose newest commit is this very step: a run resumed at its end), and ``close()``
+        then fails unless it is committed there. Returns the save's timing record (its
+        ``durable_s`` is filled at the boundary that sees it committed)."""
+        started = time.monotonic()
         self._join_capture()
         chunks = {chunk_key(n, c.offsets): (n, c) for n, c in state.items() if is_chunk(c)}
         meta = sorted((k, c.nbytes) for k, (_, c) in chunks.items())
         sig = zlib.crc32(repr(meta).encode())
-        gathered = self._sync(sig=sig, wait_ready=True)
+        latest = {n: st.steps()[:1] for n, st in self.storages.items()} if final else {}
+        gathered = self._sync(sig=sig, wait_ready=True, latest=latest)
         if [g["sig"] for g in gathered] != self.sigs:  # the layout changed (or first save): re-plan
             self.owner = plan_writes(dist_utils.all_gather_object(meta))
             self.sigs = [g["sig"] for g in gathered]
@@ -118,35 +176,67 @@ class Checkpointer:
             except (TypeError, ValueError) as e:
                 raise UserError(f"checkpoint state holds an object that is not JSON-able ({e}); "
                                 "store tensors as tensors and the rest as plain numbers, strings, lists, dicts") from None
-        due = [n for n in ("l1", "l2") if n in self.storages and (final or self._due(n, step))]
-        self.pending[step] = {"levels": {"l0", *due}, "requested": set(), "manifest": None}
+        due = [n for n in ("l1", "l2") if n in self.storages and (final or self._due(n, step))
+               and not (final and all(g["latest"][n] == [step] for g in gathered))]
         self.last_save = step
         if final:
             self.final = step
         mine = sorted(k for k in chunks if self.owner[k] == self.rank)
         head, offsets = shard_header((k, chunks[k][1].tensor.dtype, chunks[k][1].shape) for k in mine)
         nbytes = len(head) + sum(chunks[k][1].nbytes for k in mine)
-        reply = self._call("alloc", step=step, nbytes=nbytes)  # waits when memory is spent
+        reply, no_room = self._alloc(step, nbytes)  # waits when memory is spent
+        if any(dist_utils.any_true([no_room is not None])):
+            if reply is not None:
+                self._call(m.Release(reply.slot))
+            timing = self.timings[step] = SaveTiming(step, ("l2",), started)
+            self._save_to_disk(step, state, extra, no_room)
+            timing.stall_s = timing.durable_s = time.monotonic() - started
+            return timing
+        self.pending[step] = PendingSave(step, {"l0", *due})
+        timing = self.timings[step] = SaveTiming(step, ("l0", *due), started)
         if reply is None:
-            return
+            return timing
         buf = self._buffer(reply)
         buf[:len(head)].copy_(torch.frombuffer(bytearray(head), dtype=torch.uint8))
-        entries, lazy = [], []
+        entries, lazy, owned = [], [], optimizer_storages()
         for k, off in zip(mine, offsets):
             name, c = chunks[k]
             t = c.tensor if c.tensor.is_contiguous() else c.tensor.contiguous()
             lo = len(head) + off
             dst = buf[lo:lo + c.nbytes]
-            if lazy_ok(t):
+            if lazy_ok(t, owned):
                 lazy.append((t, dst))
             else:  # the forward pass may change it (a buffer): copy now
                 dst.copy_(t.detach().reshape(-1).view(torch.uint8))
             entries.append([name, k, list(c.offsets), list(c.shape), list(c.global_shape),
                             DTYPE_NAMES[c.tensor.dtype], lo, lo + c.nbytes])
 
-        self.capture = LazyCopy(lazy, lambda: self._call("filled", slot=reply["slot"], entries=entries,
-                                                          world=self.world, levels=due,
-                                                          objects=objects if self.rank == 0 else None))
+        filled = m.Filled(self.gen, step, reply.slot, entries, self.world, due, objects if self.rank == 0 else None)
+        self.capture = LazyCopy(lazy, lambda: self._call(filled))
+        timing.stall_s = time.monotonic() - started
+        return timing
+
+    def _alloc(self, step: int, nbytes: int) -> tuple[m.AllocReply | None, str | None]:
+        """A keeper slot for this rank's shard, or (None, why) when it does not fit into the
+        keeper's memory (then the save goes to disk directly)."""
+        if self.keeper_error is not None:
+            return None, None
+        wait_s = self.cfg.close_timeout_s
+        try:
+            return self.keeper.call(m.Alloc(self.gen, step, nbytes, wait_s), timeout_s=wait_s + 60), None
+        except UserError as e:
+            return None, str(e)
+        except (OSError, ConnectionError, RuntimeError) as e:
+            self._failed(e)
+            return None, None
+
+    def _save_to_disk(self, step: int, state: dict, extra: dict | None, why: str | None):
+        """The synchronous path for a snapshot the keeper cannot hold: straight to L2."""
+        self._warn(f"{why or 'another rank has no room for its snapshot in the node keeper'}; saves that do not fit "
+                   f"go to {self.root} directly (synchronously)")
+        log.info("step %d goes to %s directly", step, self.root)
+        save_state(self.root, step, state, self.cfg.keep_last, extra, self.gen)
+        self.failures[step] = []
 
     def restore(self, state: dict, optional=lambda name: False):
         """Fill ``state`` from the newest good step at any level (L0 memory, L1, L2), else from
@@ -165,12 +255,16 @@ class Checkpointer:
         return None
 
     def close(self):
-        """Wait (at most ``close_timeout_s``) until every save is committed at its levels;
-        raise unless the final save is. Collective; call it at the end and after SIGTERM."""
+        """Wait (at most ``close_timeout_s``) until every save is committed at its levels.
+        Raises unless the final save (or else the last one) is committed at every level it
+        was due at: a UserError naming the level and why when the storage refused it (a
+        full or read-only disk: the user's to fix; the job resumes from memory or disk when
+        rerun), RuntimeError when time ran out. Collective; call it at the end and after SIGTERM."""
         if self.keeper is None:
             return
         try:
             self._join_capture()
+            fault_point("close")
             deadline = time.monotonic() + self.cfg.close_timeout_s
             while True:
                 gathered = self._sync(timed_out=time.monotonic() > deadline)
@@ -182,9 +276,10 @@ class Checkpointer:
                 time.sleep(0.02)
             final = self.final if self.final is not None else self.last_save  # the one the job promised
             if self.failures.get(final):
-                raise RuntimeError(f"the final checkpoint (step {final}) was not saved: "
-                                   f"{'; '.join(self.failures[final])}")
-            self._call("bye")
+                raise UserError(f"the final checkpoint (step {final}) was not saved: "
+                                f"{'; '.join(self.failures[final])}; fix that and rerun: the job resumes from its "
+                                "newest committed step")
+            self._call(m.Bye())
         finally:
             self.keeper.close()
             self.keeper = None
@@ -206,100 +301,106 @@ class Checkpointer:
                 self.keeper_error = (f"copying the snapshot failed: {e!r}", False)
             self.capture = None
 
-    def _buffer(self, reply: dict) -> torch.Tensor:
-        for sid in [s for s in self.buffers if s not in reply["live"]]:  # slots the keeper dropped
+    def _buffer(self, reply: m.AllocReply) -> torch.Tensor:
+        for sid in [s for s in self.buffers if s not in reply.live]:  # slots the keeper dropped
             host_unview(self.buffers.pop(sid))
-            self.shm_files.pop(sid, None)
-        buf = self.buffers.get(reply["slot"])
-        if buf is None or buf.numel() != reply["size"]:
-            fd = os.open(reply["path"], os.O_RDWR)
+        buf = self.buffers.get(reply.slot)
+        if buf is None or buf.numel() != reply.size:
+            fd = open_segment(reply.path)
             try:
-                buf = self.buffers[reply["slot"]] = host_view(mmap.mmap(fd, reply["size"]))
-                self.shm_files[reply["slot"]] = (reply["path"], os.fstat(fd).st_ino)
+                buf = self.buffers[reply.slot] = host_view(mmap.mmap(fd, reply.size))
             finally:
                 os.close(fd)
         return buf
 
-    def _call(self, op: str, **kw) -> dict | None:
+    def _call(self, msg):
         """A keeper request; a failure is kept and raised on every rank at the next boundary
         (raising on this rank alone would leave the others waiting in a collective)."""
         if self.keeper_error is not None:
             return None
         try:
-            return self.keeper.call(op, **kw)
-        except UserError as e:
-            self.keeper_error = (str(e), True)
-        except (OSError, ConnectionError) as e:
-            self.keeper_error = (f"the node keeper on {socket.gethostname()} is gone ({e})", False)
-            self._unlink_orphans()
-        except RuntimeError as e:
-            self.keeper_error = (str(e), False)
+            return self.keeper.call(msg)
+        except (UserError, OSError, ConnectionError, RuntimeError) as e:
+            self._failed(e)
         return None
 
-    def _unlink_orphans(self):
-        """The keeper died (kill -9): remove its shared memory of this rank, which nobody else
-        will (the inode check spares files a successor keeper created under the same name)."""
-        for path, ino in self.shm_files.values():
-            try:
-                if os.stat(path).st_ino == ino:
-                    os.unlink(path)
-            except FileNotFoundError:
-                pass
-        self.shm_files.clear()
+    def _failed(self, e: Exception):
+        if isinstance(e, UserError):
+            self.keeper_error = (str(e), True)
+        elif isinstance(e, (OSError, ConnectionError)):
+            self.keeper_error = (f"the node keeper on {socket.gethostname()} is gone or not answering ({e})", False)
+            collect_garbage()  # a killed keeper's shared memory: nobody else may be left to remove it
+        else:
+            self.keeper_error = (str(e), False)
+
+    def _warn(self, line: str):
+        """Say a warning once, on rank 0 (and in every rank's log)."""
+        if line in self.said:
+            return
+        self.said.add(line)
+        log.warning("%s", line)
+        if self.rank == 0:
+            print(f"kintsugi: warning: {line}", flush=True)
 
     def _status(self, wait_ready: bool) -> dict:
-        st = self._call("status")
+        st = self._call(m.Status(self.gen))
         while st is not None and wait_ready and self.last_save in self.pending \
-                and "l0" in self.pending[self.last_save]["levels"] and str(self.last_save) not in st["ready"] \
-                and not st["fatal"]:
+                and "l0" in self.pending[self.last_save].levels and str(self.last_save) not in st.ready \
+                and not st.fatal:
             time.sleep(0.002)  # the keeper is still checksumming the previous snapshot
-            st = self._call("status")
+            st = self._call(m.Status(self.gen))
         if self.keeper_error is not None:
             return {"fatal": self.keeper_error[0], "user": self.keeper_error[1]}
-        l0 = {str(s) for s, p in self.pending.items() if "l0" in p["levels"]}
+        st = asdict(st)
+        l0 = {str(s) for s, p in self.pending.items() if "l0" in p.levels}
         st["ready"] = {s: r for s, r in st["ready"].items() if s in l0}  # records travel until L0 commits
         st["objects"] = {s: o for s, o in st["objects"].items() if s in l0}
         return st
 
-    def _sync(self, sig=None, wait_ready=False, timed_out=False) -> list[dict]:
+    def _sync(self, sig=None, wait_ready=False, timed_out=False, latest=None) -> list[dict]:
         st = self._status(wait_ready)
-        st.update(sig=sig, stop=self.stop_requested, timed_out=timed_out)
+        st.update(sig=sig, stop=self.stop_requested, timed_out=timed_out, latest=latest)
         gathered = dist_utils.all_gather_object(st)
         fatal = [(r, g) for r, g in enumerate(gathered) if g.get("fatal")]
         if fatal:
             r, g = fatal[0]
             raise (UserError if g.get("user") else RuntimeError)(f"checkpointing failed on rank {r}: {g['fatal']}")
+        for line in dict.fromkeys(w for g in gathered for w in g.get("warnings", ())):
+            self._warn(line)
         for step in sorted(self.pending):
             self._advance(step, gathered)
         return gathered
 
     def _advance(self, step: int, gathered: list[dict]):
         p, s = self.pending[step], str(step)
-        if "l0" in p["levels"] and all(s in g["ready"] for g in gathered):
-            self._call("l0_commit", step=step)
+        if "l0" in p.levels and all(s in g["ready"] for g in gathered):
+            self._call(m.L0Commit(self.gen, step))
             objs = gathered[0]["objects"][s]
-            p["manifest"] = build_manifest(step, self.world, [g["ready"][s] for g in gathered], objs["objects"],
-                                           objs["extra"])
-            p["levels"].discard("l0")
-        for level in sorted(p["levels"] - {"l0"}):
+            p.manifest = build_manifest(step, self.world, [g["ready"][s] for g in gathered], objs["objects"],
+                                        objs["extra"])
+            p.levels.discard("l0")
+        for level in sorted(p.levels - {"l0"}):
             errors = [g["failed"][level][s] for g in gathered if s in g["failed"].get(level, {})]
             if errors:
-                p.setdefault("failed", []).append(errors[0])
-                p["levels"].discard(level)
+                p.failed.append(errors[0])
+                p.levels.discard(level)
                 log.warning("checkpoint step %d was not stored at %s: %s", step, level, errors[0])
                 if self.rank == 0:
                     print(f"kintsugi: warning: checkpoint step {step} was not stored at {level}: {errors[0]}; "
                           "training continues with the other levels", flush=True)
             elif self._committed(level, step, gathered):
-                p["levels"].discard(level)
-            elif level not in p["requested"] and p["manifest"] is not None \
+                p.levels.discard(level)
+            elif level not in p.requested and p.manifest is not None \
                     and all(step in g["durable"].get(level, []) for g in gathered):
                 if (self.rank == 0) if level == "l2" else (self.local_rank == 0):
-                    self._call("commit", level=level, step=step, manifest=p["manifest"])
-                p["requested"].add(level)
-        if not p["levels"]:
-            self.failures[step] = p.get("failed", [])
+                    self._call(m.Commit(self.gen, level, step, p.manifest))
+                p.requested.add(level)
+        if not p.levels:
+            self.failures[step] = p.failed
             del self.pending[step]
+            if step in self.timings:
+                self.timings[step].durable_s = time.monotonic() - self.timings[step].started
+                self.timings[step].failed = self.failures[step]
 
     @staticmethod
     def _committed(level: str, step: int, gathered: list[dict]) -> bool:
@@ -308,14 +409,17 @@ class Checkpointer:
         return all(step in g["committed"].get(level, []) for g in reports)
 
     def _restore_levels(self, state: dict, optional):
+        for storage in self.storages.values():
+            if (line := check_latest(storage.root)) is not None:
+                self._warn(line)
         try:
-            snaps = self.keeper.call("snapshots")["snapshots"]
+            snaps = self.keeper.call(m.Snapshots()).snapshots
         except (OSError, ConnectionError, RuntimeError) as e:
             log.warning("no level-0 snapshots: the node keeper did not answer (%s)", e)
             snaps = []
         view = {"l0": [(x["step"], x["world"], x["rank"], x["records"], x["objects"]) for x in snaps]
                 if self.local_rank == 0 else [],  # one report per node: its keeper holds all local ranks
-                **{n: st.steps() for n, st in self.storages.items()}}
+                **{n: restorable(st.steps()) for n, st in self.storages.items()}}
         views = dist_utils.all_gather_object(view)
         held: dict[int, dict] = {}  # step -> {"world", "records" by rank, "objects"}
         for v in views:
@@ -344,8 +448,11 @@ class Checkpointer:
                     manifest = self.storages[level].manifest(step)
                     step_dir, readers = self.storages[level].open_step(step)
                 missing = fill_all(state, manifest, step_dir, readers, optional)
+            except MissingShard as e:
+                # a node's L1 holds its own ranks' shards: on several nodes a rank may need another's
+                error = (str(e), level == "l1" and self.nodes > 1)
             except CorruptCheckpoint as e:
-                error = str(e)
+                error = (str(e), False)
             errors = [e for e in dist_utils.all_gather_object(error) if e]
             if not errors:
                 self.restored_from = level
@@ -353,8 +460,21 @@ class Checkpointer:
                 if self.rank == 0:
                     print(f"kintsugi: restored step {step} from {level.upper()}", flush=True)
                 return step, manifest["objects"], missing
+            if all(elsewhere for _, elsewhere in errors):
+                log.info("step %d at L1: a shard this rank needs is on another node (%s); trying the next copy",
+                         step, errors[0][0])
+                continue
+            errors = [e for e, _ in errors]
             log.warning("checkpoint step %d at %s is damaged (%s); trying the next copy", step, level, errors[0])
             if self.rank == 0:
                 print(f"kintsugi: warning: checkpoint step {step} at {level.upper()} is damaged ({errors[0]}); "
                       "falling back to the next older copy", flush=True)
         return None
+
+
+def restorable(steps: list[int]) -> list[int]:
+    """A level's steps a restore may take (``steps``: newest commit first): those numbered
+    at most its newest commit. A step numbered above it was committed before, by an
+    abandoned run (e.g. one started over with ``checkpoint.resume=false`` in the same run
+    directory), and is kept only until retention removes it."""
+    return [s for s in steps if s <= steps[0]] if steps else []

@@ -87,6 +87,77 @@ def _decode(value, tensors: dict):
     return obj
 
 
+class ZeroState:
+    """A DeepSpeed ZeRO engine's training state as a Stateful for ``AsyncCheckpointer``
+    (``{"zero": ZeroState(engine)}``): full fp32 masters and Adam moments by parameter name
+    (``model.<name>``, ``optim.state.<name>.exp_avg``), the names FSDP jobs and the built-in
+    trainer use. ZeRO's flat partitions do not align with tensor boundaries; gathering makes
+    the checkpoint layout-free (any world size, any engine). ``state_dict`` is collective for
+    ZeRO-3. Creating it gives the optimizer its (zero) state, to restore into."""
+
+    def __init__(self, engine):
+        self.engine, self.zero = engine, engine.optimizer
+        self.optimizer = getattr(self.zero, "optimizer", self.zero)  # ZeRO-1/2/3 wrap a torch optimizer
+        self.stage = engine.zero_optimization_stage()
+        from checkpoint.stateful import init_optimizer_state
+
+        if self.stage == 3:
+            # ZeRO-3 hands its torch optimizer one fp32 sub-group at a time; give it all of
+            # them for the initialization, then restore its (empty) groups.
+            saved = [list(g["params"]) for g in self.optimizer.param_groups]
+            for sub, fp32 in enumerate(self.zero.fp32_partitioned_groups_flat):
+                self.optimizer.param_groups[self.zero.sub_group_to_group_id[sub]]["params"].append(fp32)
+            init_optimizer_state(self.optimizer)
+            for g, params in zip(self.optimizer.param_groups, saved):
+                g["params"] = params
+        else:
+            init_optimizer_state(self.optimizer)
+        if self.stage in (1, 2):
+            self.zero._lazy_init_hp_params_optimizer_state()  # ZeRO-1/2 map params to state fragments once
+
+    def _adam_states(self) -> list[dict]:
+        return [s for s in self.optimizer.state.values() if "step" in s]
+
+    def state_dict(self) -> dict:
+        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+        adam = self._adam_states()
+        step = (adam[0]["step"].detach().clone() if torch.is_tensor(adam[0]["step"]) else torch.tensor(adam[0]["step"])) \
+            if adam else torch.zeros(())
+        host = lambda t: t.detach().cpu().float().contiguous()
+        model, optim = {}, {}
+        for name, p in self.engine.module.named_parameters():
+            model[name] = host(safe_get_full_fp32_param(p))
+            moments = {k: safe_get_full_optimizer_state(p, k) for k in ("exp_avg", "exp_avg_sq")}
+            optim[name] = {k: host(t) for k, t in moments.items() if t is not None}
+            optim[name]["step"] = host(step).reshape(())
+        return {"model": model, "optim": {"state": optim}}
+
+    def load_state_dict(self, sd: dict):
+        import deepspeed
+        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+        device = next(self.engine.module.parameters()).device
+        for name, p in self.engine.module.named_parameters():
+            value = sd["model"][name]
+            if self.stage == 3:
+                with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
+                    if torch.distributed.get_rank() == 0:
+                        p.data.copy_(value)
+            else:
+                p.data.copy_(value)
+        self.zero.refresh_fp32_params()
+        state = sd["optim"]["state"]
+        for name, p in self.engine.module.named_parameters():
+            safe_set_full_fp32_param(p, sd["model"][name].to(device))
+            for key in ("exp_avg", "exp_avg_sq"):
+                if key in state.get(name, {}):
+                    safe_set_full_optimizer_state(p, state[name][key].to(device), key)
+        step = next((s["step"] for s in state.values() if "step" in s), None)
+        for s in self._adam_states():
+            s["step"].copy_(step) if torch.is_tensor(s["step"]) else s.__setitem__("step", float(step))
+
+
 class KintsugiCheckpointEngine(CheckpointEngine):
     """DeepSpeed's CheckpointEngine interface on top of ``checkpoint.Checkpointer``."""
 
@@ -152,7 +223,7 @@ class KintsugiCheckpointEngine(CheckpointEngine):
                 if manifest.get("ds_tag") == tag:
                     found = (storage, step, manifest)
                     break
-                if found is None or step > found[1]:
+                if found is None:  # steps() lists the newest commit first
                     found = (storage, step, manifest)
             if found and found[2].get("ds_tag") == tag:
                 break

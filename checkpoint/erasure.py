@@ -20,7 +20,7 @@ snapshot needs k + m stripes of temporary memory, not another snapshot.
 
 A reader (``ShareReader``) is anything with ``header(step, codeword, index)`` and
 ``read(step, codeword, index, offset, length)``: a local ``NodeShares`` or a remote peer
-(checkpoint.peers.PeerClient). Encoding and rebuilding only talk to readers, so the same
+(checkpoint.keeper.peers.PeerClient). Encoding and rebuilding only talk to readers, so the same
 code runs in one process (tests, fault-injection loop) and across keepers.
 """
 from __future__ import annotations
@@ -67,6 +67,7 @@ class ShareHeader:
     crc: int  # crc32 of the share's `length` bytes
     data_lens: list = field(default_factory=list)  # parity only: length of each data share
     data_crcs: list = field(default_factory=list)  # parity only: crc32 of each data share
+    gen: str = ""  # the job attempt whose snapshot the share codes (a redone step is another one)
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self), separators=(",", ":")).encode()
@@ -248,8 +249,9 @@ class NodeShares:
 
     `snapshot` is a buffer or a list of buffers read as one (see Segments)."""
 
-    def __init__(self, job: str, step: int, group: int, node: int, pos: int, code: GroupCode, snapshot):
+    def __init__(self, job: str, step: int, group: int, node: int, pos: int, code: GroupCode, snapshot, gen: str = ""):
         self.job, self.step, self.group, self.node, self.pos, self.code = job, step, group, node, pos, code
+        self.gen = gen
         self.snapshot = Segments(snapshot if isinstance(snapshot, (list, tuple)) else [snapshot])
         self.headers: dict[tuple[int, int], ShareHeader] = {}
         self.parity: dict[tuple[int, int], np.ndarray] = {}
@@ -262,7 +264,7 @@ class NodeShares:
 
     def _header(self, c, s, size, length, crc, lens=(), crcs=()) -> ShareHeader:
         return ShareHeader(self.job, self.step, self.group, c, s, self.node, self.code.k, self.code.m, size, length,
-                           crc, list(lens), list(crcs))
+                           crc, list(lens), list(crcs), self.gen)
 
     def encode(self, readers: dict[int, ShareReader], stripe: int = STRIPE, out: dict | None = None) -> None:
         """Compute this node's m parity shares, reading data shares through `readers` (by group

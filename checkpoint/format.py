@@ -30,6 +30,7 @@ import json
 import math
 import mmap
 import os
+import re
 import secrets
 import shutil
 import struct
@@ -45,6 +46,7 @@ from comms import UserError
 FORMAT = "kintsugi"
 VERSION = 1
 MANIFEST = "manifest.json"
+SHARD = "shard_{:05d}.safetensors"  # rank -> its shard's file name in a step directory
 LATEST = "latest"
 COMMITS = "commits"  # the commit-order journal of a checkpoint root
 TRASH = "trash."  # prefix of a step being deleted (out of the step_* namespace)
@@ -61,6 +63,14 @@ DTYPE_NAMES = {d: str(d).removeprefix("torch.") for d in DTYPES}
 DTYPE_BY_NAME = {v: k for k, v in DTYPE_NAMES.items()}
 
 
+def human(n: float) -> str:
+    """Bytes for a person: 512 B, 16.0 KiB, 1.2 GiB."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+
+
 def step_dirname(step: int) -> str:
     return f"step_{step:08d}"
 
@@ -68,6 +78,21 @@ def step_dirname(step: int) -> str:
 def step_of(name: str) -> int | None:
     """The step of a committed step directory's name (``step_<digits>``), else None."""
     return int(name[5:]) if name.startswith("step_") and name[5:].isdigit() else None
+
+
+TMP = re.compile(r"^step_(\d+)(?:\.([0-9a-f]+))?\.tmp$")  # a step being written: step_S.tmp or step_S.<gen>.tmp
+
+
+def tmp_dirname(step: int, gen: str = "") -> str:
+    """Where step ``step`` is written before its commit; a job attempt (``gen``) has its own,
+    so a step redone after a restart never mixes shards of two attempts."""
+    return f"{step_dirname(step)}.{gen}.tmp" if gen else f"{step_dirname(step)}.tmp"
+
+
+def tmp_of(name: str) -> tuple[int, str] | None:
+    """(step, job attempt) of a step directory being written ("" for a synchronous save)."""
+    m = TMP.match(name)
+    return (int(m[1]), m[2] or "") if m else None
 
 
 def as_bytes(t: torch.Tensor) -> memoryview:
@@ -270,6 +295,11 @@ class CorruptCheckpoint(UserError):
     """A step on disk is damaged (bad checksum, truncated or missing file, bad header or manifest)."""
 
 
+class MissingShard(CorruptCheckpoint):
+    """A shard file the manifest names is not there (damage; or, in a node-local level of a
+    multi-node job, a shard that lives on another node)."""
+
+
 def write_manifest(step_dir: Path, manifest: dict, name: str = MANIFEST):
     tmp = step_dir / (name + ".tmp")
     with open(tmp, "w") as f:
@@ -318,18 +348,30 @@ def read_manifest(step_dir: Path) -> dict:
 def fault_point(name: str):
     """Fault-injection hook for the crash tests: ``KINTSUGI_FAULT=name:kill[:N]`` kills this
     process with SIGKILL the N-th time (default 1st) it passes point ``name``, ``name:pause``
-    stops it there until it is killed. Unset (always in production) it costs one dict lookup."""
+    stops it there until it is killed, ``name:sleep:SECONDS[:N]`` holds it there that long (a
+    slow disk or network), ``name:hold[:N]`` writes ``$KINTSUGI_FAULT_DIR/name.held`` and waits
+    there until the test removes that file (the test kills whom it wants meanwhile). Unset
+    (always in production) it costs one dict lookup."""
     spec = os.environ.get("KINTSUGI_FAULT")
     if not spec or spec.split(":")[0] != name:
         return
-    parts = spec.split(":")
+    _, action, *args = spec.split(":")
+    seconds = float(args.pop(0)) if action == "sleep" else 0.0
     _FAULT_HITS[name] = _FAULT_HITS.get(name, 0) + 1
-    if _FAULT_HITS[name] != (int(parts[2]) if len(parts) > 2 else 1):
+    if _FAULT_HITS[name] != (int(args[0]) if args else 1):
         return
-    if parts[1] == "kill":
+    if action == "kill":
         os.kill(os.getpid(), 9)
-    while True:  # pause: wait here for the test's kill -9
-        time.sleep(1)
+    elif action == "sleep":
+        time.sleep(seconds)
+    elif action == "hold":
+        marker = Path(os.environ["KINTSUGI_FAULT_DIR"]) / f"{name}.held"
+        marker.write_text(str(os.getpid()))
+        while marker.exists():
+            time.sleep(0.01)
+    else:
+        while True:  # pause: wait here for the test's kill -9
+            time.sleep(1)
 
 
 _FAULT_HITS: dict[str, int] = {}
@@ -476,22 +518,23 @@ def commit_step(root: Path, tmp_dir: Path, step: int, keep_last: int, keep=lambd
         os.fsync(f.fileno())
     os.replace(tmp, root / LATEST)
     fsync_dir(root)
-    prune(root, keep_last, step, keep)
+    prune(root, keep_last, step, keep, (tmp_of(tmp_dir.name) or (step, ""))[1])
     return final
 
 
-def prune(root: Path, keep_last: int, committed: int, keep=lambda step: False):
-    """Retention after committing step ``committed``: keep the newest ``keep_last`` commits
-    (``committed`` always among them) and those ``keep`` names; delete the rest, step
-    directories without a manifest (damaged), trash left by a killed prune, and ``.tmp``
-    dirs of steps numbered below ``committed`` (abandoned by a crash; others may be in flight)."""
+def prune(root: Path, keep_last: int, committed: int, keep=lambda step: False, gen: str = ""):
+    """Retention after attempt ``gen`` committed step ``committed``: keep the newest
+    ``keep_last`` commits (``committed`` always among them) and those ``keep`` names; delete
+    the rest, step directories without a manifest (damaged), trash left by a killed prune,
+    and the ``.tmp`` dirs of steps numbered below ``committed`` or of another attempt
+    (abandoned by a crash or a restart; this attempt's newer ones may be in flight)."""
     for d in root.glob(TRASH + "*"):
         shutil.rmtree(d, ignore_errors=True)
     order = committed_steps(root)
     good = [s for s in order if (root / step_dirname(s) / MANIFEST).is_file()]
     kept = set(good[:keep_last]) | {committed}
     doomed = [s for s in order if s not in kept and (s not in good or not keep(s))]
-    stale = [d for d in root.glob("step_*.tmp") if (s := step_of(d.name[:-4])) is not None and s < committed]
+    stale = [d for d in root.glob("step_*.tmp") if (t := tmp_of(d.name)) is not None and (t[0] < committed or t[1] != gen)]
     _delete(root, [root / step_dirname(s) for s in doomed] + stale)
     # The journal only grows: once it is much longer than the steps it orders, rewrite it.
     if (root / COMMITS).stat().st_size > (2 * len(order) + 64) * len(step_dirname(0) + "\n"):

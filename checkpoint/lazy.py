@@ -16,45 +16,49 @@ import threading
 import weakref
 
 import torch
-from torch.distributed.tensor import DTensor
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from checkpoint.format import fault_point
+from checkpoint.state import is_dtensor
 
 # Copies are cut into 8 MiB pieces: the step hook can take over the rest of a large
 # tensor, and the CPU copier holds no lock for long (~5-10 ms per piece at 1-2 GB/s).
 PIECE = 8 << 20
 
 _active: "weakref.WeakSet[LazyCopy]" = weakref.WeakSet()
-_optimizer_owned: set[int] = set()  # storage addresses of params and state of seen optimizers
-_seen_state_sizes: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_optimizers: "weakref.WeakSet[torch.optim.Optimizer]" = weakref.WeakSet()  # optimizers seen stepping or declared
 
 
 def protect(optimizer: torch.optim.Optimizer):
-    """Remember which storages only ``optimizer.step`` mutates (safe to copy lazily)."""
-    if _seen_state_sizes.get(optimizer) == len(optimizer.state):
-        return
-    _seen_state_sizes[optimizer] = len(optimizer.state)
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            _optimizer_owned.add(_storage(p))
-    for st in optimizer.state.values():
-        for v in st.values():
-            if isinstance(v, torch.Tensor) and v.dim() > 0:
-                _optimizer_owned.add(_storage(v))
+    """Declare an optimizer: only its ``step`` mutates its parameters and state."""
+    _optimizers.add(optimizer)
 
 
 def _storage(t: torch.Tensor) -> int:
     """The address of the storage holding ``t``'s local data (a DTensor's local shard)."""
-    if isinstance(t, DTensor):
+    if is_dtensor(t):
         t = t.to_local()
     return t.untyped_storage().data_ptr()
 
 
-def lazy_ok(t: torch.Tensor) -> bool:
-    """May ``t`` be copied after the save returns (only the optimizer step mutates it)?
-    (``state_dict()`` detaches parameters: they count once their optimizer is known.)"""
-    return t.requires_grad or _storage(t) in _optimizer_owned
+def optimizer_storages() -> set[int]:
+    """Storage addresses of the parameters and state of the live optimizers, taken now: an
+    address remembered from a tensor since freed could name an unrelated buffer that the
+    forward pass changes (a snapshot copied lazily from it would be torn)."""
+    out = set()
+    for opt in list(_optimizers):
+        for group in opt.param_groups:
+            out.update(_storage(p) for p in group["params"])
+        for st in opt.state.values():
+            out.update(_storage(v) for v in st.values() if isinstance(v, torch.Tensor) and v.dim() > 0)
+    return out
+
+
+def lazy_ok(t: torch.Tensor, owned: set[int]) -> bool:
+    """May ``t`` be copied after the save returns (only an optimizer step mutates it)?
+    ``owned``: ``optimizer_storages()``. (``state_dict()`` detaches parameters: they count
+    once their optimizer is known.)"""
+    return t.requires_grad or _storage(t) in owned
 
 
 def _pre_step(optimizer, args, kwargs):

@@ -6,6 +6,9 @@ Both directory levels use the native format of checkpoint/format.py unchanged, s
 A step is written as ``step_S.tmp/shard_R.safetensors`` (one per rank, fsynced) by the node
 keepers; once every rank's part is durable, one committer writes the manifest (fsync,
 rename), renames the step into place, fsyncs the directory and moves ``latest``.
+
+A job attempt writes its shards under ``step_S.<gen>.tmp``: a step redone after a restart
+never mixes shards of two attempts, whatever another node's keeper still has in flight.
 """
 from __future__ import annotations
 
@@ -13,12 +16,13 @@ import abc
 import errno
 import os
 import shutil
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
 from checkpoint.format import (
-    commit_step, committed_steps, fault_point, read_manifest, step_dirname, write_all, write_manifest,
+    commit_step, committed_steps, fault_point, read_manifest, step_dirname, tmp_dirname, write_all, write_manifest,
 )
 
 # One write() call per 16 MiB: large enough that the disk sees sequential streams (and the
@@ -63,26 +67,45 @@ def _write_direct(path: Path, data: memoryview) -> int:
     return body
 
 
+@dataclass
+class LevelSpec:
+    """One level's storage, as the trainer's config gives it and as it travels to the keeper."""
+
+    name: str  # "l1" or "l2"
+    root: str  # its directory
+    keep_last: int  # committed steps to keep
+    keep_every: int = 0  # also keep every step divisible by this (0: none)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @staticmethod
+    def from_dict(d: dict) -> "LevelSpec":
+        return LevelSpec(str(d["name"]), str(d["root"]), int(d["keep_last"]), int(d.get("keep_every", 0)))
+
+
 class Storage(abc.ABC):
     """One level's store of committed steps. Implement these six methods for another backend."""
 
     name: str
+    root: Path
 
     @abc.abstractmethod
-    def write_part(self, step: int, fname: str, data: memoryview):
+    def write_part(self, gen: str, step: int, fname: str, data: memoryview):
         """Store one rank's shard bytes of ``step`` durably (not yet visible to readers)."""
 
     @abc.abstractmethod
-    def commit(self, step: int, manifest: dict):
-        """Make ``step`` visible atomically (after every part is durable), then apply retention."""
+    def commit(self, gen: str, step: int, manifest: dict):
+        """Make ``step`` of attempt ``gen`` visible atomically (after every part is durable),
+        then apply retention."""
 
     @abc.abstractmethod
-    def abort(self, step: int):
+    def abort(self, gen: str, step: int):
         """Drop the uncommitted parts of ``step``."""
 
     @abc.abstractmethod
     def steps(self) -> list[int]:
-        """Committed steps, newest first."""
+        """Committed steps, newest commit first."""
 
     @abc.abstractmethod
     def manifest(self, step: int) -> dict:
@@ -96,15 +119,15 @@ class Storage(abc.ABC):
 class DirectoryStorage(Storage):
     """A directory on a local or shared filesystem, in the native format."""
 
-    def __init__(self, name: str, root: str | Path, keep_last: int, keep_every: int = 0):
-        self.name, self.root = name, Path(root)
-        self.keep_last, self.keep_every = keep_last, keep_every
+    def __init__(self, spec: LevelSpec):
+        self.name, self.root = spec.name, Path(spec.root)
+        self.keep_last, self.keep_every = spec.keep_last, spec.keep_every
 
-    def _tmp(self, step: int) -> Path:
-        return self.root / (step_dirname(step) + ".tmp")
+    def _tmp(self, gen: str, step: int) -> Path:
+        return self.root / tmp_dirname(step, gen)
 
-    def write_part(self, step: int, fname: str, data: memoryview):
-        tmp = self._tmp(step)
+    def write_part(self, gen: str, step: int, fname: str, data: memoryview):
+        tmp = self._tmp(gen, step)
         tmp.mkdir(parents=True, exist_ok=True)
         path = tmp / fname
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -115,15 +138,15 @@ class DirectoryStorage(Storage):
         finally:
             os.close(fd)
 
-    def commit(self, step: int, manifest: dict):
-        tmp = self._tmp(step)
+    def commit(self, gen: str, step: int, manifest: dict):
+        tmp = self._tmp(gen, step)
         tmp.mkdir(parents=True, exist_ok=True)  # a step whose ranks all own no data
         write_manifest(tmp, manifest)
         keep = (lambda s: s % self.keep_every == 0) if self.keep_every else (lambda s: False)
         commit_step(self.root, tmp, step, self.keep_last, keep)
 
-    def abort(self, step: int):
-        shutil.rmtree(self._tmp(step), ignore_errors=True)
+    def abort(self, gen: str, step: int):
+        shutil.rmtree(self._tmp(gen, step), ignore_errors=True)
 
     def steps(self) -> list[int]:
         return committed_steps(self.root)
@@ -134,3 +157,7 @@ class DirectoryStorage(Storage):
     def open_step(self, step: int) -> tuple[Path, dict]:
         return self.root / step_dirname(step), {}
 
+
+def make_storage(spec: LevelSpec) -> Storage:
+    """The one place a level's storage is made, by the trainer and by the keeper alike."""
+    return DirectoryStorage(spec)

@@ -25,6 +25,8 @@ class SnapshotConfig:
                          "checkpoint.host_memory_mb. A step that does not fit is not coded (warning).", 4096)
     peer_port: int = doc("TCP port of this node's keeper for share exchange with peer keepers; 0 = any free port.", 0)
     peer_timeout_s: float = doc("A peer keeper that does not answer within this many seconds counts as lost.", 10.0)
+    advertise: str = doc("The address, or the name of the network interface, at which peer keepers reach this "
+                         "node's keeper; empty = the address this host uses to reach the rendezvous (MASTER_ADDR).", "")
 
     def validate(self):
         check(self.interval >= 0, "snapshot.interval", "must be >= 0")

@@ -18,15 +18,14 @@ from pathlib import Path
 import torch
 
 from checkpoint.format import (
-    FORMAT, VERSION, DTYPE_BY_NAME, DTYPE_NAMES, CorruptCheckpoint, ShardReader, check_latest, commit_step,
-    committed_steps, read_manifest, step_dirname, write_manifest, write_shard,
+    FORMAT, SHARD, VERSION, DTYPE_BY_NAME, DTYPE_NAMES, CorruptCheckpoint, MissingShard, ShardReader, check_latest, commit_step,
+    committed_steps, read_manifest, step_dirname, tmp_dirname, write_manifest, write_shard,
 )
 from checkpoint.state import Chunk, is_chunk, overlap
 from comms import UserError, dist_utils
 
 log = logging.getLogger(__name__)
 
-SHARD = "shard_{:05d}.safetensors"  # rank -> its shard's file name in a step directory
 
 
 def chunk_key(name: str, offsets) -> str:
@@ -51,14 +50,16 @@ def plan_writes(all_meta: list[list[tuple]]) -> dict[str, int]:
     return owner
 
 
-def save_state(root: Path, step: int, state: dict, keep_last: int = 2, extra: dict | None = None) -> Path:
-    """Write ``state`` (name -> Chunk | object) as step ``step`` under ``root``; collective."""
+def save_state(root: Path, step: int, state: dict, keep_last: int = 2, extra: dict | None = None,
+               gen: str = "") -> Path:
+    """Write ``state`` (name -> Chunk | object) as step ``step`` under ``root``; collective.
+    ``gen``: the job attempt, when its keeper writes steps into ``root`` too."""
     root = Path(root)
     rank, world = dist_utils.rank(), dist_utils.world_size()
     chunks = {chunk_key(n, c.offsets): (n, c) for n, c in state.items() if is_chunk(c)}
     all_meta = dist_utils.all_gather_object([(k, c.nbytes) for k, (_, c) in chunks.items()])
     owner = plan_writes(all_meta)
-    tmp = root / (step_dirname(step) + ".tmp")
+    tmp = root / tmp_dirname(step, gen)
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
@@ -116,7 +117,7 @@ def fill(target: Chunk, stored: dict, step_dir: Path, readers: dict, verify: boo
         if reader is None:
             path = step_dir / sc["file"]
             if not path.is_file():
-                raise CorruptCheckpoint(f"{path} is missing")
+                raise MissingShard(f"{path} is missing")
             reader = readers[sc["file"]] = ShardReader(path)
         crc = sc["crc32"] if verify else None
         dst = target.tensor[tuple(slice(o - to, o - to + n) for o, to, n in zip(off, target.offsets, shape))]

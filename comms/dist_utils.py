@@ -81,8 +81,9 @@ def exit_process(code: int = 0):
     without tearing the process group down. gloo's destructor joins its worker threads while
     holding the GIL, and a worker thread still releasing a collective's Python tensors needs
     the GIL: a deadlock at exit that ``shutdown``'s barrier makes rarer but not impossible
-    (caught with gdb in a DDP worker, about 1 run in 10 under load)."""
-    if initialized():
+    (caught with gdb in a DDP worker, about 1 run in 10 under load). An exit on an error
+    (``code`` != 0) skips the barrier: the other ranks may never come."""
+    if code == 0 and initialized():
         dist.barrier()
     logging.shutdown()
     sys.stdout.flush()

@@ -26,6 +26,11 @@ def exits_on_user_error(main):
             return main(*args, **kwargs)
         except UserError as e:
             print(f"kintsugi: error: {e}", file=sys.stderr, flush=True)
+            if "torch.distributed" in sys.modules:  # a worker: leave without tearing gloo down
+                from comms import dist_utils
+
+                if dist_utils.initialized():
+                    dist_utils.exit_process(2)
             raise SystemExit(2) from None
 
     return wrapper

@@ -10,6 +10,7 @@ from pathlib import Path
 import psutil
 import torch
 
+from checkpoint import shm_free
 from comms import UserError
 from trainer import JobConfig, model_parameters
 
@@ -40,18 +41,27 @@ def existing_ancestor(path: Path) -> Path:
     return path
 
 
-def run_checks(cfg: JobConfig, nproc: int, run_dir: Path) -> list[str]:
-    """Raise UserError on the first failed check; return notes for checks that passed narrowly."""
-    need = estimate(cfg, nproc)
+def run_checks(cfg: JobConfig, nproc: int, run_dir: Path, model: bool = True) -> list[str]:
+    """Raise UserError on the first failed check; return notes for checks that passed narrowly.
+    ``model``: the job is the built-in trainer, whose memory and checkpoint size are known
+    from its config (a user's script is checked for devices only)."""
     notes = []
-    avail = psutil.virtual_memory().available / MB
-    if need["memory_mb"] > avail:
-        raise UserError(f"preflight: the job needs about {need['memory_mb']:,.0f} MB of memory on this node but "
-                        f"{avail:,.0f} MB is available; use fewer processes per node or a smaller model")
-    free = psutil.disk_usage(str(existing_ancestor(run_dir))).free / MB
-    if need["disk_mb"] > free:
-        raise UserError(f"preflight: checkpoints need about {need['disk_mb']:,.0f} MB in {run_dir} but "
-                        f"{free:,.0f} MB is free; free disk space, lower checkpoint.keep_last, or choose another --run-dir")
+    if model:
+        need = estimate(cfg, nproc)
+        avail = psutil.virtual_memory().available / MB
+        if need["memory_mb"] > avail:
+            raise UserError(f"preflight: the job needs about {need['memory_mb']:,.0f} MB of memory on this node but "
+                            f"{avail:,.0f} MB is available; use fewer processes per node or a smaller model")
+        free = psutil.disk_usage(str(existing_ancestor(run_dir))).free / MB
+        if need["disk_mb"] > free:
+            raise UserError(f"preflight: checkpoints need about {need['disk_mb']:,.0f} MB in {run_dir} but "
+                            f"{free:,.0f} MB is free; free disk space, lower checkpoint.keep_last, or choose another --run-dir")
+    shm = shm_free() / MB
+    if cfg.checkpoint.host_memory_mb > shm:
+        notes.append(f"/dev/shm has {shm:,.0f} MB free, less than checkpoint.host_memory_mb="
+                     f"{cfg.checkpoint.host_memory_mb}: the node keeper holds snapshots in what fits and saves that "
+                     "do not fit go to disk directly; enlarge /dev/shm (e.g. docker --shm-size) or lower "
+                     "checkpoint.host_memory_mb")
     if torch.cuda.is_available():
         gpus = torch.cuda.device_count()
         if nproc > gpus:

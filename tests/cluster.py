@@ -43,7 +43,7 @@ ID = re.compile(rf"^({PREFIX}\d{{3}})(?:-|\.json$|$)")
 NET = "10.213"  # the /16 the testbed owns; an instance takes 10.213.N.0/24
 REGISTRY = Path("/run")
 SHM = Path("/dev/shm")
-SOCK_DIR = Path(f"/tmp/kintsugi-{os.getuid()}")  # the keepers' socket directory (checkpoint/keeper.py)
+SOCK_DIR = Path(f"/tmp/kintsugi-{os.getuid()}")  # the keepers' socket directory (checkpoint/keeper/runtime.py)
 IFACE = "eth0"  # every host's interface: GLOO_SOCKET_IFNAME=eth0 names it on any host
 UNLIMITED_MBIT = 100_000  # HTB wants a rate for a class that only delays
 QUANTUM = 200_000  # HTB bytes per round: above a GSO packet (64 KiB), the largest tc takes quietly

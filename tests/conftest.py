@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -50,9 +52,53 @@ def records(path: Path) -> list[dict]:
     return [json.loads(line) for line in text[:text.rfind("\n") + 1].splitlines() if line]
 
 
+def steps(run_dir: Path, name: str = "metrics.jsonl") -> list[dict]:
+    """The per-step records of metrics.jsonl (not the checkpoint events)."""
+    return [rec for rec in records(Path(run_dir) / name) if "loss" in rec]
+
+
 def losses(run_dir: Path, name: str = "metrics.jsonl") -> dict[int, float]:
     """step -> loss; a step logged twice (after a restart) keeps the last."""
-    return {rec["step"]: rec["loss"] for rec in records(Path(run_dir) / name)}
+    return {rec["step"]: rec["loss"] for rec in steps(run_dir, name)}
+
+
+def keeper_pid(run_dir: Path, job: str = "local", node_id: str | None = None) -> int | None:
+    """The pid of the job's node keeper for ``run_dir`` on this machine, or None if none answers."""
+    from checkpoint.keeper import KeeperAddress, KeeperClient, read_token
+
+    addr = KeeperAddress.of(run_dir, job, node_id)
+    try:
+        c = KeeperClient(addr.sock, read_token(addr.token_file), rank=-1)
+    except (OSError, ConnectionError, RuntimeError):
+        return None
+    c.close()
+    return c.pid
+
+
+def stop_keeper(run_dir: Path, job: str = "local", node_id: str | None = None):
+    """Ask the job's keeper to exit after its queued writes (it unlinks its shared memory) and
+    wait until it has; a keeper that does not answer is killed, and a killed keeper's shared
+    memory removed (as the next keeper would)."""
+    from checkpoint.keeper import KeeperAddress, KeeperClient, collect_garbage, messages, read_token
+
+    addr = KeeperAddress.of(run_dir, job, node_id)
+    try:
+        c = KeeperClient(addr.sock, read_token(addr.token_file), rank=-1)
+    except (OSError, ConnectionError, RuntimeError):
+        collect_garbage()
+        return
+    pid = c.pid
+    try:
+        c.call(messages.Shutdown())
+    except (OSError, ConnectionError):  # it was exiting already (every rank said bye)
+        pass
+    c.close()
+    deadline = time.monotonic() + 60
+    while Path(f"/proc/{pid}").exists() and "zombie" not in Path(f"/proc/{pid}/status").read_text():
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+        time.sleep(0.05)
+    collect_garbage()
 
 
 def kintsugi(*args: str, **kw) -> subprocess.CompletedProcess:

@@ -20,6 +20,8 @@ from checkpoint.format import committed_steps, step_dirname
 from checkpoint.keeper import KeeperAddress, KeeperClient, job_id
 from comms import UserError
 
+import conftest
+
 
 def ckpt(tmp_path, **kw) -> Checkpointer:
     cfg = dict(interval=1, l1_dir=str(tmp_path / "l1"), keeper_timeout_s=20, host_memory_mb=512)
@@ -41,19 +43,7 @@ def crash(c: Checkpointer):
 
 
 def stop_keeper(run_dir):
-    addr = KeeperAddress.of(run_dir, job_id())
-    try:
-        c = KeeperClient(addr.sock, addr.token_file.read_text().strip(), rank=-1)
-    except OSError:
-        return
-    pid = c.pid
-    try:
-        c.call("shutdown")
-    except OSError:  # it was exiting already (every rank said bye)
-        pass
-    c.close()
-    while Path(f"/proc/{pid}").exists() and "zombie" not in Path(f"/proc/{pid}/status").read_text():
-        time.sleep(0.05)
+    conftest.stop_keeper(run_dir, job_id())
 
 
 @pytest.fixture
@@ -182,26 +172,36 @@ def test_full_l2_disk_is_reported_and_training_goes_on(run_dir, capsys):
         assert committed_steps(run_dir / "l1")[0] == 4  # L1 went on
         target = {"w": flatten({"w": torch.zeros(100_000)})["w"]}
         assert load_state(small, target)[0] == 2 and target["w"].tensor[0] == 2
-        with pytest.raises(RuntimeError, match="final checkpoint \\(step 4\\) was not saved"):
+        with pytest.raises(UserError, match="final checkpoint \\(step 4\\) was not saved"):
             c.close()
     finally:
         subprocess.run(["umount", "-l", str(small)])
 
 
-def test_memory_budget_too_small_is_a_user_error(run_dir):
+def test_memory_budget_too_small_saves_to_disk_directly(run_dir, capsys):
+    """Snapshots that do not fit into the keeper's memory go to L2 synchronously, said once."""
     c = ckpt(run_dir, host_memory_mb=1)
-    c.save(1, {"w": flatten({"w": torch.zeros(200_000)})["w"]})
-    with pytest.raises(UserError, match="host_memory_mb"):
+    for step in (1, 2):
+        c.save(step, {"w": flatten({"w": torch.full((200_000,), float(step))})["w"]}, final=step == 2)
         c.check()
-    c.keeper.close()
+    c.close()
+    out = capsys.readouterr().out
+    assert out.count("host_memory_mb") == 1 and "directly (synchronously)" in out
+    target = {"w": flatten({"w": torch.zeros(200_000)})["w"]}
+    assert load_state(run_dir / "checkpoints", target)[0] == 2 and target["w"].tensor[0] == 2
+
+
+def keeper_segments(pid: int) -> list[Path]:
+    """The shared-memory files a keeper process has mapped."""
+    maps = Path(f"/proc/{pid}/maps").read_text().splitlines()
+    return sorted({Path(line.split()[-1]) for line in maps if "/dev/shm/kintsugi-" in line})
 
 
 def test_snapshots_stay_within_the_memory_budget(run_dir):
     c = ckpt(run_dir, host_memory_mb=3, l1_dir="")  # 1 MB state: room for 3 snapshots, 8 saves
-    prefix = KeeperAddress.of(run_dir, job_id()).shm_prefix
     for step in range(1, 9):
         c.save(step, {"w": flatten({"w": torch.full((250_000,), float(step))})["w"]})
-        used = sum(p.stat().st_size for p in Path("/dev/shm").glob(Path(prefix).name + "-*"))
+        used = sum(p.stat().st_size for p in keeper_segments(c.keeper.pid))
         assert used <= 3 << 20
     c.close()
     assert committed_steps(run_dir / "checkpoints")[0] == 8
@@ -216,14 +216,14 @@ def test_keeper_is_private_and_dies_with_its_job(run_dir):
     assert trainer.stdout.readline().strip() == "saved"
     addr = KeeperAddress.of(run_dir, job_id())
     token = addr.token_file.read_text().strip()
-    shm = list(Path("/dev/shm").glob(Path(addr.shm_prefix).name + "-*"))
+    pid = KeeperClient(addr.sock, token, rank=-1).pid
+    shm = keeper_segments(pid)
     assert shm
     for p in [Path(addr.sock), addr.token_file, *shm]:
         assert stat.S_IMODE(p.stat().st_mode) == 0o600, p
     assert stat.S_IMODE(Path(addr.sock).parent.stat().st_mode) == 0o700
-    with pytest.raises(RuntimeError, match="bad job token"):
+    with pytest.raises(ConnectionError, match="refused our job token"):
         KeeperClient(addr.sock, "0" * 64, rank=-1)
-    pid = KeeperClient(addr.sock, token, rank=-1).pid
     trainer.kill()  # kill -9: no goodbye; the keeper's lease runs out one second later
     trainer.wait()
     while Path(f"/proc/{pid}").exists() and "zombie" not in Path(f"/proc/{pid}/status").read_text():
@@ -237,20 +237,89 @@ def test_level_writes_are_byte_exact_direct_or_buffered(tmp_path, where):
     body) and buffered otherwise (the tail; unaligned memory; tmpfs refuses O_DIRECT)."""
     import mmap
 
-    from checkpoint.levels import DirectoryStorage
+    from checkpoint.levels import LevelSpec, make_storage
     root = tmp_path if where == "disk" else Path("/dev/shm") / f"kintsugi-test-{os.getpid()}"
-    storage = DirectoryStorage("l1", root, keep_last=1)
+    storage = make_storage(LevelSpec("l1", str(root), keep_last=1))
     try:
         sizes = [10, 4096, 3 * (1 << 20) + 17, 40 << 20]
         for n in sizes:
             mm = mmap.mmap(-1, n + 1)
             data = os.urandom(n + 1)
             mm.write(data)
-            storage.write_part(7, f"a{n}", memoryview(mm)[:n])  # page-aligned memory
-            storage.write_part(7, f"u{n}", memoryview(mm)[1:])  # unaligned memory
+            storage.write_part("", 7, f"a{n}", memoryview(mm)[:n])  # page-aligned memory
+            storage.write_part("", 7, f"u{n}", memoryview(mm)[1:])  # unaligned memory
             assert (root / "step_00000007.tmp" / f"a{n}").read_bytes() == data[:n]
             assert (root / "step_00000007.tmp" / f"u{n}").read_bytes() == data[1:]
     finally:
         if where == "tmpfs":
             import shutil
             shutil.rmtree(root, ignore_errors=True)
+
+
+def test_a_new_attempt_sees_none_of_the_old_attempts_reports(run_dir):
+    """After a restart redoes step S, no report of the earlier attempt counts: the keeper keys
+    durable/committed/failed by (attempt, step), and each attempt writes its own tmp dir."""
+    from checkpoint.keeper import messages
+
+    old = ckpt(run_dir, l1_dir="")
+    old.save(2, {"w": flatten({"w": torch.ones(1000)})["w"]})
+    settle(old)
+    assert 2 in old.keeper.call(messages.Status(old.gen)).committed["l2"]
+    crash(old)
+    new = ckpt(run_dir, l1_dir="")
+    assert new.gen != old.gen
+    st = new.keeper.call(messages.Status(new.gen))
+    assert st.ready == {} and st.durable == {"l2": []} and st.committed == {"l2": []}
+    new.save(2, {"w": flatten({"w": torch.full((1000,), 2.0)})["w"]})
+    settle(new)  # committed anew by this attempt, replacing the old copy
+    target = {"w": flatten({"w": torch.zeros(1000)})["w"]}
+    assert load_state(run_dir / "checkpoints", target)[0] == 2 and target["w"].tensor[0] == 2
+    new.close()
+
+
+def test_snapshots_after_a_restore_to_an_older_step_are_protected(run_dir):
+    """An attempt that restored an older step than the keeper's newest: its new snapshots
+    stay in memory from their first level-0 commit on (the L0 timeline follows the attempt)."""
+    from checkpoint.keeper import messages
+
+    old = ckpt(run_dir, l1_dir="", l2_interval=1000)
+    for step in (10, 20):
+        old.save(step, {"w": flatten({"w": torch.full((1000,), float(step))})["w"]})
+        settle(old)
+    crash(old)
+    new = ckpt(run_dir, l1_dir="", l2_interval=1000)  # as if it restored step 10 from disk
+    new.save(11, {"w": flatten({"w": torch.full((1000,), 11.0)})["w"]})
+    settle(new)
+    held = {x["step"] for x in new.keeper.call(messages.Snapshots()).snapshots}
+    assert held == {11}  # the new attempt's step is kept; the abandoned timeline (10, 20) freed
+    new.close()
+
+
+def test_optimizer_storages_forget_freed_optimizers():
+    """Storage addresses come from live optimizers only: a freed tensor's address, reused by
+    an unrelated buffer, must not make that buffer copied lazily (it could be torn)."""
+    import gc
+
+    from checkpoint.lazy import optimizer_storages, protect
+
+    p = torch.nn.Parameter(torch.ones(10_000))
+    opt = torch.optim.SGD([p], lr=0.1)
+    protect(opt)
+    ptr = p.untyped_storage().data_ptr()
+    assert ptr in optimizer_storages()
+    del opt, p
+    gc.collect()
+    assert ptr not in optimizer_storages()
+
+
+def test_a_stuck_level_write_fails_the_save_instead_of_hanging(run_dir, monkeypatch):
+    """A level write that does not come back (a hung NFS): the next save waits for memory at
+    most checkpoint.close_timeout_s, then every rank hears why; nothing hangs."""
+    monkeypatch.setenv("KINTSUGI_FAULT", "write:sleep:8")  # the keeper's first shard write hangs 8 s
+    c = ckpt(run_dir, host_memory_mb=1, l1_dir="", close_timeout_s=1)  # room for 2 snapshots of ~400 kB
+    with pytest.raises(RuntimeError, match="no snapshot memory was freed within 1 s"):
+        for step in range(1, 6):
+            c.save(step, {"w": flatten({"w": torch.full((100_000,), float(step))})["w"]})
+            c.check()
+    c.keeper.close()
+    c.keeper = None

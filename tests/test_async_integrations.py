@@ -67,7 +67,7 @@ def test_deepspeed_zero2_saves_through_kintsugi_and_resumes_exactly(tmp_path, si
 
 def test_stateful_api_restores_model_optimizer_and_scheduler_exactly(tmp_path):
     from checkpoint.config import CheckpointConfig
-    from checkpoint.stateful import AsyncCheckpointer
+    from checkpoint import AsyncCheckpointer
 
     def make(seed):
         torch.manual_seed(seed)
@@ -90,14 +90,16 @@ def test_stateful_api_restores_model_optimizer_and_scheduler_exactly(tmp_path):
 
     cfg = CheckpointConfig(keeper_timeout_s=20, host_memory_mb=64)
     model, opt, sched = make(0)
-    ck = AsyncCheckpointer(cfg, tmp_path)
+    ck = AsyncCheckpointer(tmp_path, cfg)
     run(model, opt, sched, range(3))
-    ck.save(3, {"model": model, "optim": opt, "sched": sched}, final=True)
-    want = run(model, opt, sched, range(3, 6))
+    handle = ck.save(3, {"model": model, "optim": opt, "sched": sched}, final=True)
+    want = run(model, opt, sched, range(3, 6))  # the copy runs beside these steps
+    handle.wait()
+    assert handle.done() and handle.durable_s >= handle.stall_s > 0
     ck.close()
 
     model2, opt2, sched2 = make(1)
-    ck2 = AsyncCheckpointer(cfg, tmp_path)
+    ck2 = AsyncCheckpointer(tmp_path, cfg)
     assert ck2.load({"model": model2, "optim": opt2, "sched": sched2}) == 3
     assert sched2.last_epoch == 3 and opt2.param_groups[0]["lr"] == 0.05
     assert run(model2, opt2, sched2, range(3, 6)) == want

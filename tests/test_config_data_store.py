@@ -12,6 +12,7 @@ from checkpoint.store import plan_writes
 from comms import UserError
 from trainer.config import DataConfig, load_config, reference_markdown, to_toml
 from trainer.data import Batches
+from trainer.parallel_dims import ParallelDims
 
 
 def test_toml_roundtrip_and_overrides(tmp_path):
@@ -39,7 +40,12 @@ def test_world_size_must_fill_the_mesh():
     cfg = load_config(None, ["--parallel.tp=2"])
     with pytest.raises(UserError, match="world size 3"):
         cfg.validate(world_size=3)
-    assert load_config(None, ["--parallel.tp=2"]).validate(world_size=4).parallel.dp_shard == 2
+    cfg = load_config(None, ["--parallel.tp=2"]).validate(world_size=4)
+    assert cfg.parallel.dp_shard == -1  # the config says what was asked, ParallelDims what runs
+    dims = ParallelDims.resolve(cfg, 4)
+    assert (dims.dp_shard, dims.tp, dims.dp_size, dims.fsdp_enabled, dims.ddp_enabled) == (2, 2, 2, True, False)
+    ddp = ParallelDims.resolve(load_config(None, ["--parallel.dp_replicate=2", "--parallel.dp_shard=1"]), 2)
+    assert ddp.ddp_enabled and not ddp.fsdp_enabled and ddp.describe() == "pp=1 dp_replicate=2 dp_shard=1 tp=1 engine=torch"
 
 
 def test_reference_lists_every_field():

@@ -17,7 +17,7 @@ import time
 import pytest
 
 from checkpoint.erasure import GroupCode, NodeShares, ShareError, rebuild_snapshot
-from checkpoint.peers import PeerAuthError, PeerClient, PeerError, PeerServer, lookup, publish
+from checkpoint.keeper.peers import PeerAuthError, PeerClient, PeerError, PeerServer, lookup, publish
 
 JOB = "peers-test"
 SNAPSHOT = 300_000  # bytes per node; spans several 64 KiB stripes
@@ -124,7 +124,7 @@ def test_forged_server_that_accepts_any_client_is_refused():
 import socket, os
 s = socket.socket(fileno={listener.fileno()})
 conn, _ = s.accept()
-conn.sendall(b"KINTSUGI-PEER-1\\n" + os.urandom(32))
+conn.sendall(b"KINTSUGI-WIRE-2\\n" + os.urandom(32))
 conn.recv(64)
 conn.sendall(b"\\x01" + os.urandom(32))
 conn.recv(1)
@@ -156,7 +156,7 @@ def test_garbage_client_does_not_hurt_the_server():
         with socket.create_connection((host, int(port))):
             time.sleep(0.6)  # a client that says nothing: the server drops it after its timeout
         assert PeerClient(server.address, token).read(1, 0, 0, 0, 100) == b"x" * 100
-        assert server.refused == 1
+        assert server.refused == 2  # the garbage proof and the silent handshake
 
 
 def test_addresses_through_the_store():

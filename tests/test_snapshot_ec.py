@@ -36,7 +36,7 @@ def train(run_dir: Path, steps: int, kills: list[str], k: int, m: int, l2_interv
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     from checkpoint import CheckpointConfig, Checkpointer, flatten
-    from checkpoint.keeper import job_id
+    from checkpoint.keeper import job_id, messages
     from checkpoint.snapshot import EcSnapshots
     from checkpoint.snapshot_config import SnapshotConfig
     from comms import dist_utils
@@ -76,7 +76,17 @@ def train(run_dir: Path, steps: int, kills: list[str], k: int, m: int, l2_interv
         if rank == 0:
             with open(run_dir / "loss.txt", "a") as f:
                 f.write(f"{step} {loss.item()!r}\n")
-        for spec in kills:
+        due = [spec for spec in kills if int(spec.split(":")[1]) == step and not (run_dir / f"killed-{spec}").exists()]
+        if any(spec.endswith(":node") for spec in due):
+            # a reproducible fault point: the step before is erasure-coded on every node
+            while True:
+                ckpt.check()
+                coded = torch.tensor(float(step - 1 in ckpt.keeper.call(messages.EcStatus()).encoded))
+                dist.all_reduce(coded, op=dist.ReduceOp.MIN)
+                if coded.item():
+                    break
+                time.sleep(0.05)
+        for spec in due:
             kill_node, kill_step, what = spec.split(":")
             if int(kill_node) == node and int(kill_step) == step and not (run_dir / f"killed-{spec}").exists():
                 (run_dir / f"killed-{spec}").touch()
@@ -159,23 +169,10 @@ class Job:
 def stop_keepers(run_dir: Path):
     """Ask every node's keeper to exit (it unlinks its shared memory); kill a silent one and
     remove its shared memory."""
-    from checkpoint.keeper import KeeperAddress, KeeperClient
+    import conftest
 
     for pid_file in run_dir.glob("keeper-*.pid"):
-        addr = KeeperAddress.of(run_dir, "ecjob", pid_file.stem.split("-")[1])
-        try:
-            c = KeeperClient(addr.sock, addr.token_file.read_text().strip(), rank=-1)
-            c.call("shutdown")
-            c.close()
-            time.sleep(0.5)
-        except (OSError, ConnectionError, RuntimeError):
-            pass
-        try:
-            os.kill(int(pid_file.read_text()), signal.SIGKILL)
-        except (ProcessLookupError, ValueError):
-            pass
-        for leftover in Path("/dev/shm").glob(Path(addr.shm_prefix).name + "-*"):
-            leftover.unlink(missing_ok=True)
+        conftest.stop_keeper(run_dir, "ecjob", pid_file.stem.split("-")[1])
 
 
 @pytest.fixture(scope="module")

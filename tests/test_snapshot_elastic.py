@@ -91,7 +91,7 @@ def train(run_dir: Path, steps: int, kill: str):
 
     from checkpoint import CheckpointConfig, Checkpointer
     from checkpoint.format import committed_steps
-    from checkpoint.keeper import job_id
+    from checkpoint.keeper import job_id, messages
     from checkpoint.snapshot import EcSnapshots
     from checkpoint.snapshot_config import SnapshotConfig
     from comms import dist_utils
@@ -125,7 +125,7 @@ def train(run_dir: Path, steps: int, kill: str):
             # committed on disk (the reference resumes it), step K is not saved yet
             while True:
                 ckpt.check()
-                coded = step - 1 in ckpt.keeper.call("ec_status")["encoded"]
+                coded = step - 1 in ckpt.keeper.call(messages.EcStatus()).encoded
                 ready = torch.tensor(float(coded and step - 1 in committed_steps(run_dir / "ckpt")))
                 dist.all_reduce(ready, op=dist.ReduceOp.MIN)
                 if ready.item():
@@ -289,12 +289,12 @@ def test_launch_checks_elastic_bounds(args, words, capsys, tmp_path):
 def test_launch_passes_elastic_bounds_to_torchrun():
     from launch.launcher import split_args, torchrun_flags
 
-    ours, _, torchrun = split_args(["--nnodes", "2:3", "--rdzv-endpoint", "10.0.0.1:29400", "--rdzv-id", "j"])
-    flags = torchrun_flags(ours, torchrun, 1)
+    job = split_args(["--nnodes", "2:3", "--rdzv-endpoint", "10.0.0.1:29400", "--rdzv-id", "j"])
+    flags = torchrun_flags(job, 1)
     assert flags[flags.index("--nnodes") + 1] == "2:3" and flags[flags.index("--rdzv-backend") + 1] == "c10d"
     assert "--rdzv-endpoint" in flags and "--standalone" not in flags
-    ours, _, torchrun = split_args(["--nnodes", "2:3", "--rdzv-endpoint", "h:1", "--rdzv-backend", "etcd-v2"])
-    assert torchrun_flags(ours, torchrun, 1).count("--rdzv-backend") == 1  # the user's choice stays
+    job = split_args(["--nnodes", "2:3", "--rdzv-endpoint", "h:1", "--rdzv-backend", "etcd-v2"])
+    assert torchrun_flags(job, 1).count("--rdzv-backend") == 1  # the user's choice stays
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ renders the README's config reference from it, so the two never drift apart.
 from __future__ import annotations
 
 import dataclasses
+import importlib.resources
 import json
 import os
 import typing
@@ -20,7 +21,9 @@ from comms.configlib import check, doc, read_toml
 from diagnostics.config import DiagnosticsConfig
 from trainer.moe_config import MoEConfig
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny.toml"
+# The default job ships inside the package (trainer/configs/, the repository's configs/), so
+# an installed `kintsugi launch` finds it from any directory.
+DEFAULT_CONFIG = "configs/tiny.toml"
 
 
 @dataclass
@@ -81,6 +84,9 @@ class ParallelConfig:
     pp_layers: list = doc("Blocks per pipeline stage (uneven splits); empty = as even as possible.", [])
     ep: int = doc("Expert-parallel degree for MoE layers (experts split over this many data-parallel ranks).", 1)
     plan: str = doc("Placement plan from `kintsugi plan` (JSON): its rank grid orders the mesh so that TP stays in a node and DP in a fabric; its sizes and layers per stage replace pp/dp_replicate/dp_shard/tp/pp_layers. Empty = ranks in order.", "")
+    placement: str = doc("`auto`: detect the cluster at start (NICs, fabrics, measured links and speeds) and plan the placement and pipeline split with the cost model (trainer/placement.py; `kintsugi launch --placement auto`); empty = `plan` or ranks in order.", "")
+    overlap_optimizer: bool = doc("Data-parallel replicas reduce gradients in buckets and step each bucket's parameters as soon as its reduction is done, overlapping the rest (Holmes; trainer/overlap_optim.py). Needs dp_replicate > 1, dp_shard = tp = 1, optim.grad_clip = 0 and the torch engine.", False)
+    bucket_mb: float = doc("Gradient bucket size (MB) of the overlapped optimizer.", 4.0)
     backend: str = doc("Process-group backend: `auto` (NCCL with CUDA, else gloo), `gloo` or `nccl`.", "auto")
     timeout_s: float = doc("Process-group timeout in seconds.", 600.0)
 
@@ -92,12 +98,9 @@ class ParallelConfig:
         for name in ("dp_replicate", "tp", "pp", "ep", "pp_microbatches"):
             check(getattr(self, name) >= 1, f"parallel.{name}", "must be >= 1")
         check(self.dp_shard == -1 or self.dp_shard >= 1, "parallel.dp_shard", "must be >= 1 or -1 (auto)")
-        if self.plan:
-            from comms.placement import load_plan
-
-            plan = load_plan(self.plan)
-            self.pp, self.dp_replicate, self.dp_shard, self.tp = (plan.sizes[d] for d in ("pp", "dp_replicate", "dp_shard", "tp"))
-            self.pp_layers = list(plan.layers_per_stage)
+        check(self.placement in ("", "auto"), "parallel.placement", "must be `auto` or empty")
+        check(not (self.placement and self.plan), "parallel.placement", "plans at start; drop it or parallel.plan (a plan file)")
+        check(self.bucket_mb > 0, "parallel.bucket_mb", "must be > 0")
 
 
 @dataclass
@@ -146,7 +149,7 @@ class TrainConfig:
     seed: int = doc("Seed of the weight init; identical on every rank.", 42)
     log_every: int = doc("Print a step line every N steps (rank 0).", 10)
     run_dir: str = doc("Where logs, metrics, checkpoints and diagnostics go; created if missing. Its parent must exist, except `runs/` in the working directory, which is created on demand.", "runs/tiny")
-    progress: bool = doc("Show a progress bar on rank 0.", True)
+    progress: bool = doc("Show a progress bar on rank 0 when its output is a terminal (logs get the step lines only).", True)
     threads: int = doc("torch intra-op threads per rank; 0 = leave torch's default.", 1)
 
     def validate(self):
@@ -172,55 +175,55 @@ class JobConfig:
     diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
 
     def validate(self, world_size: int | None = None):
+        """Check every section, and with ``world_size`` that the layout fits that many ranks
+        (the resolved degrees are ``ParallelDims.resolve(cfg, world_size)``; the config is
+        not rewritten)."""
         for f in dataclasses.fields(self):
             getattr(self, f.name).validate()
-        if self.moe.every and self.parallel.ep > 1:
-            check(self.parallel.engine == "torch", "parallel.ep", "expert parallel needs parallel.engine=torch")
-            check(self.parallel.tp == 1, "parallel.ep", "expert parallel with tensor parallel is not supported; set parallel.tp=1")
-            check(self.parallel.dp_shard in (1, -1), "parallel.ep",
+        p = self.parallel
+        if self.moe.every and p.ep > 1:
+            check(p.engine == "torch", "parallel.ep", "expert parallel needs parallel.engine=torch")
+            check(p.tp == 1, "parallel.ep", "expert parallel with tensor parallel is not supported; set parallel.tp=1")
+            check(p.dp_shard in (1, -1), "parallel.ep",
                   "expert parallel with FSDP2 (dp_shard > 1) is not supported; use parallel.dp_replicate for data parallel")
-        if self.parallel.ep > 1:
+        if p.ep > 1:
             check(self.moe.every > 0, "parallel.ep", "expert parallel needs MoE layers; set moe.every")
-        if self.moe.every:
-            check(self.parallel.pp == 1, "parallel.pp", "MoE models do not support pipeline parallelism yet; set parallel.pp=1")
-        if self.parallel.pp > 1:
-            check(not self.model.tie_embeddings, "model.tie_embeddings", "cannot tie embeddings across pipeline stages; set it false")
-            check(self.parallel.engine == "torch", "parallel.pp", "pipeline parallelism needs parallel.engine=torch")
-            check(self.parallel.pp <= self.model.n_layers, "parallel.pp", f"more stages than model.n_layers={self.model.n_layers}")
-            if self.parallel.pp_layers:
-                check(len(self.parallel.pp_layers) == self.parallel.pp and sum(self.parallel.pp_layers) == self.model.n_layers,
-                      "parallel.pp_layers", f"must list {self.parallel.pp} stage sizes summing to model.n_layers={self.model.n_layers}")
-        check(self.model.n_heads % self.parallel.tp == 0 and (self.model.n_kv_heads or self.model.n_heads) % self.parallel.tp == 0,
+        self._check_pipeline(p.pp, p.pp_layers)
+        check(self.model.n_heads % p.tp == 0 and (self.model.n_kv_heads or self.model.n_heads) % p.tp == 0,
               "parallel.tp", f"must divide model.n_heads={self.model.n_heads} and n_kv_heads")
+        if p.overlap_optimizer:
+            check(p.engine == "torch" and p.tp == 1 and p.ep == 1, "parallel.overlap_optimizer",
+                  "steps whole data-parallel replicas: needs parallel.engine=torch, tp=1, ep=1")
+            check(self.optim.grad_clip == 0, "parallel.overlap_optimizer",
+                  "steps a bucket before the others are reduced, so it cannot clip by the global norm; set optim.grad_clip=0")
         if world_size is not None:
-            self.resolve_mesh(world_size)
-            dp = self.parallel.dp_replicate * self.parallel.dp_shard
-            check(self.data.batch_size % (dp * self.train.grad_accum) == 0, "data.batch_size",
-                  f"{self.data.batch_size} must be divisible by data-parallel size {dp} x train.grad_accum {self.train.grad_accum}")
-            if self.parallel.pp > 1:
-                local = self.data.batch_size // dp // self.train.grad_accum
-                check(local % self.parallel.pp_microbatches == 0, "parallel.pp_microbatches",
-                      f"must divide the per-rank batch {local}")
+            from trainer.parallel_dims import ParallelDims
+
+            dims = ParallelDims.resolve(self, world_size)
+            self._check_pipeline(dims.pp, list(dims.pp_layers))  # a placement plan sets them
+            check(self.data.batch_size % (dims.dp_size * self.train.grad_accum) == 0, "data.batch_size",
+                  f"{self.data.batch_size} must be divisible by data-parallel size {dims.dp_size} x train.grad_accum {self.train.grad_accum}")
+            if dims.pp_enabled:
+                local = self.data.batch_size // dims.dp_size // self.train.grad_accum
+                check(local % p.pp_microbatches == 0, "parallel.pp_microbatches", f"must divide the per-rank batch {local}")
             if self.moe.every:
-                check(dp % self.parallel.ep == 0 and self.moe.n_experts % self.parallel.ep == 0, "parallel.ep",
-                      f"must divide the data-parallel size {dp} and moe.n_experts={self.moe.n_experts}")
+                check(dims.dp_size % p.ep == 0 and self.moe.n_experts % p.ep == 0, "parallel.ep",
+                      f"must divide the data-parallel size {dims.dp_size} and moe.n_experts={self.moe.n_experts}")
+            if p.overlap_optimizer:
+                check(dims.dp_shard == 1 and dims.dp_replicate > 1, "parallel.overlap_optimizer",
+                      f"steps data-parallel replicas: needs dp_replicate > 1 and dp_shard = 1 (got {dims.dp_replicate} x {dims.dp_shard})")
         return self
 
-    def resolve_mesh(self, world_size: int):
-        """Fill dp_shard=-1 from the world size and check the mesh covers it exactly."""
-        p = self.parallel
-        if p.engine == "deepspeed":
-            check(p.tp == 1 and p.pp == 1, "parallel.engine", "the deepspeed engine runs pure data parallel here; set tp=1, pp=1")
-            p.dp_replicate, p.dp_shard = 1, world_size if p.dp_shard == -1 else p.dp_shard
-        if p.ep > 1 and p.dp_shard == -1 and p.dp_replicate == 1:
-            p.dp_replicate, p.dp_shard = world_size // (p.tp * p.pp), 1  # experts need plain DDP replicas
-        other = p.dp_replicate * p.tp * p.pp
-        if p.dp_shard == -1:
-            check(world_size % other == 0, "parallel", f"world size {world_size} is not divisible by dp_replicate x tp x pp = {other}")
-            p.dp_shard = world_size // other
-        check(p.dp_replicate * p.dp_shard * p.tp * p.pp == world_size, "parallel",
-              f"dp_replicate x dp_shard x tp x pp = {p.dp_replicate}x{p.dp_shard}x{p.tp}x{p.pp} "
-              f"does not equal the world size {world_size}; change the sizes or --nproc-per-node")
+    def _check_pipeline(self, pp: int, layers: list):
+        if pp == 1:
+            return
+        check(not self.moe.every, "parallel.pp", "MoE models do not support pipeline parallelism yet; set parallel.pp=1")
+        check(not self.model.tie_embeddings, "model.tie_embeddings", "cannot tie embeddings across pipeline stages; set it false")
+        check(self.parallel.engine == "torch", "parallel.pp", "pipeline parallelism needs parallel.engine=torch")
+        check(pp <= self.model.n_layers, "parallel.pp", f"more stages than model.n_layers={self.model.n_layers}")
+        if layers:
+            check(len(layers) == pp and sum(layers) == self.model.n_layers,
+                  "parallel.pp_layers", f"must list {pp} stage sizes summing to model.n_layers={self.model.n_layers}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -289,11 +292,17 @@ def _set(cfg: JobConfig, section: str, key: str, value):
     setattr(obj, key, _coerce(value, fields[key], f"{section}.{key}"))
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()) -> JobConfig:
-    """Defaults, then the TOML file, then ``--section.key=value`` overrides; validated."""
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] = (), default_file: bool = True) -> JobConfig:
+    """Defaults, then the TOML file (without ``path``: the shipped configs/tiny.toml, unless
+    ``default_file`` is False), then ``--section.key=value`` overrides; validated."""
     cfg = JobConfig()
-    path = Path(path) if path else DEFAULT_CONFIG
-    data = read_toml(path, "config file", "pass --config with an existing TOML file (e.g. configs/tiny.toml)")
+    hint = "pass --config with an existing TOML file (e.g. configs/tiny.toml)"
+    data = {}
+    if path:
+        data = read_toml(Path(path), "config file", hint)
+    elif default_file:
+        with importlib.resources.as_file(importlib.resources.files("trainer").joinpath(DEFAULT_CONFIG)) as path:
+            data = read_toml(path, "config file", hint)
     for section, table in data.items():
         if not isinstance(table, dict):
             raise UserError(f"config file {str(path)!r}: top-level key {section!r} must be a [section] table")

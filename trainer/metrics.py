@@ -1,9 +1,16 @@
-"""What a run reports: rank 0's progress bar and step lines, every rank's log file,
-metrics as JSONL (and TensorBoard when it is installed)."""
+"""What a run reports: rank 0's progress bar (on a terminal) and step lines, every rank's
+log file, metrics as JSONL (and TensorBoard when it is installed).
+
+RUN_DIR/metrics.jsonl holds one record per step (``step``, ``loss``, ..., ``attempt``: the
+torchrun restart it ran in, ``redone``: true for a step trained again after a recovery)
+and one per save once it is durable (``event: "checkpoint"``, ``step``, ``stall_s``: how
+long ``save`` held the loop, ``durable_s``: from ``save`` to committed at every level,
+``levels``, ``failed``)."""
 from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -30,10 +37,20 @@ class Metrics:
         self.is_main = is_main
         self.log = logging.getLogger("trainer")
         self.bar = self.jsonl = self.tb = None
+        self.attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
+        self.logged_until = 0  # steps up to here were logged by an earlier attempt: redone now
         if not is_main:
             return
-        self.jsonl = open(run_dir / "metrics.jsonl", "a")
-        if progress:
+        path = run_dir / "metrics.jsonl"
+        if path.exists():
+            for line in path.read_text().splitlines():
+                try:
+                    rec = json.loads(line)
+                    self.logged_until = max(self.logged_until, rec["step"] if "loss" in rec else 0)
+                except (json.JSONDecodeError, AttributeError):  # a line cut by a crash
+                    pass
+        self.jsonl = open(path, "a")
+        if progress and sys.stdout.isatty():  # a log file gets the step lines, not \r frames
             from tqdm import tqdm
 
             self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step",
@@ -46,11 +63,11 @@ class Metrics:
             pass
 
     def step(self, record: dict, print_line: bool):
+        record = {**record, "attempt": self.attempt, "redone": record["step"] <= self.logged_until}
         self.log.info("step %s", json.dumps(record))
         if not self.is_main:
             return
-        self.jsonl.write(json.dumps({**record, "time": time.time()}) + "\n")
-        self.jsonl.flush()
+        self._write(record)
         if self.tb:
             for k, v in record.items():
                 if k != "step":
@@ -62,6 +79,19 @@ class Metrics:
             self.print(f"step {record['step']:>6} | loss {record['loss']:.4f} | grad norm {record['grad_norm']:.3f} | "
                        f"lr {record['lr']:.2e} | {record['tokens_per_s']:,.0f} tok/s | "
                        f"{record['step_time_s'] * 1000:.0f} ms/step | rss {record['rss_mb']:.0f} MB")
+
+    def saves(self, timings):
+        """A record per save that became durable (checkpoint.SaveTiming)."""
+        for t in timings:
+            record = {"event": "checkpoint", "step": t.step, "stall_s": t.stall_s, "durable_s": t.durable_s,
+                      "levels": list(t.levels), "failed": t.failed}
+            self.log.info("checkpoint %s", json.dumps(record))
+            if self.is_main:
+                self._write(record)
+
+    def _write(self, record: dict):
+        self.jsonl.write(json.dumps({**record, "time": time.time()}) + "\n")
+        self.jsonl.flush()
 
     def print(self, line: str):
         """A line on rank 0's console (above the progress bar) and in the log."""

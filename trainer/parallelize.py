@@ -4,13 +4,15 @@ Two engines give the training loop (train.py) the same small interface:
 
     engine.forward_backward(inputs, targets) -> loss          # all micro-steps of one step
     engine.optimizer_step() -> grad_norm                      # clip, step, zero grads
-    engine.optimizer                                          # for the lr schedule and hooks
+    engine.optimizer                                          # the torch optimizer: lr schedule, checkpoint hooks
+    engine.holds_loss                                         # this rank computes the loss (last pipeline stage)
     engine.state() -> flat state (name -> Chunk)              # model + optimizer, this rank's part
     engine.load_state()                                       # push a state filled in place back in
 
-``TorchEngine`` composes, on one device mesh: pipeline stages (torch.distributed.pipelining),
-tensor parallel (DTensor column/row sharding), FSDP2 ``fully_shard`` (HSDP with replicas) or
-DDP, and expert parallel MoE. ``DeepSpeedEngine`` wraps a ZeRO stage 0-3 engine. Both name
+``TorchEngine`` applies, in this order, on one device mesh: ``apply_pp`` (keep this pipeline
+stage's blocks), ``apply_tp`` (DTensor column/row sharding), ``apply_fsdp`` (FSDP2
+``fully_shard``, HSDP with replicas), ``apply_ep`` (experts split over ranks), ``apply_ddp``
+(plain replicas), then ``build_pipeline``. ``DeepSpeedEngine`` wraps a ZeRO stage 0-3 engine. Both name
 state the same way (``model.<fqn>``, ``optim.state.<fqn>.<exp_avg|exp_avg_sq|step>``), so a
 checkpoint from one layout or engine restores into any other.
 """
@@ -27,21 +29,16 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.tensor import DTensor
 
-from checkpoint import Chunk, flatten
+from checkpoint import flatten, init_optimizer_state
 from comms import UserError, dist_utils
 from comms.mesh import coordinate
 from comms.placement import stage_to_group_rank
 from trainer.config import JobConfig
 from trainer.model import Transformer, lm_loss
+from trainer.parallel_dims import ParallelDims
 
 
-def stage_layers(cfg: JobConfig) -> list[int]:
-    """Blocks per pipeline stage: the configured split, or as even as possible."""
-    p, n = cfg.parallel, cfg.model.n_layers
-    return list(p.pp_layers) if p.pp_layers else [n // p.pp + (1 if s < n % p.pp else 0) for s in range(p.pp)]
-
-
-def split_for_stage(model: Transformer, stage: int, layers: list[int]) -> Transformer:
+def apply_pp(model: Transformer, stage: int, layers: tuple[int, ...]) -> Transformer:
     """Drop what pipeline stage ``stage`` does not own; names of what stays are unchanged."""
     start = sum(layers[:stage])
     for key in list(model.layers.keys()):
@@ -70,6 +67,64 @@ def apply_tp(model: Transformer, tp_mesh):
         parallelize_module(block, tp_mesh, plan)
 
 
+def apply_fsdp(model: Transformer, mesh, dims: ParallelDims):
+    """FSDP2: every block, then the rest, sharded over dp_shard (replicated over
+    dp_replicate: HSDP)."""
+    from torch.distributed.fsdp import fully_shard
+
+    dp_mesh = mesh["dp_replicate", "dp_shard"] if dims.dp_replicate > 1 else mesh["dp_shard"]
+    # Under PP each microbatch would re-gather the parameters; keep them gathered.
+    reshard = not dims.pp_enabled
+    for block in model.layers.values():
+        fully_shard(block, mesh=dp_mesh, reshard_after_forward=reshard)
+    fully_shard(model, mesh=dp_mesh, reshard_after_forward=reshard)
+
+
+def apply_ep(model: Transformer, cfg: JobConfig, device: str):
+    """Split the MoE experts over ``parallel.ep`` ranks; returns (EP groups, the gradient
+    reducer that replaces DDP when moe.grad_overlap, the expert parameters' names)."""
+    from comms.moe import build_ep_groups
+    from trainer.moe import apply_expert_parallel, attach_grad_reducer
+
+    groups = build_ep_groups(cfg.parallel.ep, device, hierarchical=cfg.moe.hierarchical)
+    expert_names = apply_expert_parallel(model, groups.mesh, groups)
+    # The MoE backward issues gradient partitions into the gaps of its own all-to-all
+    # traffic (FSMoE), instead of DDP's buckets.
+    reducer = attach_grad_reducer(model, groups, expert_names) if cfg.moe.grad_overlap else None
+    return groups, reducer, expert_names
+
+
+def apply_ddp(model: Transformer, mesh, expert_names: set[str], traced: bool):
+    """Plain DDP over dp_replicate; returns the wrapper forward is called on."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    # Experts are sharded over EP, not replicated: DDP must leave their grads alone.
+    DDP._set_params_and_buffers_to_ignore_for_model(model, list(expert_names))
+    ddp = DDP(model, process_group=mesh["dp_replicate"].get_group())
+    if traced:
+        # DDP's reducer calls the process group from C++, unseen by the collective trace;
+        # the stock all-reduce hook (same averaging) goes through Python.
+        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+        ddp.register_comm_hook(None, default_hooks.allreduce_hook)
+    return ddp
+
+
+def build_pipeline(model: Transformer, cfg: JobConfig, mesh, stage: int, n_stages: int, device: str, group):
+    """The pipeline schedule that runs this stage's microbatches."""
+    from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+
+    from trainer.schedule import Eager1F1B
+
+    pipe = PipelineStage(model, stage, n_stages, torch.device(device), group=group)
+    # Stage i is not group rank i when a placement plan reorders the pipeline.
+    pipe.stage_index_to_group_rank = stage_to_group_rank(mesh)
+    schedule = {"eager-1F1B": Eager1F1B, "1F1B": Schedule1F1B, "GPipe": ScheduleGPipe}[cfg.parallel.pp_schedule]
+    # scale_grads: each microbatch's loss is a mean, so the summed grads are divided by the
+    # microbatch count to equal the full batch's mean-loss gradient.
+    return schedule(pipe, n_microbatches=cfg.parallel.pp_microbatches, loss_fn=lm_loss, scale_grads=True)
+
+
 def make_optimizer(model: nn.Module, cfg: JobConfig) -> torch.optim.AdamW:
     """AdamW; matrices decay, norm scales do not."""
     o = cfg.optim
@@ -78,23 +133,6 @@ def make_optimizer(model: nn.Module, cfg: JobConfig) -> torch.optim.AdamW:
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     # foreach=False: the per-parameter loop handles any mix of DTensor meshes and plain tensors.
     return torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, foreach=False)
-
-
-def init_optimizer_state(optimizer: torch.optim.Optimizer):
-    """Create AdamW's state tensors now, equal to a fresh optimizer's (zero moments, step 0),
-    so a restore has tensors to fill before the first step (AdamW makes them lazily)."""
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    for p in params:
-        p.grad = torch.zeros_like(p)
-    lrs = [g["lr"] for g in optimizer.param_groups]
-    for g in optimizer.param_groups:
-        g["lr"] = 0.0
-    optimizer.step()
-    for g, lr in zip(optimizer.param_groups, lrs):
-        g["lr"] = lr
-    for p in params:
-        p.grad = None
-        optimizer.state[p]["step"].zero_()
 
 
 def clip_grad_norm(params, max_norm: float, pp_group=None) -> float:
@@ -130,67 +168,36 @@ def autocast(cfg: JobConfig, device: str):
 
 
 class TorchEngine:
-    def __init__(self, cfg: JobConfig, model: Transformer, mesh, device: str):
-        p = cfg.parallel
+    def __init__(self, cfg: JobConfig, dims: ParallelDims, model: Transformer, mesh, device: str):
         self.cfg, self.device = cfg, device
         self.pp_rank, self.pp_size = coordinate(mesh, "pp")
-        self.pp_group = mesh["pp"].get_group() if p.pp > 1 else None
-        if p.pp > 1:
-            model = split_for_stage(model, self.pp_rank, stage_layers(cfg))
+        self.pp_group = mesh["pp"].get_group() if dims.pp_enabled else None
+        if dims.pp_enabled:
+            model = apply_pp(model, self.pp_rank, dims.pp_layers)
         model.to(device)
-        if p.tp > 1:
+        if dims.tp_enabled:
             apply_tp(model, mesh["tp"])
-        self.ddp = False
-        if p.dp_shard > 1 or (p.dp_replicate > 1 and (p.tp > 1 or p.pp > 1)):
-            from torch.distributed.fsdp import fully_shard
-
-            dp_mesh = mesh["dp_replicate", "dp_shard"] if p.dp_replicate > 1 else mesh["dp_shard"]
-            # Under PP each microbatch would re-gather the parameters; keep them gathered.
-            reshard = p.pp == 1
-            for block in model.layers.values():
-                fully_shard(block, mesh=dp_mesh, reshard_after_forward=reshard)
-            fully_shard(model, mesh=dp_mesh, reshard_after_forward=reshard)
-        self.module = model  # what forward is called on (DDP wrapper below)
+        overlapped = cfg.parallel.overlap_optimizer  # replicas as plain modules: it reduces and steps (Holmes)
+        if dims.fsdp_enabled and not overlapped:
+            apply_fsdp(model, mesh, dims)
         self.reducer = self.ep_groups = None
         expert_names: set[str] = set()
-        if cfg.moe.every and p.ep > 1:
-            from comms.moe import build_ep_groups
-            from trainer.moe import apply_expert_parallel, attach_grad_reducer
-
-            self.ep_groups = build_ep_groups(p.ep, device, hierarchical=cfg.moe.hierarchical)
-            expert_names = apply_expert_parallel(model, self.ep_groups.mesh, self.ep_groups)
-            if cfg.moe.grad_overlap:
-                # Replaces DDP: the MoE backward issues gradient partitions into the gaps
-                # of its own all-to-all traffic (FSMoE).
-                self.reducer = attach_grad_reducer(model, self.ep_groups, expert_names)
-        if p.dp_replicate > 1 and not (p.dp_shard > 1 or p.tp > 1 or p.pp > 1) and self.reducer is None:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-
-            # Experts are sharded over EP, not replicated: DDP must leave their grads alone.
-            DDP._set_params_and_buffers_to_ignore_for_model(model, list(expert_names))
-            self.module = DDP(model, process_group=mesh["dp_replicate"].get_group())
-            self.ddp = True
-            if cfg.diagnostics.trace:
-                # DDP's reducer calls the process group from C++, unseen by the collective
-                # trace; the stock all-reduce hook (same averaging) goes through Python.
-                from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
-
-                self.module.register_comm_hook(None, default_hooks.allreduce_hook)
+        if cfg.moe.every and dims.ep_enabled:
+            self.ep_groups, self.reducer, expert_names = apply_ep(model, cfg, device)
+        self.module = model  # what forward is called on
+        self.ddp = dims.ddp_enabled and self.reducer is None and not overlapped
+        if self.ddp:
+            self.module = apply_ddp(model, mesh, expert_names, cfg.diagnostics.trace)
         self.model = model
         self.optimizer = make_optimizer(model, cfg)
         init_optimizer_state(self.optimizer)
-        if p.pp > 1:
-            from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+        self.dp_optim = None
+        if overlapped:
+            from trainer.overlap_optim import OverlappedOptimizer
 
-            from trainer.schedule import Eager1F1B
-
-            stage = PipelineStage(model, self.pp_rank, self.pp_size, torch.device(device), group=self.pp_group)
-            # Stage i is not group rank i when a placement plan reorders the pipeline.
-            stage.stage_index_to_group_rank = stage_to_group_rank(mesh)
-            schedule = {"eager-1F1B": Eager1F1B, "1F1B": Schedule1F1B, "GPipe": ScheduleGPipe}[p.pp_schedule]
-            # scale_grads: each microbatch's loss is a mean, so the summed grads are divided
-            # by the microbatch count to equal the full batch's mean-loss gradient.
-            self.schedule = schedule(stage, n_microbatches=p.pp_microbatches, loss_fn=lm_loss, scale_grads=True)
+            self.dp_optim = OverlappedOptimizer(model, self.optimizer, mesh["dp_replicate"].get_group(), cfg.parallel.bucket_mb)
+        if dims.pp_enabled:
+            self.schedule = build_pipeline(model, cfg, mesh, self.pp_rank, self.pp_size, device, self.pp_group)
         self._sd = None
 
     @property
@@ -234,8 +241,14 @@ class TorchEngine:
         return total
 
     def optimizer_step(self) -> float:
-        norm = clip_grad_norm(self.model.parameters(), self.cfg.optim.grad_clip, self.pp_group)
-        self.optimizer.step()
+        if self.dp_optim is not None:
+            squares = self.dp_optim.step()
+            if self.pp_group is not None:
+                dist.all_reduce(squares, group=self.pp_group)
+            norm = float(squares.sqrt())
+        else:
+            norm = clip_grad_norm(self.model.parameters(), self.cfg.optim.grad_clip, self.pp_group)
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return norm
 
@@ -252,34 +265,24 @@ class TorchEngine:
 
 
 class DeepSpeedEngine:
-    """A DeepSpeed ZeRO engine with the same interface; the optimizer is torch's AdamW,
-    so runs match the torch engine step for step."""
+    """A DeepSpeed ZeRO engine with the same interface; the optimizer is torch's AdamW
+    (``self.optimizer``; DeepSpeed's ZeRO wrapper around it is ``self.engine.optimizer``), so
+    runs match the torch engine step for step. Its state is ``checkpoint.deepspeed_engine
+    .ZeroState``'s: full fp32 masters and moments by parameter name, layout-free."""
 
     def __init__(self, cfg: JobConfig, model: Transformer, device: str):
         import deepspeed
+
+        from checkpoint.deepspeed_engine import ZeroState
 
         self.cfg, self.device = cfg, device
         self.holds_loss = True
         model.to(device)
         self.model = model
-        self.stage = self.ds_config(cfg)["zero_optimization"]["stage"]
-        self.engine, self.optimizer, _, _ = deepspeed.initialize(
-            model=model, optimizer=make_optimizer(model, cfg), config=self.ds_config(cfg))
-        inner = self.optimizer.optimizer
-        if self.stage == 3:
-            # ZeRO-3 hands its torch optimizer one fp32 sub-group at a time; give it all of
-            # them for the initialization, then restore its (empty) groups.
-            saved = [list(g["params"]) for g in inner.param_groups]
-            for sub, fp32 in enumerate(self.optimizer.fp32_partitioned_groups_flat):
-                inner.param_groups[self.optimizer.sub_group_to_group_id[sub]]["params"].append(fp32)
-            init_optimizer_state(inner)
-            for g, params in zip(inner.param_groups, saved):
-                g["params"] = params
-        else:
-            init_optimizer_state(inner)
-        if self.stage in (1, 2):
-            self.optimizer._lazy_init_hp_params_optimizer_state()  # ZeRO-1/2 map params to state fragments once
-        self._full = None
+        self.engine, *_ = deepspeed.initialize(model=model, optimizer=make_optimizer(model, cfg), config=self.ds_config(cfg))
+        self.zero_state = ZeroState(self.engine)  # also creates the optimizer's (zero) state to restore into
+        self.optimizer = self.zero_state.optimizer
+        self._sd = None
 
     @staticmethod
     def ds_config(cfg: JobConfig) -> dict:
@@ -312,60 +315,20 @@ class DeepSpeedEngine:
         norm = self.engine.get_global_grad_norm()
         return float(norm) if norm is not None else 0.0
 
-    def _adam_states(self):
-        return [s for s in self.optimizer.optimizer.state.values() if "step" in s]
-
     def state(self) -> dict:
-        """Full (gathered) fp32 masters and Adam moments per parameter, marked replicated:
-        ZeRO's flat partitions do not align with tensor boundaries, gathering makes the
-        checkpoint layout-free. Collective for ZeRO-3."""
-        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
-
-        adam = self._adam_states()
-        step = adam[0]["step"].detach().clone() if adam else torch.zeros(())
-        out = {}
-        for name, p in self.model.named_parameters():
-            full = {"model." + name: safe_get_full_fp32_param(p)}
-            for key in ("exp_avg", "exp_avg_sq"):
-                full[f"optim.state.{name}.{key}"] = safe_get_full_optimizer_state(p, key)
-            full[f"optim.state.{name}.step"] = step.float().reshape(())
-            for k, t in full.items():
-                if t is not None:
-                    out[k] = Chunk(t.detach().cpu().float().contiguous(), tuple(t.shape), (0,) * t.dim(), replica=True)
-        self._full = out
-        return out
+        self._sd = self.zero_state.state_dict()  # gathered: collective for ZeRO-3
+        return flatten(self._sd)
 
     def load_state(self):
-        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
-
-        for name, p in self.model.named_parameters():
-            value = self._full["model." + name].tensor
-            if self.stage == 3:
-                import deepspeed
-
-                with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
-                    if dist_utils.rank() == 0:
-                        p.data.copy_(value)
-            else:
-                p.data.copy_(value)
-        self.optimizer.refresh_fp32_params()
-        for name, p in self.model.named_parameters():
-            safe_set_full_fp32_param(p, self._full["model." + name].tensor.to(self.device))
-            for key in ("exp_avg", "exp_avg_sq"):
-                c = self._full.get(f"optim.state.{name}.{key}")
-                if c is not None:
-                    safe_set_full_optimizer_state(p, c.tensor.to(self.device), key)
-        step = next((c.tensor for k, c in self._full.items() if k.endswith(".step")), None)
-        for s in self._adam_states():
-            s["step"].copy_(step) if torch.is_tensor(s["step"]) else s.__setitem__("step", float(step))
+        self.zero_state.load_state_dict(self._sd)
 
 
-def build_engine(cfg: JobConfig, mesh, device: str):
+def build_engine(cfg: JobConfig, dims: ParallelDims, mesh, device: str):
     """The model, initialized identically on every rank, then split over the mesh."""
     torch.manual_seed(cfg.train.seed)
     model = Transformer(cfg.model, cfg.moe)
     model.init_weights(cfg.train.seed)
-    if cfg.parallel.engine == "deepspeed":
+    if dims.engine == "deepspeed":
         os.environ.setdefault("DS_ACCELERATOR", "cpu" if device == "cpu" else "cuda")
         return DeepSpeedEngine(cfg, model, device)
-    return TorchEngine(cfg, model, mesh, device)
+    return TorchEngine(cfg, dims, model, mesh, device)

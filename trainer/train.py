@@ -4,7 +4,7 @@
 
 Resumes by itself from the newest committed checkpoint of its run directory, so a job that
 torchrun restarts after a crash continues where it was. SIGTERM/SIGINT: finish the step,
-save, exit 0.
+save, exit 0 once the save is durable.
 """
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import argparse
 import json
 import logging
 import math
-import signal
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -22,13 +22,15 @@ import torch.distributed as dist
 
 from checkpoint import Checkpointer, Chunk, EcSnapshots, job_id
 from comms import dist_utils, exits_on_user_error, trace
-from comms.mesh import build_mesh, coordinate
-from comms.placement import load_plan, nccl_backend_override
+from comms.mesh import build_mesh
+from comms.placement import nccl_backend_override
 from diagnostics import Injector
 from trainer.config import JobConfig, load_config, to_toml
 from trainer.data import Batches
 from trainer.metrics import Metrics, rss_mb, setup_logging
+from trainer.parallel_dims import ParallelDims
 from trainer.parallelize import build_engine
+from trainer.placement import resolve_plan
 
 log = logging.getLogger("trainer")
 
@@ -52,18 +54,6 @@ def lr_at(step: int, cfg: JobConfig) -> float:
     progress = (step - o.warmup_steps) / max(1, total - o.warmup_steps)
     decay = 0.5 * (1 + math.cos(math.pi * progress)) if o.schedule == "cosine" else 1 - progress
     return o.lr * (o.min_lr_ratio + (1 - o.min_lr_ratio) * decay)
-
-
-class StopRequest:
-    """SIGTERM/SIGINT set a flag; the loop finishes its step, saves and exits 0."""
-
-    def __init__(self):
-        self.requested = False
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame):
-        self.requested = True
 
 
 def job_state(engine, data: Batches, step: int, cfg: JobConfig) -> dict:
@@ -108,17 +98,48 @@ def text_head(e: BaseException) -> str:
     return str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
 
 
+@dataclass
+class Resumed:
+    """Where a run continues from."""
+
+    step: int
+    source: str  # the level that held it (L0 memory, L1, L2) or the load_from path
+
+
+def restore(cfg: JobConfig, ckpt: Checkpointer, engine, data: Batches) -> Resumed | None:
+    """Fill the model, optimizer, data position and this rank's RNG from the newest complete
+    step (collective). With snapshots on, the fastest place that has it: local keeper memory,
+    else an EC rebuild from peer keepers, else disk; logged as one line."""
+    state = job_state(engine, data, 0, cfg)
+    optional = lambda name: name.startswith("rng.")
+    if cfg.snapshot.interval:
+        snapshots = EcSnapshots(cfg.snapshot, ckpt.keeper, dist.distributed_c10d._get_default_store(), job_id())
+        got = snapshots.restore(ckpt, state, optional)
+    else:
+        got = ckpt.restore(state, optional)
+    if got is None:
+        return None
+    step, objects, missing = got
+    engine.load_state()
+    data.load_state_dict(objects["data"])
+    rng = f"rng.rank{dist_utils.rank()}"
+    if rng not in missing:
+        torch.set_rng_state(state[rng].tensor)
+    return Resumed(step, (ckpt.restored_from or "").upper() or cfg.checkpoint.load_from)
+
+
 def train(cfg: JobConfig) -> int:
     # ---- the process group, the mesh, and where output goes ----
     device = dist_utils.init_process_group(cfg.parallel.backend, cfg.parallel.timeout_s)
     rank, world = dist_utils.rank(), dist_utils.world_size()
     cfg.validate(world)
+    dims = ParallelDims.resolve(cfg, world)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     run_dir = Path(cfg.train.run_dir).resolve()
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.toml").write_text(to_toml(cfg))
+        (run_dir / "config.toml").write_text(to_toml(dims.applied_to(cfg)))
     dist_utils.barrier()
     setup_logging(run_dir, rank)
     log.info("world %d, device %s, config %s", world, device, json.dumps(cfg.to_dict()))
@@ -126,56 +147,39 @@ def train(cfg: JobConfig) -> int:
     # monitor and `kintsugi diagnose report`; faults are injected only when asked for.
     tracer = trace.install(run_dir, rank, world, enabled=cfg.diagnostics.trace)
     injector = Injector(cfg.diagnostics.inject, rank, tracer)
-    p = cfg.parallel
-    plan = load_plan(p.plan) if p.plan else None
-    mesh = build_mesh(device, {"pp": p.pp, "dp_replicate": p.dp_replicate, "dp_shard": p.dp_shard, "tp": p.tp},
-                      plan.rank_grid if plan else None,
+    plan, dims = resolve_plan(cfg, dims, device, run_dir)  # a plan file, one made now from the detected cluster, or none
+    mesh = build_mesh(device, dims.mesh_sizes(), plan.rank_grid if plan else None,
                       nccl_backend_override(plan, rank) if plan and device == "cuda" else None)
 
     if p.pp > 1:
         tracer.annotate(pipeline_stage=coordinate(mesh, "pp")[0])
 
     # ---- model, optimizer, data, checkpoints ----
-    engine = build_engine(cfg, mesh, device)
-    rep, n_rep = coordinate(mesh, "dp_replicate")
-    shard, n_shard = coordinate(mesh, "dp_shard")
-    if p.engine == "deepspeed":
-        rep, n_rep, shard, n_shard = 0, 1, rank, world
-    data = Batches(cfg.data, dp_rank=rep * n_shard + shard, dp_size=n_rep * n_shard)
+    engine = build_engine(cfg, dims, mesh, device)
+    data = Batches(cfg.data, dp_rank=dims.dp_rank(mesh), dp_size=dims.dp_size)
     # Saves return at once: tensors are copied into this node's keeper during the next
     # forward/backward (the optimizer waits only for what is not copied yet); the keeper
     # writes L1/L2 in the background and, with snapshots on, erasure-codes across nodes.
     ckpt = Checkpointer(cfg.checkpoint, run_dir)
-    ckpt.attach(engine.optimizer.optimizer if p.engine == "deepspeed" else engine.optimizer)
-    step = 0
-    state = job_state(engine, data, step, cfg)
-    optional = lambda name: name.startswith("rng.")
-    if cfg.snapshot.interval:
-        # Restore from the fastest place that has the newest complete step: local keeper
-        # memory, else an EC rebuild from peer keepers, else disk; logged as one line.
-        snapshots = EcSnapshots(cfg.snapshot, ckpt.keeper, dist.distributed_c10d._get_default_store(), job_id())
-        restored = snapshots.restore(ckpt, state, optional)
-    else:
-        restored = ckpt.restore(state, optional)
-    if restored:
-        step, objects, missing = restored
-        engine.load_state()
-        data.load_state_dict(objects["data"])
-        if f"rng.rank{rank}" not in missing:
-            torch.set_rng_state(state[f"rng.rank{rank}"].tensor)
+    ckpt.attach(engine.optimizer)
+    # The one stop path: SIGTERM/SIGINT make ckpt.check() true on every rank at the next
+    # step boundary; the loop ends there and the final save below runs.
+    ckpt.handle_sigterm()
+    resumed = restore(cfg, ckpt, engine, data)
+    step = resumed.step if resumed else 0
     metrics = Metrics(run_dir, rank == 0, cfg.train.steps, step, cfg.train.progress)
     n_params = sum(p.numel() for p in engine.model.parameters())
-    metrics.print(f"kintsugi: {world} rank(s) on {device} | layout pp={p.pp} dp_replicate={p.dp_replicate} "
-                  f"dp_shard={p.dp_shard} tp={p.tp} engine={p.engine} | {n_params:,} params on rank 0 | run dir {run_dir}")
-    if restored:
-        metrics.print(f"resumed from step {step} ({ckpt.root})")
+    metrics.print(f"kintsugi: {world} rank(s) on {device} | layout {dims.describe()} | {n_params:,} params on rank 0 "
+                  f"| run dir {run_dir}")
+    if resumed:
+        metrics.print(f"resumed from step {step} ({resumed.source}; checkpoints in {ckpt.root})")
 
     # ---- the loop ----
-    stop = StopRequest()
     tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
+    interval = cfg.snapshot.interval or cfg.checkpoint.interval
     t_start, first_step = time.perf_counter(), step
-    loss = float("nan")
-    while step < cfg.train.steps:
+    loss, stopping = float("nan"), False
+    while step < cfg.train.steps and not stopping:
         t0 = time.perf_counter()
         injector.before_step(step)
         lr = lr_at(step, cfg)
@@ -188,10 +192,11 @@ def train(cfg: JobConfig) -> int:
         with tracer.phase("optimizer"):
             grad_norm = engine.optimizer_step()
         step += 1
-        ckpt.check()  # commits what became durable; raises a keeper's error on every rank
-        # One small all-reduce: the loss (held by the last pipeline stage) and whether any
-        # rank was asked to stop, so that every rank stops at the same step.
-        summary = torch.tensor([loss if engine.holds_loss else 0.0, float(engine.holds_loss), float(stop.requested)])
+        # Commits what became durable, raises a keeper's error on every rank, and says
+        # whether any rank was asked to stop: every rank stops at the same step.
+        stopping = ckpt.check()
+        # One small all-reduce: the loss, held by the last pipeline stage.
+        summary = torch.tensor([loss if engine.holds_loss else 0.0, float(engine.holds_loss)])
         if dist_utils.initialized():
             dist.all_reduce(summary)
         loss = float(summary[0] / summary[1])
@@ -199,19 +204,22 @@ def train(cfg: JobConfig) -> int:
         metrics.step({"step": step, "loss": loss, "grad_norm": grad_norm, "lr": lr, "tokens_per_s": tokens_per_step / dt,
                       "step_time_s": dt, "rss_mb": rss_mb()},
                      print_line=step % cfg.train.log_every == 0 or step == cfg.train.steps)
-        stopping = summary[2] > 0
-        interval = cfg.snapshot.interval or cfg.checkpoint.interval
-        final = step == cfg.train.steps or stopping
-        if (interval and step % interval == 0) or final:
+        metrics.saves(ckpt.finished_saves())
+        if interval and step % interval == 0 and step < cfg.train.steps and not stopping:
             with tracer.phase("checkpoint"):
-                ckpt.save(step, job_state(engine, data, step, cfg), final=final)
+                ckpt.save(step, job_state(engine, data, step, cfg))
             log.info("step %d saved; levels commit in the background", step)
         tracer.end_step(step)
-        if stopping:
-            metrics.print(f"stop requested: saved step {step}, exiting")
-            break
 
-    ckpt.close()  # waits (bounded) until the final save is durable on every level
+    # ---- the one way out (the last step, a stop request, or a run resumed at its end) ----
+    # The final save goes to every level, and close() waits (bounded) until it is durable
+    # there: the job never exits 0 without its final step on disk.
+    with tracer.phase("checkpoint"):
+        ckpt.save(step, job_state(engine, data, step, cfg), final=True)
+    if stopping:
+        metrics.print(f"stop requested: saved step {step}, exiting")
+    ckpt.close()
+    metrics.saves(ckpt.finished_saves())
     tracer.close()
     elapsed = time.perf_counter() - t_start
     if step == first_step:  # resumed a finished run: nothing was trained

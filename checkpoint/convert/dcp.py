@@ -2,7 +2,14 @@
 
 A DCP directory is ``.metadata`` (a pickled ``Metadata``: every tensor's global size and
 chunks, every item's file, offset and length) plus ``*.distcp`` files holding each chunk as
-a ``torch.save`` record and each non-tensor item as ``torch.save``d bytes.
+a ``torch.save`` record and each non-tensor item as ``torch.save``d bytes (or, for a
+``BytesIO`` in the state, the caller's own bytes).
+
+Any job's DCP checkpoint is read, whatever its names: torchtitan's (weights at the top level
+or under ``model.``, ``optimizer.state.<fqn>.<key>``, ``train_state.step`` a 0-d tensor) as
+well as ``get_state_dict``'s (``model.``/``optim.``). The step is the ``step`` object, else
+the ``train_state.step`` or ``step`` tensor. Objects that ``torch.load(weights_only=True)``
+cannot read (pickled Python objects, e.g. a data loader's state) are left out, with a warning.
 
 ``.metadata`` is read by an unpickler that only builds DCP's own metadata dataclasses, torch
 sizes and dtypes (a crafted file cannot run code); records are read with
@@ -13,6 +20,7 @@ interrupted conversion skips files already written.
 from __future__ import annotations
 
 import io
+import logging
 import os
 import pickle
 from pathlib import Path
@@ -27,7 +35,9 @@ from checkpoint.patterns import assemble
 from checkpoint.universal import jsonable
 from comms import UserError
 
+log = logging.getLogger(__name__)
 METADATA = ".metadata"
+STEP_TENSORS = ("train_state.step", "step")  # where jobs that keep the step as a tensor put it (torchtitan)
 ALLOWED = {
     ("torch.distributed.checkpoint.metadata", n) for n in (
         "Metadata", "TensorStorageMetadata", "TensorProperties", "ChunkStorageMetadata", "BytesStorageMetadata",
@@ -70,7 +80,18 @@ class DCPSource(Source):
                 self.items[fqn] = md
         ranks = {info.relative_path for info in self.storage.values()}
         self.layout = {"files": len(ranks), "chunks_per_tensor": max((len(m.chunks) for m in self.items.values()), default=0)}
-        self.step = int(self.objects().get("step", 0) or 0)
+        self._objects: dict | None = None
+        self.step = self._step()
+
+    def _step(self) -> int:
+        step = self.objects().get("step")
+        if step is None:
+            name = next((n for n in STEP_TENSORS if n in self.tensors and self.tensors[n].shape in ((), (1,))), None)
+            step = self.read(name).item() if name else 0
+        try:
+            return int(step)
+        except (TypeError, ValueError):
+            raise CorruptCheckpoint(f"{self.path}: its step is {step!r}, not a number") from None
 
     def _record(self, index: dcp_meta.MetadataIndex) -> bytes:
         info = self.storage.get(index)
@@ -102,11 +123,29 @@ class DCPSource(Source):
         return assemble(name, md.size, pieces, md.properties.dtype)
 
     def objects(self) -> dict:
-        out = {}
-        for fqn, md in self.meta.state_dict_metadata.items():
-            if isinstance(md, dcp_meta.BytesStorageMetadata):
-                out[fqn] = jsonable(self._load(dcp_meta.MetadataIndex(fqn)))
-        return out
+        if self._objects is None:
+            self._objects, skipped = {}, []
+            for fqn, md in self.meta.state_dict_metadata.items():
+                if isinstance(md, dcp_meta.BytesStorageMetadata):
+                    data = self._record(dcp_meta.MetadataIndex(fqn))  # a missing or short record is damage
+                    try:
+                        self._objects[fqn] = jsonable(load_plain(data))
+                    except (RuntimeError, EOFError, pickle.UnpicklingError):  # not plain data: never unpickled here
+                        skipped.append(fqn)
+            if skipped:
+                log.warning("%s: left out %d object(s) that are not plain data (%s)", self.path, len(skipped),
+                            ", ".join(skipped[:5]))
+        return self._objects
+
+
+def load_plain(data: bytes):
+    """A torch.save'd object of plain data (``weights_only``); a ``BytesIO`` in a job's state
+    (torchtitan keeps lists that way) is opened and its own torch.save'd content read too."""
+    with torch.serialization.safe_globals([io.BytesIO]):  # rebuilding a BytesIO runs no code
+        value = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    if isinstance(value, io.BytesIO):
+        value = torch.load(io.BytesIO(value.getvalue()), map_location="cpu", weights_only=True)
+    return value
 
 
 def tensor_file(k: int) -> str:

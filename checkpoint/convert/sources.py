@@ -7,13 +7,17 @@ that consolidates just that tensor from its pieces. Converters, ``inspect``, ``v
 """
 from __future__ import annotations
 
+import json
 import math
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from checkpoint.format import DTYPE_BY_NAME, TORCH_DTYPES, ShardReader, committed_steps, read_manifest, step_dirname
+from checkpoint.format import (
+    DTYPE_BY_NAME, TORCH_DTYPES, CorruptCheckpoint, ShardReader, committed_steps, read_manifest, step_dirname,
+)
 from checkpoint.patterns import assemble
 from checkpoint.universal import Universal, fill_state, is_universal
 from comms import UserError
@@ -118,25 +122,123 @@ class UniversalSource(Source):
 
 
 class SafetensorsSource(Source):
-    """Consolidated model weights: one .safetensors file (or a dir with model.safetensors)."""
+    """Consolidated model weights: a .safetensors file, or a directory with model.safetensors
+    or Hugging Face shards and their model.safetensors.index.json."""
 
     format = "safetensors"
     FILE = "model.safetensors"
+    INDEX = "model.safetensors.index.json"
 
     def __init__(self, path: Path):
         super().__init__(path)
-        self.reader = ShardReader(self.path if self.path.is_file() else self.path / self.FILE)
-        meta = self.reader.header.get("__metadata__") or {}
-        step = meta.get("step", "0")  # a string: the header was validated
-        self.step = int(step) if step.isascii() and step.isdigit() else 0
-        self.tensors = {"model." + k: Info(tuple(v["shape"]), TORCH_DTYPES[v["dtype"]])
-                        for k, v in self.reader.header.items() if k != "__metadata__"}
+        if self.path.is_file():
+            files = [self.path]
+        elif (self.path / self.INDEX).is_file():
+            try:
+                weight_map = json.loads((self.path / self.INDEX).read_text())["weight_map"]
+                files = [self.path / f for f in sorted(set(weight_map.values()))]
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+                raise CorruptCheckpoint(f"{self.path / self.INDEX} is not a safetensors index ({e})") from None
+        else:
+            files = [self.path / self.FILE]
+        self.readers: dict[str, ShardReader] = {}  # tensor name (with model.) -> the file's reader
+        for f in files:
+            if not f.is_file():
+                raise UserError(f"{f} is missing; the safetensors checkpoint is incomplete")
+            reader = ShardReader(f)
+            meta = reader.header.get("__metadata__") or {}
+            step = meta.get("step", "0")  # a string: the header was validated
+            self.step = int(step) if step.isascii() and step.isdigit() else 0
+            for k, v in reader.header.items():
+                if k != "__metadata__":
+                    self.tensors["model." + k] = Info(tuple(v["shape"]), TORCH_DTYPES[v["dtype"]])
+                    self.readers["model." + k] = reader
+        self.layout = {"files": len(files)}
 
     def read(self, name: str) -> torch.Tensor:
-        return self.reader.read(name[len("model."):])
+        return self.readers[name].read(name[len("model."):])
 
 
-def detect(path: Path) -> Source:
+@dataclass
+class NameMap:
+    r"""Renames a foreign checkpoint's tensors onto Kintsugi's names (``model.<fqn>``,
+    ``optim.state.<fqn>.<key>``): regex rules, the first whose pattern matches a name
+    rewrites it (``re.sub``; the replacement ``-`` drops the tensor); ``prefix`` goes before
+    the names no rule rewrote that do not start with it. A rules file holds one ``PATTERN
+    REPLACEMENT`` per line (``#`` starts a comment), e.g. ``^optimizer\.state\. optim.state.``
+    for torchtitan."""
+
+    rules: list[tuple[re.Pattern, str]] = field(default_factory=list)
+    prefix: str = ""
+
+    @staticmethod
+    def load(path: str | None, prefix: str = "") -> "NameMap | None":
+        if not path and not prefix:
+            return None
+        rules = []
+        if path:
+            try:
+                lines = Path(path).read_text().splitlines()
+            except OSError as e:
+                raise UserError(f"--map {path}: cannot read it ({e.strerror or e}); give a file of PATTERN REPLACEMENT lines") from None
+            for n, line in enumerate(lines, 1):
+                line = line.split("#", 1)[0].strip()
+                if not line:
+                    continue
+                parts = line.split()
+                if len(parts) != 2:
+                    raise UserError(f"--map {path} line {n}: write one PATTERN and one REPLACEMENT separated by spaces "
+                                    f"(use - to drop a tensor), not {line!r}")
+                try:
+                    rules.append((re.compile(parts[0]), parts[1]))
+                except re.error as e:
+                    raise UserError(f"--map {path} line {n}: {parts[0]!r} is not a regular expression ({e})") from None
+        return NameMap(rules, prefix)
+
+    def __call__(self, name: str) -> str | None:
+        for pattern, repl in self.rules:
+            if pattern.search(name):
+                return None if repl == "-" else pattern.sub(repl, name, count=1)
+        return name if name.startswith(self.prefix) else self.prefix + name
+
+
+class RenamedSource(Source):
+    """Another source seen through a ``NameMap``."""
+
+    def __init__(self, src: Source, names: NameMap):
+        super().__init__(src.path)
+        self.src, self.format, self.step, self.layout, self.missing = src, src.format, src.step, src.layout, src.missing
+        self.original: dict[str, str] = {}  # new name -> source name
+        for old in src.tensors:
+            new = names(old)
+            if new is None:
+                continue
+            if new in self.original:
+                raise UserError(f"the name map sends both {self.original[new]!r} and {old!r} to {new!r}; make the rules "
+                                "tell them apart")
+            self.original[new] = old
+            self.tensors[new] = src.tensors[old]
+
+    def read(self, name: str) -> torch.Tensor:
+        return self.src.read(self.original[name])
+
+    def read_box(self, name: str, offsets, shape) -> torch.Tensor:
+        return self.src.read_box(self.original[name], offsets, shape)
+
+    def objects(self) -> dict:
+        return self.src.objects()
+
+    def peak_bytes(self, name: str) -> int:
+        return self.src.peak_bytes(self.original[name])
+
+
+def detect(path: Path, names: NameMap | None = None) -> Source:
+    """``detect_format(path)`` seen through ``names`` when given."""
+    src = detect_format(path)
+    return RenamedSource(src, names) if names else src
+
+
+def detect_format(path: Path) -> Source:
     """The reader for whatever checkpoint ``path`` is; a UserError naming what was found otherwise."""
     from checkpoint.convert.dcp import DCPSource, is_dcp
     from checkpoint.convert.deepspeed import DeepSpeedSource, DeepSpeedUniversalSource, is_deepspeed, is_deepspeed_universal
@@ -148,7 +250,8 @@ def detect(path: Path) -> Source:
         return UniversalSource(path)
     if (path / "manifest.json").is_file() or committed_steps(path):
         return NativeSource(path)
-    if path.is_file() and path.suffix == ".safetensors" or (path / SafetensorsSource.FILE).is_file():
+    if path.is_file() and path.suffix == ".safetensors" or (path / SafetensorsSource.FILE).is_file() \
+            or (path / SafetensorsSource.INDEX).is_file():
         return SafetensorsSource(path)
     if is_dcp(path):
         return DCPSource(path)

@@ -17,7 +17,6 @@ import json
 import logging
 import os
 import shutil
-import struct
 import threading
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -28,8 +27,9 @@ from tqdm import tqdm
 
 from checkpoint.convert import dcp as dcp_fmt
 from checkpoint.convert import deepspeed as ds_fmt
-from checkpoint.convert.sources import Info, Source, detect
-from checkpoint.format import DTYPES, as_bytes, fsync_dir, write_all
+from checkpoint.convert.export import SafetensorsWriter
+from checkpoint.convert.sources import Info, NameMap, Source, detect
+from checkpoint.format import fsync_dir
 from checkpoint.universal import atom_record, split_name, write_atom, write_meta
 from comms import UserError
 
@@ -51,9 +51,11 @@ class Plan:
     peak_bytes: int = 0
     dtype: torch.dtype | None = None
     skipped: list[str] = field(default_factory=list)  # source tensors the target does not hold
+    shard_bytes: int = 5 << 30  # safetensors: at most this many bytes per file (Hugging Face's default)
 
 
-def make_plan(src: Source, to: str, workers: int, max_memory: int, dtype: torch.dtype | None) -> Plan:
+def make_plan(src: Source, to: str, workers: int, max_memory: int, dtype: torch.dtype | None,
+              shard_bytes: int = 5 << 30) -> Plan:
     if to not in TARGETS:
         raise UserError(f"unknown target format {to!r}; use one of {', '.join(TARGETS)}")
     if dtype is not None and to != "safetensors":
@@ -66,9 +68,14 @@ def make_plan(src: Source, to: str, workers: int, max_memory: int, dtype: torch.
         keep = {"safetensors": name.startswith("model."),
                 "deepspeed-universal": split_name(name) is not None}.get(to, True)
         (names if keep else skipped).append(name)
+    if not names:
+        what = {"safetensors": "model weights (names model.*)", "deepspeed-universal": "model or optimizer tensors"}
+        raise UserError(f"nothing to write: {src.path} holds no tensors" if not skipped else
+                        f"nothing to write: --to {to} takes {what[to]}, and none of the {len(skipped)} tensors of "
+                        f"{src.path} is one (e.g. {', '.join(skipped[:3])}); rename them with --prefix model. or --map FILE")
     infos = {n: Info(src.tensors[n].shape, dtype or src.tensors[n].dtype) for n in names}
     costs = {n: src.peak_bytes(n) + infos[n].nbytes for n in names}
-    plan = Plan(to, names, infos, costs, workers, max_memory, dtype=dtype, skipped=skipped)
+    plan = Plan(to, names, infos, costs, workers, max_memory, dtype=dtype, skipped=skipped, shard_bytes=shard_bytes)
     plan.out_bytes = sum(i.nbytes for i in infos.values())
     biggest = sorted(costs.values(), reverse=True)
     plan.peak_bytes = max(biggest[0] if biggest else 0, min(max_memory, sum(biggest[:workers])))
@@ -160,62 +167,17 @@ class DCPWriter:
         dcp_fmt.write_metadata(self.root, self.plan.names, self.plan.infos, self.src.objects())
 
 
-class SafetensorsWriter:
-    """One consolidated ``model.safetensors`` (names without ``model.``): the header is
-    written first from the plan, tensors go to their offsets; a journal records which are in."""
-
-    FILE = "model.safetensors"
-    JOURNAL = ".written"
-
-    def __init__(self, root: Path, src: Source, plan: Plan):
-        self.path, self.journal = root / self.FILE, root / self.JOURNAL
-        header, offset, self.offsets = {}, 0, {}
-        for name in plan.names:
-            info = plan.infos[name]
-            header[name[len("model."):]] = {"dtype": DTYPES[info.dtype], "shape": list(info.shape),
-                                            "data_offsets": [offset, offset + info.nbytes]}
-            self.offsets[name] = offset
-            offset += info.nbytes
-        header["__metadata__"] = {"format": "pt", "step": str(src.step)}
-        blob = json.dumps(header, separators=(",", ":")).encode()
-        blob += b" " * (-len(blob) % 8)
-        self.data_start = 8 + len(blob)
-        if not self.path.exists():
-            with open(self.path, "wb") as f:
-                f.write(struct.pack("<Q", len(blob)) + blob)
-                f.truncate(self.data_start + offset)
-        self.written = set(self.journal.read_text().split()) if self.journal.exists() else set()
-        self.lock = threading.Lock()
-        self.dtype = plan.dtype
-
-    def done(self, name: str) -> bool:
-        return name in self.written
-
-    def write(self, name: str, t: torch.Tensor):
-        data = as_bytes(t.to(self.dtype or t.dtype).contiguous())
-        fd = os.open(self.path, os.O_WRONLY)
-        try:
-            write_all(fd, data, self.data_start + self.offsets[name])
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        with self.lock, open(self.journal, "a") as j:  # journaled only after the bytes are durable
-            j.write(name + "\n")
-
-    def finish(self):
-        self.journal.unlink(missing_ok=True)
-
-
 WRITERS = {"universal": UniversalWriter, "deepspeed-universal": DeepSpeedUniversalWriter,
            "dcp": DCPWriter, "safetensors": SafetensorsWriter}
 
 
-def _prepare(dst: Path, src: Source, to: str, dtype) -> Path:
+def _prepare(dst: Path, src: Source, plan: Plan) -> Path:
     """DST.partial/, resumed when it was left by the same conversion."""
     if dst.exists():
         raise UserError(f"{dst} already exists; choose another destination or remove it")
     partial = dst.with_name(dst.name + PARTIAL)
-    stamp = {"source": str(src.path.resolve()), "to": to, "dtype": str(dtype), "step": src.step}
+    stamp = {"source": str(src.path.resolve()), "to": plan.to, "dtype": str(plan.dtype), "step": src.step,
+             "names": plan.names, "shard_bytes": plan.shard_bytes}
     if partial.exists():
         try:
             old = json.loads((partial / STAMP).read_text())
@@ -231,10 +193,12 @@ def _prepare(dst: Path, src: Source, to: str, dtype) -> Path:
 
 
 def convert(src_path: Path, dst: Path, to: str, max_memory: int = 2 << 30, workers: int = 4,
-            dry_run: bool = False, dtype: torch.dtype | None = None, progress: bool = True) -> Plan:
-    """Convert the checkpoint at ``src_path`` (format detected) to format ``to`` at ``dst``."""
-    src = detect(src_path)
-    plan = make_plan(src, to, max(1, workers), max_memory, dtype)
+            dry_run: bool = False, dtype: torch.dtype | None = None, progress: bool = True,
+            names: NameMap | None = None, shard_bytes: int = 5 << 30) -> Plan:
+    """Convert the checkpoint at ``src_path`` (format detected, tensors renamed by ``names``)
+    to format ``to`` at ``dst``."""
+    src = detect(src_path, names)
+    plan = make_plan(src, to, max(1, workers), max_memory, dtype, shard_bytes)
     dst = Path(dst)
     if dry_run:
         if dst.exists():
@@ -246,7 +210,7 @@ def convert(src_path: Path, dst: Path, to: str, max_memory: int = 2 << 30, worke
     if not partial_exists and free < plan.out_bytes:
         raise UserError(f"{dst.parent} has {free / 2**20:.0f} MiB free but the conversion writes "
                         f"{plan.out_bytes / 2**20:.0f} MiB; free space or choose another destination")
-    partial = _prepare(dst, src, to, dtype)
+    partial = _prepare(dst, src, plan)
     try:
         writer = WRITERS[to](partial, src, plan)
         todo = [n for n in plan.names if not writer.done(n)]
