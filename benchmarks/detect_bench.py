@@ -26,6 +26,8 @@ settings (constant learning rate, a global batch of 12 for 2-4 data-parallel ran
 checkpoints until the end, no snapshots. Needs root (network namespaces, tc, cgroups).
 
     python benchmarks/detect_bench.py --json runs/bench/detect.json [--quick]
+    # or in parts, merged: --faults 3 --clean 0 --pairs 0 --json a.json; --faults 3 --first 3 ...;
+    # --faults 0 --clean 20 --pairs 5 --json c.json; then --merge a.json b.json c.json --json detect.json
 """
 from __future__ import annotations
 
@@ -63,7 +65,6 @@ class Case:
     layout: str
     kind: str | None  # None: a clean run
     hosts: int
-    quick: bool = False
 
     def fault(self) -> faults.Fault:
         if self.kind is None:
@@ -88,13 +89,28 @@ def hosts_for(layout: str, kind: str | None) -> int:
     return 2
 
 
-FAULT_CASES = [Case(layout, kind, hosts_for(layout, kind), quick=(layout, kind) in
-                    {("fsdp2", "link"), ("ddp", "cpu"), ("tp", "stop"), ("pp", "partition"), ("deepspeed", "kill")})
-               for kind in KINDS for layout in LAYOUTS if kind != "port" or layout in ("fsdp2", "deepspeed")]
+# Where a kind can be done: a slow NIC on FSDP2 and DeepSpeed (one per collective style).
+KIND_LAYOUTS = {k: ("fsdp2", "deepspeed") if k == "port" else LAYOUTS for k in KINDS}
 # Mixed layouts and sizes; the default job's clean runs come from the overhead part.
-CLEAN_CASES = [Case(layout, None, n, quick=i < 2) for i, (layout, n) in enumerate(
-    [("fsdp2", 2), ("ddp", 3), ("tp", 2), ("pp", 3), ("deepspeed", 2), ("fsdp2", 4), ("ddp", 2), ("tp", 4),
-     ("pp", 2), ("deepspeed", 3)] * 2)]
+CLEAN_MIX = [("fsdp2", 2), ("ddp", 3), ("tp", 2), ("pp", 3), ("deepspeed", 2), ("fsdp2", 4), ("ddp", 2), ("tp", 4),
+             ("pp", 2), ("deepspeed", 3)]
+
+
+def fault_cases(per_kind: int, kinds: tuple, first: int = 0) -> list[Case]:
+    """``per_kind`` faults of each kind, the layouts in turn (each kind starting at another
+    one; ``first``: the round to start at, for a run split in parts), the kinds interleaved
+    so that a run cut short has as many of each."""
+    out = []
+    for i in range(first, first + per_kind):
+        for j, kind in enumerate(kinds):
+            layouts = KIND_LAYOUTS[kind]
+            layout = layouts[(i + j) % len(layouts)]
+            out.append(Case(layout, kind, hosts_for(layout, kind)))
+    return out
+
+
+def clean_cases(n: int) -> list[Case]:
+    return [Case(layout, None, hosts) for layout, hosts in (CLEAN_MIX * (n // len(CLEAN_MIX) + 1))[:n]]
 
 
 @dataclass
@@ -210,35 +226,97 @@ def default_job(run_dir: Path, steps: int, trace: bool) -> dict:
 
 
 def overhead(pairs: int, steps: int, tmp: Path) -> dict:
-    ratios, on_s, off_s, fp, rows = [], [], [], 0, []
+    """``pairs`` interleaved on/off pairs of the default job: per pair its step times and the
+    traced run's verdicts (false positives)."""
+    out = []
     for i in range(pairs):
         runs = {}
         for trace in ((False, True) if i % 2 == 0 else (True, False)):
             runs[trace] = default_job(tmp / f"default{i}-{'on' if trace else 'off'}", steps, trace)
-        ratios.append(runs[True]["step_s"] / runs[False]["step_s"])
-        on_s.append(runs[True]["step_s"])
-        off_s.append(runs[False]["step_s"])
-        fp += len(runs[True]["verdicts"])
-        rows.append({"run": f"default job {i}", "verdicts": runs[True]["verdicts"]})
-        print(f"  pair {i}: step {1e3 * off_s[-1]:.1f} ms off, {1e3 * on_s[-1]:.1f} ms on ({100 * (ratios[-1] - 1):+.1f}%)"
-              + "".join(f"; FALSE POSITIVE {v}" for v in runs[True]["verdicts"]), flush=True)
-    return {"trace_overhead_pct": round(100 * (statistics.median(ratios) - 1), 2),
-            "trace_overhead_pairs": [round(100 * (r - 1), 2) for r in ratios],
-            "step_ms_off": round(1e3 * statistics.median(off_s), 2), "step_ms_on": round(1e3 * statistics.median(on_s), 2),
-            "default_job_false_positives": fp, "default_job_runs": rows}
+        out.append({"run": f"default job {i}", "step_ms_off": round(1e3 * runs[False]["step_s"], 2),
+                    "step_ms_on": round(1e3 * runs[True]["step_s"], 2), "verdicts": runs[True]["verdicts"]})
+        p = out[-1]
+        print(f"  pair {i}: step {p['step_ms_off']:.1f} ms off, {p['step_ms_on']:.1f} ms on "
+              f"({100 * (p['step_ms_on'] / p['step_ms_off'] - 1):+.1f}%)" + "".join(f"; FALSE POSITIVE {v}" for v in p["verdicts"]),
+              flush=True)
+    return out
 
 
 def load() -> str:
     return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
 
 
+def results(fault_rows: list[Row], clean_rows: list[Row], pairs: list[dict]) -> dict:
+    """The headline figures from every row (of one run or of several merged)."""
+    ratios = [p["step_ms_on"] / p["step_ms_off"] for p in pairs]
+    failed = [r.case for r in clean_rows if "error" in r.detail]
+    return {**summarize(fault_rows), "baseline_hang_s": dist.constants.default_pg_timeout.total_seconds(),
+            "false_positives": sum(len(r.verdicts) for r in clean_rows) + sum(len(p["verdicts"]) for p in pairs),
+            "clean_runs": len(clean_rows) - len(failed) + len(pairs),
+            "failed_jobs": failed + [r.case for r in fault_rows if "error" in r.detail],
+            "trace_overhead_pct": round(100 * (statistics.median(ratios) - 1), 2) if ratios else None,
+            "trace_overhead_pairs": [round(100 * (r - 1), 2) for r in ratios],
+            "step_ms_off": statistics.median(p["step_ms_off"] for p in pairs) if pairs else None,
+            "step_ms_on": statistics.median(p["step_ms_on"] for p in pairs) if pairs else None}
+
+
+def print_table(res: dict):
+    hang = (f"{res['hang_detect_s']:.1f} s ({res['hang_detect_step_multiple']} steps), max {res['hang_detect_s_max']:.1f} s"
+            if res["hang_detect_s"] is not None else "-")
+    strag = (f"{res['straggler_detect_steps']} steps, max {res['straggler_detect_steps_max']}"
+             if res["straggler_detect_steps"] is not None else "-")
+    over = (f"{res['trace_overhead_pct']:+.2f}% (median of {len(res['trace_overhead_pairs'])} pairs; step {res['step_ms_off']} ms off)"
+            if res["trace_overhead_pct"] is not None else "-")
+    table = [("hang named after (median)", hang, "<= 10 s"),
+             ("baseline: process-group timeout", f"{res['baseline_hang_s']:.0f} s, names nobody", ""),
+             ("20% slower host named after (median)", strag, "<= 20 steps"),
+             ("accuracy (right kind and host/link)", f"{res['accuracy']} of {res['faults']} faults", "1.0"),
+             ("  per kind", " ".join(f"{k} {v}" for k, v in res["accuracy_by_kind"].items()), ""),
+             ("slow link (half bandwidth) named", str(res["slow_link_named"]), "yes"),
+             ("false positives", f"{res['false_positives']} over {res['clean_runs']} clean runs", "0"),
+             ("trace overhead (default job, on/off)", over, "<= 2%")]
+    w = max(len(v) for _n, v, _t in table)
+    print(f"\n| {'metric':<38} | {'measured':<{w}} | target |\n|{'-' * 40}|{'-' * (w + 2)}|--------|")
+    for name, val, target in table:
+        print(f"| {name:<38} | {val:<{w}} | {target:<6} |")
+    print("load (uptime) around each part:\n  " + "\n  ".join(res["load"]))
+
+
+def merge(paths: list[Path]) -> dict:
+    """One result from the JSONs of several invocations (every row of each, nothing chosen)."""
+    parts = [json.loads(p.read_text()) for p in paths]
+    fault_rows = [Row(**r) for part in parts for r in part["fault_rows"]]
+    clean_rows = [Row(**r) for part in parts for r in part["clean_rows"]]
+    pairs = [p for part in parts for p in part["default_job_pairs"]]
+    return {**results(fault_rows, clean_rows, pairs), "harness": parts[0]["harness"],
+            "quick": any(part["quick"] for part in parts), "wall_s": round(sum(part["wall_s"] for part in parts), 1),
+            "load": [x for part in parts for x in part["load"]], "parts": [str(p) for p in paths],
+            "fault_rows": [vars(r) for r in fault_rows], "clean_rows": [vars(r) for r in clean_rows], "default_job_pairs": pairs}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--json", type=Path, help="write the results here")
-    ap.add_argument("--quick", action="store_true", help="one case per fault kind, 2 clean runs, 1 on/off pair (smoke test)")
-    ap.add_argument("--pairs", type=int, default=None, help="on/off pairs of the default job (default 5, quick 1)")
-    ap.add_argument("--steps", type=int, default=None, help="steps per default-job run (default 60, quick 20)")
+    ap.add_argument("--faults", type=int, default=15, help="injected faults of each kind (default 15)")
+    ap.add_argument("--first", type=int, default=0, help="the round of faults to start at (a run split in parts: the sum of the earlier parts' --faults)")
+    ap.add_argument("--kinds", default=",".join(KINDS), help=f"fault kinds, comma-separated (default {','.join(KINDS)}; '' for none)")
+    ap.add_argument("--clean", type=int, default=20, help="clean runs of mixed layouts on the testbed (default 20)")
+    ap.add_argument("--pairs", type=int, default=5, help="on/off pairs of the default job (default 5)")
+    ap.add_argument("--steps", type=int, default=60, help="steps per default-job run (default 60)")
+    ap.add_argument("--quick", action="store_true", help="one fault per kind, 2 clean runs, 1 on/off pair of 20 steps (smoke test)")
+    ap.add_argument("--merge", type=Path, nargs="+", help="merge the --json files of earlier invocations (a run split in parts)")
     a = ap.parse_args()
+    if a.merge:
+        res = merge(a.merge)
+        print_table(res)
+        if a.json:
+            a.json.write_text(json.dumps(res, indent=1, default=str))
+        return
+    kinds = tuple(k for k in a.kinds.split(",") if k)
+    if set(kinds) - set(KINDS):
+        raise SystemExit(f"detect_bench: --kinds: unknown {sorted(set(kinds) - set(KINDS))}; choose from {','.join(KINDS)}")
+    if a.quick:
+        a.faults, a.clean, a.pairs, a.steps = 1, 2, 1, 20
     reason = cluster.unavailable()
     if reason:
         raise SystemExit(f"detect_bench: {reason}")
@@ -246,46 +324,26 @@ def main():
     t0 = time.time()
     loads = [load()]
     harness = TestbedHarness()
-    fault_cases = [c for c in FAULT_CASES if c.quick or not a.quick]
-    clean_cases = [c for c in CLEAN_CASES if c.quick or not a.quick]
-    print(f"{len(fault_cases)} injected faults ({harness.name}):", flush=True)
-    fault_rows = run_cases(harness, fault_cases, tmp, "fault")
-    det = summarize(fault_rows)
-    loads.append(load())
-    print(f"{len(clean_cases)} clean runs on the testbed:", flush=True)
-    clean_rows = run_cases(harness, clean_cases, tmp, "clean")
-    loads.append(load())
-    pairs = a.pairs or (1 if a.quick else 5)
-    print(f"trace overhead and clean runs of the default job (kintsugi launch, configs/tiny.toml, FSDP2 on 2 ranks), "
-          f"{pairs} interleaved on/off pair(s):", flush=True)
-    ov = overhead(pairs, a.steps or (20 if a.quick else 60), tmp)
-    loads.append(load())
-    fp = sum(len(r.verdicts) for r in clean_rows) + ov["default_job_false_positives"]
-    failed = [r.case for r in clean_rows if "error" in r.detail]
-    res = {**det, "baseline_hang_s": dist.constants.default_pg_timeout.total_seconds(),
-           "false_positives": fp, "clean_runs": len(clean_rows) - len(failed) + pairs, "failed_jobs": failed + [
-               r.case for r in fault_rows if "error" in r.detail],
-           "trace_overhead_pct": ov["trace_overhead_pct"], "trace_overhead_pairs": ov["trace_overhead_pairs"],
-           "step_ms_off": ov["step_ms_off"], "step_ms_on": ov["step_ms_on"], "harness": harness.name, "quick": a.quick,
+    fault_rows = clean_rows = pairs = []
+    if a.faults and kinds:
+        cases = fault_cases(a.faults, kinds, a.first)
+        print(f"{len(cases)} injected faults ({harness.name}):", flush=True)
+        fault_rows = run_cases(harness, cases, tmp, "fault")
+        loads.append(load())
+    if a.clean:
+        print(f"{a.clean} clean runs on the testbed:", flush=True)
+        clean_rows = run_cases(harness, clean_cases(a.clean), tmp, "clean")
+        loads.append(load())
+    if a.pairs:
+        print(f"trace overhead and clean runs of the default job (kintsugi launch, configs/tiny.toml, FSDP2 on 2 ranks), "
+              f"{a.pairs} interleaved on/off pair(s):", flush=True)
+        pairs = overhead(a.pairs, a.steps, tmp)
+        loads.append(load())
+    shutil.rmtree(tmp, ignore_errors=True)
+    res = {**results(fault_rows, clean_rows, pairs), "harness": harness.name, "quick": a.quick,
            "wall_s": round(time.time() - t0, 1), "load": loads,
-           "fault_rows": [vars(r) for r in fault_rows], "clean_rows": [vars(r) for r in clean_rows] + ov["default_job_runs"]}
-    hang = (f"{res['hang_detect_s']:.1f} s ({res['hang_detect_step_multiple']} steps), max {res['hang_detect_s_max']:.1f} s"
-            if res["hang_detect_s"] is not None else "-")
-    strag = (f"{res['straggler_detect_steps']} steps, max {res['straggler_detect_steps_max']}"
-             if res["straggler_detect_steps"] is not None else "-")
-    table = [("hang named after (median)", hang, "<= 10 s"),
-             ("baseline: process-group timeout", f"{res['baseline_hang_s']:.0f} s, names nobody", ""),
-             ("20% slower host named after (median)", strag, "<= 20 steps"),
-             ("accuracy (right kind and host/link)", f"{res['accuracy']:.2f} of {res['faults']} faults", "1.0"),
-             ("  per kind", " ".join(f"{k} {v}" for k, v in res["accuracy_by_kind"].items()), ""),
-             ("slow link (half bandwidth) named", str(res["slow_link_named"]), "yes"),
-             ("false positives", f"{res['false_positives']} over {res['clean_runs']} clean runs", "0"),
-             ("trace overhead (default job, on/off)", f"{res['trace_overhead_pct']:+.2f}% (step {ov['step_ms_off']} ms off)", "<= 2%")]
-    w = max(len(v) for _n, v, _t in table)
-    print(f"\n| {'metric':<38} | {'measured':<{w}} | target |\n|{'-' * 40}|{'-' * (w + 2)}|--------|")
-    for name, val, target in table:
-        print(f"| {name:<38} | {val:<{w}} | {target:<6} |")
-    print("load (uptime) at start, after faults, after clean runs, at end:\n  " + "\n  ".join(loads))
+           "fault_rows": [vars(r) for r in fault_rows], "clean_rows": [vars(r) for r in clean_rows], "default_job_pairs": pairs}
+    print_table(res)
     if a.json:
         a.json.parent.mkdir(parents=True, exist_ok=True)
         a.json.write_text(json.dumps(res, indent=1, default=str))

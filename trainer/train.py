@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from checkpoint import Checkpointer, Chunk, EcSnapshots, job_id
 from comms import dist_utils, exits_on_user_error, trace
-from comms.mesh import build_mesh
+from comms.mesh import build_mesh, coordinate
 from comms.placement import nccl_backend_override
 from diagnostics import Injector
 from trainer.config import JobConfig, load_config, to_toml
@@ -151,7 +151,7 @@ def train(cfg: JobConfig) -> int:
     mesh = build_mesh(device, dims.mesh_sizes(), plan.rank_grid if plan else None,
                       nccl_backend_override(plan, rank) if plan and device == "cuda" else None)
 
-    if p.pp > 1:
+    if dims.pp_enabled:  # stages differ by design: the detector does not compare them as stragglers
         tracer.annotate(pipeline_stage=coordinate(mesh, "pp")[0])
 
     # ---- model, optimizer, data, checkpoints ----
