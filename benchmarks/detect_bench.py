@@ -3,9 +3,10 @@ cries wolf, and what tracing costs.
 
 Three parts, each a list of real runs:
 
-- faults: every layout (FSDP2, DDP, TP, PP, DeepSpeed ZeRO-2) x every fault kind, each a
-  trainer job through `kintsugi launch` on the emulated cluster (tests/cluster.py), one
-  rank per host, with the fault done from outside (tests/faults.py): a link halved with tc
+- faults: ``--faults`` of every fault kind, the layouts (FSDP2, DDP, TP, PP, DeepSpeed
+  ZeRO-2) in turn, each a trainer job through `kintsugi launch` on the emulated cluster
+  (tests/cluster.py), one rank per host, with the fault done from outside
+  (tests/faults.py): a link halved with tc
   (200 -> 100 Mbit), a host's own port halved (a slow NIC), a host's CPU quota cut so it
   computes 20% slower (cgroup cpu.max), its rank stopped (SIGSTOP) or killed (SIGKILL), its
   traffic dropped (partition). A live Detector (the launcher monitor's class) watches; a

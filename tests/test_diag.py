@@ -102,7 +102,7 @@ def _report(run_dir, *args):
 
 
 def test_report_names_the_straggler_and_draws(tmp_path):
-    run_local(2, tmp_path, inject=["slow:rank=1,ms=15,from=10"], steps=60, compute_ms=60)
+    run_local(2, tmp_path, inject=["slow:rank=1,ms=30,from=10"], steps=60, compute_ms=60)  # half its compute: named under load too
     p = _report(tmp_path)
     assert p.returncode == 0, p.stderr
     assert p.stdout.startswith("Rank 1 on node 0") and "slowed the job down since" in p.stdout.splitlines()[0]
