@@ -150,6 +150,15 @@ def install(run_dir, rank: int | None = None, world: int | None = None, *, enabl
     return tracer
 
 
+def failed(exc: BaseException):
+    """This rank is leaving because a collective failed where no traced call saw it raise
+    (inside DDP's reducer or another autograd hook): record it as a traced failure is, so
+    that the detector reads this rank as failing after a crashed peer, not as one that went
+    quiet at the same moment."""
+    if _active is not None:
+        _active._fail(None, exc)
+
+
 def _generation() -> int:
     """Rank 0's clock in ns, the same on every rank of this process group."""
     stamp = time.time_ns()

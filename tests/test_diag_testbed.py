@@ -73,8 +73,10 @@ def test_partitioned_host_is_a_hang_in_communication(testbed):
 
 
 def test_killed_rank_is_a_crash(testbed):
+    """Under DDP the survivor's collective fails inside the reducer, where no traced call
+    sees it: the trainer records the failure on its way out, so it reads as a victim."""
     tb = testbed(2)
     fault = faults.Fault("kill", host=1, step=8)
-    out = faults.run(tb, "fsdp2", fault, steps=1000)
+    out = faults.run(tb, "ddp", fault, steps=1000)
     v = _check(tb, out, fault)
     assert v.evidence["victims"]  # the survivor's collective failed after it

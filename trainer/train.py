@@ -88,6 +88,7 @@ def main(argv=None) -> int:
             raise
         # The peer's death is the news, not this rank's stack: one line here, the stack in
         # the rank's log; exit non-zero so torchrun restarts the worker group.
+        trace.failed(e)
         log.exception("collective failed")
         print(f"kintsugi: rank {dist_utils.rank()}: a collective failed because another rank stopped "
               f"({text_head(e)}); torchrun restarts the workers", file=sys.stderr, flush=True)
