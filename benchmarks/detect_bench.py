@@ -153,9 +153,10 @@ class TestbedHarness:
             v = next(v for v in out.verdicts if v.kind == want[0])
             row.detail["detect_s"] = round(v.time - out.fault_time, 2)
             row.detail["step_multiple"] = round((v.time - out.fault_time) / step_s, 1) if step_s else None
-        elif row.named and case.kind == "cpu":  # from the first slowed step to the window that named it
-            v = next(v for v in out.verdicts if v.kind == "straggler")
-            row.detail["detect_steps"] = v.evidence["steps"][1] - out.fault_step
+        elif case.kind == "cpu":  # from the first slowed step to the window that named it; what the quota did
+            if row.named:
+                v = next(v for v in out.verdicts if v.kind == "straggler")
+                row.detail["detect_steps"] = v.evidence["steps"][1] - out.fault_step
             row.detail["job_slowdown_pct"] = round(100 * (faults.job_slowdown(out) or 0), 1)
             row.detail["host_slowdown_pct"] = round(100 * (faults.host_slowdown(out) or 0), 1)
         elif case.kind in ("link", "port"):
