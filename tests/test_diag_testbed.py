@@ -26,13 +26,14 @@ def _check(tb, out, fault):
 
 
 def test_half_bandwidth_link_inside_fsdp2_collectives_is_named_by_the_probe(testbed):
-    """No rank is late when a link inside the all-gathers slows: the group's collectives
-    slow down, the monitors ask the job for a link probe, and the probe names the pair."""
+    """No rank is late when a link inside the all-gathers slows: the group's collectives (or
+    the job) slow down, the monitors ask the job for a link probe, and the probe names the pair."""
     tb = testbed(3)
     fault = faults.Fault("link", host=1, peer=2, step=20)  # 200 -> 100 Mbit between node1 and node2
-    out = faults.run(tb, "fsdp2", fault, steps=150)
+    out = faults.run(tb, "fsdp2", fault, steps=400)  # it ends once the probe named the link; steps to spare under load
     v = _check(tb, out, fault)
-    assert [x.kind for x in out.verdicts] == ["slow_comm", "slow_link"]
+    # The slow collectives are named first, or the job's unexplained slowdown asked for the probe.
+    assert [x.kind for x in out.verdicts] in (["slow_comm", "slow_link"], ["slow_link"])
     probe = v.evidence["probe"]
     assert probe["step"] > out.fault_step and sorted(probe["ranks"]) == [0, 1, 2]  # one prober per host
     # Every pair was measured, and the slow pair moved the payload about half as fast.
