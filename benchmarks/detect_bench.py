@@ -218,7 +218,8 @@ def default_job(run_dir: Path, steps: int, trace: bool) -> dict:
     if p.returncode != 0:
         raise SystemExit(f"the default job failed ({' '.join(cmd)}):\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}")
     recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    out = {"step_s": statistics.median(r["step_time_s"] for r in recs[3:]), "verdicts": []}
+    steps = [r["step_time_s"] for r in recs if "step_time_s" in r]  # step records (checkpoint events are there too)
+    out = {"step_s": statistics.median(steps[3:]), "verdicts": []}
     if trace:
         live = [json.loads(x) for x in (run_dir / "diagnostics" / "verdicts.jsonl").read_text().splitlines()] \
             if (run_dir / "diagnostics" / "verdicts.jsonl").exists() else []
