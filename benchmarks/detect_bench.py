@@ -1,28 +1,41 @@
-"""How fast and how well diagnostics names faults, how often it cries wolf, what tracing costs.
+"""How fast and how well diagnostics names real faults on real trainer jobs, how often it
+cries wolf, and what tracing costs.
 
 Three parts, each a list of real runs:
 
-- faults: each ``Case`` is run by a harness and watched live by the same Detector the
-  launcher runs; a case counts when its verdicts are exactly the expected kind and suspects.
-  Phase 1's harness is the drill (``diagnostics/drill.py``: real gloo processes whose faults
-  are injected); the testbed's harness (the trainer on the emulated cluster: tc-shaped
-  links, cgroup CPU quotas, SIGSTOP, dropped traffic, kill) plugs in as another ``Harness``
-  with the same cases' expectations. The baseline is the process group's own timeout, the
-  only thing that ends a hung job without Kintsugi (and names nobody).
-- clean runs: the drill on 2-4 ranks and the default job (``kintsugi launch --config
-  configs/tiny.toml``, FSDP2 on 2 ranks, no injected fault); any verdict is a false positive.
-- trace overhead, measured: the default job with ``--diagnostics.trace`` on and off,
-  interleaved (off/on, on/off, ...), the median step time of each run from its
+- faults: ``--faults`` of every fault kind, the layouts (FSDP2, DDP, TP, PP, DeepSpeed
+  ZeRO-2) in turn, each a trainer job through `kintsugi launch` on the emulated cluster
+  (tests/cluster.py), one rank per host, with the fault done from outside
+  (tests/faults.py): a link halved with tc
+  (200 -> 100 Mbit), a host's own port halved (a slow NIC), a host's CPU quota cut so it
+  computes 20% slower (cgroup cpu.max), its rank stopped (SIGSTOP) or killed (SIGKILL), its
+  traffic dropped (partition). A live Detector (the launcher monitor's class) watches; a
+  case counts when its verdicts are exactly the expected kind naming the right host or
+  link (a slow link may be preceded by the slow collectives it causes). The hosts' own
+  monitors' verdicts are recorded beside it. The baseline for hangs is the process group's
+  own timeout, the only thing that ends a hung job without Kintsugi, and it names nobody.
+- clean runs: trainer jobs of mixed layouts on 2-4 hosts with no fault, and the default job
+  (below); any verdict is a false positive.
+- trace overhead, measured: the default job (``kintsugi launch --nproc-per-node 2 --config
+  configs/tiny.toml``, FSDP2 on 2 ranks, no injected fault) with ``--diagnostics.trace`` on
+  and off, interleaved (off/on, on/off, ...), the median step time of each run from its
   metrics.jsonl; ``trace_overhead_pct`` = 100 x (median over pairs of on/off - 1). Those
   traced runs are clean runs of the default job too.
 
+Testbed jobs use the default job's model (configs/tiny.toml) with tests/job.toml's
+settings (constant learning rate, a global batch of 12 for 2-4 data-parallel ranks), no
+checkpoints until the end, no snapshots. Needs root (network namespaces, tc, cgroups).
+
     python benchmarks/detect_bench.py --json runs/bench/detect.json [--quick]
+    # or in parts, merged: --faults 3 --clean 0 --pairs 0 --json a.json; --faults 3 --first 3 ...;
+    # --faults 0 --clean 20 --pairs 5 --json c.json; then --merge a.json b.json c.json --json detect.json
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -33,119 +46,163 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
 
 import torch.distributed as dist  # noqa: E402
 
+import cluster  # noqa: E402
+import faults  # noqa: E402
 from diagnostics import Detector  # noqa: E402
-from diagnostics.drill import run_local  # noqa: E402
-from diagnostics.traces import Generation, generations  # noqa: E402
 
-HANGS = ("hang_noncomm", "hang_comm")
+# The default job's model on the testbed: steps of a few hundred ms, as in `make run`.
+MODEL = ("--model.dim=128", "--model.max_seq_len=128", "--data.seq_len=128")
+KINDS = ("link", "port", "cpu", "stop", "partition", "kill")
+LAYOUTS = tuple(faults.LAYOUTS)
+HANGS = ("stop", "partition")
 
 
 @dataclass
 class Case:
-    world: int
-    fault: str  # what is done to the job: a drill injection spec here, a testbed action in phase 2
-    kind: str  # the verdict expected
-    suspects: set  # {("rank", r) | ("link", s, d) | ("group", *ranks)}
-    onset: int = 12  # the step the fault begins at (stragglers' detection delay is counted from it)
-    quick: bool = True  # part of --quick
+    layout: str
+    kind: str | None  # None: a clean run
+    hosts: int
+
+    def fault(self) -> faults.Fault:
+        if self.kind is None:
+            return faults.Fault(None)
+        # Slowdowns after a history of 25 steps (the detector judges a window against the steps
+        # before it); hangs and crashes once the job runs.
+        step = 25 if self.kind in ("link", "port", "cpu") else 10
+        return faults.Fault(self.kind, host=1, peer=2, step=step)
+
+    def steps(self) -> int:
+        return 60 if self.kind is None else 150 if self.kind in ("link", "port", "cpu") else 1000
+
+    def __str__(self):
+        return f"{self.layout} on {self.hosts} hosts: {self.fault()}"
 
 
-# Slowdowns begin at step 12: the detector judges a window against the window's worth of
-# steps before it, so a fault in the job's first steps reads as "slow from the start".
-CASES = [
-    Case(2, "hang:rank=1,step=10", "hang_noncomm", {("rank", 1)}),
-    Case(3, "hang:rank=2,step=10", "hang_noncomm", {("rank", 2)}),
-    Case(2, "slow:rank=1,pct=20,from=12", "straggler", {("rank", 1)}),
-    Case(3, "slow:rank=0,pct=20,from=12", "straggler", {("rank", 0)}),
-    Case(2, "crash:rank=0,step=10", "crash", {("rank", 0)}),
-    Case(4, "slowlink:src=1,dst=2,ms=20", "slow_link", {("link", 1, 2)}),
-    Case(4, "hang:rank=0,step=10", "hang_noncomm", {("rank", 0)}, quick=False),
-    Case(2, "commhang:rank=1,step=10", "hang_comm", {("group", 0, 1)}, quick=False),
-    Case(4, "slow:rank=2,pct=20,from=12", "straggler", {("rank", 2)}, quick=False),
-    Case(2, "slow:rank=0,pct=20,from=12", "straggler", {("rank", 0)}, quick=False),
-    Case(4, "slow:rank=3,pct=50,from=12", "straggler", {("rank", 3)}, quick=False),
-    Case(3, "crash:rank=2,step=10", "crash", {("rank", 2)}, quick=False),
-    Case(3, "slowlink:src=0,dst=*,ms=20", "slow_link", {("rank", 0)}, quick=False),
-    Case(3, "slowcomm:rank=1,ms=20,from=12", "slow_comm", {("group", 0, 1, 2)}, quick=False),
-    Case(4, "crash:rank=3,step=12", "crash", {("rank", 3)}, quick=False),
-    Case(3, "hang:rank=1,step=12", "hang_noncomm", {("rank", 1)}, quick=False),
-]
+def hosts_for(layout: str, kind: str | None) -> int:
+    """A link or a host cut off needs 3 hosts to be told apart (tensor parallel: 4, a divisor
+    of the 4 heads); the others 2."""
+    if kind in ("link", "port", "partition"):
+        return 4 if layout == "tp" else 3
+    return 2
 
 
-@dataclass
-class Outcome:
-    verdicts: list
-    run_dir: Path
-    detail: dict = field(default_factory=dict)
+# Where a kind can be done: a slow NIC on FSDP2 and DeepSpeed (one per collective style).
+KIND_LAYOUTS = {k: ("fsdp2", "deepspeed") if k == "port" else LAYOUTS for k in KINDS}
+# Mixed layouts and sizes; the default job's clean runs come from the overhead part.
+CLEAN_MIX = [("fsdp2", 2), ("ddp", 3), ("tp", 2), ("pp", 3), ("deepspeed", 2), ("fsdp2", 4), ("ddp", 2), ("tp", 4),
+             ("pp", 2), ("deepspeed", 3)]
 
 
-class DrillHarness:
-    """Phase 1: the drill, faults injected into real gloo processes, watched live."""
-
-    name = "drill (gloo, injected faults)"
-
-    def run(self, case: Case, run_dir: Path) -> Outcome:
-        # 50 ms of emulated compute per step: up to 4 ranks on a 2-core machine stay off the
-        # CPU's limit, where a rank sleeping longer only frees the CPU for the others.
-        verdicts, _ = run_local(case.world, run_dir, inject=[case.fault], steps=45, compute_ms=50, watch_s=60, stop_on=HANGS)
-        return Outcome(verdicts, run_dir)
-
-    def clean(self, i: int, run_dir: Path) -> Outcome:
-        world = (2, 3, 4)[i % 3]
-        verdicts, _ = run_local(world, run_dir, steps=40, compute_ms=10)
-        return Outcome(verdicts, run_dir, {"world": world})
-
-
-def _suspects(v) -> set:
-    out = set()
-    for s in v.suspects:
-        out.add(("link", *s["link"]) if "link" in s else ("group", *s["group"]) if "group" in s else ("rank", s["rank"]))
+def fault_cases(per_kind: int, kinds: tuple, first: int = 0) -> list[Case]:
+    """``per_kind`` faults of each kind, the layouts in turn (each kind starting at another
+    one; ``first``: the round to start at, for a run split in parts), the kinds interleaved
+    so that a run cut short has as many of each."""
+    out = []
+    for i in range(first, first + per_kind):
+        for j, kind in enumerate(kinds):
+            layouts = KIND_LAYOUTS[kind]
+            layout = layouts[(i + j) % len(layouts)]
+            out.append(Case(layout, kind, hosts_for(layout, kind)))
     return out
 
 
-def detection(harness, cases: list[Case], tmp: Path) -> dict:
-    rows, hang_s, hang_mult, straggler_steps, correct, links = [], [], [], [], 0, []
+def clean_cases(n: int) -> list[Case]:
+    return [Case(layout, None, hosts) for layout, hosts in (CLEAN_MIX * (n // len(CLEAN_MIX) + 1))[:n]]
+
+
+@dataclass
+class Row:
+    case: str
+    layout: str
+    kind: str | None
+    hosts: int
+    named: bool
+    verdicts: list
+    monitors_agree: bool | None = None
+    detail: dict = field(default_factory=dict)
+
+
+class TestbedHarness:
+    """A trainer job on a fresh emulated cluster per case, the fault done from outside."""
+
+    name = "trainer on the emulated cluster (kintsugi launch per host, real faults)"
+
+    def run(self, case: Case, root: Path) -> Row:
+        fault = case.fault()
+        try:
+            with cluster.Testbed(case.hosts, root=root) as tb:
+                out = faults.run(tb, case.layout, fault, steps=case.steps(), extra=MODEL, rdzv=f"bench{os.getpid()}")
+                want = fault.expected(tb)
+        except RuntimeError as e:  # the job itself failed (counted as a miss, not a false positive)
+            shutil.rmtree(root, ignore_errors=True)
+            return Row(str(case), case.layout, case.kind, case.hosts, False, [], detail={"error": str(e)[-2000:]})
+        row = Row(str(case), case.layout, case.kind, case.hosts, out.correct(want, fault), [v.line() for v in out.verdicts])
+        step_s = out.step_s()
+        row.detail = {"step_ms": round(1e3 * step_s, 1) if step_s else None, **out.detail}
+        if want:
+            seen = {}
+            for m in out.monitors:
+                if m["kind"] == want[0]:
+                    seen.setdefault(m["by"], faults.suspects(m["suspects"]))
+            row.monitors_agree = bool(seen) and all(s == want[1] for s in seen.values())
+        if row.named and case.kind in HANGS:  # from the fault to the verdict
+            v = next(v for v in out.verdicts if v.kind == want[0])
+            row.detail["detect_s"] = round(v.time - out.fault_time, 2)
+            row.detail["step_multiple"] = round((v.time - out.fault_time) / step_s, 1) if step_s else None
+        elif case.kind == "cpu":  # from the first slowed step to the window that named it; what the quota did
+            if row.named:
+                v = next(v for v in out.verdicts if v.kind == "straggler")
+                row.detail["detect_steps"] = v.evidence["steps"][1] - out.fault_step
+            row.detail["job_slowdown_pct"] = round(100 * (faults.job_slowdown(out) or 0), 1)
+            row.detail["host_slowdown_pct"] = round(100 * (faults.host_slowdown(out) or 0), 1)
+        elif case.kind in ("link", "port"):
+            slow = faults.job_slowdown(out)
+            row.detail["job_slowdown_pct"] = round(100 * slow, 1) if slow is not None else None
+        if case.kind == "kill" and row.named:
+            row.detail["detect_s"] = round(next(v for v in out.verdicts if v.kind == "crash").time - out.fault_time, 2)
+        shutil.rmtree(root, ignore_errors=True)
+        return row
+
+
+def run_cases(harness, cases: list[Case], tmp: Path, what: str) -> list[Row]:
+    rows = []
     for i, case in enumerate(cases):
-        out = harness.run(case, tmp / f"fault{i}")
-        ok = [(v.kind, _suspects(v)) for v in out.verdicts] == [(case.kind, case.suspects)]
-        correct += ok
-        detail = ""
-        if case.kind == "slow_link":
-            links.append(ok)
-        if ok and case.kind in HANGS:  # from the hung rank's last finished step to the verdict
-            gen = Generation(generations(out.run_dir)[-1])
-            gen.update()
-            hung = min(r for _k, r, *_ in case.suspects) if case.kind == "hang_noncomm" else 0
-            onset = max(x.end for x in gen.steps[hung].values())
-            typical = out.verdicts[0].evidence["typical_step_s"]
-            hang_s.append(out.verdicts[0].time - onset)
-            hang_mult.append(hang_s[-1] / typical if typical else float("nan"))
-            detail = f"{hang_s[-1]:.1f} s after the hang ({hang_mult[-1]:.0f} steps of {1e3 * typical:.0f} ms)"
-        elif ok and case.kind == "straggler":
-            straggler_steps.append(out.verdicts[0].evidence["steps"][1] - case.onset + 1)
-            detail = f"{straggler_steps[-1]} steps after it slowed"
-        rows.append({"fault": case.fault, "world": case.world, "expected": case.kind, "named": ok, "detail": detail,
-                     "verdicts": [v.line() for v in out.verdicts]})
-        print(f"  {case.fault:<32} world {case.world}  {'named' if ok else 'MISSED'}  {detail}"
-              + ("" if ok else "  got: " + "; ".join(v.line() for v in out.verdicts)), flush=True)
-    return {"rows": rows, "hang_detect_s": statistics.median(hang_s) if hang_s else None,
-            "hang_detect_step_multiple": round(statistics.median(hang_mult), 1) if hang_mult else None,
-            "straggler_detect_steps": statistics.median(straggler_steps) if straggler_steps else None,
-            "accuracy": correct / len(cases), "faults": len(cases), "slow_link_named": bool(links) and all(links)}
+        t0 = time.time()
+        row = harness.run(case, tmp / f"{what}{i}")
+        rows.append(row)
+        d = row.detail
+        note = (f"{d['detect_s']:.1f} s" + (f" ({d['step_multiple']} steps of {d['step_ms']:.0f} ms)" if d.get("step_multiple") else "")
+                if "detect_s" in d
+                else f"{d['detect_steps']} steps (host compute {d['host_slowdown_pct']:+.0f}%, job {d['job_slowdown_pct']:+.0f}%)"
+                if "detect_steps" in d
+                else f"job {d['job_slowdown_pct']:+.0f}%" if d.get("job_slowdown_pct") is not None else "")
+        status = ("JOB FAILED" if "error" in d else ("named" if row.named else "MISSED") if case.kind
+                  else ("clean" if row.named else "FALSE POSITIVE"))
+        print(f"  {str(case):<62} {status:<14} {note}  [{time.time() - t0:.0f} s]"
+              + ("" if row.named else "  got: " + "; ".join(row.verdicts)), flush=True)
+    return rows
 
 
-def clean(harness, n: int, tmp: Path) -> tuple[int, list]:
-    fp, rows = 0, []
-    for i in range(n):
-        out = harness.clean(i, tmp / f"clean{i}")
-        fp += len(out.verdicts)
-        rows.append({"run": f"drill world {out.detail.get('world')}", "verdicts": [v.line() for v in out.verdicts]})
-        for v in out.verdicts:
-            print(f"  clean drill run {i}: FALSE POSITIVE {v.line()}", flush=True)
-    return fp, rows
+def summarize(rows: list[Row]) -> dict:
+    faults_ = [r for r in rows if r.kind]
+    hang = [r.detail["detect_s"] for r in faults_ if r.kind in HANGS and "detect_s" in r.detail]
+    mult = [r.detail["step_multiple"] for r in faults_ if r.kind in HANGS and r.detail.get("step_multiple")]
+    strag = [r.detail["detect_steps"] for r in faults_ if "detect_steps" in r.detail]
+    links = [r.named for r in faults_ if r.kind in ("link", "port")]
+    by_kind = {k: f"{sum(r.named for r in faults_ if r.kind == k)}/{sum(r.kind == k for r in faults_)}" for k in KINDS
+               if any(r.kind == k for r in faults_)}
+    return {"hang_detect_s": statistics.median(hang) if hang else None,
+            "hang_detect_s_max": max(hang) if hang else None,
+            "hang_detect_step_multiple": statistics.median(mult) if mult else None,
+            "straggler_detect_steps": statistics.median(strag) if strag else None,
+            "straggler_detect_steps_max": max(strag) if strag else None,
+            "accuracy": round(sum(r.named for r in faults_) / len(faults_), 3) if faults_ else None,
+            "accuracy_by_kind": by_kind, "slow_link_named": bool(links) and all(links), "faults": len(faults_),
+            "monitors_agree": sum(bool(r.monitors_agree) for r in faults_)}
 
 
 # ---- the default job: trace overhead, and clean runs -----------------------------------
@@ -161,7 +218,8 @@ def default_job(run_dir: Path, steps: int, trace: bool) -> dict:
     if p.returncode != 0:
         raise SystemExit(f"the default job failed ({' '.join(cmd)}):\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}")
     recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    out = {"step_s": statistics.median(r["step_time_s"] for r in recs[3:]), "verdicts": []}
+    steps = [r["step_time_s"] for r in recs if "step_time_s" in r]  # step records (checkpoint events are there too)
+    out = {"step_s": statistics.median(steps[3:]), "verdicts": []}
     if trace:
         live = [json.loads(x) for x in (run_dir / "diagnostics" / "verdicts.jsonl").read_text().splitlines()] \
             if (run_dir / "diagnostics" / "verdicts.jsonl").exists() else []
@@ -171,67 +229,127 @@ def default_job(run_dir: Path, steps: int, trace: bool) -> dict:
 
 
 def overhead(pairs: int, steps: int, tmp: Path) -> dict:
-    ratios, on_s, off_s, fp, rows = [], [], [], 0, []
+    """``pairs`` interleaved on/off pairs of the default job: per pair its step times and the
+    traced run's verdicts (false positives)."""
+    out = []
     for i in range(pairs):
         runs = {}
         for trace in ((False, True) if i % 2 == 0 else (True, False)):
             runs[trace] = default_job(tmp / f"default{i}-{'on' if trace else 'off'}", steps, trace)
-        ratios.append(runs[True]["step_s"] / runs[False]["step_s"])
-        on_s.append(runs[True]["step_s"])
-        off_s.append(runs[False]["step_s"])
-        fp += len(runs[True]["verdicts"])
-        rows.append({"run": f"default job {i}", "verdicts": runs[True]["verdicts"]})
-        print(f"  pair {i}: step {1e3 * off_s[-1]:.1f} ms off, {1e3 * on_s[-1]:.1f} ms on ({100 * (ratios[-1] - 1):+.1f}%)"
-              + "".join(f"; FALSE POSITIVE {v}" for v in runs[True]["verdicts"]), flush=True)
-    return {"trace_overhead_pct": round(100 * (statistics.median(ratios) - 1), 2),
+        out.append({"run": f"default job {i}", "step_ms_off": round(1e3 * runs[False]["step_s"], 2),
+                    "step_ms_on": round(1e3 * runs[True]["step_s"], 2), "verdicts": runs[True]["verdicts"]})
+        p = out[-1]
+        print(f"  pair {i}: step {p['step_ms_off']:.1f} ms off, {p['step_ms_on']:.1f} ms on "
+              f"({100 * (p['step_ms_on'] / p['step_ms_off'] - 1):+.1f}%)" + "".join(f"; FALSE POSITIVE {v}" for v in p["verdicts"]),
+              flush=True)
+    return out
+
+
+def load() -> str:
+    return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+
+
+def results(fault_rows: list[Row], clean_rows: list[Row], pairs: list[dict]) -> dict:
+    """The headline figures from every row (of one run or of several merged)."""
+    ratios = [p["step_ms_on"] / p["step_ms_off"] for p in pairs]
+    failed = [r.case for r in clean_rows if "error" in r.detail]
+    return {**summarize(fault_rows), "baseline_hang_s": dist.constants.default_pg_timeout.total_seconds(),
+            "false_positives": sum(len(r.verdicts) for r in clean_rows) + sum(len(p["verdicts"]) for p in pairs),
+            "clean_runs": len(clean_rows) - len(failed) + len(pairs),
+            "failed_jobs": failed + [r.case for r in fault_rows if "error" in r.detail],
+            "trace_overhead_pct": round(100 * (statistics.median(ratios) - 1), 2) if ratios else None,
             "trace_overhead_pairs": [round(100 * (r - 1), 2) for r in ratios],
-            "step_ms_off": round(1e3 * statistics.median(off_s), 2), "step_ms_on": round(1e3 * statistics.median(on_s), 2),
-            "default_job_false_positives": fp, "default_job_runs": rows}
+            "step_ms_off": statistics.median(p["step_ms_off"] for p in pairs) if pairs else None,
+            "step_ms_on": statistics.median(p["step_ms_on"] for p in pairs) if pairs else None}
+
+
+def print_table(res: dict):
+    hang = (f"{res['hang_detect_s']:.1f} s ({res['hang_detect_step_multiple']} steps), max {res['hang_detect_s_max']:.1f} s"
+            if res["hang_detect_s"] is not None else "-")
+    strag = (f"{res['straggler_detect_steps']} steps, max {res['straggler_detect_steps_max']}"
+             if res["straggler_detect_steps"] is not None else "-")
+    over = (f"{res['trace_overhead_pct']:+.2f}% (median of {len(res['trace_overhead_pairs'])} pairs; step {res['step_ms_off']} ms off)"
+            if res["trace_overhead_pct"] is not None else "-")
+    table = [("hang named after (median)", hang, "<= 10 s"),
+             ("baseline: process-group timeout", f"{res['baseline_hang_s']:.0f} s, names nobody", ""),
+             ("20% slower host named after (median)", strag, "<= 20 steps"),
+             ("accuracy (right kind and host/link)", f"{res['accuracy']} of {res['faults']} faults", "1.0"),
+             ("  per kind", " ".join(f"{k} {v}" for k, v in res["accuracy_by_kind"].items()), ""),
+             ("slow link (half bandwidth) named", str(res["slow_link_named"]), "yes"),
+             ("false positives", f"{res['false_positives']} over {res['clean_runs']} clean runs", "0"),
+             ("trace overhead (default job, on/off)", over, "<= 2%")]
+    w = max(len(v) for _n, v, _t in table)
+    print(f"\n| {'metric':<38} | {'measured':<{w}} | target |\n|{'-' * 40}|{'-' * (w + 2)}|--------|")
+    for name, val, target in table:
+        print(f"| {name:<38} | {val:<{w}} | {target:<6} |")
+    print("load (uptime) around each part:\n  " + "\n  ".join(res["load"]))
+
+
+def merge(paths: list[Path]) -> dict:
+    """One result from the JSONs of several invocations (every row of each, nothing chosen)."""
+    parts = [json.loads(p.read_text()) for p in paths]
+    fault_rows = [Row(**r) for part in parts for r in part["fault_rows"]]
+    clean_rows = [Row(**r) for part in parts for r in part["clean_rows"]]
+    pairs = [p for part in parts for p in part["default_job_pairs"]]
+    return {**results(fault_rows, clean_rows, pairs), "harness": parts[0]["harness"],
+            "quick": any(part["quick"] for part in parts), "wall_s": round(sum(part["wall_s"] for part in parts), 1),
+            "load": [x for part in parts for x in part["load"]], "parts": [str(p) for p in paths],
+            "fault_rows": [vars(r) for r in fault_rows], "clean_rows": [vars(r) for r in clean_rows], "default_job_pairs": pairs}
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--json", type=Path, help="write the results here")
-    ap.add_argument("--quick", action="store_true", help="a few runs of each (smoke test)")
-    ap.add_argument("--clean-runs", type=int, default=None, help="clean drill runs (default 21, quick 2)")
-    ap.add_argument("--pairs", type=int, default=None, help="on/off pairs of the default job (default 5, quick 1)")
-    ap.add_argument("--steps", type=int, default=None, help="steps per default-job run (default 60, quick 20)")
+    ap.add_argument("--faults", type=int, default=15, help="injected faults of each kind (default 15)")
+    ap.add_argument("--first", type=int, default=0, help="the round of faults to start at (a run split in parts: the sum of the earlier parts' --faults)")
+    ap.add_argument("--kinds", default=",".join(KINDS), help=f"fault kinds, comma-separated (default {','.join(KINDS)}; '' for none)")
+    ap.add_argument("--clean", type=int, default=20, help="clean runs of mixed layouts on the testbed (default 20)")
+    ap.add_argument("--pairs", type=int, default=5, help="on/off pairs of the default job (default 5)")
+    ap.add_argument("--steps", type=int, default=60, help="steps per default-job run (default 60)")
+    ap.add_argument("--quick", action="store_true", help="one fault per kind, 2 clean runs, 1 on/off pair of 20 steps (smoke test)")
+    ap.add_argument("--merge", type=Path, nargs="+", help="merge the --json files of earlier invocations (a run split in parts)")
     a = ap.parse_args()
+    if a.merge:
+        res = merge(a.merge)
+        print_table(res)
+        if a.json:
+            a.json.write_text(json.dumps(res, indent=1, default=str))
+        return
+    kinds = tuple(k for k in a.kinds.split(",") if k)
+    if set(kinds) - set(KINDS):
+        raise SystemExit(f"detect_bench: --kinds: unknown {sorted(set(kinds) - set(KINDS))}; choose from {','.join(KINDS)}")
+    if a.quick:
+        a.faults, a.clean, a.pairs, a.steps = 1, 2, 1, 20
+    reason = cluster.unavailable()
+    if reason:
+        raise SystemExit(f"detect_bench: {reason}")
     tmp = Path(tempfile.mkdtemp(prefix="kintsugi-detect-bench-"))
     t0 = time.time()
-    harness = DrillHarness()
-    cases = [c for c in CASES if c.quick or not a.quick]
-    print(f"injected faults ({harness.name}):", flush=True)
-    det = detection(harness, cases, tmp)
-    n_clean = a.clean_runs if a.clean_runs is not None else (2 if a.quick else 21)
-    print(f"{n_clean} clean drill runs:", flush=True)
-    fp, clean_rows = clean(harness, n_clean, tmp)
-    pairs = a.pairs or (1 if a.quick else 5)
-    print(f"trace overhead and clean runs of the default job (kintsugi launch, configs/tiny.toml, FSDP2 on 2 ranks), "
-          f"{pairs} interleaved on/off pair(s):", flush=True)
-    ov = overhead(pairs, a.steps or (20 if a.quick else 60), tmp)
-    res = {"hang_detect_s": det["hang_detect_s"], "hang_detect_step_multiple": det["hang_detect_step_multiple"],
-           "baseline_hang_s": dist.constants.default_pg_timeout.total_seconds(),
-           "straggler_detect_steps": det["straggler_detect_steps"], "accuracy": det["accuracy"],
-           "slow_link_named": det["slow_link_named"], "false_positives": fp + ov["default_job_false_positives"],
-           "faults": det["faults"], "clean_runs": n_clean + pairs, "trace_overhead_pct": ov["trace_overhead_pct"],
-           "trace_overhead_pairs": ov["trace_overhead_pairs"], "step_ms_off": ov["step_ms_off"], "step_ms_on": ov["step_ms_on"],
-           "harness": harness.name, "quick": a.quick, "wall_s": round(time.time() - t0, 1),
-           "fault_rows": det["rows"], "clean_rows": clean_rows + ov["default_job_runs"]}
-    hang = f"{res['hang_detect_s']:.1f} s ({res['hang_detect_step_multiple']} steps)" if res["hang_detect_s"] else "-"
-    table = [("hang named after (median)", hang, "<= 10 s"),
-             ("baseline: process-group timeout", f"{res['baseline_hang_s']:.0f} s, names nobody", ""),
-             ("20% straggler named after (median)", f"{res['straggler_detect_steps']} steps", "<= 20 steps"),
-             ("accuracy (right kind and suspect)", f"{res['accuracy']:.2f} of {res['faults']} faults", "1.0"),
-             ("slow link named", str(res["slow_link_named"]), "yes"),
-             ("false positives", f"{res['false_positives']} over {res['clean_runs']} clean runs", "0"),
-             ("trace overhead (default job, on/off)", f"{res['trace_overhead_pct']:+.2f}% (step {ov['step_ms_off']} ms off)", "<= 2%")]
-    print(f"\n| {'metric':<38} | {'measured':<36} | target |\n|{'-' * 40}|{'-' * 38}|--------|")
-    for name, val, target in table:
-        print(f"| {name:<38} | {val:<36} | {target:<6} |")
+    loads = [load()]
+    harness = TestbedHarness()
+    fault_rows = clean_rows = pairs = []
+    if a.faults and kinds:
+        cases = fault_cases(a.faults, kinds, a.first)
+        print(f"{len(cases)} injected faults ({harness.name}):", flush=True)
+        fault_rows = run_cases(harness, cases, tmp, "fault")
+        loads.append(load())
+    if a.clean:
+        print(f"{a.clean} clean runs on the testbed:", flush=True)
+        clean_rows = run_cases(harness, clean_cases(a.clean), tmp, "clean")
+        loads.append(load())
+    if a.pairs:
+        print(f"trace overhead and clean runs of the default job (kintsugi launch, configs/tiny.toml, FSDP2 on 2 ranks), "
+              f"{a.pairs} interleaved on/off pair(s):", flush=True)
+        pairs = overhead(a.pairs, a.steps, tmp)
+        loads.append(load())
+    shutil.rmtree(tmp, ignore_errors=True)
+    res = {**results(fault_rows, clean_rows, pairs), "harness": harness.name, "quick": a.quick,
+           "wall_s": round(time.time() - t0, 1), "load": loads,
+           "fault_rows": [vars(r) for r in fault_rows], "clean_rows": [vars(r) for r in clean_rows], "default_job_pairs": pairs}
+    print_table(res)
     if a.json:
         a.json.parent.mkdir(parents=True, exist_ok=True)
-        a.json.write_text(json.dumps(res, indent=1))
+        a.json.write_text(json.dumps(res, indent=1, default=str))
 
 
 if __name__ == "__main__":

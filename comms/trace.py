@@ -48,6 +48,8 @@ import torch
 import torch.distributed as dist
 import torch.distributed.distributed_c10d as c10d
 
+from comms import sockets
+
 # Collectives and p2p ops patched, with the argument that carries the payload (for bytes
 # and dtype) and, for p2p, the argument naming the peer.
 _PAYLOAD = {
@@ -65,8 +67,11 @@ _PAYLOAD = {
 _PEER = {"send": "dst", "isend": "dst", "recv": "src", "irecv": "src",
          "send_object_list": "dst", "recv_object_list": "src"}
 _SENDS = {"send", "isend", "send_object_list"}
-_FUNCOL = ("all_reduce", "all_gather_tensor", "reduce_scatter_tensor", "all_to_all_single", "broadcast")
+_FUNCOL = ("all_reduce", "all_gather_tensor", "all_gather_single", "reduce_scatter_tensor", "reduce_scatter_single",
+           "all_to_all_single", "broadcast")
 
+# Seconds an op is in flight before the writer looks for stalled connections (comms.sockets).
+STALL_CHECK_S = 1.0
 # The on-disk format of trace-r<R>.jsonl, named in meta-r<R>.json; readers refuse others.
 TRACE_FORMAT = 2
 
@@ -145,6 +150,15 @@ def install(run_dir, rank: int | None = None, world: int | None = None, *, enabl
     return tracer
 
 
+def failed(exc: BaseException):
+    """This rank is leaving because a collective failed where no traced call saw it raise
+    (inside DDP's reducer or another autograd hook): record it as a traced failure is, so
+    that the detector reads this rank as failing after a crashed peer, not as one that went
+    quiet at the same moment."""
+    if _active is not None:
+        _active._fail(None, exc)
+
+
 def _generation() -> int:
     """Rank 0's clock in ns, the same on every rank of this process group."""
     stamp = time.time_ns()
@@ -179,6 +193,7 @@ class Tracer:
         self._appended = 0
         self._written = 0
         self._inflight: dict[int, OpRecord] = {}
+        self._funcol: dict[int, OpRecord] = {}  # storage address of a functional collective's result -> its op
         self._blocked = 0.0  # seconds spent inside blocking traced ops, ever
         self._blocked_at: dict[str, float] = {}  # channel -> _blocked when its last op returned
         self._seq: dict[str, int] = {}
@@ -206,7 +221,8 @@ class Tracer:
                 "node": int(os.environ.get("GROUP_RANK", 0)), "local_rank": int(os.environ.get("LOCAL_RANK", 0)),
                 "local_world": int(os.environ.get("LOCAL_WORLD_SIZE", 1)),
                 "backend": str(dist.get_backend()) if dist.is_initialized() else "", "started": time.time(),
-                "flight_recorder": flight_recorder_on()}
+                "flight_recorder": flight_recorder_on(), "addrs": sockets.local_addresses()}
+        self._meta = meta
         _atomic_json(self.dir / f"meta-r{rank}.json", meta)
         self._write_state()
         self._stop = threading.Event()
@@ -231,6 +247,14 @@ class Tracer:
             self._phases[name] = self._phases.get(name, 0.0) + time.perf_counter() - t0
             self._phase = ""
 
+    def annotate(self, **fields):
+        """Add facts about this rank to its metadata, e.g. ``pipeline_stage`` (the detector
+        does not compare a pipeline's stages with each other from the start: they do
+        different work)."""
+        if self.enabled:
+            self._meta.update(fields)
+            _atomic_json(self.dir / f"meta-r{self.rank}.json", self._meta)
+
     def end_step(self, step: int):
         """Close step ``step``: its duration and phase times become one record. If the
         monitor asked for a link probe at this step, every rank takes part in it here (its
@@ -241,6 +265,10 @@ class Tracer:
                 self._probes_done.add(req["id"])
                 with self.phase("probe"):
                     self._run_probe(req)
+        if self.enabled and self._funcol:  # results nobody waited on in their step: done by its end
+            for rec in self._funcol.values():
+                self._complete(rec)
+            self._funcol.clear()
         now = time.time()
         self.last_step_s = now - self._step_t0
         if self.enabled:
@@ -339,10 +367,38 @@ class Tracer:
             except RuntimeError:  # gloo's send/recv have no future: poll it (see _poll_loop)
                 self._unwatched.append((work, rec))
                 self._poke.set()
-                return _TracedWork(work, lambda: self._complete(rec))
-            return work
+                return _TracedWork(work, self._waited, lambda: self._complete(rec))
+            return _TracedWork(work, self._waited)
         self._complete(rec)
         return work
+
+    def _funcol_issued(self, rec: OpRecord | None, out):
+        """A functional collective returned its (asynchronous) result: in flight until waited on."""
+        if rec is None:
+            return
+        elem = getattr(out, "elem", None)  # an AsyncCollectiveTensor; a plain tensor was waited on already
+        if not isinstance(elem, torch.Tensor):
+            self._end(rec)
+            return
+        self._blocked_at[rec.channel] = self._blocked
+        # Keyed by storage: the wait may come through a view of the result.
+        self._funcol[elem.untyped_storage().data_ptr()] = rec
+
+    def _funcol_waited(self, tensor, t0: float):
+        rec = self._funcol.pop(tensor.untyped_storage().data_ptr(), None) if isinstance(tensor, torch.Tensor) else None
+        if rec is None:
+            return
+        self._blocked += time.time() - t0
+        self._blocked_at[rec.channel] = self._blocked
+        events = self._events.get(id(rec))
+        if events is not None:
+            events.append(_cuda_event())
+            self._cuda.append(rec)
+        else:
+            self._complete(rec)
+
+    def _waited(self, seconds: float):
+        self._blocked += seconds
 
     def _complete(self, rec: OpRecord):
         if self._inflight.pop(id(rec), None) is None:  # atomic: the first of wait/poller/callback wins
@@ -459,8 +515,13 @@ class Tracer:
 
     def _write_state(self):
         now = time.time()
-        inflight = [json.loads(encode(r)) for r in list(self._inflight.values())]
+        ops = list(self._inflight.values())
+        inflight = [json.loads(encode(r)) for r in ops]
+        # An op in flight this long may be waiting on a network that stopped carrying its
+        # data: say which peers' connections are stalled (read only then: a few ms).
+        stuck = any(now - r.arrived > STALL_CHECK_S for r in ops)
         state = {"time": now, "step": self.step, "phase": self._phase, "inflight": inflight,
+                 "stalled": sockets.stalled() if stuck else {}, "nics_down": sockets.nics_down() if stuck else {},
                  "seq": dict(self._seq), "groups": dict(self._members), "closed": self._closed,
                  "error": self._error, "records": self._appended,
                  "dropped": self._appended - self._written - len(self._ring) - len(self._cuda)}
@@ -468,15 +529,20 @@ class Tracer:
 
 
 class _TracedWork(c10d.Work):
-    """A Work without a future (gloo send/recv): the op completes, as far as this rank can
-    tell, when it is waited for or found completed."""
+    """An async op's Work as its caller sees it: the time spent waiting for it is time
+    blocked (a pipeline stage waiting for its neighbour, FSDP waiting for an all-gather it
+    prefetched: not computing, so not late). ``done``: for a Work without a future (gloo
+    send/recv), the op completes, as far as this rank can tell, when it is waited for or
+    found completed (or dropped)."""
 
-    def __init__(self, work, done):
+    def __init__(self, work, waited, done=None):
         super().__init__()
-        self._work, self._done = work, done
+        self._work, self._waited, self._done = work, waited, done or (lambda: None)
 
     def wait(self, timeout=None):
+        t0 = time.time()
         ok = self._work.wait() if timeout is None else self._work.wait(timeout)
+        self._waited(time.time() - t0)
         self._done()
         return ok
 
@@ -636,18 +702,50 @@ def _batch_wrapper(fn):
 
 
 def _funcol_wrapper(name: str, fn):
+    """A functional collective (DTensor's redistributions: tensor parallel) returns at once;
+    the op completes when its result is waited on (``_wait_wrapper``)."""
+    import inspect
+
+    import torch.distributed._functional_collectives as funcol
+
+    pos = {p: i for i, p in enumerate(inspect.signature(fn).parameters)}
+
+    def arg(args, kwargs, pname, default=None):
+        i = pos.get(pname)
+        return args[i] if i is not None and i < len(args) else kwargs.get(pname, default)
+
     def wrapper(*args, **kwargs):
         tracer = _active
         if tracer is None or getattr(_depth, "n", 0):
             return fn(*args, **kwargs)
-        rec = tracer._begin("funcol." + name, None, args[0] if args else None, None, None)
+        try:
+            group = funcol._resolve_group(arg(args, kwargs, "group"), arg(args, kwargs, "tag", ""))
+            group = c10d._resolve_process_group(group) if isinstance(group, str) else group
+        except Exception:  # a group form this tracer cannot name: leave the op untraced
+            return fn(*args, **kwargs)
+        rec = tracer._begin("funcol." + name, group, args[0] if args else None, None, None)
         out = fn(*args, **kwargs)
-        tracer._end(rec)
+        tracer._funcol_issued(rec, out)
         return out
 
     wrapper.__wrapped__ = fn
     wrapper.__name__, wrapper.__doc__ = fn.__name__, fn.__doc__
     return wrapper
+
+
+def _wait_wrapper(fn):
+    def wait_tensor(tensor):
+        tracer = _active
+        if tracer is None or not tracer._funcol:
+            return fn(tensor)
+        t0 = time.time()
+        out = fn(tensor)
+        tracer._funcol_waited(tensor, t0)
+        return out
+
+    wait_tensor.__wrapped__ = fn
+    wait_tensor.__name__, wait_tensor.__doc__ = fn.__name__, fn.__doc__
+    return wait_tensor
 
 
 def _patch(tracer: Tracer):
@@ -669,6 +767,8 @@ def _patch(tracer: Tracer):
             fn = getattr(funcol, name)
             _originals["funcol." + name] = fn
             replace[id(fn)] = _funcol_wrapper(name, fn)
+        _originals["funcol.wait_tensor"] = funcol.wait_tensor
+        replace[id(funcol.wait_tensor)] = _wait_wrapper(funcol.wait_tensor)
     except ImportError:
         pass
     originals = {id(f): f for f in _originals.values()}

@@ -19,15 +19,17 @@ class DiagnosticsConfig:
     hang_factor: float = doc("Hang limit in median step times (see hang_min_s).", 5.0)
     hang_slow_phase_s: float = doc("Hang limit before the first step completes and while the missing rank is in its checkpoint phase.", 120.0)
     stale_s: float = doc("A rank whose trace heartbeat (every 0.5 s) is older than this is gone, or stopped when its process is still there.", 3.0)
-    straggler_window: int = doc("Steps a slowdown is judged over (a 20% slower rank is named about this many steps after it slows).", 10)
+    straggler_window: int = doc("Steps a slowdown is judged over (a 20% slower rank is named about this many steps after it slows, and no sooner than confirm_s).", 10)
     history_steps: int = doc("Steps before the window that are its reference, the job's own noise floor (judging starts once a window's worth is there).", 30)
-    noise_z: float = doc("A rise counts only above this many standard errors of the history's noise (step times: robust, from their median absolute deviation; a rank's lateness: Welch, window and history).", 3.0)
+    noise_z: float = doc("A rise counts only above this many standard errors of the history's noise (step times: robust, from their median absolute deviation; a rank's lateness: of the means, and 2/3 of this when the job's step time itself rose beyond its floor).", 3.0)
     straggler_persistence: float = doc("Share of the window's steps a rank (or link sample) must be the slowest in.", 0.7)
     straggler_threshold: float = doc("Least rise over the history, as a share of the step time, of the wait the others spend on a straggler and of the job's step time (0.05 = 5%).", 0.05)
     straggler_sustained: float = doc("A rank the others wait for this share of every step (median, latest in 90% of them) over a full window and history (slow from its first step, no onset to see) is a straggler too; 0 = off.", 0.25)
-    comm_factor: float = doc("A group's collectives are slow when, with every member in, they take this many times as long as in the history (and the job slowed).", 1.5)
+    confirm_s: float = doc("A slowdown (straggler, slow collectives) is named once it held at 5 window ends in a row spanning at least this many seconds: a busy machine's scheduling hiccups pass within a second or two whatever the step time, a slow host or link stays.", 2.0)
+    comm_factor: float = doc("A group's collectives are slow when, with every member in, they take this many times as long as in the history (and the job slowed).", 1.3)
     probe: bool = doc("When a group's collectives slow down and no rank is late, the monitor asks the job for a pairwise link probe at a step boundary (C4P-style) to name the slow link.", True)
     probe_bytes: int = doc("Payload of each probe transfer in bytes; 0 = the group's median collective size, clamped to 1..4 MiB.", 0)
+    probe_factor: float = doc("In a link probe, a pair whose payload round trip takes this many times the typical pair's (the lower quartile) + 0.1 ms is slow.", 1.5)
     probe_cpu_factor: float = doc("A prober whose fixed CPU work takes this many times the typical prober's is short of CPU: its slow transfers are not blamed on a link.", 2.0)
     link_window: int = doc("Recent transfers per src->dst pair judged for a slow link.", 10)
     link_factor: float = doc("A pair is slow above link_factor x the typical pair's median + link_min_ms.", 3.0)
@@ -37,10 +39,12 @@ class DiagnosticsConfig:
         from diagnostics.inject import parse
 
         check(self.policy in POLICIES, "diagnostics.policy", "must be warn, restart or exclude")
+        check(self.confirm_s >= 0, "diagnostics.confirm_s", "must be >= 0")
         for name in ("hang_min_s", "hang_factor", "hang_slow_phase_s", "stale_s", "link_factor", "link_min_ms", "noise_z",
                      "probe_cpu_factor"):
             check(getattr(self, name) > 0, f"diagnostics.{name}", "must be positive")
         check(self.comm_factor > 1, "diagnostics.comm_factor", "must be > 1")
+        check(self.probe_factor > 1, "diagnostics.probe_factor", "must be > 1")
         check(self.straggler_window >= 3, "diagnostics.straggler_window", "must be >= 3")
         check(self.history_steps >= self.straggler_window, "diagnostics.history_steps", "must be >= straggler_window")
         check(0 <= self.straggler_sustained < 1, "diagnostics.straggler_sustained", "must be in [0, 1)")

@@ -11,28 +11,38 @@ later rows too). In short:
   never issued #s (non-communication: those others are the suspects), or every member
   issued it and it never completes (communication: the group). A member whose whole process
   froze (heartbeat stopped, process still there, e.g. SIGSTOP) is the suspect whether or not
-  it had entered the op. Limit: max(``hang_min_s``, ``hang_factor`` x the median step,
-  2 x the longest recent step);
+  it had entered the op. When the ranks' stalled TCP connections (``comms.sockets``:
+  unacknowledged data, retransmission timeouts) all lead to or from one host, that host is
+  cut off the network and is the suspect (hang_comm); between just two hosts, their link.
+  Limit: max(``hang_min_s``, ``hang_factor`` x the median step, 2 x the longest recent step);
 - crash: a rank's heartbeat stopped, its process is gone (or not visible from here) and it
   left no sign of being stopped by someone else (no SIGTERM stack, no collective error);
 - straggler: a rank the others keep waiting for. Per complete collective the rank that
-  waited least arrived last, by (longest wait - its wait), no cross-node clocks needed; per
-  step that lateness is a share of the step time. Named when, over the last
-  ``straggler_window`` steps against the ``history_steps`` before them
-  (``diagnostics.floor``) and at ``CONFIRM`` window ends in a row: its lateness rose beyond
-  its own noise (and by ``straggler_threshold``), it was the latest rank in
-  ``straggler_persistence`` of the window, and the job's step time rose with it (else the
-  wait only moved between ranks) by at most twice its extra lateness (else the job slowed
-  for another reason). A rank that is always a little late (rank 0 logging) has no rise and
-  is not named; one that costs the job ``straggler_sustained`` of every step from the start
-  is (no onset to see);
-- slow_comm: the job slowed, a group's collectives take ``comm_factor`` x longer once every
-  member is in (beyond the floor, and explaining half the slowdown), and no rank is late:
-  the network or the collective itself is slow. Live, the monitor then asks for a link probe;
+  waited least arrived last, by (longest wait - its wait), no cross-node clocks needed, less
+  its extra time blocked waiting on other ops; per step that lateness is a share of the
+  step time. Named when, over the last ``straggler_window`` steps against the
+  ``history_steps`` before them (``diagnostics.floor``), at ``CONFIRM`` window ends in a row
+  spanning ``confirm_s``: its lateness rose beyond its own noise (and by
+  ``straggler_threshold``), it was the latest rank in ``straggler_persistence`` of the
+  window, and the job's step time rose with it (else the wait only moved between ranks) by
+  at most 3 times its extra lateness (else the job slowed for another reason), and its
+  extra lateness exceeds any channel's rise in collective time (a slow link also makes the
+  ranks at its ends late: the larger rise is the cause). From the
+  first window that shows the rise, later windows keep the history from before it. A rank
+  that is always a little late (rank 0 logging) has no rise and is not named; one that costs
+  the job ``straggler_sustained`` of every step over a window and its history is (no onset
+  to see), unless it is a pipeline stage (they differ by design);
+- slow_comm: the job slowed, a group's collectives (or a point-to-point direction's
+  transfers) take ``comm_factor`` x longer once every member is in (beyond the floor,
+  explaining a third of the slowdown and more than any late rank, held like a straggler's
+  onset): the network or the collective itself is slow. Live, the monitor then asks for a
+  link probe; when the job slowed and neither explains it, it asks for one among all the
+  job's hosts (once per generation; no verdict unless the probe names a link);
 - probe: a finished link probe (``diagnostics.probe``) names the slow link (slow_link), or a
   prober short of CPU (straggler), or nothing;
 - p2p links: per point-to-point pair (pipeline sends), transfer time = receiver's completion
-  - the later of the two arrivals; slow cells as in ``diagnostics.links``.
+  - the latest of the two arrivals and the previous transfer's end; slow cells as in
+  ``diagnostics.links``.
 
 ``Detector.poll()`` reads what is new and returns verdicts not reported before. Windowed
 rules judge every step once, in order, so a report written after the job reads the same
@@ -66,8 +76,8 @@ from diagnostics.traces import Generation, generations
 HANGS = ("hang_noncomm", "hang_comm")
 # Steps of recent history that set the hang limit.
 HANG_HISTORY = 20
-# Window ends in a row a straggler's onset must hold at: a chance run of late steps regresses
-# within a few steps, a slower rank does not.
+# Window ends in a row a slowdown's onset must hold at (and over confirm_s): a chance run of
+# late steps regresses within a few steps, a slower rank does not.
 CONFIRM = 5
 
 
@@ -145,7 +155,10 @@ class Detector:
         self._fr_sets: dict[tuple, int] = {}  # (directory, ranks) of Flight Recorder dumps read -> generation
         self._judged: dict[tuple[int, str], int] = {}  # (generation, rule) -> the last window end judged
         self._windows: dict[tuple[int, int], dict] = {}  # (generation, window end) -> window statistics
-        self._streak: dict[tuple[int, int], int] = {}  # (generation, rank) -> window ends in a row with an onset
+        # (generation, "late" | "comm", rank | channel) -> (window ends in a row with an onset,
+        # the first one's end time, the first step of the window that pins the history (None:
+        # no pin), the last window end that showed it)
+        self._streak: dict[tuple, tuple] = {}
         self.probes: dict[int, dict[str, dict]] = {}  # generation -> probe id -> analysis
         self.verdicts: list[Verdict] = []
 
@@ -174,6 +187,10 @@ class Detector:
             if self.live:  # keep what the windows and the hang limit still look at
                 steps = gen.training_steps()
                 keep = self.cfg.straggler_window + self.cfg.history_steps + HANG_HISTORY
+                pin = self._pinned(gen)
+                if pin is not None:  # an onset being confirmed keeps its history
+                    keep = max(keep, len(steps) - bisect.bisect_left(steps, pin) + self.cfg.straggler_window
+                               + self.cfg.history_steps)
                 if len(steps) > 2 * keep:
                     gen.forget(steps[-keep])
         self.verdicts += new
@@ -270,12 +287,21 @@ class Detector:
                   "limit_s": round(limit, 2), "arrived": {r: x.arrived for r, x in waiting.items()},
                   "typical_step_s": round(typical, 4),
                   "step_multiple": round((now - oldest) / typical, 1) if typical else None}
+            cut = None if any(m in frozen for m in culprits) else _cut_off(gen)
+            if cut:  # the network stopped carrying data: the ranks missing here wait on it too
+                suspects, ev["connections"] = cut
+                ev["summary"] = (f"ranks {sorted(waiting)} wait in {op} #{seq} for {now - oldest:.1f}s (limit {limit:.1f}s); "
+                                 f"{_cut_summary(suspects, ev['connections'])}")
+                return [Verdict("hang_comm", suspects, ev, 0.85, now, since=oldest, key=f"{gen.id}:hang_comm:{chan}")]
             if culprits:
                 states = {m: {"step": gen.state.get(m, {}).get("step"), "phase": gen.state.get(m, {}).get("phase"),
                               "process": _frozen_detail(gen, m) if m in frozen else "running"} for m in culprits}
                 why = "; ".join(f"rank {m} {d['process']}" for m, d in states.items() if m in frozen)
-                ev["summary"] = (f"ranks {sorted(set(waiting) - set(culprits))} wait in {op} #{seq} for {now - oldest:.1f}s "
-                                 f"(limit {limit:.1f}s); {culprits} never arrived" + (f" ({why})" if why else ""))
+                others = sorted(set(waiting) - set(culprits))
+                ev["summary"] = ((f"ranks {others} wait in {op} #{seq} for {now - oldest:.1f}s (limit {limit:.1f}s); "
+                                  f"{culprits} never arrived" if others else
+                                  f"rank(s) {culprits} stopped inside {op} #{seq} {now - oldest:.1f}s ago (limit {limit:.1f}s)")
+                                 + (f" ({why})" if why else ""))
                 ev["missing_state"] = states
                 return [Verdict("hang_noncomm", [gen.node_of(m) for m in culprits], ev, 0.9, now, since=oldest,
                                 key=f"{gen.id}:hang_noncomm:{culprits}")]
@@ -304,9 +330,22 @@ class Detector:
             self._judged[(gen.id, rule)] = steps[-1]
         for i in range(max(start, w - 1), len(steps)):
             lo = i - w + 1
-            hist = steps[max(0, lo - c.history_steps):lo]
+            # While an onset is being confirmed, later windows are judged against the history
+            # from before it (else, in a job of short steps, the history fills with the slow
+            # steps before confirm_s has passed).
+            pin = self._pinned(gen)
+            if pin is None:
+                stop = lo
+            else:  # the history ends a window before it (the change may have begun there), if that leaves one
+                p = bisect.bisect_left(steps, pin)
+                stop = min(lo, p - w if p - w >= w else p)
+            hist = steps[max(0, stop - c.history_steps):stop]
             if len(hist) >= w:  # a shorter history under-states the noise
                 yield i, steps[lo:i + 1], hist
+
+    def _pinned(self, gen: Generation) -> int | None:
+        """The first step of the earliest onset still being confirmed in ``gen``, if any."""
+        return min((v[2] for k, v in self._streak.items() if k[0] == gen.id and v[2] is not None), default=None)
 
     def _window(self, gen: Generation, i: int, win: list[int], hist: list[int]) -> dict:
         """Statistics of one window, shared by the straggler and slow_comm rules."""
@@ -317,38 +356,84 @@ class Detector:
         T = {s: gen.step_time(s) for s in hist + win}
         job = shift([T[s] for s in win], [T[s] for s in hist], z=c.noise_z, rel_min=c.straggler_threshold)
         ranks = sorted(gen.meta)
+        comm = {}  # channel -> the shift of its time per step, once every member is in
+        for chan, per_step in list(gen.comm.items()):
+            if len(gen.members(chan)) >= 2:
+                sh = shift([per_step.get(s, 0.0) for s in win], [per_step.get(s, 0.0) for s in hist], z=c.noise_z,
+                           rel_min=c.comm_factor - 1)
+                above = sum(per_step.get(s, 0.0) > sh.history + sh.floor for s in win) / len(win)
+                comm[chan] = {"shift": sh, "candidate": sh.significant and above >= c.straggler_persistence}
+        # A slowdown has one place: ranks arriving late, or collectives slower once all are in
+        # (a slow link also makes the ranks at its ends late in the next ones). The larger rise,
+        # in seconds per step, is the cause; the other is its echo.
+        comm_rise = max((x["shift"].rise for x in comm.values() if x["candidate"]), default=0.0)
         fr = {r: {s: gen.late_fraction(r, s) for s in hist + win} for r in ranks}
         latest = {s: max(ranks, key=lambda r: fr[r][s]) for s in hist + win}
         late = {}
         for r in ranks:
-            sh = mean_shift([fr[r][s] for s in win], [fr[r][s] for s in hist], z=c.noise_z, abs_min=c.straggler_threshold)
+            # When the job's own step time rose beyond its floor, that is independent evidence
+            # of a slowdown, and the lateness needs only 2/3 of noise_z more: two tests at
+            # z = 2 agreeing by chance are rarer than one at 3.
+            z = c.noise_z * (2 / 3 if job.significant else 1)
+            sh = mean_shift([fr[r][s] for s in win], [fr[r][s] for s in hist], z=z, abs_min=c.straggler_threshold)
             share = sum(latest[s] == r for s in win) / len(win)
             # Its extra lateness, in seconds per step, must show in the job's step time (else
-            # the wait only moved between ranks: the job is no slower) and explain at least half
-            # of the job's rise (else the job slowed for another reason). The lateness is the
-            # sharper measure (differential: no common noise), so it carries the significance;
-            # the step time, noisier, only has to agree.
-            extra = sh.rise * job.window
-            agrees = job.rise >= max(c.straggler_threshold * job.history, 0.25 * extra) and extra >= 0.5 * job.rise
-            late[r] = {"shift": sh, "latest": share,
-                       "onset": sh.significant and share >= c.straggler_persistence and agrees}
-        stats = {"job": job, "late": late, "fr": fr, "latest": latest, "T": T}
+            # the wait only moved between ranks: the job is no slower) and explain at least a
+            # third of the job's rise (else the job slowed for another reason; a rank short of
+            # CPU also moves its share of each collective slower, which shows as collective
+            # time, not lateness). The lateness is the sharper measure (differential: no common
+            # noise), so it carries the significance; the step time, noisier, only has to agree.
+            extra = sh.window * job.window - sh.history * job.history
+            agrees = job.rise >= max(c.straggler_threshold * job.history, 0.25 * extra) and extra >= job.rise / 3
+            candidate = sh.significant and share >= c.straggler_persistence
+            late[r] = {"shift": sh, "latest": share, "candidate": candidate, "extra": extra,
+                       "onset": candidate and agrees and extra > comm_rise}
+        stats = {"job": job, "late": late, "comm": comm, "fr": fr, "latest": latest, "T": T}
         self._windows[key] = stats
         return stats
+
+    def _held(self, key: tuple, gen: Generation, win: list[int], onset: bool, candidate: bool | None = None) -> bool:
+        """Whether an onset seen in window ``win`` has held at ``CONFIRM`` window ends in a
+        row spanning at least ``confirm_s``: noise regresses within a few steps, and a busy
+        machine's scheduling hiccups pass within a second or two, whatever the step time; a
+        slow host or link stays. From the first window that shows a ``candidate`` (the
+        specific sign, before the job-level evidence agrees; default: the onset itself)
+        later windows are judged against the history before it, for up to history_steps."""
+        c = self.cfg
+        n, t0, first, seen = self._streak.get(key, (0, None, None, None))
+        if not (onset if candidate is None else candidate):
+            # A window that misses keeps the pin (noise), until a window's worth of them did.
+            if first is None or win[-1] - seen >= c.straggler_window or win[-1] - first > c.history_steps:
+                self._streak.pop(key, None)
+            else:
+                self._streak[key] = (0, None, first, seen)
+            return False
+        first = win[0] if first is None and n == 0 else first
+        if not onset:
+            if first is not None and win[-1] - first > c.history_steps:  # a pin is not forever
+                self._streak.pop(key, None)
+            else:
+                self._streak[key] = (0, None, first, win[-1])
+            return False
+        t0 = gen.step_end(win[-1]) if t0 is None else t0
+        held = n + 1 >= CONFIRM and gen.step_end(win[-1]) - t0 >= c.confirm_s
+        self._streak[key] = (n + 1, t0, None if held else first, win[-1])  # once named, its history may move on
+        return held
 
     def _straggler(self, gen: Generation, now: float) -> list[Verdict]:
         c = self.cfg
         if len(gen.meta) < 2:
             return []
         out = []
+        # Pipeline stages do different work (the first finishes the step last, by its last
+        # backward): lateness from the start says nothing about them, only its onset does.
+        stages = {r for r, m in gen.meta.items() if m.get("pipeline_stage") is not None}
         for i, win, hist in self._new_windows(gen, "straggler"):
             st = self._window(gen, i, win, hist)
             job, span = st["job"], hist + win
             t = now if self.live else gen.step_end(win[-1])
             for r, lr in st["late"].items():
-                # Persistent: the onset holds at CONFIRM window ends in a row (noise regresses).
-                streak = self._streak[(gen.id, r)] = self._streak.get((gen.id, r), 0) + 1 if lr["onset"] else 0
-                if streak >= CONFIRM:
+                if self._held((gen.id, "late", r), gen, win, lr["onset"], lr["candidate"]):
                     sh = lr["shift"]
                     onset = next(s for s in win if st["fr"][r][s] > sh.history + sh.floor)
                     ev = {"summary": (f"the job's step time rose from {1e3 * job.history:.1f} to {1e3 * job.window:.1f} ms "
@@ -359,13 +444,16 @@ class Detector:
                           "step_time_s": job.to_json(), "late_share": sh.to_json(), "latest_share": lr["latest"],
                           "score": round(1 - sh.window, 3)}
                     conf = lr["latest"] * min(1.0, 0.5 + sh.rise / (4 * sh.floor))
-                elif c.straggler_sustained and len(span) >= c.straggler_window + c.history_steps:
+                elif (c.straggler_sustained and len(span) >= c.straggler_window + c.history_steps
+                      and r not in stages):
                     med = statistics.median(st["fr"][r][s] for s in span)
                     share = sum(st["latest"][s] == r for s in span) / len(span)
                     if med < c.straggler_sustained or share < 0.9:
                         continue
+                    first = span[0] == gen.training_steps()[0]
                     ev = {"summary": (f"the others waited a median {med:.0%} of every step for this rank over steps "
-                                      f"{span[0]}-{span[-1]} (latest in {share:.0%}): slow since the job started"),
+                                      f"{span[0]}-{span[-1]} (latest in {share:.0%})"
+                                      + (": slow since the job started" if first else "")),
                           "pattern": "sustained", "steps": [span[0], span[-1]], "since_step": span[0],
                           "median_late_share": round(med, 4), "latest_share": round(share, 3), "score": round(1 - med, 3)}
                     conf = 0.8 * share
@@ -382,23 +470,40 @@ class Detector:
         for i, win, hist in self._new_windows(gen, "slow_comm"):
             st = self._window(gen, i, win, hist)
             job = st["job"]
-            if not job.significant or any(lr["onset"] for lr in st["late"].values()):
-                continue
-            for chan, per_step in list(gen.comm.items()):
+            late_rise = max((lr["extra"] for lr in st["late"].values() if lr["candidate"]), default=0.0)
+            comm_rise = max((x["shift"].rise for x in st["comm"].values() if x["candidate"]), default=0.0)
+            # The job slowed and neither a late rank nor a group's collectives explain a third
+            # of it (a slow link inside a ring shows only partly in the clock-free collective
+            # time): live, ask the job for a link probe among all its hosts, once per generation.
+            # No verdict unless the probe names a link: the probe is the evidence.
+            unexplained = job.significant and max(late_rise, comm_rise) < job.rise / 3
+            key = f"{gen.id}:probe:unexplained"
+            if (self._held((gen.id, "job", ""), gen, win, unexplained) and self.live and c.probe
+                    and gen.source == "trace" and key not in self._seen):
+                members = sorted(gen.meta)
+                reason = (f"the job's step time rose from {1e3 * job.history:.1f} to {1e3 * job.window:.1f} ms "
+                          f"(steps {win[0]}-{win[-1]}) with no rank late and no group's collectives clearly slower")
+                nbytes = max((int(statistics.median(v)) for v in gen.comm_bytes.values() if v), default=0)
+                if probe.request(gen, members, nbytes, job.window, c, reason=reason, links_only=True):
+                    self._seen.add(key)
+            for chan, x in st["comm"].items():
                 members = gen.members(chan)
                 key = f"{gen.id}:slow_comm:{chan}"
-                if len(members) < 2 or key in self._seen:
+                if key in self._seen:
                     continue
-                sh = shift([per_step.get(s, 0.0) for s in win], [per_step.get(s, 0.0) for s in hist], z=c.noise_z,
-                           rel_min=c.comm_factor - 1)
-                above = sum(per_step.get(s, 0.0) > sh.history + sh.floor for s in win) / len(win)
-                if not (sh.significant and above >= c.straggler_persistence and sh.rise >= 0.5 * job.rise):
+                sh, candidate = x["shift"], x["candidate"]
+                # It must explain a third of the job's rise (its time is clock-free: from the last
+                # arrival to that rank's completion, so a ring that finishes later past a slow
+                # link shows only part of it) and more than any late rank does.
+                onset = candidate and job.significant and sh.rise >= max(job.rise / 3, late_rise)
+                if not self._held((gen.id, "comm", chan), gen, win, onset, candidate):
                     continue
                 t = now if self.live else gen.step_end(win[-1])
+                what = (f"transfers {members[0]}->{members[1]}" if "|" in chan
+                        else f"once every member is in, group {members}'s collectives")
                 ev = {"summary": (f"the job's step time rose from {1e3 * job.history:.1f} to {1e3 * job.window:.1f} ms; "
-                                  f"once every member is in, group {members}'s collectives now take {1e3 * sh.window:.1f} ms "
-                                  f"per step (was {1e3 * sh.history:.1f}) and no rank arrives late: a slow link or "
-                                  "network inside the collectives"),
+                                  f"{what} now take {1e3 * sh.window:.1f} ms per step (was {1e3 * sh.history:.1f}) and "
+                                  "no rank arrives late: a slow link or network"),
                       "channel": chan, "group": members, "steps": [win[0], win[-1]], "step_time_s": job.to_json(),
                       "comm_s": sh.to_json(), "hosts": gen.hosts(members)}
                 if self.live and c.probe and gen.source == "trace":
@@ -423,7 +528,10 @@ class Detector:
             a = done[pid] = probe.analyse(p, self.cfg)
             t = now if self.live else max((r.get("ended", 0) for r in p["results"].values()), default=now)
             since = p["request"]["requested"]
-            for r, s in sorted(a.get("starved", {}).items()):
+            # A probe asked for by an unexplained slowdown names links only: on a busy machine
+            # some prober is short of CPU at any moment, which explains nothing by itself.
+            starved = {} if p["request"].get("links_only") else a.get("starved", {})
+            for r, s in sorted(starved.items()):
                 ev = {"summary": (f"during the link probe at step {a['step']} this rank's fixed CPU work took "
                                   f"{s['cpu_ratio']}x the typical prober's" + (f", its cgroup was throttled {s['throttled_s']:.2f} s"
                                                                                if s.get("throttled_s") else "")
@@ -444,6 +552,11 @@ class Detector:
 
     def _links(self, gen: Generation, now: float) -> list[Verdict]:
         c = self.cfg
+        # Cells are compared with each other, which holds for alike transfers (a ring
+        # exchange); a pipeline's differ by design (activations, gradients, when each stage
+        # posts its receives): its links are judged against their own history (slow_comm).
+        if any(m.get("pipeline_stage") is not None for m in gen.meta.values()):
+            return []
         if any(len(v) < c.link_window for v in gen.links.values()):
             return []  # judge the matrix whole: a partial one misnames a bad sender as its first link
         recent = {cell: [ms for _s, ms in v[-c.link_window:]] for cell, v in gen.links.items()}
@@ -458,6 +571,65 @@ class Detector:
         since = min((gen.steps[q][first].start for q in gen.steps if first in gen.steps[q]), default=now)
         return [Verdict("slow_link", name_cells(slow, recent, gen.node_of), ev, 0.8, now, since=since,
                         key=f"{gen.id}:slow_link:{sorted(slow)}")]
+
+
+def _cut_off(gen: Generation) -> tuple[list, list] | None:
+    """Suspects named by the ranks' stalled connections (``comms.sockets``: unacknowledged
+    data, retransmission timeouts expiring): the one host that every stalled connection
+    leads to or from (cut off the network: its NIC, cable or switch port), or the one pair
+    of hosts they join (the link between them); None when there is no such evidence or it
+    names neither. Returns (suspects, the stalled connections host -> host)."""
+    host_of = {a: m.get("host") for m in gen.meta.values() for a in m.get("addrs", [])}
+    first = {}  # host -> its lowest rank (a link between hosts is named by one rank of each)
+    for r in sorted(gen.meta):
+        first.setdefault(gen.meta[r].get("host"), r)
+    edges: dict[tuple[str, str], dict] = {}
+    down: dict[str, dict] = {}  # host -> its interfaces without a link
+    for r, st in gen.state.items():
+        me = gen.meta.get(r, {}).get("host")
+        for peer, s in (st.get("stalled") or {}).items():
+            other = host_of.get(peer)
+            if other and other != me:
+                edges[(me, other)] = {**s, "rank": r}
+        if st.get("nics_down"):
+            down[me] = st["nics_down"]
+    if not edges and not down:
+        return None
+    pairs = {frozenset(e) for e in edges}
+    conns = [{"from": a, "to": b, **s} for (a, b), s in sorted(edges.items())]
+    conns += [{"from": h, "nics_down": nics} for h, nics in sorted(down.items())]
+    if len(down) == 1 and all(next(iter(down)) in p for p in pairs):  # its own link is down
+        host = next(iter(down))
+        return [{**gen.node_of(r), "role": "cut off"} for r in sorted(gen.meta) if gen.meta[r].get("host") == host], conns
+    if not edges:
+        return None
+    if len(pairs) == 1:
+        a, b = sorted(next(iter(pairs)))
+        ra, rb = first[a], first[b]
+        return [{"link": [ra, rb], "nodes": [gen.node_of(ra)["node"], gen.node_of(rb)["node"]], "hosts": [a, b]}], conns
+    common = set.intersection(*(set(p) for p in pairs))
+    if len(common) != 1:
+        return None
+    host = common.pop()
+    return [{**gen.node_of(r), "role": "cut off"} for r in sorted(gen.meta) if gen.meta[r].get("host") == host], conns
+
+
+def _cut_summary(suspects: list, conns: list) -> str:
+    nics = [f"{c['from']}'s {', '.join(f'{n} ({st})' for n, st in c['nics_down'].items())}" for c in conns if "nics_down" in c]
+    conns = [c for c in conns if "nics_down" not in c]
+    worst = max((c["retransmits"] for c in conns), default=0)
+    if nics and "link" not in suspects[0]:
+        host = suspects[0]["host"]
+        return (f"{'; '.join(nics)} lost its link" + (f", and {len(conns)} connection(s) to or from {host} carry nothing "
+                f"(up to {worst} retransmission timeouts)" if conns else "") + f": {host} is cut off the network")
+    if "link" in suspects[0]:
+        a, b = suspects[0]["hosts"]
+        return (f"the connections between {a} and {b} carry nothing (unacknowledged data, {worst} retransmission "
+                "timeouts): the link between them")
+    host = suspects[0]["host"]
+    peers = sorted({c["to"] if c["from"] == host else c["from"] for c in conns})
+    return (f"every stalled connection (unacknowledged data, up to {worst} retransmission timeouts) leads to or from "
+            f"{host} (with {', '.join(peers)}): {host} is cut off the network (its NIC, cable or switch port)")
 
 
 def proc_state(meta: dict) -> str | None:

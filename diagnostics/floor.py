@@ -52,9 +52,13 @@ def shift(window: list[float], history: list[float], *, z: float, rel_min: float
 
 
 def mean_shift(window: list[float], history: list[float], *, z: float, abs_min: float = 0.0) -> Shift:
-    """The window's mean against the history's (Welch: each side's own variance), for series
-    that are zero much of the time, such as a rank's lateness (it is late only when it is the
-    last to arrive), whose median jumps between 0 and its typical value."""
+    """The window's mean against the history's, for series that are zero much of the time,
+    such as a rank's lateness (it is late only when it is the last to arrive), whose median
+    jumps between 0 and its typical value. The standard error takes the larger of the two
+    sides' variances for the window (Welch's, unless the window is the calmer side): a window
+    caught mid-change mixes two levels, and that spread is the change, not noise."""
     mw, mh = statistics.fmean(window), statistics.fmean(history)
-    se = math.sqrt(statistics.pvariance(window, mw) / len(window) + statistics.pvariance(history, mh) / len(history))
+    vh = statistics.pvariance(history, mh)
+    vw = min(statistics.pvariance(window, mw), max(vh, 1e-12) * 4)
+    se = math.sqrt(max(vw, vh) / len(window) + vh / len(history))
     return Shift(mw, mh, max(z * se, abs_min), statistics.pstdev(history, mh))

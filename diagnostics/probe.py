@@ -21,25 +21,37 @@ from diagnostics.links import slow_cells
 from diagnostics.traces import Generation
 
 LEAD_S = 3.0  # how far ahead the probe step lies: several of every rank's 0.5 s reads of the request
-MIN_CELLS = 6  # three probers' worth of directions
+MIN_HOSTS = 3
+MIN_CELLS = MIN_HOSTS * (MIN_HOSTS - 1)  # directions a cell is compared with
 PROBE_SLACK_MS = 0.1  # below this a difference is timer and scheduling resolution, not a link
 MIN_BYTES, MAX_BYTES = 1 << 20, 4 << 20  # a transfer, not a latency, on fast links; seconds on a slow one
 
 
 def request(gen: Generation, ranks: list[int], nbytes: int, step_s: float, cfg: DiagnosticsConfig,
-            reason: str = "") -> dict | None:
-    """Ask for a probe among the hosts of ``ranks``; None while an earlier one is pending."""
+            reason: str = "", links_only: bool = False) -> dict | None:
+    """Ask for a probe among the hosts of ``ranks``; None while an earlier one is pending.
+    ``links_only``: only a slow link it finds is a verdict (a prober short of CPU is set
+    aside, not named)."""
     current = gen.probes().get(_read(gen.path / "probe-request.json").get("id", ""))
     if current and not finished(gen, current):
         return None
+    # One claim per request, made exclusively: every node's monitor (and any watcher) sees the
+    # same slowdown at about the same moment, and the job must get one request, not several.
+    try:
+        os.close(os.open(gen.path / f"probe-claim-{len(list(gen.path.glob('probe-request-*.json')))}",
+                         os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return None
     step_now = max((st.get("step", 0) for st in gen.state.values()), default=0)
     probers = [rs[0] for rs in gen.hosts(ranks).values()]
+    if len(probers) < MIN_HOSTS:  # a pair alone has nothing to compare with: probe the job's hosts
+        probers = [rs[0] for rs in gen.hosts(sorted(gen.meta)).values()]
     if len(probers) < 2:  # all on one host: probe the ranks' own connections (loopback, one machine)
         probers = sorted(ranks)
     req = {"id": str(time.time_ns()), "step": step_now + math.ceil(LEAD_S / max(step_s, 1e-3)) + 2,
            "ranks": probers, "group": sorted(ranks), "reps": 5, "join_s": max(10.0, 3 * step_s),
            "bytes": int(min(max(cfg.probe_bytes or nbytes, MIN_BYTES), MAX_BYTES)),
-           "requested": time.time(), "reason": reason}
+           "requested": time.time(), "reason": reason, "links_only": links_only}
     for name in (f"probe-request-{req['id']}.json", "probe-request.json"):  # the history, then the live one
         tmp = gen.path / f".{name}.tmp{os.getpid()}"
         tmp.write_text(json.dumps(req))
@@ -82,9 +94,9 @@ def analyse(probe: dict, cfg: DiagnosticsConfig) -> dict:
             starved[r] = {"cpu_ratio": round(cpu[r] / typical_cpu, 2), "throttled_s": res.get("throttled_s")}
     judged = {c: v for c, v in samples.items() if c[0] not in starved and c[1] not in starved}
     # Every pair moved the same payload, so a link at half bandwidth (2x) stands out from its
-    # peers: limit = comm_factor x the lower quartile of the pairs + PROBE_SLACK_MS. The
+    # peers: limit = probe_factor x the lower quartile of the pairs + PROBE_SLACK_MS. The
     # quartile holds while up to 2/3 of the pairs are slow (one host slow both ways among 3).
-    slow, typical, limit = slow_cells(judged, factor=cfg.comm_factor, min_ms=PROBE_SLACK_MS, persistence=1.0,
+    slow, typical, limit = slow_cells(judged, factor=cfg.probe_factor, min_ms=PROBE_SLACK_MS, persistence=1.0,
                                       quantile=0.25)
     if len(judged) < MIN_CELLS:  # two hosts (or two left): nothing to compare a direction with
         slow, out["detail"] = set(), f"{len(judged)} directions left to compare (need {MIN_CELLS})"

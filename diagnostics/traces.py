@@ -48,8 +48,10 @@ class Generation:
         self.world = 0
         self.damaged = 0  # lines that were not valid records
         self._offset: dict[int, int] = {}
+        self._meta_mtime: dict[int, int] = {}
         self._colls: dict[tuple, dict] = {}  # (chan, seq) -> rank -> OpRecord, until every member's is in
         self._p2p: dict[tuple, dict] = {}  # (chan, seq) -> {"send": OpRecord, "recv": OpRecord}
+        self._p2p_end: dict[str, float] = {}  # p2p channel -> when its latest transfer ended
         self.steps: dict[int, dict[int, StepRecord]] = collections.defaultdict(dict)  # rank -> step -> record
         self._step_time: dict[int, float] = {}
         self._finished: dict[int, int] = collections.defaultdict(int)  # step -> ranks that finished it
@@ -57,7 +59,7 @@ class Generation:
         self._first: int | None = None  # the generation's first complete step (start-up skew)
         # rank -> step -> seconds the others waited for this rank (clock-free, see _add_op)
         self.lateness: dict[int, dict[int, float]] = collections.defaultdict(lambda: collections.defaultdict(float))
-        # collective channel -> step -> seconds its collectives took once every member was in
+        # channel -> step -> seconds its collectives took once every member was in (p2p: its transfers)
         self.comm: dict[str, dict[int, float]] = collections.defaultdict(lambda: collections.defaultdict(float))
         self.comm_bytes: dict[str, collections.deque] = collections.defaultdict(lambda: collections.deque(maxlen=256))
         self.timeline: collections.deque = collections.deque(maxlen=TIMELINE)  # (chan, seq, op, step, {rank: (arrived, ended)})
@@ -79,7 +81,9 @@ class Generation:
             return
         for p in self.path.glob("meta-r*.json"):
             r = int(p.stem[6:])
-            if r not in self.meta:
+            mtime = p.stat().st_mtime_ns
+            if self._meta_mtime.get(r) != mtime:  # new, or annotated by its rank (comms.trace.Tracer.annotate)
+                self._meta_mtime[r] = mtime
                 meta = _read_json(p)
                 if meta.get("trace_format") != TRACE_FORMAT:
                     raise UserError(f"{p} was written by another version of Kintsugi (trace format "
@@ -133,7 +137,14 @@ class Generation:
                 del self._p2p[(rec.channel, rec.seq)]
                 send, recv = pair["send"], pair["recv"]
                 src, dst = self.members(rec.channel)
-                self.links[(src, dst)].append((recv.step, (recv.ended - max(send.arrived, recv.arrived)) * 1e3))
+                # A transfer begins once both ends are in and the one before it on the same
+                # connection is through (back-to-back sends queue behind each other).
+                took = recv.ended - max(send.arrived, recv.arrived, self._p2p_end.get(rec.channel, 0.0))
+                self._p2p_end[rec.channel] = max(recv.ended, self._p2p_end.get(rec.channel, 0.0))
+                self.links[(src, dst)].append((recv.step, took * 1e3))
+                # Per step too, like a collective's time once every member is in (slow_comm).
+                self.comm[rec.channel][recv.step] += took
+                self.comm_bytes[rec.channel].append(max(send.nbytes, recv.nbytes))
             return
         ranks = self._colls.setdefault((rec.channel, rec.seq), {})
         ranks[r] = rec

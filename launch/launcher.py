@@ -55,6 +55,7 @@ OVERRIDE = re.compile(r"^--([A-Za-z_][A-Za-z0-9_]*\.[A-Za-z_][A-Za-z0-9_]*)(=.*)
 TRAINER = "trainer"
 # Beyond close_timeout_s: a step to finish before the final save, and the processes to exit.
 STOP_GRACE_S = 60.0
+FAILED_JOB_LINGER_S = 2.0  # the monitor's last polls after a failed job: the crash rule's 1 s grace, and a poll
 USAGE = "kintsugi launch [torchrun flags] [kintsugi flags] [SCRIPT.py | -m MODULE] [ARGS...]"
 EPILOG = """\
 positional:
@@ -407,7 +408,7 @@ def main(argv: list[str]) -> int:
             time.sleep(0.2)
         rc = agent.returncode
     finally:
-        monitor.stop()
+        monitor.stop(linger_s=FAILED_JOB_LINGER_S if agent.poll() not in (0, None) else 0.0)
         keeper.stop()
     if rc == 0 and (run_dir / "diagnostics").is_dir():
         print(f"kintsugi: diagnosis report: kintsugi diagnose report {run_dir}", flush=True)

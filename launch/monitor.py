@@ -58,9 +58,14 @@ class Monitor(threading.Thread):
         self.actions: list[dict] = []
         self._handled: set[int] = set()  # generations already acted on: later verdicts are fallout
         self._halt = threading.Event()
+        self._until = 0.0  # after a stop, poll until then
 
     def run(self):
-        while not self._halt.wait(self.interval_s):
+        while True:
+            if self._halt.wait(self.interval_s):
+                if time.time() >= self._until:
+                    return
+                time.sleep(self.interval_s)
             try:
                 verdicts = self.detector.poll()
             except Exception as e:  # a half-written run dir must never take the launcher down
@@ -70,10 +75,14 @@ class Monitor(threading.Thread):
             for v in verdicts:
                 self._act(v)
 
-    def stop(self):
+    def stop(self, linger_s: float = 0.0):
+        """Stop watching, after ``linger_s`` more of polls: when the job failed, its survivors
+        exit within the second of grace the crash rule gives them to show they failed after
+        the crashed rank, and only polls after they left can name it."""
+        self._until = time.time() + linger_s
         self._halt.set()
         if self.is_alive() and threading.current_thread() is not self:
-            self.join(timeout=5)
+            self.join(timeout=linger_s + 5)
 
     # ---- actions --------------------------------------------------------------------
     def _act(self, v):

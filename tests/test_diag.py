@@ -43,12 +43,13 @@ MATRIX = [
 @pytest.mark.parametrize("world,fault,kind,who", MATRIX, ids=[m[1] for m in MATRIX])
 def test_fault_is_named(tmp_path, world, fault, kind, who):
     kw = {"steps": 30}
-    if fault.startswith("slow:"):
+    if fault.startswith(("slow:", "slowcomm:")):
         # A slowdown is judged against a window's worth of steps before it and confirmed over 5
-        # more; one from the start is sustained over window + history. 60 ms of emulated compute
-        # keeps 4 ranks on 2 cores off the CPU's limit: there a rank sleeping longer only frees
-        # the CPU for the others and the job is no slower (the detector then rightly stays quiet).
-        kw = {"steps": 40 if "from=" in fault else 45, "compute_ms": 60}
+        # more window ends and confirm_s (2 s: ~25 steps here); one from the start is sustained
+        # over window + history. 60 ms of emulated compute keeps 4 ranks on 2 cores off the
+        # CPU's limit: there a rank sleeping longer only frees the CPU for the others and the
+        # job is no slower (the detector then rightly stays quiet).
+        kw = {"steps": 60 if "from=" in fault else 45, "compute_ms": 60}
     verdicts, first = run_local(world, tmp_path, inject=[fault], watch_s=60, stop_on=HANGS, **kw)
     assert [(v.kind, suspects(v)) for v in verdicts] == [(kind, who)], [v.line() for v in verdicts]
     v = verdicts[0]
@@ -101,7 +102,7 @@ def _report(run_dir, *args):
 
 
 def test_report_names_the_straggler_and_draws(tmp_path):
-    run_local(2, tmp_path, inject=["slow:rank=1,ms=15,from=10"], steps=25)
+    run_local(2, tmp_path, inject=["slow:rank=1,ms=30,from=10"], steps=60, compute_ms=60)  # half its compute: named under load too
     p = _report(tmp_path)
     assert p.returncode == 0, p.stderr
     assert p.stdout.startswith("Rank 1 on node 0") and "slowed the job down since" in p.stdout.splitlines()[0]

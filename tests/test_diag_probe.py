@@ -4,6 +4,7 @@ step boundary, every ordered pair measured, a rank whose process is really CPU-t
 named as short of CPU and none of its links blamed). Loopback links cannot be slowed here:
 a real slow link is phase 2's (tc on the emulated cluster)."""
 import contextlib
+import json
 import os
 import signal
 import threading
@@ -194,6 +195,10 @@ def test_cpu_throttled_rank_during_the_probe_is_not_a_link_fault(tmp_path):
         assert probe["results"][2]["throttled_s"] > 0
     else:
         assert a["starved"][2]["cpu_ratio"] >= CFG.probe_cpu_factor
+    # Asked for by an unexplained slowdown (links only), the same probe names nobody.
+    path = gen.path / f"probe-request-{req['id']}.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "links_only": True}))
+    assert not [v for v in Detector(tmp_path, live=False, dump_stacks=False).poll() if v.evidence.get("pattern") == "cpu"]
 
 
 def test_slow_collectives_make_the_monitor_probe_the_links(tmp_path):

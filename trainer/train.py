@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from checkpoint import Checkpointer, Chunk, EcSnapshots, job_id
 from comms import dist_utils, exits_on_user_error, trace
-from comms.mesh import build_mesh
+from comms.mesh import build_mesh, coordinate
 from comms.placement import nccl_backend_override
 from diagnostics import Injector
 from trainer.config import JobConfig, load_config, to_toml
@@ -89,6 +89,7 @@ def main(argv=None) -> int:
             raise
         # The peer's death is the news, not this rank's stack: one line here, the stack in
         # the rank's log; exit non-zero so torchrun restarts the worker group.
+        trace.failed(e)
         log.exception("collective failed")
         print(f"kintsugi: rank {dist_utils.rank()}: another rank stopped ({transport_reason(e)}); "
               "torchrun restarts the workers", file=sys.stderr, flush=True)
@@ -155,6 +156,9 @@ def train(cfg: JobConfig) -> int:
     plan, dims = resolve_plan(cfg, dims, device, run_dir)  # a plan file, one made now from the detected cluster, or none
     mesh = build_mesh(device, dims.mesh_sizes(), plan.rank_grid if plan else None,
                       nccl_backend_override(plan, rank) if plan and device == "cuda" else None)
+
+    if dims.pp_enabled:  # stages differ by design: the detector does not compare them as stragglers
+        tracer.annotate(pipeline_stage=coordinate(mesh, "pp")[0])
 
     # ---- model, optimizer, data, checkpoints ----
     engine = build_engine(cfg, dims, mesh, device)

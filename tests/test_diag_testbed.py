@@ -1,0 +1,83 @@
+"""Detection on the trainer itself, through the real launcher, on the emulated cluster: one
+rank per host, and a real fault done to a host from outside (tests/faults.py): a link shaped
+slower with tc, a host's CPU cut with its cgroup quota, a rank stopped with SIGSTOP, a host's
+traffic dropped, a rank killed. Each is named with the right kind and the right host or
+link, by a live Detector and by every host's own launcher monitor. The whole matrix (every
+layout x every fault, DeepSpeed included, with timings) is benchmarks/detect_bench.py's."""
+from __future__ import annotations
+
+import pytest
+
+import faults
+
+pytestmark = pytest.mark.slow  # each a real multi-host job (~30-60 s here)
+
+
+def _check(tb, out, fault):
+    want = fault.expected(tb)
+    assert out.correct(want, fault), (want, [v.line() for v in out.verdicts])
+    # Every host's monitor (the launcher's) that saw it named the same.
+    by_monitor = {}
+    for m in out.monitors:
+        if m["kind"] == want[0]:
+            by_monitor.setdefault(m["by"], faults.suspects(m["suspects"]))
+    assert by_monitor and all(s == want[1] for s in by_monitor.values()), out.monitors
+    return next(v for v in out.verdicts if v.kind == want[0])
+
+
+def test_half_bandwidth_link_inside_fsdp2_collectives_is_named_by_the_probe(testbed):
+    """No rank is late when a link inside the all-gathers slows: the group's collectives (or
+    the job) slow down, the monitors ask the job for a link probe, and the probe names the pair."""
+    tb = testbed(3)
+    fault = faults.Fault("link", host=1, peer=2, step=20)  # 200 -> 100 Mbit between node1 and node2
+    out = faults.run(tb, "fsdp2", fault, steps=400)  # it ends once the probe named the link; steps to spare under load
+    v = _check(tb, out, fault)
+    # The slow collectives are named first, or the job's unexplained slowdown asked for the probe.
+    assert [x.kind for x in out.verdicts] in (["slow_comm", "slow_link"], ["slow_link"])
+    probe = v.evidence["probe"]
+    assert probe["step"] > out.fault_step and sorted(probe["ranks"]) == [0, 1, 2]  # one prober per host
+    # Every pair was measured, and the slow pair moved the payload about half as fast.
+    assert len(probe["matrix_ms"]) == 6 and probe["matrix_ms"]["1->2"] > 1.5 * probe["typical_ms"]
+
+
+def test_cpu_throttled_host_is_named_as_a_straggler(testbed):
+    tb = testbed(2)
+    fault = faults.Fault("cpu", host=1, step=25, slower=1.0)  # its cgroup: half the CPU it computed with
+    out = faults.run(tb, "ddp", fault, steps=150)
+    v = _check(tb, out, fault)
+    # On a busy machine the onset may not stand out of the noise before the slow steps fill a
+    # window and history: then the sustained pattern names it.
+    assert v.time > out.fault_time and v.evidence["pattern"] in ("onset", "sustained")
+
+
+def test_stopped_rank_is_a_hang_in_compute(testbed):
+    """SIGSTOP under tensor parallelism: the other rank waits inside a functional collective
+    (DTensor's), traced to its completion, and the stopped process is named."""
+    tb = testbed(2)
+    fault = faults.Fault("stop", host=1, step=8)
+    out = faults.run(tb, "tp", fault, steps=1000)
+    v = _check(tb, out, fault)
+    assert "is stopped (SIGSTOP" in v.evidence["summary"] and v.evidence["op"].startswith("funcol.")
+
+
+def test_partitioned_host_is_a_hang_in_communication(testbed):
+    """All its traffic dropped: every rank waits inside an op that never completes; node1's
+    interface lost its link and the stalled connections (unacknowledged data, retransmission
+    timeouts) all lead to or from it."""
+    tb = testbed(3)
+    fault = faults.Fault("partition", host=1, step=8)
+    out = faults.run(tb, "pp", fault, steps=1000)
+    v = _check(tb, out, fault)
+    conns = v.evidence["connections"]
+    assert conns and all("node1" in (c["from"], c.get("to")) for c in conns) and v.suspects[0]["role"] == "cut off"
+    assert any(c.get("nics_down") == {"eth0": "down"} for c in conns), conns
+
+
+def test_killed_rank_is_a_crash(testbed):
+    """Under DDP the survivor's collective fails inside the reducer, where no traced call
+    sees it: the trainer records the failure on its way out, so it reads as a victim."""
+    tb = testbed(2)
+    fault = faults.Fault("kill", host=1, step=8)
+    out = faults.run(tb, "ddp", fault, steps=1000)
+    v = _check(tb, out, fault)
+    assert v.evidence["victims"]  # the survivor's collective failed after it
