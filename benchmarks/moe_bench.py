@@ -1,22 +1,37 @@
-"""MoE layer benchmark: DeepSpeed-MoE vs Kintsugi (d = 1 and auto), measured here, then the
-same schedules evaluated by the performance model on an assumed GPU cluster.
+"""MoE layer benchmark: DeepSpeed-MoE vs Kintsugi (d = 1, d = 2, 4, auto), measured on the
+emulated cluster (--testbed) or on loopback, and the model's prediction beside each.
 
-Measured (gloo, CPU, 2 and 4 ranks): forward+backward time of one MoE layer per step, the
-three variants interleaved round by round on the same tokens and config (hidden size,
-experts, k, capacity factor, tokens per rank); a step's time is the slowest rank's.
-Reported as median and interquartile range over the timed rounds.
+--testbed (MEASURED, tests/cluster.py): 2-4 hosts, each a network namespace with its own
+address, ranks per host 1 (or 2, for the hierarchical all-to-all), links between hosts shaped
+to --rate-mbit with HTB, so that an exchange takes real time on the wire while the CPU is
+free, as on a GPU cluster's NICs. Loopback (no --testbed): every rank on 127.0.0.1 and the
+same cores, where communication is CPU copies (the earlier measurements; kept for reference).
 
-Modelled: comms.moe.perfmodel with gpu_cluster_profile (8 GPUs per node, NVLink-class
-intra-node, 200 Gb/s inter-node), sequential schedule (d = 1, gradients reduced after the
-backward, what DeepSpeed-MoE runs) vs the model's chosen schedule, for a grid of layer
-configurations in the range the FSMoE paper sweeps.
+Each step is one MoE layer's forward + backward on the same tokens and configuration for
+every variant, plus the data-parallel all-reduce of ``later_mb`` of gradients of the layers
+after it (ready before this layer's backward starts, as in a real model):
 
-    DS_ACCELERATOR=cpu python benchmarks/moe_bench.py --json runs/bench/moe.json
-    DS_ACCELERATOR=cpu python benchmarks/moe_bench.py --quick
+- deepspeed: DeepSpeed-MoE's layer (capacity-padded dispatch), gradients all-reduced after
+  the backward (what DeepSpeed's engine does at ZeRO stage 0-2 without overlap_comm);
+- d1 / d2 / d4: Kintsugi's layer with that many chunks, gradients after the backward;
+- auto: the chunk count and gradient partition the profile + model choose (comms/moe),
+  gradients reduced in the backward's link gaps; auto_after: the same d, gradients after
+  the backward (the chunking's share alone).
+
+Variants run round by round in an order that rotates every round; a step's time is the
+slowest rank's. Reported: median and interquartile range over the timed rounds; the model's
+predicted time (perfmodel.simulate with the profile measured on the job's groups) beside it.
+
+Modelled (no GPUs here): the same model with an assumed GPU cluster's costs
+(gpu_cluster_profile) for layer shapes of the FSMoE paper's range.
+
+    DS_ACCELERATOR=cpu python benchmarks/moe_bench.py --testbed --json runs/bench/moe.json
+    DS_ACCELERATOR=cpu python benchmarks/moe_bench.py --testbed --quick
 """
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import math
 import os
@@ -27,17 +42,19 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 import torch  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 from torch import nn  # noqa: E402
 
-from comms.moe import LayerShape, choose, gpu_cluster_profile, sequential  # noqa: E402
+from comms.moe import LayerShape, Profile, choose, gpu_cluster_profile, sequential, simulate  # noqa: E402
 from trainer.model import FeedForward  # noqa: E402  (DeepSpeed's expert: the same SwiGLU math)
 
-VARIANTS = ("deepspeed", "kintsugi_d1", "kintsugi_auto")
+VARIANTS = ("deepspeed", "d1", "d2", "d4", "auto", "auto_after")
+CHUNKS = {"d1": "1", "d2": "2", "d4": "4", "auto": "auto", "auto_after": "auto"}
 
 
 def free_port() -> int:
@@ -46,81 +63,195 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def worker(rank, world, port, cfg, out_path):
+class LaterLayers(torch.autograd.Function):
+    """Identity on the layer's output whose backward hands ``grad`` to ``param``: the layers
+    after this one, whose gradients are ready for data-parallel reduction before this layer's
+    backward starts (their compute is not what is measured here)."""
+
+    @staticmethod
+    def forward(ctx, y, param, grad):
+        ctx.grad = grad
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, gy):
+        return gy, ctx.grad, None
+
+
+def worker(cfg: dict, out_path: str):
+    """One rank (RANK, WORLD_SIZE, MASTER_ADDR/PORT, LOCAL_WORLD_SIZE in the environment)."""
     import logging
 
     import torch.distributed as dist
 
     torch.set_num_threads(1)
     logging.disable(logging.WARNING)
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     import deepspeed
     from deepspeed.moe.layer import MoE as DSMoE
 
     from comms import dist_utils
     from comms.moe import build_ep_groups
-    from trainer.moe import MoE, apply_expert_parallel, capacity
+    from trainer.moe import MoE, apply_expert_parallel, attach_grad_reducer, capacity
     from trainer.moe_config import MoEConfig
 
-    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+    deepspeed.init_distributed(dist_backend="gloo", verbose=False, timeout=datetime.timedelta(seconds=600))
+    world, rank = dist.get_world_size(), dist.get_rank()
     dim, hidden, n_exp, k, cf = cfg["dim"], cfg["hidden"], cfg["experts_per_rank"] * world, cfg["k"], cfg["capacity_factor"]
     torch.manual_seed(0)
     ds = DSMoE(dim, FeedForward(dim, hidden), num_experts=n_exp, ep_size=world, k=k, capacity_factor=cf,
                min_capacity=0, use_rts=False, top2_2nd_expert_sampling=False)
     ds.set_deepspeed_parallelism()
-    groups = build_ep_groups(world, "cpu")
-    layers = {}
-    for name, chunks in (("kintsugi_d1", "1"), ("kintsugi_auto", "auto")):
-        mcfg = MoEConfig(every=1, n_experts=n_exp, top_k=k, capacity_factor=cf, router="gshard", chunks=chunks)
+    groups = build_ep_groups(world, "cpu", hierarchical=cfg.get("hierarchical", "auto"))
+    later_n = int(cfg["later_mb"] * 1e6 / 4)
+    later_grad = torch.randn(later_n)
+    reduced_bytes = 4 * (later_n + dim * n_exp)  # the later layers' gradients and the gate's
+    holders = {"deepspeed": nn.ModuleDict({"moe": ds})}
+    reducers = {}
+    for name in VARIANTS[1:]:
+        mcfg = MoEConfig(every=1, n_experts=n_exp, top_k=k, capacity_factor=cf, router="gshard", chunks=CHUNKS[name])
         holder = nn.ModuleDict({"moe": MoE(dim, hidden, mcfg)})
-        apply_expert_parallel(holder, groups.mesh, groups)
-        layers[name] = holder["moe"]
+        expert_names = apply_expert_parallel(holder, groups.mesh, groups)
+        holder.later = nn.Parameter(torch.zeros(later_n))
+        if name == "auto":
+            reducers[name] = attach_grad_reducer(holder, groups, expert_names)
+        else:  # the model must choose d knowing what gradient there is to reduce
+            holder["moe"].scheduler.grad_bytes_per_layer = reduced_bytes
+        holders[name] = holder
+    holders["deepspeed"].later = nn.Parameter(torch.zeros(later_n))
+    dp = groups.dp
 
     def step(name, x):
+        holder = holders[name]
+        holder.zero_grad(set_to_none=True)
+        reducer = reducers.get(name)
+        if reducer is not None:
+            reducer.arm()
         x = x.detach().requires_grad_()
         if name == "deepspeed":
-            y, aux, _ = ds(x)
+            y, aux, _ = holder["moe"](x)
         else:
-            y, aux = layers[name](x), layers[name].aux_loss
+            y, aux = holder["moe"](x), holder["moe"].aux_loss
+        y = LaterLayers.apply(y, holder.later, later_grad)
         (y.float().square().mean() + aux).backward()
+        t0 = time.perf_counter()
+        if reducer is not None:
+            reducer.finish()
+            return time.perf_counter() - t0
+        # After the backward: one flat all-reduce of the non-expert gradients (the gate's and
+        # the later layers'); experts need none (EP over every rank: one holder per expert).
+        grads = [p.grad for n, p in holder.named_parameters() if p.grad is not None and "experts" not in n]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat, group=dp)
+        return time.perf_counter() - t0
 
     torch.manual_seed(1 + rank)
     x = torch.randn(cfg["batch"], cfg["seq"], dim)
     times = {v: [] for v in VARIANTS}
+    core = {v: [] for v in VARIANTS[1:]}  # what the model times: exchanges, experts, gradient reduction
+    n = len(VARIANTS)
     for r in range(cfg["warmup"] + cfg["rounds"]):
         # Rotate the order every round so no variant always runs right after another.
-        for name in VARIANTS[r % 3:] + VARIANTS[:r % 3]:
+        for name in VARIANTS[r % n:] + VARIANTS[:r % n]:
             dist.barrier()
             t0 = time.perf_counter()
-            step(name, x)
-            dt = torch.tensor([time.perf_counter() - t0])
+            reduce_s = step(name, x)
+            dt = torch.tensor([time.perf_counter() - t0, 0.0])
+            if name != "deepspeed":
+                dt[1] = holders[name]["moe"].scheduler.last_call_s("moe") + reduce_s
             dist.all_reduce(dt, op=dist.ReduceOp.MAX)
             if r >= cfg["warmup"]:
-                times[name].append(dt.item())
+                times[name].append(dt[0].item())
+                if name != "deepspeed":
+                    core[name].append(dt[1].item())
+    # The d that auto chose, and the model's prediction of every variant from the profile
+    # measured on these groups (the same numbers for every d).
+    sched = holders["auto"]["moe"].scheduler
+    rep = sched.report()["moe"]
     if rank == 0:
-        sched = layers["kintsugi_auto"].scheduler
-        report = sched.report()["moe"]
-        capacity_rows = cfg["batch"] * capacity(layers["kintsugi_auto"].cfg, cfg["seq"])
-        Path(out_path).write_text(json.dumps({"times": times, "auto_d": report["d"], "fill": report["rows"] / capacity_rows,
-                                              "auto_predicted_ms": report["predicted_ms"],
-                                              "profile": sched.profile.to_dict()}))
-    for m in layers.values():
-        m.scheduler.close()
+        capacity_rows = cfg["batch"] * capacity(holders["auto"]["moe"].cfg, cfg["seq"])
+        Path(out_path).write_text(json.dumps({
+            "times": times, "auto_d": rep["d"], "rows": rep["rows"], "fill": rep["rows"] / capacity_rows,
+            "profile": sched.profile.to_dict(), "hierarchical": groups.hierarchical, "core": core,
+            "shape": {"n_experts": n_exp, "slots": rep["rows"], "dim": dim, "hidden": hidden, "ep": world,
+                      "elt_bytes": 4, "grad_bytes": reduced_bytes}}))
+    for name, h in holders.items():
+        if name != "deepspeed":
+            h["moe"].scheduler.close()
     dist_utils.shutdown()
 
 
-def measure(world: int, cfg: dict) -> dict:
+def _spawned(rank: int, world: int, port: int, cfg: dict, out_path: str):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    worker(cfg, out_path)
+
+
+def run_loopback(world: int, cfg: dict) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
-        mp.spawn(worker, args=(world, free_port(), cfg, str(out)), nprocs=world)
+        mp.spawn(_spawned, args=(world, free_port(), cfg, str(out)), nprocs=world)
+        return json.loads(out.read_text())
+
+
+def run_testbed(cfg: dict, hosts: int, per_host: int, rate_mbit: float) -> dict:
+    """The variants on ``hosts`` emulated hosts, ``per_host`` ranks each, every pair of hosts
+    linked at ``rate_mbit``; ranks numbered host by host."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    import cluster
+
+    with cluster.Testbed(hosts) as tb:
+        if hosts > 1:
+            tb.link(list(range(hosts)), list(range(hosts)), rate_mbit=rate_mbit)
+        link_mb_s = tb.measure(0, hosts - 1, 8) if hosts > 1 else None
+        out = tb.shared / "result.json"
+        world, procs = hosts * per_host, []
+        for h in range(hosts):
+            for local in range(per_host):
+                env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu",
+                           RANK=str(h * per_host + local), WORLD_SIZE=str(world), LOCAL_RANK=str(local),
+                           LOCAL_WORLD_SIZE=str(per_host), MASTER_ADDR=tb.head.name, MASTER_PORT="29511",
+                           GLOO_SOCKET_IFNAME=cluster.IFACE)
+                procs.append(tb.popen(h, [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(cfg), str(out)],
+                                      env=env, log=tb.log(h, f"moe-rank{h * per_host + local}")))
+        rcs = [p.wait(timeout=3600) for p in procs]
+        if any(rcs):
+            logs = "\n".join(tb.log(h, f"moe-rank{h * per_host}").read_text()[-3000:] for h in range(hosts))
+            raise RuntimeError(f"benchmark ranks exited {rcs}:\n{logs}")
         raw = json.loads(out.read_text())
-    row = {"ranks": world, "auto_d": raw["auto_d"], "fill": raw["fill"], "auto_predicted_ms": raw["auto_predicted_ms"], "profile": raw["profile"]}
-    for name, ts in raw["times"].items():
-        q = statistics.quantiles([1e3 * t for t in ts], n=4)
-        row[f"{name}_ms"] = statistics.median(1e3 * t for t in ts)
-        row[f"{name}_iqr_ms"] = q[2] - q[0]
-        row[f"{name}_min_ms"] = 1e3 * min(ts)  # best of N: the cost without other jobs' interference
+        raw["link_mb_s"] = link_mb_s
+        return raw
+
+
+def spread(ts: list[float]) -> dict:
+    ms = [1e3 * t for t in ts]
+    q = statistics.quantiles(ms, n=4)
+    return {"median": statistics.median(ms), "iqr": q[2] - q[0], "min": min(ms)}
+
+
+def summarize(raw: dict) -> dict:
+    """Measured medians and spreads; the model's prediction of each Kintsugi variant from the
+    profile the job measured (fixed d: that d; auto: its own choice).
+
+    The model times what the schedule changes: exchanges, expert compute and the gradient
+    reduction (``core``, measured by the scheduler around that part, plus the reduction).
+    The layer's routing and ordering (and their backward) are the same for every d; they are
+    measured once, at d = 1, as the median of step - core, and added to every prediction
+    (``modelled_ms``), so that it compares with the measured step."""
+    prof, shape = Profile.from_dict(raw["profile"]), LayerShape(**raw["shape"])
+    predicted = {f"d{d}": simulate(shape, prof, d, partition=False) for d in (1, 2, 4)}
+    chosen = choose(shape, prof)
+    predicted["auto"] = chosen
+    predicted["auto_after"] = simulate(shape, prof, chosen.d, partition=False)
+    outside = statistics.median(1e3 * (t - c) for t, c in zip(raw["times"]["d1"], raw["core"]["d1"]))
+    row = {"auto_d": raw["auto_d"], "modelled_auto_d": chosen.d, "fill": raw["fill"], "hierarchical": raw["hierarchical"],
+           "link_mb_s": raw.get("link_mb_s"), "profile": raw["profile"], "outside_ms": outside}
+    for v in VARIANTS:
+        row[v] = spread(raw["times"][v])
+        if v in predicted:
+            row[v]["core_ms"] = spread(raw["core"][v])["median"]
+            row[v]["modelled_core_ms"] = 1e3 * predicted[v].predicted_s
+            row[v]["modelled_ms"] = row[v]["modelled_core_ms"] + outside
+            row[v]["model_error"] = row[v]["modelled_ms"] / row[v]["median"] - 1
     return row
 
 
@@ -133,7 +264,7 @@ MODEL_CONFIGS = [
 ]
 
 
-def modelled(gpus_per_node=8, nodes=4) -> tuple[list, float]:
+def modelled(gpus_per_node=8, nodes=4) -> tuple[list, float, float]:
     prof = gpu_cluster_profile(gpus_per_node, nodes)
     ep = gpus_per_node * nodes
     rows = []
@@ -148,37 +279,67 @@ def modelled(gpus_per_node=8, nodes=4) -> tuple[list, float]:
         rows.append({**c, "sequential_ms": 1e3 * seq.predicted_s, "auto_ms": 1e3 * best.predicted_s, "d": best.d,
                      "speedup": seq.predicted_s / best.predicted_s,
                      "speedup_chunking_only": seq.predicted_s / chunked.predicted_s})
+
     def geo(key):
         return math.exp(statistics.fmean(math.log(r[key]) for r in rows))
 
     return rows, geo("speedup"), geo("speedup_chunking_only")
 
 
+def print_measured(title: str, row: dict):
+    print(f"\n{title}")
+    print(f"{'variant':>11} | {'median ms':>9} | {'IQR ms':>7} | {'min ms':>7} | vs DeepSpeed | {'core ms':>7} | "
+          f"{'model core':>10} | {'model ms':>8} | model error")
+    for v in VARIANTS:
+        r = row[v]
+        model = (f"{r['core_ms']:7.1f} | {r['modelled_core_ms']:10.1f} | {r['modelled_ms']:8.1f} | {100 * r['model_error']:+.0f}%"
+                 if "modelled_ms" in r else "")
+        print(f"{v:>11} | {r['median']:9.1f} | {r['iqr']:7.1f} | {r['min']:7.1f} | "
+              f"{row['deepspeed']['median'] / r['median']:11.2f}x | {model}")
+    print(f"auto chose d={row['auto_d']} (the model on the measured profile: d={row['modelled_auto_d']}); routing and "
+          f"ordering outside the model {row['outside_ms']:.1f} ms (measured at d=1); exchanged rows / capacity "
+          f"{row['fill']:.2f}; overlap measured {row['profile']['overlap']:.2f}"
+          + (f"; link {row['link_mb_s']:.1f} MB/s (measured)" if row.get("link_mb_s") else ""))
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--testbed", action="store_true", help="measure on emulated hosts with shaped links (tests/cluster.py)")
+    ap.add_argument("--hosts", type=int, nargs="+", default=[2, 4], help="testbed: host counts to measure (1 rank each)")
+    ap.add_argument("--rate-mbit", type=float, default=500.0, help="testbed: every link between hosts (Mbit/s)")
+    ap.add_argument("--hierarchical", action="store_true", help="testbed: also 2 hosts x 2 ranks, flat vs hierarchical")
     ap.add_argument("--quick", action="store_true", help="small layer, few rounds (smoke run)")
-    ap.add_argument("--ranks", type=int, nargs="+", default=[2, 4])
+    ap.add_argument("--ranks", type=int, nargs="+", default=[2, 4], help="loopback: rank counts")
     ap.add_argument("--rounds", type=int, default=None)
+    ap.add_argument("--worker", nargs=2, metavar=("CFG", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.worker:
+        worker(json.loads(args.worker[0]), args.worker[1])
+        return None
     cfg = {"dim": 256, "hidden": 512, "experts_per_rank": 2, "k": 2, "capacity_factor": 1.25, "batch": 8, "seq": 128,
-           "warmup": 3, "rounds": args.rounds or 15}
+           "later_mb": 2.0, "warmup": 3, "rounds": args.rounds or 15}
     if args.quick:
-        cfg.update(dim=64, hidden=128, batch=2, seq=64, warmup=1, rounds=args.rounds or 4)
-    measured = [measure(w, cfg) for w in args.ranks]
+        cfg.update(dim=64, hidden=128, batch=2, seq=64, later_mb=0.25, warmup=1, rounds=args.rounds or 4)
+    shape_line = (f"dim={cfg['dim']} hidden={cfg['hidden']} experts={cfg['experts_per_rank']}/rank k={cfg['k']} "
+                  f"cf={cfg['capacity_factor']} tokens/rank={cfg['batch'] * cfg['seq']} later gradients {cfg['later_mb']} MB; "
+                  f"{cfg['rounds']} interleaved rounds")
+    measured = {}
+    if args.testbed:
+        for hosts in args.hosts:
+            measured[f"{hosts}x1"] = summarize(run_testbed(cfg, hosts, 1, args.rate_mbit))
+            print_measured(f"MEASURED on the testbed: {hosts} hosts x 1 rank, links {args.rate_mbit:g} Mbit/s; {shape_line}",
+                           measured[f"{hosts}x1"])
+        if args.hierarchical:
+            for mode in ("off", "on"):
+                key = f"2x2 hierarchical={mode}"
+                measured[key] = summarize(run_testbed({**cfg, "hierarchical": mode}, 2, 2, args.rate_mbit))
+                print_measured(f"MEASURED on the testbed: 2 hosts x 2 ranks, hierarchical {mode}; {shape_line}", measured[key])
+    else:
+        for w in args.ranks:
+            measured[f"loopback {w}"] = summarize(run_loopback(w, cfg))
+            print_measured(f"MEASURED on loopback (one host, {w} ranks on the same cores); {shape_line}", measured[f"loopback {w}"])
     rows, geo, geo_chunking = modelled()
-
-    print(f"\nMEASURED on this machine (gloo, CPU, 1 thread per rank): one MoE layer forward+backward, "
-          f"dim={cfg['dim']} hidden={cfg['hidden']} experts={cfg['experts_per_rank']}/rank k={cfg['k']} "
-          f"cf={cfg['capacity_factor']} tokens/rank={cfg['batch'] * cfg['seq']}; {cfg['rounds']} interleaved rounds")
-    print(f"{'ranks':>5} | {'DeepSpeed-MoE ms':>24} | {'Kintsugi d=1 ms':>24} | {'Kintsugi auto ms':>24} | auto d | auto/DS "
-          f"| Kintsugi rows")
-    print(f"{'':>5} | {'median [IQR] min':>24} | {'median [IQR] min':>24} | {'median [IQR] min':>24} |        | (median) "
-          f"| / capacity")
-    for r in measured:
-        cells = [f"{r[f'{v}_ms']:7.1f} [{r[f'{v}_iqr_ms']:5.1f}] {r[f'{v}_min_ms']:6.1f}" for v in VARIANTS]
-        print(f"{r['ranks']:>5} | {cells[0]:>24} | {cells[1]:>24} | {cells[2]:>24} | {r['auto_d']:>6} | "
-              f"{r['kintsugi_auto_ms'] / r['deepspeed_ms']:8.2f} | {r['fill']:.2f}")
     print("\nMODELLED (performance model, assumed 4 nodes x 8 GPUs, NVLink intra, 200 Gb/s inter; not measured): "
           "sequential (d=1, gradients after backward) vs chosen schedule")
     print(f"{'M':>5} {'tokens/GPU':>10} {'experts/GPU':>11} | {'sequential ms':>13} | {'auto ms':>8} | {'d':>3} | "
@@ -187,10 +348,13 @@ def main(argv=None):
         print(f"{r['dim']:>5} {r['tokens']:>10} {r['experts_per_gpu']:>11} | {r['sequential_ms']:13.2f} | "
               f"{r['auto_ms']:8.2f} | {r['d']:>3} | {r['speedup']:7.2f} | {r['speedup_chunking_only']:.2f}")
     print(f"geometric-mean modelled speedup: {geo:.2f} (chunking alone, gradients still after the backward: {geo_chunking:.2f})")
-    main_row = measured[0]
-    result = {"deepspeed_ms": main_row["deepspeed_ms"], "kintsugi_d1_ms": main_row["kintsugi_d1_ms"],
-              "kintsugi_auto_ms": main_row["kintsugi_auto_ms"], "model_speedup": geo, "model_speedup_chunking_only": geo_chunking,
-              "config": cfg, "measured": measured, "modelled": rows, "modelled_profile": gpu_cluster_profile().to_dict()}
+    head = measured[next(iter(measured))]
+    result = {"measured": {"deepspeed_ms": head["deepspeed"]["median"], "d1_ms": head["d1"]["median"],
+                           "auto_ms": head["auto"]["median"], "auto_d": head["auto_d"]},
+              "modelled": {"auto_ms": head["auto"]["modelled_ms"], "auto_d": head["modelled_auto_d"]},
+              "details": {"config": cfg, "rate_mbit": args.rate_mbit if args.testbed else None, "runs": measured,
+                          "gpu_cluster": {"rows": rows, "speedup": geo, "speedup_chunking_only": geo_chunking,
+                                          "profile": gpu_cluster_profile().to_dict()}}}
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=2))

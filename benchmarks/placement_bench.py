@@ -11,10 +11,26 @@ For each scenario (a GPT on 8 nodes x 8 GPUs spread over fabrics), four layouts:
 
 Node ranks are numbered as a rendezvous hands them out: a seeded random shuffle of the
 nodes; every column is the median over --orders shuffles (the same ones for all columns).
+The unaware layouts are also given for nodes numbered fabric by fabric (a hostfile or a tidy
+scheduler), where contiguous ranks already keep each stage in one fabric.
 
     python benchmarks/placement_bench.py --json runs/bench/placement.json [--quick]
 
-All numbers are predictions of comms/costmodel.py; see docs/placement.md for its formulas.
+All numbers of this mode are predictions of comms/costmodel.py (docs/placement.md); the
+cost model is checked against measured runs with --testbed:
+
+    python benchmarks/placement_bench.py --testbed --json runs/bench/placement-testbed.json
+
+MEASURED on 4 emulated hosts (tests/cluster.py): two fabrics (a fast one and an Ethernet
+one, a slower link between them), each host's CPU capped (a "GPU" of its own), the real
+trainer through `kintsugi launch` for each layout: (a) unaware_s: contiguous ranks in the
+scheduler's node order, even split, torch's 1F1B; (b) same_schedule_s: the same with the
+trainer's eager 1F1B; (c) placed_s: the plan's placement, even split; (d) adaptive_s: the
+plan (placement and split); and the plan with the overlapped optimizer. The plan comes from
+`kintsugi plan --detect` on the hosts (fabrics from the interfaces' aliases, links measured,
+speeds profiled on the job's blocks), and its cost model's prediction stands beside every
+measured case. Jobs run round by round in a rotating order; each job's step time is the
+median of its steps after --skip; each case's the median over rounds (min-max beside it).
 """
 from __future__ import annotations
 
@@ -26,10 +42,11 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 
 from comms.costmodel import PRESETS  # noqa: E402
-from comms.placement import make_plan  # noqa: E402
+from comms.placement import even_layers, make_plan  # noqa: E402
 from comms.topology import Node, Topology  # noqa: E402
 
 GPUS, TFLOPS = 8, 150.0  # per node: A100s at ~50% MFU
@@ -69,6 +86,8 @@ def run(names, orders: int, microbatch: int, eth_gbps: float, schedule: str = "e
         rng = random.Random(0)
         plans = [make_plan(Topology(rng.sample(all_nodes, len(all_nodes))), model, sizes) for _ in range(orders)]
         row = {k: statistics.median(p.predicted[k] for p in plans) for k in ("unaware_s", "unaware_same_schedule_s", "placed_s", "adaptive_s", "homogeneous_s")}
+        tidy = make_plan(Topology(all_nodes), model, sizes).predicted  # numbered fabric by fabric
+        row.update(sorted_unaware_s=tidy["unaware_s"], sorted_same_schedule_s=tidy["unaware_same_schedule_s"])
         row.update(model=model_name, sizes=sizes, mixed=mixed, node_orders=orders,
                    layers_per_stage=statistics.mode(tuple(p.layers_per_stage) for p in plans),
                    speedup_vs_unaware=row["unaware_s"] / row["adaptive_s"],
@@ -80,14 +99,186 @@ def run(names, orders: int, microbatch: int, eth_gbps: float, schedule: str = "e
 
 def table(results: dict) -> str:
     head = ("| scenario (simulation) | model, pp x dp x tp | unaware s | unaware, same schedule s | placed s | adaptive s "
-            "| homogeneous s | adaptive vs unaware | (same schedule) | adaptive / homogeneous | layers per stage |")
-    lines = [head, "|" + "---|" * 11]
+            "| homogeneous s | adaptive vs unaware | (same schedule) | adaptive / homogeneous | layers per stage "
+            "| fabric-sorted order: unaware s | (same schedule) s |")
+    lines = [head, "|" + "---|" * 13]
     for name, r in results.items():
         s = r["sizes"]
         lines.append(f"| {name} | {r['model']}, {s['pp']}x{s['dp_replicate'] * s['dp_shard']}x{s['tp']} "
                      f"| {r['unaware_s']:.2f} | {r['unaware_same_schedule_s']:.2f} | {r['placed_s']:.2f} | {r['adaptive_s']:.2f} "
                      f"| {r['homogeneous_s']:.2f} | {r['speedup_vs_unaware']:.2f}x | {r['speedup_same_schedule']:.2f}x "
-                     f"| {r['slowdown_vs_homogeneous']:.3f} | {r['layers_per_stage']} |")
+                     f"| {r['slowdown_vs_homogeneous']:.3f} | {r['layers_per_stage']} "
+                     f"| {r['sorted_unaware_s']:.2f} | {r['sorted_same_schedule_s']:.2f} |")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------ measured (testbed)
+
+# The testbed's job: a GPT-like model whose stage gradients (~13 MB fp32 per stage) take
+# about as long over the Ethernet link as a step's compute takes on a host's half core.
+TESTBED_JOB = """
+[model]
+dim = 256
+n_layers = 8
+n_heads = 4
+max_seq_len = 64
+vocab_size = 256
+
+[data]
+seq_len = 64
+batch_size = 16
+max_corpus_mb = 1.0
+
+[optim]
+lr = 3e-3
+warmup_steps = 0
+schedule = "constant"
+grad_clip = 0.0
+
+[train]
+steps = {steps}
+log_every = 1000
+progress = false
+
+[parallel]
+pp = 2
+dp_replicate = 2
+dp_shard = 1
+pp_microbatches = 4
+timeout_s = 600.0
+
+[checkpoint]
+interval = 0
+"""
+# Node order as torchrun's c10d rendezvous numbers hosts (by name): a scheduler handing out
+# node0..node3 across two fabrics interleaves them; a tidy one (or a file) sorts them.
+ORDERS = {"interleaved": ([0, 2], [1, 3]), "fabric-sorted": ([0, 1], [2, 3])}
+KEYS = ("unaware_s", "same_schedule_s", "placed_s", "adaptive_s")
+
+
+def _shape(tb, fast: list[int], slow: list[int], args):
+    """Two fabrics: `fast` and `slow` (Ethernet) hosts, a slower link between them; each
+    host's interface alias names its fabric (what detection reads)."""
+    for hosts, name in ((fast, "fast"), (slow, "ethernet")):
+        for h in hosts:
+            tb.run(h, ["ip", "link", "set", "eth0", "alias", f"fabric={name}"], check=True)
+    tb.link(fast, fast, rate_mbit=args.fast_mbit)
+    tb.link(slow, slow, rate_mbit=args.eth_mbit)
+    tb.link(fast, slow, rate_mbit=args.cross_mbit)
+
+
+def _env(cluster):
+    sys.path.insert(0, str(ROOT / "tests"))
+    from conftest import env
+
+    return env(GLOO_SOCKET_IFNAME=cluster.IFACE)
+
+
+def _wait(tb, procs, what: str):
+    rcs = [p.wait(timeout=1800) for p in procs]
+    if any(rcs):
+        logs = "\n".join(tb.log(h, what).read_text()[-2500:] for h in range(len(tb.hosts)))
+        raise RuntimeError(f"{what} exited {rcs}:\n{logs}")
+
+
+def _detect(tb, cluster, job: Path, out: Path):
+    """`kintsugi plan --detect` on every host: the plan and what the cost model predicts."""
+    from comms.placement import load_plan
+
+    argv = ["plan", "--detect", "--nnodes", str(len(tb.hosts)), "--rdzv-endpoint", tb.rdzv_endpoint(29400),
+            "--model", str(job), "--pp", "2", "--dp", "2", "--dp-replicate", "2", "--out", str(out)]
+    _wait(tb, [tb.popen(h, [sys.executable, "-m", "launch", *argv], env=_env(cluster), log=tb.log(h, "plan"))
+               for h in range(len(tb.hosts))], "plan")
+    return load_plan(out)
+
+
+def _job(tb, cluster, name: str, job: Path, *overrides: str) -> list[float]:
+    """One training job through `kintsugi launch` on every host; its step times."""
+    run = tb.shared / name
+    procs = tb.launch_job(name, "--config", str(job), f"--train.run_dir={run}", "--skip-preflight", *overrides, env=_env(cluster))
+    _wait(tb, procs, "launch")
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return [r["step_time_s"] for r in records if "step_time_s" in r]  # not the checkpoint events
+
+
+def _overlapped_prediction(plan, job: Path, bucket_mb: float) -> float:
+    from comms.costmodel import simulate, stages_of
+    from comms.topology import Node, Topology
+    from trainer.config import load_config
+    from trainer.parallel_dims import ParallelDims
+    from trainer.placement import model_spec
+
+    topo = Topology([Node(**n) for n in plan.topology["nodes"]], dict(plan.topology["latency_us"]))
+    cfg = load_config(str(job), ["--parallel.overlap_optimizer=true", f"--parallel.bucket_mb={bucket_mb}"])
+    dims = ParallelDims.resolve(cfg, topo.world_size)
+    return simulate(model_spec(cfg, dims), stages_of(topo, plan.rank_grid), plan.layers_per_stage, dims.dp_size, dims.tp).iteration_s
+
+
+def testbed(args) -> dict:
+    """Each node order's four layouts (and the overlapped optimizer) as real training jobs on
+    4 emulated hosts, rounds interleaved; medians over rounds of each job's median step."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    import cluster
+
+    out = {}
+    with cluster.Testbed(4) as tb:
+        job = tb.shared / "job.toml"
+        job.write_text(TESTBED_JOB.format(steps=args.steps))
+        if args.cpu_per_host:
+            for h in range(4):
+                tb.slow_cpu(h, args.cpu_per_host)
+        plans = {}
+        for order, (fast, slow) in ORDERS.items():
+            _shape(tb, fast, slow, args)
+            plan = _detect(tb, cluster, job, tb.shared / f"plan-{order}.json")
+            even = replace(plan, layers_per_stage=even_layers(sum(plan.layers_per_stage), len(plan.layers_per_stage)))
+            even.save(tb.shared / f"plan-{order}-even.json")
+            plans[order] = plan
+        cases = {"unaware_s": ["--parallel.pp_schedule=1F1B"], "same_schedule_s": [],
+                 "placed_s": [f"--plan={tb.shared}/plan-{{order}}-even.json"],
+                 "adaptive_s": [f"--plan={tb.shared}/plan-{{order}}.json"],
+                 "overlapped_s": [f"--plan={tb.shared}/plan-{{order}}.json", "--parallel.overlap_optimizer=true",
+                                  f"--parallel.bucket_mb={args.bucket_mb}"]}
+        times = {order: {case: [] for case in cases} for order in ORDERS}
+        runs = [(order, case) for order in ORDERS for case in cases]
+        for r in range(args.rounds):
+            for order, case in runs[r % len(runs):] + runs[:r % len(runs)]:  # rotate: no case always first
+                _shape(tb, *ORDERS[order], args)
+                steps = _job(tb, cluster, f"{order}-{case}-{r}", job, *(o.format(order=order) for o in cases[case]))
+                times[order][case].append(statistics.median(steps[args.skip:]))
+                print(f"round {r} {order:<13} {case:<16} {times[order][case][-1]:.3f} s/step", flush=True)
+        for order, plan in plans.items():
+            modelled = {"unaware_s": plan.predicted["unaware_s"], "same_schedule_s": plan.predicted["unaware_same_schedule_s"],
+                        "placed_s": plan.predicted["placed_s"], "adaptive_s": plan.predicted["adaptive_s"]}
+            measured = {case: statistics.median(ts) for case, ts in times[order].items()}
+            out[order] = {"measured": {k: measured[k] for k in KEYS}, "modelled": modelled,
+                          "details": {"rounds": times[order], "overlapped_s": measured["overlapped_s"],
+                                      "modelled_overlapped_s": _overlapped_prediction(plan, job, args.bucket_mb),
+                                      "layers_per_stage": plan.layers_per_stage, "stages": plan.stages,
+                                      "topology": plan.topology, "rates_mbit": {"fast": args.fast_mbit, "ethernet": args.eth_mbit,
+                                                                                 "between": args.cross_mbit},
+                                      "cpu_per_host": args.cpu_per_host}}
+    return out
+
+
+def testbed_table(results: dict) -> str:
+    lines = ["| node order (testbed) | | unaware s (torch 1F1B) | same schedule s (eager) | placed s | adaptive s | "
+             "overlapped optimizer s | adaptive vs unaware | schedule's share | placement's share | split's share |",
+             "|" + "---|" * 11]
+    for order, r in results.items():
+        m, p, d = r["measured"], r["modelled"], r["details"]
+        spread = {k: (min(v), max(v)) for k, v in d["rounds"].items()}
+        cell = lambda k: f"{m[k]:.3f} ({spread[k][0]:.3f}-{spread[k][1]:.3f})"
+        lines.append(f"| {order} | measured | {cell('unaware_s')} | {cell('same_schedule_s')} | {cell('placed_s')} | "
+                     f"{cell('adaptive_s')} | {d['overlapped_s']:.3f} ({spread['overlapped_s'][0]:.3f}-{spread['overlapped_s'][1]:.3f}) | "
+                     f"{m['unaware_s'] / m['adaptive_s']:.2f}x | {m['unaware_s'] / m['same_schedule_s']:.2f}x | "
+                     f"{m['same_schedule_s'] / m['placed_s']:.2f}x | {m['placed_s'] / m['adaptive_s']:.2f}x |")
+        err = lambda k: f"{100 * (p[k] / m[k] - 1):+.0f}%"
+        lines.append(f"| | modelled (error) | {p['unaware_s']:.3f} ({err('unaware_s')}) | {p['same_schedule_s']:.3f} "
+                     f"({err('same_schedule_s')}) | {p['placed_s']:.3f} ({err('placed_s')}) | {p['adaptive_s']:.3f} "
+                     f"({err('adaptive_s')}) | {d['modelled_overlapped_s']:.3f} ({100 * (d['modelled_overlapped_s'] / d['overlapped_s'] - 1):+.0f}%) | "
+                     f"{p['unaware_s'] / p['adaptive_s']:.2f}x | {p['unaware_s'] / p['same_schedule_s']:.2f}x | "
+                     f"{p['same_schedule_s'] / p['placed_s']:.2f}x | {p['placed_s'] / p['adaptive_s']:.2f}x |")
     return "\n".join(lines)
 
 
@@ -100,7 +291,23 @@ def main(argv=None) -> int:
     ap.add_argument("--eth-gbps", type=float, default=ETH, help="every node's Ethernet, the path between fabrics")
     ap.add_argument("--schedule", choices=["eager-1F1B", "1F1B"], default="eager-1F1B",
                     help="the trainer's pipeline schedule: eager 1F1B (its default) or torch's 1F1B")
+    ap.add_argument("--testbed", action="store_true", help="measure on 4 emulated hosts (tests/cluster.py) through the trainer")
+    ap.add_argument("--rounds", type=int, default=3, help="testbed: rounds of every job (interleaved)")
+    ap.add_argument("--steps", type=int, default=10, help="testbed: steps per job")
+    ap.add_argument("--skip", type=int, default=2, help="testbed: first steps left out of a job's median (warm-up)")
+    ap.add_argument("--fast-mbit", type=float, default=2000.0, help="testbed: links inside the fast fabric")
+    ap.add_argument("--eth-mbit", type=float, default=1000.0, help="testbed: links inside the Ethernet fabric")
+    ap.add_argument("--cross-mbit", type=float, default=200.0, help="testbed: links between the fabrics")
+    ap.add_argument("--cpu-per-host", type=float, default=0.5, help="testbed: CPU cores per host (cgroup quota; 0 = none)")
+    ap.add_argument("--bucket-mb", type=float, default=2.0, help="testbed: the overlapped optimizer's bucket size")
     args = ap.parse_args(argv)
+    if args.testbed:
+        results = testbed(args)
+        print(testbed_table(results))
+        if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps(results, indent=1))
+        return 0
     names = QUICK if args.quick else list(SCENARIOS)
     results = run(names, 3 if args.quick else args.orders, args.microbatch, args.eth_gbps, args.schedule)
     print(table(results))

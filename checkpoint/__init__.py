@@ -2,20 +2,38 @@
 erasure-coded in-memory snapshots, on-disk formats, and universal conversion.
 
 For your own training loop: ``AsyncCheckpointer`` (checkpoint/stateful.py; save returns a
-``SaveHandle``), and for DeepSpeed ``checkpoint.deepspeed_engine.enable(engine)``."""
-from checkpoint.checkpointer import Checkpointer, SaveTiming
-from checkpoint.config import CheckpointConfig
-from checkpoint.convert import load_any
-from checkpoint.format import CorruptCheckpoint, committed_steps
-from checkpoint.keeper import KeeperHandle, collect_garbage, job_id, shm_free, start_keeper
-from checkpoint.snapshot import EcSnapshots, format_keeper, inspect_keeper
-from checkpoint.snapshot_config import SnapshotConfig
-from checkpoint.state import Chunk, chunk_of, flatten
-from checkpoint.stateful import AsyncCheckpointer, SaveHandle, init_optimizer_state
-from checkpoint.store import load_state, save_state
-from checkpoint.universal import load_universal
+``SaveHandle``), and for DeepSpeed ``checkpoint.deepspeed_engine.enable(engine)``.
 
-__all__ = ["Checkpointer", "CheckpointConfig", "Chunk", "chunk_of", "flatten", "save_state", "load_state",
-           "committed_steps", "CorruptCheckpoint", "load_any", "load_universal", "KeeperHandle", "start_keeper", "collect_garbage", "shm_free",
-           "job_id", "EcSnapshots", "inspect_keeper", "format_keeper", "SnapshotConfig", "AsyncCheckpointer",
-           "SaveHandle", "SaveTiming", "init_optimizer_state"]
+The names below are imported on first use: a process that needs only a part (the node
+keeper, a converter, a worker without DTensors) does not pay for importing the rest.
+"""
+import importlib
+
+_API = {  # name -> the module that defines it
+    "Checkpointer": "checkpoint.checkpointer", "SaveTiming": "checkpoint.checkpointer",
+    "CheckpointConfig": "checkpoint.config",
+    "load_any": "checkpoint.convert",
+    "CorruptCheckpoint": "checkpoint.format", "committed_steps": "checkpoint.format",
+    "KeeperHandle": "checkpoint.keeper", "collect_garbage": "checkpoint.keeper", "job_id": "checkpoint.keeper",
+    "shm_free": "checkpoint.keeper", "start_keeper": "checkpoint.keeper",
+    "EcSnapshots": "checkpoint.snapshot", "format_keeper": "checkpoint.snapshot", "inspect_keeper": "checkpoint.snapshot",
+    "SnapshotConfig": "checkpoint.snapshot_config",
+    "Chunk": "checkpoint.state", "chunk_of": "checkpoint.state", "flatten": "checkpoint.state",
+    "AsyncCheckpointer": "checkpoint.stateful", "SaveHandle": "checkpoint.stateful",
+    "init_optimizer_state": "checkpoint.stateful",
+    "load_state": "checkpoint.store", "save_state": "checkpoint.store",
+    "load_universal": "checkpoint.universal",
+}
+__all__ = sorted(_API)
+
+
+def __getattr__(name: str):
+    if name not in _API:
+        raise AttributeError(f"module 'checkpoint' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_API[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return __all__

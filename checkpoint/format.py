@@ -46,6 +46,7 @@ from comms import UserError
 FORMAT = "kintsugi"
 VERSION = 1
 MANIFEST = "manifest.json"
+SHARD = "shard_{:05d}.safetensors"  # rank -> its shard's file name in a step directory
 LATEST = "latest"
 COMMITS = "commits"  # the commit-order journal of a checkpoint root
 TRASH = "trash."  # prefix of a step being deleted (out of the step_* namespace)

@@ -16,10 +16,10 @@ import threading
 import weakref
 
 import torch
-from torch.distributed.tensor import DTensor
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from checkpoint.format import fault_point
+from checkpoint.state import is_dtensor
 
 # Copies are cut into 8 MiB pieces: the step hook can take over the rest of a large
 # tensor, and the CPU copier holds no lock for long (~5-10 ms per piece at 1-2 GB/s).
@@ -36,7 +36,7 @@ def protect(optimizer: torch.optim.Optimizer):
 
 def _storage(t: torch.Tensor) -> int:
     """The address of the storage holding ``t``'s local data (a DTensor's local shard)."""
-    if isinstance(t, DTensor):
+    if is_dtensor(t):
         t = t.to_local()
     return t.untyped_storage().data_ptr()
 

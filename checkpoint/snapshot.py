@@ -36,10 +36,9 @@ import psutil
 import torch
 
 from checkpoint.erasure import GroupCode, ShareError, plan_groups
-from checkpoint.format import TORCH_DTYPES, CorruptCheckpoint, check_header
+from checkpoint.format import SHARD, TORCH_DTYPES, CorruptCheckpoint, check_header
 from checkpoint.keeper import KeeperAddress, KeeperClient, PeerClient, lookup, messages as m, publish, read_token
 from checkpoint.snapshot_config import SnapshotConfig
-from checkpoint.store import SHARD
 from comms import UserError, dist_utils
 
 log = logging.getLogger(__name__)

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import sys
+
 import torch
-from torch.distributed.tensor import DTensor, Replicate
-from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 
 @dataclass
@@ -35,9 +35,19 @@ class Chunk:
         return self.tensor.numel() * self.tensor.element_size()
 
 
+def is_dtensor(value) -> bool:
+    """A DTensor? (without importing torch.distributed.tensor, which a process that has no
+    DTensor need not pay for: a DTensor's module is loaded by whoever made it)."""
+    dtensor = sys.modules.get("torch.distributed.tensor")
+    return dtensor is not None and isinstance(value, dtensor.DTensor)
+
+
 def chunk_of(value: torch.Tensor) -> Chunk:
     """The chunk of a tensor that this rank holds (a DTensor's local shard, or all of it)."""
-    if isinstance(value, DTensor):
+    if is_dtensor(value):
+        from torch.distributed.tensor import Replicate
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
         _, offsets = compute_local_shape_and_global_offset(value.shape, value.device_mesh, value.placements)
         replica = any(isinstance(p, Replicate) for p in value.placements)
         return Chunk(value.to_local(), tuple(value.shape), tuple(offsets), replica)

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from checkpoint.format import (
-    FORMAT, VERSION, DTYPE_BY_NAME, DTYPE_NAMES, CorruptCheckpoint, MissingShard, ShardReader, check_latest, commit_step,
+    FORMAT, SHARD, VERSION, DTYPE_BY_NAME, DTYPE_NAMES, CorruptCheckpoint, MissingShard, ShardReader, check_latest, commit_step,
     committed_steps, read_manifest, step_dirname, tmp_dirname, write_manifest, write_shard,
 )
 from checkpoint.state import Chunk, is_chunk, overlap
@@ -26,7 +26,6 @@ from comms import UserError, dist_utils
 
 log = logging.getLogger(__name__)
 
-SHARD = "shard_{:05d}.safetensors"  # rank -> its shard's file name in a step directory
 
 
 def chunk_key(name: str, offsets) -> str:

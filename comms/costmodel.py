@@ -47,7 +47,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from comms.errors import UserError
-from comms.topology import Link, Topology
+from comms.topology import DEFAULT_ADAM_GPS, Link, Topology
 
 
 @dataclass(frozen=True)
@@ -65,6 +65,8 @@ class ModelSpec:
     ffn_hidden: int = 0  # 0 = 8/3 x dim rounded up to 32 (SwiGLU with GPT's 8 dim^2 MLP params)
     bytes_per_value: int = 2  # bf16 activations and gradients
     schedule: str = "eager-1F1B"  # the trainer's parallel.pp_schedule: "eager-1F1B" or torch's "1F1B"
+    dp_shard: int = 0  # data-parallel ranks that shard the optimizer state (FSDP2's dp_shard); 0 = all of dp
+    bucket_mb: float = 0.0  # > 0: the overlapped optimizer (each bucket stepped once reduced); 0: step after all
 
     @property
     def ffn(self) -> int:
@@ -115,6 +117,7 @@ class Stage:
     tp: Link | None
     dp: Link | None
     send: Link | None  # to the next stage; None for the last
+    adam_gps: float = DEFAULT_ADAM_GPS  # optimizer updates per second (billions of parameters) of its slowest GPU
 
 
 def stages_of(topology: Topology, rank_grid) -> list[Stage]:
@@ -137,6 +140,7 @@ def stages_of(topology: Topology, rank_grid) -> list[Stage]:
             tp=_slowest(topology.group_link(g) for g in tp_groups),
             dp=_slowest(topology.group_link(g) for g in dp_groups),
             send=send,
+            adam_gps=min(topology.nodes[topology.node_of(r)].adam_gps for r in ranks),
         ))
     return out
 
@@ -170,16 +174,29 @@ class Estimate:
     stage_s: list[float] = field(default_factory=list)  # fwd+bwd of one microbatch per stage
     send_s: list[float] = field(default_factory=list)  # one activation to the next stage
     allreduce_s: list[float] = field(default_factory=list)  # each stage's gradient all-reduce
+    optim_s: list[float] = field(default_factory=list)  # each stage's optimizer step
 
 
 @dataclass(frozen=True)
 class StageCost:
     """What one stage holding some number of blocks costs: one microbatch's forward and
-    backward (compute + TP all-reduces) and its gradient all-reduce after the last backward."""
+    backward (compute + TP all-reduces), its gradient all-reduce after the last backward,
+    and its optimizer step (``buckets`` > 0: stepped bucket by bucket as each is reduced)."""
 
     fwd: float
     bwd: float
     grads: float
+    optim: float = 0.0
+    buckets: int = 0
+
+    @property
+    def tail(self) -> float:
+        """Reduction and, when overlapped, the optimizer: bucket i is stepped while bucket
+        i + 1 is reduced, so the link and the optimizer take turns on equal buckets."""
+        if not self.buckets:
+            return self.grads
+        b, r, o = self.buckets, self.grads / self.buckets, self.optim / self.buckets
+        return r + (b - 1) * max(r, o) + o
 
 
 def microbatch_tokens(model: ModelSpec, dp: int) -> float:
@@ -196,7 +213,10 @@ def stage_cost(model: ModelSpec, stages: list[Stage], s: int, n: int, dp: int, t
     compute = flops / (stage.tflops * 1e12)
     tp_comm = 2 * n * allreduce_s(act, tp, stage.tp)
     params = n * model.layer_params + model.vocab_size * model.dim * ((s == 0) + (s == p - 1))
-    return StageCost(compute + tp_comm, 2 * compute + tp_comm, allreduce_s(params / tp * model.bytes_per_value, dp, stage.dp))
+    grad_bytes = params / tp * model.bytes_per_value
+    optim = params / tp / (model.dp_shard or dp) / (stage.adam_gps * 1e9)
+    buckets = max(1, round(grad_bytes / (model.bucket_mb * 1e6))) if model.bucket_mb > 0 else 0
+    return StageCost(compute + tp_comm, 2 * compute + tp_comm, allreduce_s(grad_bytes, dp, stage.dp), optim, buckets)
 
 
 def send_times(model: ModelSpec, stages: list[Stage], dp: int, tp: int) -> list[float]:
@@ -235,8 +255,10 @@ def one_f_one_b(microbatches: int, costs: list[StageCost], c: list[float], eager
     t = [k.fwd + k.bwd for k in costs]
     pipeline = (m - 1) * max(cycles(t, c, m, eager)) + sum(t) + 2 * sum(c)
     drain = [sum(costs[j].bwd for j in range(s)) + sum(c[j] for j in range(s - 1)) for s in range(p)]
-    iteration = max(pipeline - drain[s] + costs[s].grads for s in range(p))
-    return Estimate(iteration, pipeline, t, c, [k.grads for k in costs])
+    iteration = max(pipeline - drain[s] + costs[s].tail for s in range(p))
+    # Stepped after every reduction: the grad-norm all-reduce over the pipeline comes first.
+    iteration += max(0.0 if k.buckets else k.optim for k in costs)
+    return Estimate(iteration, pipeline, t, c, [k.grads for k in costs], [k.optim for k in costs])
 
 
 def simulate(model: ModelSpec, stages: list[Stage], layers: list[int], dp: int, tp: int) -> Estimate:

@@ -76,14 +76,14 @@ def shutdown():
         dist.destroy_process_group()
 
 
-def exit_process(code: int = 0, barrier: bool = True):
+def exit_process(code: int = 0):
     """End a worker process: a barrier as the job's last collective, files flushed, then exit
     without tearing the process group down. gloo's destructor joins its worker threads while
     holding the GIL, and a worker thread still releasing a collective's Python tensors needs
     the GIL: a deadlock at exit that ``shutdown``'s barrier makes rarer but not impossible
-    (caught with gdb in a DDP worker, about 1 run in 10 under load). ``barrier=False`` for an
-    exit on an error, where the other ranks may not come."""
-    if barrier and initialized():
+    (caught with gdb in a DDP worker, about 1 run in 10 under load). An exit on an error
+    (``code`` != 0) skips the barrier: the other ranks may never come."""
+    if code == 0 and initialized():
         dist.barrier()
     logging.shutdown()
     sys.stdout.flush()

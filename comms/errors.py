@@ -30,7 +30,7 @@ def exits_on_user_error(main):
                 from comms import dist_utils
 
                 if dist_utils.initialized():
-                    dist_utils.exit_process(2, barrier=False)
+                    dist_utils.exit_process(2)
             raise SystemExit(2) from None
 
     return wrapper

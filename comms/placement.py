@@ -208,6 +208,7 @@ class Plan:
     stages: list[dict] = field(default_factory=list)  # per stage: fabrics, nodes, ranks
     nccl: dict = field(default_factory=dict)  # dim -> [{"ranks": [...], "net": "IB" | "Socket" | None}]
     predicted: dict = field(default_factory=dict)  # seconds per step: unaware_s, placed_s, adaptive_s, ... (make_plan)
+    topology: dict = field(default_factory=dict)  # the cluster it was made for, when detected (for the record)
 
     @property
     def world_size(self) -> int:
@@ -335,7 +336,8 @@ def load_plan(path: str | os.PathLike) -> Plan:
         grid = np.array(data["rank_grid"], dtype=np.int64)
         layers = [int(n) for n in data["layers_per_stage"]]
         plan = Plan(sizes=sizes, rank_grid=grid.tolist(), layers_per_stage=layers, ep=int(data.get("ep", 1)),
-                    stages=data.get("stages", []), nccl=data.get("nccl", {}), predicted=data.get("predicted", {}))
+                    stages=data.get("stages", []), nccl=data.get("nccl", {}), predicted=data.get("predicted", {}),
+                    topology=data.get("topology", {}))
     except (KeyError, TypeError, ValueError) as e:
         raise UserError(f"plan file {str(path)!r} lacks or garbles {e}; write it again with `kintsugi plan`") from None
     world = plan.world_size

@@ -29,6 +29,9 @@ NIC_KINDS = ("ib", "roce", "eth")
 # 100 GbE RoCE v2, 25 GbE TCP sockets; NVLink is per GPU inside a node (A100: ~2400 Gb/s).
 DEFAULT_GBPS = {"nvlink": 2400.0, "ib": 200.0, "roce": 100.0, "eth": 25.0}
 DEFAULT_LATENCY_US = {"nvlink": 3.0, "ib": 5.0, "roce": 8.0, "eth": 40.0}
+# AdamW updates per second per GPU, billions of parameters: memory-bound, ~40 bytes moved per
+# parameter (fp32 master, two moments, gradient) at ~1.5 TB/s on an A100.
+DEFAULT_ADAM_GPS = 30.0
 
 
 @dataclass(frozen=True)
@@ -56,11 +59,12 @@ class Node:
     gbps: float  # per NIC
     eth_gbps: float  # the node's Ethernet, the only path to other fabrics
     tflops: float = 120.0  # achieved TFLOP/s per GPU (bf16 at ~40% MFU on an A100)
+    adam_gps: float = DEFAULT_ADAM_GPS  # optimizer updates per second per GPU, billions of parameters
 
     def __post_init__(self):
         if self.kind not in NIC_KINDS:
             raise UserError(f"node {self.name!r}: NIC kind {self.kind!r} is unknown; use one of {', '.join(NIC_KINDS)}")
-        for name in ("gpus", "nics", "gbps", "eth_gbps", "tflops"):
+        for name in ("gpus", "nics", "gbps", "eth_gbps", "tflops", "adam_gps"):
             if not getattr(self, name) > 0:
                 raise UserError(f"node {self.name!r}: {name} must be positive (got {getattr(self, name)!r})")
 
@@ -121,7 +125,7 @@ class Topology:
         if len(nodes) == 1:
             return Link("nvlink", self.nvlink_gbps, self.latency_us["nvlink"])
         fabrics = {self.nodes[i].fabric for i in nodes}
-        if len(fabrics) == 1 and self.nodes[nodes[0]].kind != "eth":
+        if len(fabrics) == 1:
             kind = self.nodes[nodes[0]].kind
             gbps = min(self.nodes[i].nics * self.nodes[i].gbps / self.nodes[i].gpus for i in nodes)
             return Link(kind, gbps, self.latency_us[kind])
@@ -130,8 +134,9 @@ class Topology:
 
     @staticmethod
     def cross_gbps(node: Node) -> float:
-        """The node's Ethernet, its only path to other fabrics (an Ethernet fabric's NICs)."""
-        return node.nics * node.gbps if node.kind == "eth" else node.eth_gbps
+        """The node's path to other fabrics: its Ethernet (``eth_gbps``); on an Ethernet
+        fabric its NICs, or less where the link between the fabrics is slower."""
+        return min(node.nics * node.gbps, node.eth_gbps) if node.kind == "eth" else node.eth_gbps
 
     def homogeneous(self) -> "Topology":
         """The same nodes all on one RDMA fabric with the best fabric's NICs (the baseline)."""
@@ -215,15 +220,62 @@ def _numbers(table: dict, section: str) -> dict:
     return out
 
 
+@dataclass
+class Interface:
+    """One network interface of this machine, as /sys and the kernel describe it."""
+
+    name: str
+    addr: str | None  # its IPv4 address
+    mbit: float | None  # ``speed`` in /sys (Mb/s); None where the driver reports none
+    physical: bool  # a NIC (``device`` link in /sys), not a bridge, veth or tunnel
+    alias: str = ""  # ``ifalias``: ``fabric=NAME`` names the fabric this interface is on
+
+
+def interfaces(sysfs: str | os.PathLike = "/sys") -> list[Interface]:
+    """Every up, non-loopback Ethernet interface (type 1; 32 would be IPoIB)."""
+    out = []
+    for dev in sorted((Path(sysfs) / "class" / "net").glob("*")):
+        if _read(dev / "type") != "1" or _read(dev / "operstate") not in ("up", "unknown") or dev.name == "lo":
+            continue
+        speed = _read(dev / "speed")
+        out.append(Interface(dev.name, _ipv4(dev.name), float(speed) if _is_number(speed) and float(speed) > 0 else None,
+                             (dev / "device").exists(), _read(dev / "ifalias")))
+    return out
+
+
+def traffic_interface() -> str | None:
+    """The interface the job's TCP traffic uses, where the user named it (gloo, NCCL)."""
+    return os.environ.get("GLOO_SOCKET_IFNAME") or os.environ.get("NCCL_SOCKET_IFNAME") or None
+
+
+def _ipv4(name: str) -> str | None:
+    import fcntl
+    import socket
+    import struct
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:  # SIOCGIFADDR: the interface's address, without parsing `ip` output
+            return socket.inet_ntoa(fcntl.ioctl(s.fileno(), 0x8915, struct.pack("256s", name[:15].encode()))[20:24])
+        except OSError:
+            return None
+
+
+def _alias_fabric(alias: str) -> str | None:
+    return next((w.split("=", 1)[1] for w in alias.split() if w.startswith("fabric=") and len(w) > 7), None)
+
+
 def detect_local_node(name: str | None = None, sysfs: str | os.PathLike = "/sys", gpus: int | None = None,
-                      tflops: float = 120.0) -> Node:
+                      tflops: float = 120.0, adam_gps: float = DEFAULT_ADAM_GPS) -> Node:
     """This machine's NICs and GPUs, read from /sys.
 
     RDMA ports come from ``/sys/class/infiniband/*/ports/*`` (link_layer InfiniBand -> ib,
     Ethernet -> RoCE; ``rate`` like "200 Gb/sec (4X HDR)"); Ethernet from
-    ``/sys/class/net/*/speed`` (Mb/s) of physical, up interfaces. The fabric is
-    ``$KINTSUGI_FABRIC`` when set (two separate clusters with the same NIC kind need it), else
-    the NIC kind plus the InfiniBand subnet prefix when it is not the default fe80::.
+    ``/sys/class/net/*/speed`` (Mb/s) of physical, up interfaces and of the interface the
+    job's traffic is pinned to (``GLOO_SOCKET_IFNAME``/``NCCL_SOCKET_IFNAME``, which may be
+    virtual). The fabric is ``$KINTSUGI_FABRIC`` when set, else ``fabric=NAME`` in an
+    interface's alias (``ip link set eth0 alias fabric=east``: the traffic interface's
+    first), else the NIC kind plus the InfiniBand subnet prefix when it is not the default
+    fe80:: (two separate clusters with the same NIC kind need one of the first two).
     """
     sysfs = Path(sysfs)
     rdma: dict[str, list[float]] = {"ib": [], "roce": []}
@@ -237,21 +289,17 @@ def detect_local_node(name: str | None = None, sysfs: str | os.PathLike = "/sys"
         gid = _read(port / "gids" / "0")
         if kind == "ib" and gid and not gid.startswith("fe80:0000:0000:0000"):
             subnet = gid[:19]
-    eth = []
-    for dev in sorted((sysfs / "class" / "net").glob("*")):
-        # Physical NICs have a device link; type 1 is Ethernet (32 would be IPoIB).
-        if not (dev / "device").exists() or _read(dev / "type") != "1" or _read(dev / "operstate") != "up":
-            continue
-        speed = _read(dev / "speed")
-        if _is_number(speed) and float(speed) > 0:
-            eth.append(float(speed) / 1000)
+    pinned = traffic_interface()
+    nets = sorted(interfaces(sysfs), key=lambda i: i.name != pinned)
+    eth = [i.mbit / 1000 for i in nets if i.mbit and (i.physical or i.name == pinned)]
     kind = "ib" if rdma["ib"] else "roce" if rdma["roce"] else "eth"
     speeds = rdma[kind] if kind != "eth" else (eth or [DEFAULT_GBPS["eth"]])
-    fabric = os.environ.get("KINTSUGI_FABRIC") or (f"{kind}-{subnet}" if subnet else kind)
+    named = next((f for i in nets if (f := _alias_fabric(i.alias))), None)
+    fabric = os.environ.get("KINTSUGI_FABRIC") or named or (f"{kind}-{subnet}" if subnet else kind)
     if gpus is None:
         gpus = _local_gpus()
     return Node(name=name or os.uname().nodename, gpus=gpus, fabric=fabric, kind=kind, nics=len(speeds),
-                gbps=min(speeds), eth_gbps=sum(eth) or DEFAULT_GBPS["eth"], tflops=tflops)
+                gbps=min(speeds), eth_gbps=sum(eth) or DEFAULT_GBPS["eth"], tflops=tflops, adam_gps=adam_gps)
 
 
 def _local_gpus() -> int:
@@ -289,3 +337,104 @@ def gather_topology(store, node_rank: int, nnodes: int, local: Node | None, pref
     nodes = [Node(**json.loads(store.get(f"{prefix}/{i}"))) for i in range(nnodes)]
     log.info("topology: %d nodes, fabrics %s", nnodes, sorted({n.fabric for n in nodes}))
     return Topology(nodes)
+
+
+@dataclass
+class LinkProbe:
+    """Measured between every pair of nodes: MB/s of a gloo point-to-point transfer from the
+    lower to the higher node (0 on the diagonal) and round trips of a small message (s)."""
+
+    mb_s: list[list[float]]
+    rtt_s: list[list[float]]
+
+
+def _round_robin(n: int) -> list[list[tuple[int, int]]]:
+    """Rounds of disjoint pairs covering every pair once (the circle method; a bye when odd)."""
+    ring = list(range(n + n % 2))
+    rounds = []
+    for _ in range(len(ring) - 1):
+        pairs = [(ring[k], ring[-1 - k]) for k in range(len(ring) // 2)]
+        rounds.append([tuple(sorted(p)) for p in pairs if max(p) < n])
+        ring = [ring[0], ring[-1], *ring[1:-1]]
+    return rounds
+
+
+def probe_links(leaders: list[int], mbytes: float = 8.0, repeats: int = 2) -> LinkProbe:
+    """Measure every pair of ``leaders`` (global ranks, one per node) with gloo point-to-point
+    traffic, the pairs of a round at once (each node talks to one peer at a time), so a
+    cluster of n nodes takes n - 1 rounds. The sender times ``mbytes`` out and a one-byte
+    acknowledgement back, the best of ``repeats`` (the first warms the TCP window).
+
+    What it measures is what the job's TCP traffic gets (gloo, NCCL's socket transport): the
+    real path between fabrics and on Ethernet fabrics, whatever a NIC's nominal speed says.
+    Collective over every rank of the default group; everyone gets the result.
+    """
+    import time
+
+    import torch
+    import torch.distributed as dist
+
+    n, rank = len(leaders), dist.get_rank()
+    group = dist.new_group(leaders, backend="gloo")  # also under NCCL: CPU tensors
+    mb_s = [[0.0] * n for _ in range(n)]
+    rtt = [[0.0] * n for _ in range(n)]
+    if rank in leaders:
+        me = leaders.index(rank)
+        buf, ack = torch.zeros(int(mbytes * 1e6) // 4), torch.zeros(1)
+        for pairs in _round_robin(n):
+            for a, b in pairs:
+                if me not in (a, b):
+                    continue
+                peer = leaders[b if me == a else a]
+                pings, best = [], 0.0
+                for _ in range(5):
+                    t0 = time.perf_counter()
+                    if me == a:
+                        dist.send(ack, peer, group=group)
+                        dist.recv(ack, peer, group=group)
+                        pings.append(time.perf_counter() - t0)
+                    else:
+                        dist.recv(ack, peer, group=group)
+                        dist.send(ack, peer, group=group)
+                for _ in range(repeats):
+                    t0 = time.perf_counter()
+                    if me == a:
+                        dist.send(buf, peer, group=group)
+                        dist.recv(ack, peer, group=group)
+                        best = max(best, buf.numel() * 4 / 1e6 / (time.perf_counter() - t0))
+                    else:
+                        dist.recv(buf, peer, group=group)
+                        dist.send(ack, peer, group=group)
+                if me == a:
+                    mb_s[a][b] = mb_s[b][a] = best
+                    rtt[a][b] = rtt[b][a] = sorted(pings)[len(pings) // 2]
+            dist.barrier(group=group)  # rounds in turn: pairs of two rounds never share a node
+    rows = [None] * dist.get_world_size()
+    dist.all_gather_object(rows, (mb_s, rtt) if rank in leaders else None)
+    got = [r for r in rows if r is not None]
+    merged = [[max(r[0][i][j] for r in got) for j in range(n)] for i in range(n)]
+    merged_rtt = [[max(r[1][i][j] for r in got) for j in range(n)] for i in range(n)]
+    dist.destroy_process_group(group)
+    return LinkProbe(merged, merged_rtt)
+
+
+def with_probe(topology: Topology, probe: LinkProbe) -> Topology:
+    """The topology with its TCP paths as measured: each node's Ethernet fabric bandwidth is
+    the slowest of its links to the nodes of its fabric, its path to other fabrics the
+    slowest of its links to them, and the Ethernet latency half the median round trip. RDMA
+    bandwidth inside a fabric stays as read from /sys (gloo's TCP does not use it)."""
+    import statistics
+
+    nodes = []
+    for i, node in enumerate(topology.nodes):
+        same = [probe.mb_s[i][j] for j, m in enumerate(topology.nodes) if j != i and m.fabric == node.fabric]
+        other = [probe.mb_s[i][j] for j, m in enumerate(topology.nodes) if m.fabric != node.fabric]
+        gbit = lambda rates: min(rates) * 8 / 1000
+        if node.kind == "eth" and same:
+            node = replace(node, nics=1, gbps=gbit(same))
+        nodes.append(replace(node, eth_gbps=gbit(other)) if other else node)
+    pairs = [probe.rtt_s[i][j] for i in range(len(nodes)) for j in range(i + 1, len(nodes))]
+    latency = dict(topology.latency_us)
+    if pairs:
+        latency["eth"] = statistics.median(pairs) / 2 * 1e6
+    return Topology(nodes, latency, topology.nvlink_gbps)

@@ -43,9 +43,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
+import torch
 
 from checkpoint import start_keeper
-from comms import RUN_DIR_ENV, UserError, exits_on_user_error
+from comms import RUN_DIR_ENV, UserError, exits_on_user_error, trace
 from launch.monitor import start_monitor
 from launch.preflight import run_checks
 from trainer import load_config, to_toml
@@ -82,6 +83,8 @@ class Launch:
     nnodes: str = "1"
     node_rank: str = "0"
     max_restarts: str = "3"
+    plan: str | None = None  # = --parallel.plan
+    placement: str | None = None  # = --parallel.placement
     torchrun: list[str] = field(default_factory=list)  # other torchrun flags, as given
     overrides: list[str] = field(default_factory=list)  # --section.key=value
     target: list[str] = field(default_factory=lambda: ["-m", TRAINER])  # [SCRIPT] or ["-m", MODULE]
@@ -115,12 +118,15 @@ def help_parser() -> argparse.ArgumentParser:
                                      "are lost (torchrun; elastic needs --rdzv-endpoint)")
     ap.add_argument("--node-rank", help="this node's rank (torchrun)")
     ap.add_argument("--max-restarts", help="worker-group restarts after a failure (torchrun; default 3)")
+    ap.add_argument("--plan", help="placement plan file from `kintsugi plan` (= --parallel.plan)")
+    ap.add_argument("--placement", choices=("auto",),
+                    help="auto: detect the cluster at start and plan placement and pipeline split (= --parallel.placement=auto)")
     return ap
 
 
 OURS = {"--config": "config", "--run-dir": "run_dir", "--on-fault": "on_fault", "--nproc-per-node": "nproc",
         "--nproc_per_node": "nproc", "--nnodes": "nnodes", "--node-rank": "node_rank", "--node_rank": "node_rank",
-        "--max-restarts": "max_restarts", "--max_restarts": "max_restarts"}
+        "--max-restarts": "max_restarts", "--max_restarts": "max_restarts", "--plan": "plan", "--placement": "placement"}
 SWITCHES = {"--skip-preflight": "skip_preflight", "--dry-run": "dry_run", "-h": "help", "--help": "help"}
 
 
@@ -184,8 +190,11 @@ def split_args(argv: list[str]) -> Launch:
             (out.overrides if m else rest).append(a)
             j += 1
         out.args = rest
-    if out.run_dir:
-        out.overrides.append(f"--train.run_dir={out.run_dir}")
+    if out.placement not in (None, "auto"):
+        raise UserError(f"--placement {out.placement!r}: the one placement is auto (or give --plan FILE)")
+    for key, value in (("train.run_dir", out.run_dir), ("parallel.plan", out.plan), ("parallel.placement", out.placement)):
+        if value:
+            out.overrides.append(f"--{key}={value}")
     return out
 
 
@@ -422,6 +431,8 @@ def main(argv: list[str]) -> int:
     # restarts, and writes L1/L2 off the workers' cores. It leaves when this launcher does.
     keeper = start_keeper_detached(run_dir, cfg)
     env.update(keeper.env())
+    if cfg.diagnostics.trace and torch.cuda.is_available():  # NCCL: a Flight Recorder ring, dumped on a hang
+        env.update({k: v for k, v in trace.flight_recorder_env(run_dir).items() if k not in env})
     # Its own session: the monitor's actions signal the agent's process group, never ours.
     agent = subprocess.Popen(cmd, env=env, start_new_session=True)
     stopper = Stopper(agent, deadline_s)

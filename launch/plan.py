@@ -4,13 +4,22 @@
 
 prints the placement (ranks and fabric of each stage, the network of each group), the
 layers per stage and the predicted iteration time next to the topology-unaware rank order
-and an all-RDMA cluster, and writes the plan file that `kintsugi launch --parallel.plan=FILE` uses
+and an all-RDMA cluster, and writes the plan file that `kintsugi launch --plan FILE` uses
 (``--json``: the same as one JSON object on stdout).
+
+    kintsugi plan --detect --nnodes 4 --rdzv-endpoint node0:29400 --model job.toml --pp 2 --dp 2   # on every node
+
+detects the cluster instead of reading a file: the nodes meet in a torchrun c10d rendezvous
+(numbered as a job's rendezvous numbers them: by host name), read their NICs and fabrics,
+time the job's blocks and measure every pair of nodes' links (trainer/placement.py).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
+import sys
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -21,20 +30,26 @@ from comms.placement import Plan, make_plan
 from comms.topology import Topology, load_topology
 
 
-def model_spec(name: str) -> ModelSpec:
-    """A preset name (gpt-7.5b, ...) or a Kintsugi job config TOML."""
+def job_config(name: str):
+    """A Kintsugi job config TOML, or None for a preset name."""
     if not name.endswith(".toml"):
-        return preset(name)
+        return None
     from trainer.config import load_config  # only for job configs: presets need no trainer
 
-    cfg = load_config(name)
-    if cfg.parallel.pp_schedule == "GPipe":
-        raise UserError(f"{name}: the cost model times 1F1B schedules; set parallel.pp_schedule to eager-1F1B or 1F1B")
-    m = cfg.model
-    return ModelSpec(n_layers=m.n_layers, dim=m.dim, n_heads=m.n_heads, n_kv_heads=m.n_kv_heads, ffn_hidden=m.ffn_hidden,
-                     vocab_size=m.vocab_size, seq_len=cfg.data.seq_len, global_batch=cfg.data.batch_size,
-                     microbatches=cfg.parallel.pp_microbatches, bytes_per_value=2 if cfg.train.dtype == "bf16" else 4,
-                     schedule=cfg.parallel.pp_schedule)
+    return load_config(name)
+
+
+def model_spec(name: str) -> ModelSpec:
+    """A preset name (gpt-7.5b, ...) or a Kintsugi job config TOML."""
+    cfg = job_config(name)
+    if cfg is None:
+        return preset(name)
+    from trainer.placement import model_spec as job_spec
+
+    try:
+        return job_spec(cfg)
+    except UserError as e:
+        raise UserError(f"{name}: {e}") from None
 
 
 def _bandwidth(text: str) -> dict[str, float]:
@@ -91,7 +106,13 @@ def report(topology: Topology, plan: Plan, model: ModelSpec) -> str:
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="kintsugi plan", description=__doc__.split("\n")[0],
                                  epilog="exit codes: 0 plan written; 2 bad input (one line on stderr)")
-    ap.add_argument("--topology", required=True, help="topology TOML (see configs/topology-*.toml)")
+    ap.add_argument("--topology", help="topology TOML (see configs/topology-*.toml); or --detect")
+    ap.add_argument("--detect", action="store_true", help="detect the cluster: run on every node with --nnodes and --rdzv-endpoint")
+    ap.add_argument("--nnodes", type=int, help="--detect: nodes that meet at the rendezvous")
+    ap.add_argument("--rdzv-endpoint", help="--detect: HOST:PORT of the rendezvous (the same on every node)")
+    ap.add_argument("--rdzv-id", default="kintsugi-plan", help="--detect: rendezvous id")
+    ap.add_argument("--gpus-per-node", type=int, default=None, help="--detect: GPUs per node (default: this node's CUDA devices, else 1)")
+    ap.add_argument("--probe-mb", type=float, default=8.0, help="--detect: MB sent over each pair of nodes to measure its link")
     ap.add_argument("--model", required=True, help=f"a job config TOML or a preset: {', '.join(PRESETS)}")
     ap.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (inside a node)")
     ap.add_argument("--pp", type=int, default=1, help="pipeline stages")
@@ -112,9 +133,10 @@ def main(argv: list[str]) -> int:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1")
     if args.dp % args.dp_replicate:
         raise UserError(f"--dp-replicate {args.dp_replicate} must divide --dp {args.dp}")
-    topology = load_topology(args.topology)
-    if args.bandwidth:
-        topology = topology.with_bandwidth(args.bandwidth)
+    if args.detect == bool(args.topology):
+        raise UserError("give --topology FILE or --detect (with --nnodes and --rdzv-endpoint), one of them")
+    if args.detect and not os.environ.get("TORCHELASTIC_RUN_ID"):
+        return rendezvous(args, argv)
     model = model_spec(args.model)
     model = replace(model, microbatches=args.microbatches or model.microbatches, global_batch=args.batch or model.global_batch,
                     schedule=args.schedule or model.schedule)
@@ -123,12 +145,82 @@ def main(argv: list[str]) -> int:
         raise UserError(f"global batch {model.global_batch} is not divisible by dp {dp} x microbatches {model.microbatches}; "
                         "change --batch or --microbatches")
     sizes = {"pp": args.pp, "dp_replicate": args.dp_replicate, "dp_shard": dp // args.dp_replicate, "tp": args.tp}
+    model = replace(model, dp_shard=sizes["dp_shard"])
+    if args.detect:
+        found = detected(args)
+        if found is None:
+            return 0  # not node 0: it plans and prints
+        topology = found.topology
+    else:
+        topology = load_topology(args.topology)
+    if args.bandwidth:
+        topology = topology.with_bandwidth(args.bandwidth)
     plan = make_plan(topology, model, sizes, ep=args.ep)
+    if args.detect:
+        plan.topology = {"nodes": [asdict(n) for n in topology.nodes], "latency_us": topology.latency_us,
+                         "link_mb_s": found.probe.mb_s, "interfaces": found.interfaces}
     plan.save(args.out)
     if args.json:
         print(json.dumps({"plan_file": str(Path(args.out)), **asdict(plan)}))
         return 0
+    if args.detect:
+        print(cluster_report(found))
     print(report(topology, plan, model))
-    print(f"\nwrote {Path(args.out)}; use it with: kintsugi launch --parallel.plan={args.out} ... "
+    print(f"\nwrote {Path(args.out)}; use it with: kintsugi launch --plan {args.out} ... "
           f"(its sizes and layers per stage, {plan.layers_per_stage}, replace the config's)")
     return 0
+
+
+def rendezvous(args, argv: list[str]) -> int:
+    """--detect on one node: meet the others in a torchrun c10d rendezvous (one process per
+    node) and run this command again inside it."""
+    if not args.nnodes or not args.rdzv_endpoint:
+        raise UserError("--detect needs --nnodes N and --rdzv-endpoint HOST:PORT (the same on every node)")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(args.nnodes), "--nproc-per-node", "1",
+           "--rdzv-backend", "c10d", "--rdzv-endpoint", args.rdzv_endpoint, "--rdzv-id", args.rdzv_id, "--max-restarts", "0",
+           "-m", "launch", "plan", *argv]
+    env = dict(os.environ, TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")  # see launch/launcher.py
+    env.setdefault("OMP_NUM_THREADS", "1")
+    # torchrun's agents report the rendezvous host leaving first as errors on stderr, also
+    # when all went well: show its stderr only when it failed.
+    done = subprocess.run(cmd, env=env, stderr=subprocess.PIPE, text=True)
+    if done.returncode:
+        sys.stderr.write(done.stderr)
+    return done.returncode
+
+
+def detected(args):
+    """Inside the rendezvous: every node detects itself and the links; node 0 gets the
+    cluster (the others None)."""
+    import torch.distributed as dist
+
+    from trainer.placement import detect_cluster
+
+    dist.init_process_group("gloo")
+    try:
+        import torch
+
+        gpus = args.gpus_per_node or max(torch.cuda.device_count(), 1)
+        found = detect_cluster(job_config(args.model), "cpu", args.dp, gpus=gpus, probe_mb=args.probe_mb)
+        return found if dist.get_rank() == 0 else None
+    finally:
+        dist.destroy_process_group()
+
+
+def interface_line(x: dict) -> str:
+    speed = f"{x['mbit']:g} Mb/s" if x["mbit"] else "no speed"
+    alias = f" alias {x['alias']!r}" if x["alias"] else ""
+    return f"{x['name']} {x['addr'] or '-'} {speed}{alias}"
+
+
+def cluster_report(found) -> str:
+    """The detected nodes, their interfaces and the measured links."""
+    topo, probe = found.topology, found.probe
+    lines = [f"detected {len(topo.nodes)} nodes (measured: links by gloo transfers, speeds on this job's blocks):"]
+    for i, (n, nets) in enumerate(zip(topo.nodes, found.interfaces)):
+        lines.append(f"  {i}: {n.name:<12} fabric {n.fabric:<8} {n.kind:<4} {n.tflops:8.4g} TFLOP/s  {n.adam_gps:7.3g} G updates/s  "
+                     f"[{', '.join(interface_line(x) for x in nets)}]")
+    lines.append("  link MB/s (measured): " + "; ".join(
+        f"{topo.nodes[i].name}-{topo.nodes[j].name} {probe.mb_s[i][j]:.1f}"
+        for i in range(len(topo.nodes)) for j in range(i + 1, len(topo.nodes))))
+    return "\n".join(lines) + "\n"

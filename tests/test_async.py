@@ -254,3 +254,72 @@ def test_level_writes_are_byte_exact_direct_or_buffered(tmp_path, where):
         if where == "tmpfs":
             import shutil
             shutil.rmtree(root, ignore_errors=True)
+
+
+def test_a_new_attempt_sees_none_of_the_old_attempts_reports(run_dir):
+    """After a restart redoes step S, no report of the earlier attempt counts: the keeper keys
+    durable/committed/failed by (attempt, step), and each attempt writes its own tmp dir."""
+    from checkpoint.keeper import messages
+
+    old = ckpt(run_dir, l1_dir="")
+    old.save(2, {"w": flatten({"w": torch.ones(1000)})["w"]})
+    settle(old)
+    assert 2 in old.keeper.call(messages.Status(old.gen)).committed["l2"]
+    crash(old)
+    new = ckpt(run_dir, l1_dir="")
+    assert new.gen != old.gen
+    st = new.keeper.call(messages.Status(new.gen))
+    assert st.ready == {} and st.durable == {"l2": []} and st.committed == {"l2": []}
+    new.save(2, {"w": flatten({"w": torch.full((1000,), 2.0)})["w"]})
+    settle(new)  # committed anew by this attempt, replacing the old copy
+    target = {"w": flatten({"w": torch.zeros(1000)})["w"]}
+    assert load_state(run_dir / "checkpoints", target)[0] == 2 and target["w"].tensor[0] == 2
+    new.close()
+
+
+def test_snapshots_after_a_restore_to_an_older_step_are_protected(run_dir):
+    """An attempt that restored an older step than the keeper's newest: its new snapshots
+    stay in memory from their first level-0 commit on (the L0 timeline follows the attempt)."""
+    from checkpoint.keeper import messages
+
+    old = ckpt(run_dir, l1_dir="", l2_interval=1000)
+    for step in (10, 20):
+        old.save(step, {"w": flatten({"w": torch.full((1000,), float(step))})["w"]})
+        settle(old)
+    crash(old)
+    new = ckpt(run_dir, l1_dir="", l2_interval=1000)  # as if it restored step 10 from disk
+    new.save(11, {"w": flatten({"w": torch.full((1000,), 11.0)})["w"]})
+    settle(new)
+    held = {x["step"] for x in new.keeper.call(messages.Snapshots()).snapshots}
+    assert held == {11}  # the new attempt's step is kept; the abandoned timeline (10, 20) freed
+    new.close()
+
+
+def test_optimizer_storages_forget_freed_optimizers():
+    """Storage addresses come from live optimizers only: a freed tensor's address, reused by
+    an unrelated buffer, must not make that buffer copied lazily (it could be torn)."""
+    import gc
+
+    from checkpoint.lazy import optimizer_storages, protect
+
+    p = torch.nn.Parameter(torch.ones(10_000))
+    opt = torch.optim.SGD([p], lr=0.1)
+    protect(opt)
+    ptr = p.untyped_storage().data_ptr()
+    assert ptr in optimizer_storages()
+    del opt, p
+    gc.collect()
+    assert ptr not in optimizer_storages()
+
+
+def test_a_stuck_level_write_fails_the_save_instead_of_hanging(run_dir, monkeypatch):
+    """A level write that does not come back (a hung NFS): the next save waits for memory at
+    most checkpoint.close_timeout_s, then every rank hears why; nothing hangs."""
+    monkeypatch.setenv("KINTSUGI_FAULT", "write:sleep:8")  # the keeper's first shard write hangs 8 s
+    c = ckpt(run_dir, host_memory_mb=1, l1_dir="", close_timeout_s=1)  # room for 2 snapshots of ~400 kB
+    with pytest.raises(RuntimeError, match="no snapshot memory was freed within 1 s"):
+        for step in range(1, 6):
+            c.save(step, {"w": flatten({"w": torch.full((100_000,), float(step))})["w"]})
+            c.check()
+    c.keeper.close()
+    c.keeper = None

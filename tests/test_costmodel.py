@@ -97,7 +97,8 @@ def schedule_eager(p: int, m: int) -> list[list[tuple]]:
 
 
 def event_time(costs: list[StageCost], c: list[float], m: int, schedule=schedule_1f1b) -> float:
-    """Step time of a schedule with these stage costs and sends, then each stage's all-reduce."""
+    """Step time of a schedule with these stage costs and sends, then each stage's all-reduce
+    and optimizer step."""
     p = len(costs)
     programs, clock, pc, posted, finished = schedule(p, m), [0.0] * p, [0] * p, {}, {}
 
@@ -130,7 +131,8 @@ def event_time(costs: list[StageCost], c: list[float], m: int, schedule=schedule
                 pc[s] += 1
                 moved = True
     assert pc == [len(prog) for prog in programs], "the schedule deadlocked"
-    return max(clock[s] + costs[s].grads for s in range(p))
+    # Then the optimizer: bucket by bucket inside the reduction (tail), or after all of them.
+    return max(clock[s] + costs[s].tail for s in range(p)) + max(0.0 if k.buckets else k.optim for k in costs)
 
 
 def test_event_simulation_reproduces_the_textbook_cases():
@@ -146,6 +148,23 @@ def test_event_simulation_reproduces_the_textbook_cases():
     costs = [StageCost(1.0, 2.0, 0.0), StageCost(1.0, 2.0, 5.0)]
     assert event_time(costs, [1.0, 0.0], 2) == pytest.approx(15.0)
     assert one_f_one_b(2, costs, [1.0, 0.0], eager=False).iteration_s == pytest.approx(15.0)
+
+
+def test_optimizer_after_the_reductions_or_overlapped_bucket_by_bucket():
+    # One stage (no pipeline): 3 s of compute, a 4 s all-reduce, a 2 s optimizer step.
+    after = [StageCost(1.0, 2.0, 4.0, optim=2.0)]
+    assert one_f_one_b(1, after, [0.0]).iteration_s == pytest.approx(3 + 4 + 2)
+    # Four buckets: reduce 1 s each, step 0.5 s each once reduced: the link is the
+    # bottleneck and only the last bucket's step follows it.
+    overlapped = [StageCost(1.0, 2.0, 4.0, optim=2.0, buckets=4)]
+    assert one_f_one_b(1, overlapped, [0.0]).iteration_s == pytest.approx(3 + 1 + 3 * 1 + 0.5)
+    # Steps slower than the reductions: they chain, after the first bucket's reduction.
+    assert StageCost(1.0, 2.0, 1.0, optim=4.0, buckets=2).tail == pytest.approx(0.5 + 2 + 2)
+    # Two stages: the step follows the slower stage's reduction (the grad-norm all-reduce
+    # over the pipeline comes first), overlapped steps only their own stage's.
+    costs = [StageCost(1.0, 2.0, 0.0, optim=1.0), StageCost(1.0, 2.0, 5.0, optim=3.0)]
+    assert one_f_one_b(2, costs, [0.0, 0.0], eager=False).iteration_s == pytest.approx(9 - 2 + 5 + 3)
+    assert event_time(costs, [0.0, 0.0], 2) == pytest.approx(9 - 2 + 5 + 3)
 
 
 def test_eager_event_simulation_hides_the_sends():

@@ -16,7 +16,7 @@ from comms import UserError
 from comms.costmodel import PRESETS, ModelSpec, Stage, simulate, stages_of
 from comms.mesh import MESH_DIMS
 from comms.placement import (Plan, adaptive_layers, contiguous_grid, even_layers, group_net, load_plan, make_plan, place)
-from comms.topology import Link, Node, Topology, detect_local_node, load_topology
+from comms.topology import Link, LinkProbe, Node, Topology, _round_robin, detect_local_node, load_topology, with_probe
 from launch.plan import main as plan_main
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -375,6 +375,55 @@ def test_detect_reads_nics_from_sysfs(tmp_path, monkeypatch):
     assert detect_local_node("n1", sysfs=bare, gpus=1).kind == "eth"
 
 
+def test_detect_reads_the_fabric_from_an_interface_alias_and_the_pinned_interface(tmp_path, monkeypatch):
+    # An Ethernet-only node whose job traffic goes over a virtual interface (a bridge port,
+    # a veth: no `device` link) that the admin named with its fabric.
+    monkeypatch.delenv("KINTSUGI_FABRIC", raising=False)
+    monkeypatch.delenv("NCCL_SOCKET_IFNAME", raising=False)
+    d = tmp_path / "class/net/veth0"
+    d.mkdir(parents=True)
+    for name, text in (("type", "1"), ("operstate", "up"), ("speed", "10000"), ("ifalias", "rack 7 fabric=east")):
+        (d / name).write_text(text + "\n")
+    monkeypatch.delenv("GLOO_SOCKET_IFNAME", raising=False)
+    node = detect_local_node("n0", sysfs=tmp_path, gpus=1)
+    assert (node.kind, node.fabric, node.gbps) == ("eth", "east", 25.0)  # not a NIC: its speed says nothing
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "veth0")
+    assert detect_local_node("n0", sysfs=tmp_path, gpus=1).gbps == 10.0  # the job's own path counts
+    monkeypatch.setenv("KINTSUGI_FABRIC", "west")
+    assert detect_local_node("n0", sysfs=tmp_path, gpus=1).fabric == "west"
+
+
+def test_round_robin_pairs_every_node_once_per_round():
+    for n in range(2, 10):
+        rounds = _round_robin(n)
+        pairs = [p for r in rounds for p in r]
+        assert sorted(pairs) == [(i, j) for i in range(n) for j in range(i + 1, n)]
+        assert all(len({x for p in r for x in p}) == 2 * len(r) for r in rounds)  # a node talks to one peer at a time
+        assert len(rounds) == n - 1 + n % 2
+
+
+def test_measured_links_replace_the_nominal_tcp_speeds():
+    # Two Ethernet nodes and two RoCE nodes; measured MB/s between them.
+    nodes = [Node("e0", 1, "east", "eth", 1, 25.0, 25.0), Node("e1", 1, "east", "eth", 1, 25.0, 25.0),
+             Node("r0", 1, "west", "roce", 2, 100.0, 25.0), Node("r1", 1, "west", "roce", 2, 100.0, 25.0)]
+    mb = [[0, 120, 24, 25], [120, 0, 26, 24], [24, 26, 0, 500], [25, 24, 500, 0]]
+    rtt = [[0, 2e-4, 4e-4, 4e-4], [2e-4, 0, 4e-4, 4e-4], [4e-4, 4e-4, 0, 2e-4], [4e-4, 4e-4, 2e-4, 0]]
+    topo = with_probe(Topology(nodes), LinkProbe(mb, rtt))
+    e0, _, r0, _ = topo.nodes
+    assert (e0.nics, e0.gbps, e0.eth_gbps) == (1, 120 * 8 / 1000, 24 * 8 / 1000)
+    assert (r0.nics, r0.gbps, r0.eth_gbps) == (2, 100.0, 24 * 8 / 1000)  # RDMA inside a fabric: not what TCP sees
+    assert topo.latency_us["eth"] == pytest.approx(400 / 2)
+    assert topo.group_link([0, 1]) == Link("eth", 0.96, topo.latency_us["eth"])
+    assert topo.group_link([0, 2]).gbps == pytest.approx(0.192)  # the slower link between the fabrics
+
+
+def test_a_slow_link_between_two_ethernet_fabrics_limits_groups_across():
+    east = [Node(f"e{i}", 1, "east", "eth", 1, 10.0, 1.0) for i in range(2)]
+    west = [Node(f"w{i}", 1, "west", "eth", 1, 10.0, 1.0) for i in range(2)]
+    topo = Topology(east + west)
+    assert topo.group_link([0, 1]).gbps == 10.0 and topo.group_link([0, 2]).gbps == 1.0
+
+
 # --- plan files and the CLI ----------------------------------------------------------------
 
 def test_plan_round_trip_and_bad_plan_files(tmp_path):
@@ -422,6 +471,15 @@ def test_plan_cli_user_errors_exit_2(tmp_path, capsys):
         (["--topology", str(ROOT / "configs/topology-ib-roce.toml"), "--model", "gpt-7.5b", "--tp", "8", "--pp", "1",
           "--dp", "8", "--dp-replicate", "1"], "no placement keeps DP/EP groups inside one fabric"),
         (["--topology", str(ROOT / "configs/topology-ib-roce.toml"), "--model", "gpt-7.5b", "--bandwidth", "ib=fast"], "KIND=GBPS"),
+    ]:
+        with pytest.raises(SystemExit) as e:
+            plan_main(argv + ["--out", str(tmp_path / "p.json")])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and needle in err and err.count("\n") == 1
+    for argv, needle in [
+        (["--model", "gpt-7.5b"], "give --topology FILE or --detect"),
+        (["--detect", "--topology", str(ROOT / "configs/topology-ib-roce.toml"), "--model", "gpt-7.5b"], "one of them"),
+        (["--detect", "--model", "gpt-7.5b"], "--detect needs --nnodes N and --rdzv-endpoint"),
     ]:
         with pytest.raises(SystemExit) as e:
             plan_main(argv + ["--out", str(tmp_path / "p.json")])

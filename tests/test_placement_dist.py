@@ -106,3 +106,28 @@ def test_four_gloo_ranks_build_the_planned_groups(tmp_path):
         assert rev["local_rank"] == 1 - rev["stage"]  # get_local_rank is the group rank, not the stage
         if rev["stage"] == 1:
             assert rev["received"] == rank + 1  # from the stage-0 rank of its pipeline
+
+
+def _probe_worker(rank: int, out_dir: str):
+    from comms.topology import probe_links
+
+    dist.init_process_group("gloo", init_method=f"file://{out_dir}/probe", rank=rank, world_size=3)
+    try:
+        probe = probe_links([0, 1, 2], mbytes=1.0)
+        Path(out_dir, f"probe{rank}.json").write_text(json.dumps(asdict(probe)))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_probe_links_measures_every_pair_and_every_rank_gets_it(tmp_path):
+    # Three gloo ranks on loopback (the testbed test shapes real links): every pair measured
+    # once, in both halves of the matrix, and every rank holds the same result.
+    mp.start_processes(_probe_worker, args=(str(tmp_path),), nprocs=3, start_method="spawn")
+    got = [json.loads((tmp_path / f"probe{r}.json").read_text()) for r in range(3)]
+    assert got[0] == got[1] == got[2]
+    mb, rtt = got[0]["mb_s"], got[0]["rtt_s"]
+    for i in range(3):
+        assert mb[i][i] == 0 and rtt[i][i] == 0
+        for j in range(3):
+            if i != j:
+                assert mb[i][j] == mb[j][i] > 0 and rtt[i][j] == rtt[j][i] > 0

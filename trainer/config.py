@@ -84,6 +84,9 @@ class ParallelConfig:
     pp_layers: list = doc("Blocks per pipeline stage (uneven splits); empty = as even as possible.", [])
     ep: int = doc("Expert-parallel degree for MoE layers (experts split over this many data-parallel ranks).", 1)
     plan: str = doc("Placement plan from `kintsugi plan` (JSON): its rank grid orders the mesh so that TP stays in a node and DP in a fabric; its sizes and layers per stage replace pp/dp_replicate/dp_shard/tp/pp_layers. Empty = ranks in order.", "")
+    placement: str = doc("`auto`: detect the cluster at start (NICs, fabrics, measured links and speeds) and plan the placement and pipeline split with the cost model (trainer/placement.py; `kintsugi launch --placement auto`); empty = `plan` or ranks in order.", "")
+    overlap_optimizer: bool = doc("Data-parallel replicas reduce gradients in buckets and step each bucket's parameters as soon as its reduction is done, overlapping the rest (Holmes; trainer/overlap_optim.py). Needs dp_replicate > 1, dp_shard = tp = 1, optim.grad_clip = 0 and the torch engine.", False)
+    bucket_mb: float = doc("Gradient bucket size (MB) of the overlapped optimizer.", 4.0)
     backend: str = doc("Process-group backend: `auto` (NCCL with CUDA, else gloo), `gloo` or `nccl`.", "auto")
     timeout_s: float = doc("Process-group timeout in seconds.", 600.0)
 
@@ -95,6 +98,9 @@ class ParallelConfig:
         for name in ("dp_replicate", "tp", "pp", "ep", "pp_microbatches"):
             check(getattr(self, name) >= 1, f"parallel.{name}", "must be >= 1")
         check(self.dp_shard == -1 or self.dp_shard >= 1, "parallel.dp_shard", "must be >= 1 or -1 (auto)")
+        check(self.placement in ("", "auto"), "parallel.placement", "must be `auto` or empty")
+        check(not (self.placement and self.plan), "parallel.placement", "plans at start; drop it or parallel.plan (a plan file)")
+        check(self.bucket_mb > 0, "parallel.bucket_mb", "must be > 0")
 
 
 @dataclass
@@ -185,6 +191,11 @@ class JobConfig:
         self._check_pipeline(p.pp, p.pp_layers)
         check(self.model.n_heads % p.tp == 0 and (self.model.n_kv_heads or self.model.n_heads) % p.tp == 0,
               "parallel.tp", f"must divide model.n_heads={self.model.n_heads} and n_kv_heads")
+        if p.overlap_optimizer:
+            check(p.engine == "torch" and p.tp == 1 and p.ep == 1, "parallel.overlap_optimizer",
+                  "steps whole data-parallel replicas: needs parallel.engine=torch, tp=1, ep=1")
+            check(self.optim.grad_clip == 0, "parallel.overlap_optimizer",
+                  "steps a bucket before the others are reduced, so it cannot clip by the global norm; set optim.grad_clip=0")
         if world_size is not None:
             from trainer.parallel_dims import ParallelDims
 
@@ -198,6 +209,9 @@ class JobConfig:
             if self.moe.every:
                 check(dims.dp_size % p.ep == 0 and self.moe.n_experts % p.ep == 0, "parallel.ep",
                       f"must divide the data-parallel size {dims.dp_size} and moe.n_experts={self.moe.n_experts}")
+            if p.overlap_optimizer:
+                check(dims.dp_shard == 1 and dims.dp_replicate > 1, "parallel.overlap_optimizer",
+                      f"steps data-parallel replicas: needs dp_replicate > 1 and dp_shard = 1 (got {dims.dp_replicate} x {dims.dp_shard})")
         return self
 
     def _check_pipeline(self, pp: int, layers: list):

@@ -309,7 +309,10 @@ def attach_grad_reducer(model: nn.Module, groups: EPGroups, expert_names: set[st
     after it (then clip and step)."""
     layers = moe_layers(model)
     reducer = GradReducer(model.named_parameters(), groups.dp, groups.expert_dp, groups.dp_size, expert_names)
-    total = sum(_local(p).numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    # What the lanes must carry: experts held by one rank only (EP over all ranks) need none.
+    alone = groups.expert_dp is not None and dist.get_world_size(groups.expert_dp) == 1
+    total = sum(_local(p).numel() * p.element_size() for n, p in model.named_parameters()
+                if p.requires_grad and not (alone and n in expert_names))
     for m in layers.values():
         m.scheduler.reducer = reducer
         m.scheduler.grad_bytes_per_layer = total // max(1, len(layers))

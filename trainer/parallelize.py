@@ -177,19 +177,25 @@ class TorchEngine:
         model.to(device)
         if dims.tp_enabled:
             apply_tp(model, mesh["tp"])
-        if dims.fsdp_enabled:
+        overlapped = cfg.parallel.overlap_optimizer  # replicas as plain modules: it reduces and steps (Holmes)
+        if dims.fsdp_enabled and not overlapped:
             apply_fsdp(model, mesh, dims)
         self.reducer = self.ep_groups = None
         expert_names: set[str] = set()
         if cfg.moe.every and dims.ep_enabled:
             self.ep_groups, self.reducer, expert_names = apply_ep(model, cfg, device)
         self.module = model  # what forward is called on
-        self.ddp = dims.ddp_enabled and self.reducer is None
+        self.ddp = dims.ddp_enabled and self.reducer is None and not overlapped
         if self.ddp:
             self.module = apply_ddp(model, mesh, expert_names, cfg.diagnostics.trace)
         self.model = model
         self.optimizer = make_optimizer(model, cfg)
         init_optimizer_state(self.optimizer)
+        self.dp_optim = None
+        if overlapped:
+            from trainer.overlap_optim import OverlappedOptimizer
+
+            self.dp_optim = OverlappedOptimizer(model, self.optimizer, mesh["dp_replicate"].get_group(), cfg.parallel.bucket_mb)
         if dims.pp_enabled:
             self.schedule = build_pipeline(model, cfg, mesh, self.pp_rank, self.pp_size, device, self.pp_group)
         self._sd = None
@@ -235,8 +241,14 @@ class TorchEngine:
         return total
 
     def optimizer_step(self) -> float:
-        norm = clip_grad_norm(self.model.parameters(), self.cfg.optim.grad_clip, self.pp_group)
-        self.optimizer.step()
+        if self.dp_optim is not None:
+            squares = self.dp_optim.step()
+            if self.pp_group is not None:
+                dist.all_reduce(squares, group=self.pp_group)
+            norm = float(squares.sqrt())
+        else:
+            norm = clip_grad_norm(self.model.parameters(), self.cfg.optim.grad_clip, self.pp_group)
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return norm
 

@@ -23,13 +23,14 @@ import torch.distributed as dist
 from checkpoint import Checkpointer, Chunk, EcSnapshots, job_id
 from comms import dist_utils, exits_on_user_error, trace
 from comms.mesh import build_mesh
-from comms.placement import load_plan, nccl_backend_override
+from comms.placement import nccl_backend_override
 from diagnostics import Injector
 from trainer.config import JobConfig, load_config, to_toml
 from trainer.data import Batches
 from trainer.metrics import Metrics, rss_mb, setup_logging
 from trainer.parallel_dims import ParallelDims
 from trainer.parallelize import build_engine
+from trainer.placement import resolve_plan
 
 log = logging.getLogger("trainer")
 
@@ -146,7 +147,7 @@ def train(cfg: JobConfig) -> int:
     # monitor and `kintsugi diagnose report`; faults are injected only when asked for.
     tracer = trace.install(run_dir, rank, world, enabled=cfg.diagnostics.trace)
     injector = Injector(cfg.diagnostics.inject, rank, tracer)
-    plan = load_plan(cfg.parallel.plan) if cfg.parallel.plan else None
+    plan, dims = resolve_plan(cfg, dims, device, run_dir)  # a plan file, one made now from the detected cluster, or none
     mesh = build_mesh(device, dims.mesh_sizes(), plan.rank_grid if plan else None,
                       nccl_backend_override(plan, rank) if plan and device == "cuda" else None)
 

@@ -13,10 +13,9 @@ import time
 import zlib
 from dataclasses import dataclass
 
-from checkpoint.format import fault_point
+from checkpoint.format import SHARD, fault_point
 from checkpoint.keeper.slots import Slot
 from checkpoint.levels import Storage
-from checkpoint.store import SHARD
 
 log = logging.getLogger(__name__)
 

@@ -1,10 +1,7 @@
-"""Expert-parallel process groups, FIFO communication lanes and the all-to-all itself.
+"""Expert-parallel process groups and the all-to-all itself.
 
-A ``Lane`` plays the role of a CUDA communication stream on any backend: operations run in
-submission order on one worker thread (with its own CUDA stream on GPU), so the caller's
-thread keeps computing while a dispatch or combine is in flight. gloo and NCCL release the
-GIL inside a collective, so the overlap is real. FIFO order is also what makes it safe: every
-rank submits the same operations in the same order, so collectives on a group always match.
+Exchanges run on lanes (comms/lanes.py), so the caller's thread keeps computing while a
+dispatch or combine is in flight.
 
 The all-to-all is flat (one ``all_to_all_single`` over the EP group) or hierarchical when
 the EP group spans nodes: first an intra-node exchange that gathers, on each local rank j,
@@ -15,7 +12,6 @@ the same local index. Inter-node messages are then ``ranks_per_node`` times larg
 from __future__ import annotations
 
 import os
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -23,61 +19,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 
 from comms import UserError, dist_utils
-
-
-class Lane:
-    """A FIFO lane of work on its own thread (and CUDA stream), like a communication stream."""
-
-    def __init__(self, name: str):
-        # New threads start with the OpenMP default (all cores); keep the caller's setting so
-        # the lane does not oversubscribe the cores the compute thread is using.
-        threads = torch.get_num_threads()
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix=f"kintsugi-{name}", initializer=torch.set_num_threads,
-                                        initargs=(threads,))
-        self._stream = torch.cuda.Stream() if torch.cuda.is_available() else None
-
-    def submit(self, fn, *args) -> "Pending":
-        if self._stream is None:
-            return Pending(self._pool.submit(fn, *args), None)
-        # GPU: the lane's stream first waits for what the compute stream has queued so far,
-        # and the consumer later waits on the lane's event (written, not run on this machine).
-        ready = torch.cuda.current_stream().record_event()
-        stream = self._stream
-
-        def run():
-            with torch.cuda.stream(stream):
-                stream.wait_event(ready)
-                out = fn(*args)
-                return out, stream.record_event()
-
-        return Pending(self._pool.submit(run), stream)
-
-    def close(self):
-        self._pool.shutdown(wait=True)
-
-
-class Pending:
-    """The result of a lane operation; ``result()`` waits for it (and orders CUDA streams)."""
-
-    def __init__(self, future: Future, stream):
-        self._future, self._stream = future, stream
-
-    def result(self):
-        if self._stream is None:
-            return self._future.result()
-        out, done = self._future.result()
-        torch.cuda.current_stream().wait_event(done)
-        return out
-
-
-class Done:
-    """An already available result (single process: communication is the identity)."""
-
-    def __init__(self, value):
-        self._value = value
-
-    def result(self):
-        return self._value
+from comms.lanes import Done, Lane
 
 
 @dataclass
@@ -116,7 +58,7 @@ def build_ep_groups(ep: int, device_type: str = "cpu", ranks_per_node: int | Non
     if ranks_per_node is None:
         ranks_per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world))
     mesh2 = DeviceMesh(device_type, torch.arange(world).view(world // ep, ep), mesh_dim_names=("ep_replicate", "ep"))
-    spans_nodes = ranks_per_node < ep and ep % ranks_per_node == 0
+    spans_nodes = 1 < ranks_per_node < ep and ep % ranks_per_node == 0
     use_hier = hierarchical == "on" or (hierarchical == "auto" and spans_nodes)
     if use_hier and not spans_nodes:
         raise UserError(f"config moe.hierarchical: EP size {ep} is not a multiple of {ranks_per_node} ranks per node "

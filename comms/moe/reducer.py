@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-from comms.moe.a2a import Lane
+from comms.lanes import Done, Lane
 
 
 def local(t: torch.Tensor) -> torch.Tensor:
@@ -66,7 +66,10 @@ class GradReducer:
             by_group.setdefault(self._group[p], []).append(p)
         for group, ps in by_group.items():
             flat = torch.cat([local(p.grad).reshape(-1) for p in ps])
-            self._inflight.append((ps, flat, self.lane.submit(dist.all_reduce, flat, dist.ReduceOp.SUM, group)))
+            # One rank holds these (experts under EP over every rank): averaging is all.
+            alone = group is not None and dist.get_world_size(group) == 1
+            self._inflight.append((ps, flat, Done(flat) if alone else
+                                   self.lane.submit(dist.all_reduce, flat, dist.ReduceOp.SUM, group)))
 
     def finish(self):
         """Reduce what is left, wait for every partition, write averaged gradients back."""

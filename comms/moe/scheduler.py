@@ -95,6 +95,11 @@ class MoEScheduler:
                     sched.gap_bytes if self.chunks == "auto" else None, record, mine)
         return run(buf, weights, plan)
 
+    def last_call_s(self, name: str) -> float:
+        """Seconds of the co-scheduled part (forward + backward) of layer ``name``'s last call."""
+        t = self._times[name]
+        return t["fwd"][-1] + t["bwd"][-1]
+
     def report(self) -> dict:
         """Per layer: chosen d, predicted and measured (median of the last calls) fwd+bwd ms,
         and the rows per expert the last call exchanged (receivers compute only the used ones)."""
