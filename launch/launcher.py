@@ -362,8 +362,8 @@ class Watchdog:
         self.since = time.monotonic()  # the agent had no workers from then on
 
     def expired(self) -> bool:
-        try:
-            working = bool(psutil.Process(self.agent.pid).children())
+        try:  # a worker that died is a zombie until the agent reaps it, which a blocked agent never does
+            working = any(c.status() != psutil.STATUS_ZOMBIE for c in psutil.Process(self.agent.pid).children())
         except psutil.Error:
             working = False
         if working:

@@ -22,6 +22,7 @@ collective times out (``parallel.timeout_s``, short here).
 from __future__ import annotations
 
 import re
+import shutil
 import time
 from pathlib import Path
 
@@ -65,18 +66,18 @@ def coded(run: Path, host, since: int = 0) -> set[int]:
     return {int(s) for s in re.findall(r"step (\d+) erasure-coded", keeper_log(run, host)[since:])}
 
 
-def wait_for(cond, what: str, procs=()):
+def wait_for(tb, cond, what: str, procs=()):
     deadline = time.monotonic() + GUARD_S
     while not cond():
-        assert time.monotonic() < deadline, f"timed out waiting until {what}"
+        assert time.monotonic() < deadline, f"timed out waiting until {what}\n{logs(tb)}"
         dead = [p.returncode for p in procs if p.poll() is not None]
-        assert not dead, f"a launcher exited ({dead}) before {what}"
+        assert not dead, f"a launcher exited ({dead}) before {what}\n{logs(tb)}"
         time.sleep(0.2)
 
 
 def wait_coded_after(tb, run: Path, hosts, procs, marks: dict, after: int):
     """Until every host's keeper has coded a step newer than ``after`` since its log offset in ``marks``."""
-    wait_for(lambda: all(any(s > after for s in coded(run, tb.host(h), marks.get(h, 0))) for h in hosts),
+    wait_for(tb, lambda: all(any(s > after for s in coded(run, tb.host(h), marks.get(h, 0))) for h in hosts),
              f"every keeper coded a step after {after}", procs)
 
 
@@ -127,7 +128,7 @@ def test_hosts_lost_whole_are_rebuilt_from_peer_shares_then_disk(testbed, tmp_pa
     recovered = lambda: lines(said(tb), "recovered step")
 
     # 1. a worker crash: every keeper still holds the newest step
-    wait_for(lambda: len(recovered()) == 1, "the crashed worker's job recovered", procs.values())
+    wait_for(tb, lambda: len(recovered()) == 1, "the crashed worker's job recovered", procs.values())
     assert re.fullmatch(r"kintsugi: recovered step \d+ from memory \(node keepers\) in [\d.]+ s", recovered()[0])
 
     # 2.-4. hosts lost whole (every process, its memory and its disk), fresh machines in their place
@@ -146,7 +147,7 @@ def test_hosts_lost_whole_are_rebuilt_from_peer_shares_then_disk(testbed, tmp_pa
         for h in lost:
             tb.replace(h)
             procs[h] = launch(tb, [h], "ec", "4", *args, max_restarts=8)[h]
-        wait_for(lambda: len(recovered()) > before, f"the job recovered from losing hosts {lost}", [procs[0]])
+        wait_for(tb, lambda: len(recovered()) > before, f"the job recovered from losing hosts {lost}", [procs[0]])
         assert re.fullmatch(rf"kintsugi: recovered step \d+ {want}.* in [\d.]+ s", recovered()[-1]), recovered()
 
     assert finish(tb, procs) == [0, 0, 0, 0], logs(tb)
@@ -195,25 +196,33 @@ def test_elastic_shrink_across_hosts_reads_the_lost_ranks_shards_from_another_ho
 # ------------------------------------------------------------------------------ partition
 
 def test_partitioned_host_the_job_goes_on_without_it_and_its_launcher_gives_up(testbed, tmp_path):
-    """`--nnodes 1:2` on 2 hosts (k=1, m=1: each keeper mirrors the other's snapshot). node1
-    is cut off (its processes keep running): node0 goes on alone from node1's snapshot rebuilt
-    out of its own parity, and node1's launcher, which can reach neither its peer nor the
-    rendezvous, ends with an error instead of waiting forever."""
+    """`--nnodes 1:2` on 2 hosts (k=1, m=1: each keeper mirrors the other's snapshot; L1 on
+    each host's own disk every step, no L2 until the end). node1 is cut off (its processes
+    keep running): node0 goes on alone from node1's snapshot rebuilt out of its own parity
+    (its L1 holds only its own shards), and node1's launcher, which can reach neither its
+    peer nor the rendezvous, ends with an error after one rendezvous round instead of
+    waiting forever."""
     tb = testbed(2)
-    run = tb.shared / "run"
+    run, l1 = tb.shared / "run", tb.local / "l1"
     args = [*BASE, f"--train.run_dir={run}", "--train.steps=10", "--snapshot.k=1", "--snapshot.m=1",
-            "--checkpoint.keep_last=20"]
-    procs = launch(tb, range(2), "split", "1:2", *args, rdzv_conf=ELASTIC)
+            f"--checkpoint.l1_dir={l1}", "--checkpoint.l1_interval=1", "--checkpoint.l1_keep_last=20",
+            "--checkpoint.interval=1", "--checkpoint.l2_interval=1000"]
+    procs = launch(tb, range(2), "split", "1:2", *args, rdzv_conf=ELASTIC.replace("join_timeout=60", "join_timeout=20"))
     wait_coded_after(tb, run, range(2), procs.values(), {}, 1)
     tb.partition(1)
     assert procs[0].wait(timeout=GUARD_S) == 0, logs(tb)
     assert procs[1].wait(timeout=GUARD_S) != 0, logs(tb)
+    assert lines(said(tb, 1), "torchrun.s agent has had no workers for 50 s"), said(tb, 1)[-3000:]
     out = said(tb, 0)
     (line,) = lines(out, "recovered step")
     step = int(re.fullmatch(r"kintsugi: recovered step (\d+) from memory via EC rebuild of node\(s\) \[1\] onto 1 ranks "
                             r"\(was 2\) in [\d.]+ s", line)[1])
     assert "kintsugi: 1 node left: snapshots are no longer erasure-coded" in out
-    train(1, tmp_path / "from-disk", "--train.steps=10", f"--checkpoint.load_from={run}/checkpoints/step_{step:08d}")
+    # the reference resumes the same step from disk: each host's L1 holds its own rank's shard
+    ref = tmp_path / f"step_{step:08d}"
+    shutil.copytree(Path(tb.host(0).local_dir, "l1", ref.name), ref)
+    shutil.copy(Path(tb.host(1).local_dir, "l1", ref.name, "shard_00001.safetensors"), ref)
+    train(1, tmp_path / "from-disk", "--train.steps=10", f"--checkpoint.load_from={ref}")
     got, want = losses(run), losses(tmp_path / "from-disk")
     assert sorted(want) == list(range(step + 1, 11)) and {s: got[s] for s in want} == want
 
