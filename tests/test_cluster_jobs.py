@@ -98,8 +98,7 @@ def l1_step(tb, step: int, into: Path) -> Path:
 
 
 def finish(tb, procs: dict) -> list[int]:
-    rcs = [p.wait(timeout=GUARD_S) for p in procs.values()]
-    return rcs
+    return [p.wait(timeout=GUARD_S) for p in procs.values()]
 
 
 def logs(tb) -> str:
