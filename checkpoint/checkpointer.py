@@ -238,13 +238,14 @@ class Checkpointer:
         save_state(self.root, step, state, self.cfg.keep_last, extra, self.gen)
         self.failures[step] = []
 
-    def restore(self, state: dict, optional=lambda name: False):
+    def restore(self, state: dict, optional=lambda name: False, say: bool = True):
         """Fill ``state`` from the newest good step at any level (L0 memory, L1, L2), else from
         ``load_from``: (step, objects, missing) or None. Damaged copies are skipped with a
-        warning; chunks are resharded onto the current layout. Collective."""
+        warning; chunks are resharded onto the current layout. Collective. ``say``: rank 0
+        prints which step came from where (callers with a line of their own turn it off)."""
         self._join_capture()
         if self.cfg.resume:
-            got = self._restore_levels(state, optional)
+            got = self._restore_levels(state, optional, say)
             if got is not None:
                 return got
         if self.cfg.load_from:
@@ -408,7 +409,7 @@ class Checkpointer:
         reports = gathered[:1] if level == "l2" else gathered
         return all(step in g["committed"].get(level, []) for g in reports)
 
-    def _restore_levels(self, state: dict, optional):
+    def _restore_levels(self, state: dict, optional, say: bool):
         for storage in self.storages.values():
             if (line := check_latest(storage.root)) is not None:
                 self._warn(line)
@@ -457,7 +458,7 @@ class Checkpointer:
             if not errors:
                 self.restored_from = level
                 log.info("restored step %d from %s", step, level)
-                if self.rank == 0:
+                if say and self.rank == 0:
                     print(f"kintsugi: restored step {step} from {level.upper()}", flush=True)
                 return step, manifest["objects"], missing
             if all(elsewhere for _, elsewhere in errors):

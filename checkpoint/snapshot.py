@@ -238,7 +238,7 @@ class EcSnapshots:
         if rebuilt.get("step") is not None:
             self.status = self._gather_status()
         ckpt.l0_remote = self.remote_readers
-        got = ckpt.restore(state, optional)
+        got = ckpt.restore(state, optional, say=False)
         self._log_remote_reads(got[0] if got else -1)
         if reshaped:
             self.setup(self.status, keep_places=False)

@@ -47,6 +47,21 @@ class Fault:
         return self.kind + ":" + ",".join(f"{k}={v}" for k, v in self.args.items())
 
 
+def describe(f: Fault) -> str:
+    """A fault in words, for the job's announcement of its drill."""
+    a = f.args
+    when = f" of attempt {a['attempt']}" if a.get("attempt") else ""
+    amount = f"{a['pct']:g}%" if "pct" in a else f"{a.get('ms', 0):g} ms"
+    return {
+        "crash": lambda: f"rank {a['rank']} is killed (SIGKILL) before step {a['step']}{when}",
+        "hang": lambda: f"rank {a['rank']} stops before step {a['step']}{when}",
+        "commhang": lambda: f"rank {a['rank']} stops inside a collective at step {a['step']}{when}",
+        "slow": lambda: f"rank {a['rank']} is slowed by {amount} per step from step {a.get('from', 0)}",
+        "slowlink": lambda: f"sends from rank {a['src']} to rank {a['dst']} take {a['ms']:g} ms longer",
+        "slowcomm": lambda: f"rank {a['rank']}'s collectives take {a['ms']:g} ms longer",
+    }[f.kind]()
+
+
 def parse(spec: str) -> Fault:
     """``slow:rank=1,pct=20`` -> Fault; a malformed spec is a UserError naming it."""
     usage = f"diagnostics.inject: {spec!r} is not a fault; write e.g. 'slow:rank=1,pct=20' (kinds: {', '.join(_KINDS)})"
@@ -86,6 +101,7 @@ class Injector:
         self.tracer = tracer
         attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
         faults = [parse(s) for s in specs or []]
+        self.planned = [describe(f) for f in faults]  # every rank's, for rank 0 to announce
         self.faults = [f for f in faults if f.args.get("rank", f.args.get("src")) == rank
                        and (f.kind not in ("crash", "hang", "commhang") or f.args.get("attempt", 0) == attempt)]
         self._slept: list[float] = []  # injected sleep per step, to keep it out of "own step time"

@@ -128,7 +128,7 @@ class Monitor(threading.Thread):
         rec = {"time": time.time(), "action": action, "policy": self.policy, "node": self.node_rank,
                "host": hostname(), "detail": detail, "verdict": v.to_json()}
         self.actions.append(rec)
-        log.warning("kintsugi monitor: %s: %s (%s)", action, v.line(), detail)
+        log.warning("monitor: %s: %s (%s)", action, v.line(), detail)
         with open(self.run_dir / "diagnostics" / "actions.jsonl", "a") as f:
             f.write(json.dumps(rec) + "\n")
 

@@ -125,7 +125,7 @@ def test_restore_prefers_memory_and_falls_back_on_damage(run_dir, capsys):
     target = {"w": flatten({"w": torch.zeros(50_000)})["w"]}
     c2 = ckpt(run_dir, l1_dir="")
     assert c2.restore(target)[0] == 3 and target["w"].tensor[0] == 3
-    assert "restored step 3 from L0" in capsys.readouterr().out
+    assert "restored step 3 from L0" in capsys.readouterr().out  # rank 0 says where it came from
     c2.close()  # a clean end: the keeper goes, and memory with it
     stop_keeper(run_dir)
 

@@ -199,7 +199,7 @@ def test_adaptive_partition_gives_slow_stages_fewer_layers_and_never_loses():
         topo = random_topology(rng, gpu_choices=(8,))
         sizes = random_sizes(rng, topo.world_size)
         m = replace(PRESETS["gpt-1.3b"], global_batch=topo.world_size * 4, microbatches=4)
-        if sizes["pp"] > m.n_layers:
+        if sizes["pp"] > 8:  # the exact search grows steeply past 8 stages (docs/placement.md)
             continue
         st = stages_of(topo, contiguous_grid(sizes))
         dp = sizes["dp_replicate"] * sizes["dp_shard"]

@@ -115,6 +115,10 @@ def test_injected_crash_in_the_trainer_is_recovered_and_named(uninterrupted, tmp
 
     out = train(2, tmp_path, *LONG, '--diagnostics.inject=["crash:rank=1,step=12"]', max_restarts=2)
     assert "resumed from step 10" in out.stdout
+    # A planned drill reads as one: announced, then one line per survivor, no traceback.
+    assert "drill: rank 1 is killed (SIGKILL) before step 12" in out.stdout
+    assert "another rank stopped (" in out.stderr and "Traceback" not in out.stderr, out.stderr[-3000:]
+    assert "restored step" not in out.stdout  # "resumed from step 10" says it once
     assert losses(tmp_path) == uninterrupted
     verdicts = Detector(tmp_path, live=False, dump_stacks=False).poll()
     crashes = [v for v in verdicts if v.kind == "crash"]

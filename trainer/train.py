@@ -12,6 +12,7 @@ import argparse
 import json
 import logging
 import math
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -89,13 +90,17 @@ def main(argv=None) -> int:
         # The peer's death is the news, not this rank's stack: one line here, the stack in
         # the rank's log; exit non-zero so torchrun restarts the worker group.
         log.exception("collective failed")
-        print(f"kintsugi: rank {dist_utils.rank()}: a collective failed because another rank stopped "
-              f"({text_head(e)}); torchrun restarts the workers", file=sys.stderr, flush=True)
+        print(f"kintsugi: rank {dist_utils.rank()}: another rank stopped ({transport_reason(e)}); "
+              "torchrun restarts the workers", file=sys.stderr, flush=True)
         return 1
 
 
-def text_head(e: BaseException) -> str:
-    return str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+def transport_reason(e: BaseException) -> str:
+    """The backend's reason without its source location: gloo's "[.../pair.cc:553] Connection
+    closed by peer [127.0.0.1]:8095. This is typically ..." -> "Connection closed by peer"."""
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    text = re.sub(r"^\[[^\]]*\]\s*", "", text)  # gloo's "[file:line]"
+    return re.split(r" \[|\. ", text, maxsplit=1)[0][:120]
 
 
 @dataclass
@@ -116,7 +121,7 @@ def restore(cfg: JobConfig, ckpt: Checkpointer, engine, data: Batches) -> Resume
         snapshots = EcSnapshots(cfg.snapshot, ckpt.keeper, dist.distributed_c10d._get_default_store(), job_id())
         got = snapshots.restore(ckpt, state, optional)
     else:
-        got = ckpt.restore(state, optional)
+        got = ckpt.restore(state, optional, say=False)
     if got is None:
         return None
     step, objects, missing = got
@@ -170,6 +175,9 @@ def train(cfg: JobConfig) -> int:
                   f"| run dir {run_dir}")
     if resumed:
         metrics.print(f"resumed from step {step} ({resumed.source}; checkpoints in {ckpt.root})")
+    if injector.planned and not resumed:
+        metrics.print(f"kintsugi: drill: {', '.join(injector.planned)} (diagnostics.inject; set it to [] for a plain "
+                      "run): the job recovers by itself")
 
     # ---- the loop ----
     tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
