@@ -1,6 +1,7 @@
 """In-memory erasure-coded snapshots: stall, copy speed, coding speed, recovery, survival.
 
     python benchmarks/snapshot_bench.py [--quick] [--params-m 100 500] [--json PATH]
+    python benchmarks/snapshot_bench.py --testbed [--quick] [--json PATH]   # across emulated hosts
 
 One run, side by side, for a model of --params-m million parameters with AdamW state:
 - the training loop's stall per step when snapshotting every step into the node keeper
@@ -34,6 +35,29 @@ from checkpoint import CheckpointConfig, Checkpointer, flatten, load_state, save
 from checkpoint.erasure import GroupCode, NodeShares, inject_faults, plan_groups, rebuild_snapshot, survival
 from checkpoint.lazy import LazyCopy, host_view
 from checkpoint.keeper.peers import PeerClient, PeerServer
+
+
+def add_testbed_args(p: argparse.ArgumentParser):
+    """The testbed mode's flags (benchmarks/snapshot_testbed.py)."""
+    t = p.add_argument_group("testbed mode: recovery and steady-state cost across emulated hosts (needs root)")
+    t.add_argument("--testbed", action="store_true", help="run on the emulated cluster (tests/cluster.py) instead")
+    t.add_argument("--nic-mbit", type=float, default=2000, help="the compute hosts' NICs, Mbit/s")
+    t.add_argument("--filer-mbit", type=float, default=2000, help="the L2 file server's NIC, Mbit/s")
+    t.add_argument("--dim", type=int, default=384, help="the steady-state job's model width")
+    t.add_argument("--layers", type=int, default=6, help="the steady-state job's layers")
+    t.add_argument("--job-steps", type=int, default=30, help="the steady-state job's steps (the first 5 not timed)")
+
+
+def testbed_run(a) -> dict:
+    import snapshot_testbed  # benchmarks/ is on sys.path when this file runs as a script
+
+    return snapshot_testbed.run(a)
+
+
+def write_json(path: Path | None, out: dict):
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(out, indent=1))
 
 
 def median_time(fn, repeats: int, setup=lambda: None) -> float:
@@ -227,7 +251,10 @@ def main(argv=None):
                    help="torch threads of the training loop (default: every core; 1 leaves a core to the "
                         "snapshot copy, as a GPU node's idle host cores are)")
     p.add_argument("--json", type=Path)
+    add_testbed_args(p)
     a = p.parse_args(argv)
+    if a.testbed:
+        return write_json(a.json, testbed_run(a))
     torch.set_num_threads(a.threads)
     if a.quick:
         a.snapshot_mb, a.repeats, a.trials, a.params_m, a.steps = 8, 3, 2000, [4], 5

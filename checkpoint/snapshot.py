@@ -87,6 +87,7 @@ class EcSnapshots:
         self.slot_of_node: dict[int, int] = {}
         self.status: list[dict] = []
         self.token = ""
+        self.remote: list[RemoteShard] = []  # readers of other nodes' shards handed to the last restore
 
     def _gather_status(self) -> list[dict]:
         """Every node's keeper status, by node index (only lead ranks report)."""
@@ -199,7 +200,19 @@ class EcSnapshots:
             for snap in served:
                 for rank, offset, used in snap["ranks"]:
                     out[SHARD.format(rank)] = RemoteShard(client, step, code, snap["pos"], snap["length"], offset, used)
+        self.remote += out.values()
         return out
+
+    def _log_remote_reads(self, step: int):
+        """Which other nodes' keepers this rank read level-0 bytes from (its log only)."""
+        got: dict[str, list] = {}
+        for shard in self.remote:
+            if shard.nread:
+                got.setdefault(shard.client.address, []).append(shard.nread)
+        if got:
+            log.info("step %d: read level-0 shards over the network: %s", step,
+                     ", ".join(f"{sum(n)} bytes in {len(n)} shard(s) from the keeper at {a}" for a, n in got.items()))
+        self.remote = []
 
     def restore(self, ckpt, state: dict, optional=lambda name: False):
         """Restore `state` with `ckpt` (a Checkpointer) from the fastest place that has the
@@ -226,6 +239,7 @@ class EcSnapshots:
             self.status = self._gather_status()
         ckpt.l0_remote = self.remote_readers
         got = ckpt.restore(state, optional, say=False)
+        self._log_remote_reads(got[0] if got else -1)
         if reshaped:
             self.setup(self.status, keep_places=False)
         nodes_of = dist_utils.all_gather_object(self.node)
@@ -299,6 +313,7 @@ class RemoteShard:
 
     def __init__(self, client: PeerClient, step: int, code: GroupCode, pos: int, length: int, offset: int, used: int):
         self.client, self.step, self.code, self.pos, self.offset, self.size = client, step, code, pos, offset, used
+        self.nread = 0  # bytes of tensors read through it (the header is not counted)
         self.blocks = code.blocks(length)
         self.path = f"{client.address}/step{step}/{offset}"
         try:
@@ -331,6 +346,7 @@ class RemoteShard:
             raw = self._range(self.data_start + lo, hi - lo)
         except ShareError as e:
             raise CorruptCheckpoint(f"shard {self.path}: {e}") from None
+        self.nread += len(raw)
         if crc is not None and zlib.crc32(raw) != crc:
             raise CorruptCheckpoint(f"checksum mismatch for {key!r} in {self.path}")
         return torch.from_numpy(np.frombuffer(raw, np.uint8).copy()).view(TORCH_DTYPES[meta["dtype"]]) \

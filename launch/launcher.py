@@ -304,7 +304,7 @@ class Stopper:
             if self.since is None:
                 return
             if self.escalated and time.monotonic() - self.escalated > self.deadline_s:
-                self._kill_all()
+                self.kill_all()
             elif not self.escalated:
                 if any(p.pid not in self.workers for p in self._children()):
                     self._escalate("the agent restarted workers after the stop")
@@ -313,7 +313,7 @@ class Stopper:
 
     def _escalate(self, why: str):
         if self.escalated:
-            self._kill_all()
+            self.kill_all()
             return
         self.escalated = time.monotonic()
         print(f"kintsugi: {why}: stopping torchrun's agent", flush=True)
@@ -322,7 +322,7 @@ class Stopper:
         except ProcessLookupError:
             pass
 
-    def _kill_all(self):
+    def kill_all(self):
         """The agent did not stop its workers either: SIGKILL it and them (they run in sessions
         of their own, which its process group does not reach)."""
         try:
@@ -334,6 +334,42 @@ class Stopper:
                 p.kill()
             except psutil.Error:
                 pass
+
+
+def rendezvous_limit_s(job: Launch) -> float:
+    """The longest a healthy agent goes without workers: one rendezvous round, i.e. torchrun's
+    join_timeout plus a store read timeout on each side of it (--rdzv-conf; torchrun's
+    defaults 600 s and 60 s)."""
+    conf: dict[str, str] = {}
+    for i, arg in enumerate(job.torchrun):
+        flag, eq, value = arg.partition("=")
+        if flag in ("--rdzv-conf", "--rdzv_conf"):
+            text = value if eq else (job.torchrun[i + 1] if i + 1 < len(job.torchrun) else "")
+            conf.update(kv.split("=", 1) for kv in text.split(",") if "=" in kv)
+    try:
+        return float(conf.get("join_timeout", 600)) + 2 * float(conf.get("read_timeout", 60))
+    except ValueError:
+        raise UserError(f"--rdzv-conf join_timeout/read_timeout must be seconds, not {conf}") from None
+
+
+class Watchdog:
+    """An agent cut off from the rendezvous host (a network partition) blocks in a TCP read of
+    the rendezvous store until the kernel gives up on the connection, ~15 min of retransmissions
+    later, whatever --rdzv-conf says. When it has had no workers for longer than a rendezvous
+    round may take, the launcher stops it: this node is out of the job."""
+
+    def __init__(self, agent: subprocess.Popen, limit_s: float):
+        self.agent, self.limit_s = agent, limit_s
+        self.since = time.monotonic()  # the agent had no workers from then on
+
+    def expired(self) -> bool:
+        try:  # a worker that died is a zombie until the agent reaps it, which a blocked agent never does
+            working = any(c.status() != psutil.STATUS_ZOMBIE for c in psutil.Process(self.agent.pid).children())
+        except psutil.Error:
+            working = False
+        if working:
+            self.since = time.monotonic()
+        return time.monotonic() - self.since > self.limit_s
 
 
 def start_keeper_detached(run_dir: Path, cfg):
@@ -360,6 +396,7 @@ def main(argv: list[str]) -> int:
     cfg = load_config(job.config, job.overrides, default_file=job.trainer)
     nproc = nproc_count(job.nproc)
     check_snapshot_code(cfg, job.nnodes)
+    rendezvous_s = rendezvous_limit_s(job)
     if job.trainer:
         check_world(cfg, job.nnodes, nproc)  # check the mesh now, not in every worker
     run_dir = run_dir_of(job, cfg)
@@ -400,11 +437,19 @@ def main(argv: list[str]) -> int:
     # Its own session: the monitor's actions signal the agent's process group, never ours.
     agent = subprocess.Popen(cmd, env=env, start_new_session=True)
     stopper = Stopper(agent, deadline_s)
+    watchdog = Watchdog(agent, rendezvous_s)
     logging.basicConfig(format="kintsugi: %(message)s", level=logging.WARNING)
     monitor = start_monitor(run_dir, job.on_fault or cfg.diagnostics.policy, agent, int(job.node_rank), cfg=cfg.diagnostics)
     try:
         while agent.poll() is None:
             stopper.poll()
+            if watchdog.expired():
+                print(f"kintsugi: torchrun's agent has had no workers for {watchdog.limit_s:.0f} s (one rendezvous round, "
+                      "--rdzv-conf join_timeout + 2 x read_timeout): this node cannot rejoin the job (cut off from the "
+                      "rendezvous host?); stopping it", flush=True)
+                stopper.kill_all()
+                agent.wait()
+                return 1
             time.sleep(0.2)
         rc = agent.returncode
     finally:

@@ -7,9 +7,10 @@ per ``policy``:
 - ``warn``: say so;
 - ``restart``: kill this node's worker processes (the agent's children); torchrun's elastic
   agent restarts the whole job from its newest checkpoint, up to ``--max-restarts``;
-- ``exclude``: if a suspect runs on this node, terminate this node's agent so the
-  rendezvous goes on without it (``--nnodes min:max`` must allow one node fewer); the other
-  nodes' workers fail on their next collective and their agents restart them on the rest.
+- ``exclude``: if a suspect runs on this node, terminate this node's agent and kill its
+  workers so the rendezvous goes on without it (``--nnodes min:max`` must allow one node
+  fewer); the other nodes' workers fail on their collective and their agents restart them
+  on the rest.
   With a single node there is nothing to exclude to: it restarts instead, and says so.
 
 A crash is torchrun's to restart; ``exclude`` still drops the crashed rank's node. Slow
@@ -101,8 +102,13 @@ class Monitor(threading.Thread):
             return
         self._handled.add(v.generation)
         if exclude and here:
-            self._record("exclude", v, f"suspect rank(s) {here} run here: stopping this node's agent (pid {self.agent.pid})")
+            # The agent, then its workers: a hung worker never acts on the agent's SIGTERM, and
+            # the agent would wait for it (the launcher gives workers minutes to save) while the
+            # other nodes stay blocked in their collective; killed, they fail at once and regroup.
             _terminate_agent(self.agent)
+            pids = self._kill_workers()
+            self._record("exclude", v, f"suspect rank(s) {here} run here: stopped this node's agent (pid "
+                                       f"{self.agent.pid}) and killed its worker pid(s) {pids}")
         elif exclude and suspects:
             self._record("wait", v, "the suspects run on another node; its launcher excludes it")
         else:

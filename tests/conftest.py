@@ -122,6 +122,15 @@ def need_testbed():
         pytest.skip(cluster.unavailable())
 
 
+def on_testbed_instead(test: str):
+    """Mark a multi-node test that plays its nodes on 127.0.0.1 of this one machine: where a
+    testbed can be made, ``test`` proves the same across hosts and this one is skipped (the
+    suite runs one of the two, never both)."""
+    import cluster
+
+    return pytest.mark.skipif(cluster.unavailable() is None, reason=f"proven across the testbed's hosts by {test}")
+
+
 @pytest.fixture
 def testbed(tmp_path):
     """Emulated clusters (tests/cluster.py, docs/testbed.md): ``tb = testbed(3)`` gives hosts

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 
+from conftest import on_testbed_instead
 from diagnostics.drill import free_port
 from launch.monitor import start_monitor
 
@@ -28,6 +29,7 @@ def _agent(run_dir, port, tag, *extra):
                             stderr=subprocess.STDOUT)
 
 
+@on_testbed_instead("tests/test_cluster_jobs.py::test_monitor_excludes_a_hung_host_and_the_job_finishes_on_the_rest")
 def test_exclude_hung_node_and_finish_on_the_rest(tmp_path):
     port = free_port()
     fault = ("--inject", "hang:rank=3,step=12")

@@ -105,3 +105,13 @@ def test_a_script_that_dies_on_sigterm_is_not_restarted_after_the_stop(tmp_path)
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate()
     assert proc.returncode != 0 and "the agent restarted workers after the stop: stopping torchrun's agent" in out, out[-3000:]
+
+
+def test_rendezvous_round_limit_from_rdzv_conf():
+    # the partitioned-agent watchdog (tests/test_cluster_jobs.py proves it across hosts)
+    from launch.launcher import rendezvous_limit_s
+
+    assert rendezvous_limit_s(split_args(["--rdzv-conf", "join_timeout=30,read_timeout=10", "t.py"])) == 50
+    assert rendezvous_limit_s(split_args(["--rdzv_conf=last_call_timeout=5", "t.py"])) == 600 + 2 * 60
+    with pytest.raises(UserError, match="join_timeout"):
+        rendezvous_limit_s(split_args(["--rdzv-conf", "join_timeout=soon", "t.py"]))

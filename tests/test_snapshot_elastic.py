@@ -32,6 +32,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import on_testbed_instead
 from test_snapshot_ec import Job, free_port, stop_keepers
 
 HERE = Path(__file__).resolve()
@@ -208,6 +209,7 @@ def run_dir(tmp_path):
 
 
 @pytest.mark.slow
+@on_testbed_instead("tests/test_cluster_jobs.py::test_elastic_shrink_across_hosts_reads_the_lost_ranks_shards_from_another_host")
 def test_lost_node_job_continues_on_survivors_from_rebuilt_resharded_snapshot(run_dir):
     from checkpoint.format import committed_steps
 

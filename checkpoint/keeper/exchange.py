@@ -60,7 +60,8 @@ class SnapshotExchange:
         self.plan: dict | None = None
         self.clients: dict[int, PeerClient] = {}
         self.last_queued: tuple[str, int] = ("", -1)
-        self.error: str | None = None  # the last reason a step could not be coded (for the trainers to say)
+        self.error: str | None = None  # why snapshots are not being coded now (rank 0 says it once)
+        self.cause: str | None = None  # the failure behind ``error``, without the step: the same cause is one line
         self.jobs: queue.Queue = queue.Queue()
         self.server = PeerServer(self, token, host=host, port=port, advertise=advertise, timeout=timeout)
         threading.Thread(target=self._run, name="keeper-ec", daemon=True).start()
@@ -75,14 +76,17 @@ class SnapshotExchange:
                 self._drop(list(self.holding))  # another layout: what was coded is meaningless now
                 self._release_adopted()
             self.plan = plan
-            self.error = None  # news of the previous layout or attempt
+            self.error = self.cause = None  # news of the previous layout or attempt
             self._connect(token)
+        if plan is not None and "peers" in plan:
+            log.info("erasure coding: group %d position %d (k=%d, m=%d), shares served at %s, peers at %s", plan["group"],
+                     plan["pos"], plan["k"], plan["m"], self.server.address, ", ".join(map(str, plan["peers"].values())))
         return m.AddressReply(self.server.address)
 
     def rekey(self, token: str):
         """Keep this node's place, with the token of the job's new attempt."""
         with self.lock:
-            self.error = None
+            self.error = self.cause = None
             self._connect(token)
 
     def _connect(self, token: str):
@@ -220,13 +224,22 @@ class SnapshotExchange:
                 gen, step = self.jobs.get()
             try:
                 self._encode(gen, step)
-                self.error = None
+                self.error = self.cause = None
             except Exception as e:  # a dead or lying peer: keep the previous step, try the next one
-                self.error = f"snapshot of step {step} was not erasure-coded: {e}"
-                log.warning("%s; the previous coded step stays", self.error)
+                log.warning("snapshot of step %d was not erasure-coded: %s; the previous coded step stays", step, e)
+                self._failed(step, e)
                 with self.lock:
                     if step not in self.encoded:
                         self._drop([step])
+
+    def _failed(self, step: int, e: Exception):
+        """Tell the trainers (rank 0 prints each distinct line once): one line while the same
+        cause keeps every step from being coded, naming the first step it hit."""
+        if str(e) == self.cause:
+            return
+        hint = (" (every keeper must be reachable from the other nodes at the address it advertises: "
+                "set snapshot.advertise to an address or interface they reach)") if isinstance(e, PeerError) else ""
+        self.cause, self.error = str(e), f"snapshots are not erasure-coded from step {step} on: {e}{hint}"
 
     def _snapshot(self, gen: str, step: int, plan: dict) -> NodeShares | None:
         slots = sorted((s for s in self.store.ready() if s.step == step and s.gen == gen
@@ -257,12 +270,8 @@ class SnapshotExchange:
         with self.lock:
             held = sum(n.nbytes for s, n in self.holding.items() if s == self.confirmed)
         if held + need > plan.get("memory_mb", 1 << 20) << 20:
-            log.warning("snapshot.memory_mb=%d is too small for %d MiB of parity (with the %d MiB kept for "
-                        "step %d): step %d is not erasure-coded; raise snapshot.memory_mb",
-                        plan["memory_mb"], need >> 20, held >> 20, self.confirmed, step)
-            with self.lock:
-                self._drop([step])
-            return
+            raise RuntimeError(f"snapshot.memory_mb={plan['memory_mb']} is too small for {need >> 20} MiB of parity "
+                              f"(with the {held >> 20} MiB kept for the previous coded step); raise snapshot.memory_mb")
         readers = {**self.clients, plan["pos"]: node}
         code = node.code
         t0 = time.perf_counter()
@@ -284,8 +293,8 @@ class SnapshotExchange:
                             self._drop([step])
                         return
                     if time.monotonic() > deadline:
-                        raise ShareError(f"the peer at group position {code.holder(c, j)} holds no snapshot of step "
-                                         f"{step} after {self.timeout:g} s")
+                        raise ShareError(f"the peer at group position {code.holder(c, j)} did not hold the step's "
+                                         f"snapshot within {self.timeout:g} s")
                     time.sleep(0.01)
         node.encode(readers)
         with self.lock:
