@@ -99,8 +99,10 @@ def _entry(rank: int, world: int, port: int, kw: dict):
     run(rank, world, **kw)
 
 
-def run_local(world: int, run_dir, *, watch_s: float = 60.0, stop_on=(), **kw) -> tuple[list, float]:
-    """Run the drill with ``world`` local processes (forked) while a live Detector watches;
+def run_local(world: int, run_dir, *, watch_s: float = 60.0, stop_on=(), start_method: str = "fork",
+              **kw) -> tuple[list, float]:
+    """Run the drill with ``world`` local processes (forked; ``spawn`` where the ranks must not
+    inherit this process's torch state, e.g. its Flight Recorder ring) while a live Detector watches;
     stop when the ranks are done, when a verdict of a kind in ``stop_on`` comes, or after
     ``watch_s``; ranks still running then are killed. Returns (verdicts, seconds from start
     to the first verdict or None): the live ones, plus any that judging the finished
@@ -112,7 +114,7 @@ def run_local(world: int, run_dir, *, watch_s: float = 60.0, stop_on=(), **kw) -
     port = free_port()
     t0 = time.time()
     ctx = mp.start_processes(_entry, args=(world, port, {"run_dir": str(run_dir), **kw}), nprocs=world,
-                             join=False, start_method="fork")
+                             join=False, start_method=start_method)
     live = Detector(run_dir, live=True)
     first = None
     while any(p.is_alive() for p in ctx.processes) and time.time() - t0 < watch_s:

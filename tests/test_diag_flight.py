@@ -128,7 +128,9 @@ def test_torch_written_dumps_of_a_real_hang(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_FR_BUFFER_SIZE", "200")
     out = tmp_path / "elsewhere"
     out.mkdir()
-    mp.start_processes(_gloo_rank, args=(3, free_port(), str(out)), nprocs=3, start_method="fork")
+    # Spawned, not forked: a fork inherits this process's Flight Recorder ring, with the
+    # entries of any process group an earlier test made here (read as this job's ops).
+    mp.start_processes(_gloo_rank, args=(3, free_port(), str(out)), nprocs=3, start_method="spawn")
     assert sorted(p.name for p in out.iterdir()) == [f"nccl_trace_rank_{r}" for r in range(3)]
     (tmp_path / "run").mkdir()
     vs = Detector(tmp_path / "run", live=False, dump_stacks=False, flight_recorder=[out / "nccl_trace_rank_"]).poll()
@@ -140,7 +142,8 @@ def test_tracer_dumps_the_flight_recorder_on_a_hang(tmp_path, monkeypatch):
     """Live: the hang verdict asks every rank for its stacks and its Flight Recorder; the
     report reads those dumps as a second source that names the same rank."""
     monkeypatch.setenv("TORCH_FR_BUFFER_SIZE", "200")
-    verdicts, _ = run_local(3, tmp_path, inject=["hang:rank=2,step=8"], steps=30, watch_s=40, stop_on=("hang_noncomm",))
+    verdicts, _ = run_local(3, tmp_path, inject=["hang:rank=2,step=8"], steps=30, watch_s=40, stop_on=("hang_noncomm",),
+                            start_method="spawn")  # see above
     assert kinds(verdicts)[0] == ("hang_noncomm", [2])
     gen = next((tmp_path / "diagnostics").glob("gen-*"))
     assert sorted(p.name for p in gen.glob("fr-r*.pkl")) == ["fr-r0.pkl", "fr-r1.pkl", "fr-r2.pkl"]
