@@ -118,8 +118,11 @@ def test_keepers_advertise_routable_addresses_and_an_unreachable_peer_is_one_lin
     assert finish(tb, procs) == [0, 0], logs(tb)
     out = said(tb, 0)
     warned = lines(out, "warning: snapshots are not erasure-coded")
-    assert len(warned) == 1, out
-    assert re.search(r"from step \d+ on: peer keeper at 127\.0\.0\.1:\d+ unreachable.*snapshot\.advertise", warned[0])
+    # One line for the cause, not one per step; node1's keeper may also say, once, that node0
+    # held no snapshot of a step node0 could not code (the same cause, seen from the other side).
+    unreachable = [w for w in warned if "unreachable" in w]
+    assert len(unreachable) == 1 and len(warned) <= 2, out
+    assert re.search(r"from step \d+ on: peer keeper at 127\.0\.0\.1:\d+ unreachable.*snapshot\.advertise", unreachable[0])
     node0, node1 = keeper_log(run, tb.host(0)), keeper_log(run, tb.host(1))
     assert re.search(rf"shares served at {re.escape(tb.host(0).addr)}:\d+, peers at .*127\.0\.0\.1:\d+", node0), node0
     assert re.search(r"shares served at 127\.0\.0\.1:\d+", node1), node1
