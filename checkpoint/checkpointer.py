@@ -42,7 +42,7 @@ import torch
 
 from checkpoint.config import CheckpointConfig
 from checkpoint.format import (
-    DTYPE_NAMES, CorruptCheckpoint, MissingShard, ShardReader, check_latest, fault_point, shard_header,
+    DTYPE_NAMES, CorruptCheckpoint, MissingShard, PartlyFilled, ShardReader, check_latest, fault_point, shard_header,
 )
 from checkpoint.keeper import KeeperClient, collect_garbage, connect, messages as m
 from checkpoint.keeper.runtime import open_segment
@@ -443,6 +443,7 @@ class Checkpointer:
                       if len(h["records"]) == h["world"] and h["objects"] is not None]
         for name in self.storages:
             candidates += [(s, name) for s in set.intersection(*(set(v[name]) for v in views))]
+        partly = None  # a copy found damaged while it was being copied into ``state`` (on any rank)
         for step, level in sorted(candidates, key=lambda c: (-c[0], LEVELS.index(c[1]))):
             error, missing, manifest = None, set(), None
             try:
@@ -461,25 +462,30 @@ class Checkpointer:
                 missing = fill_all(state, manifest, step_dir, readers, optional)
             except MissingShard as e:
                 # a node's L1 holds its own ranks' shards: on several nodes a rank may need another's
-                error = (str(e), level == "l1" and self.nodes > 1)
+                error = (str(e), level == "l1" and self.nodes > 1, False)
             except CorruptCheckpoint as e:
-                error = (str(e), False)
+                error = (str(e), False, isinstance(e, PartlyFilled))
             errors = [e for e in dist_utils.all_gather_object(error) if e]
+            partly = next((f"step {step} at {level.upper()}: {e}" for e, _, p in errors if p), partly)
             if not errors:
                 self.restored_from = level
                 log.info("restored step %d from %s", step, level)
                 if say and self.rank == 0:
                     print(f"kintsugi: restored step {step} from {level.upper()}", flush=True)
                 return step, manifest["objects"], missing
-            if all(elsewhere for _, elsewhere in errors):
+            if all(elsewhere for _, elsewhere, _ in errors):
                 log.info("step %d at L1: a shard this rank needs is on another node (%s); trying the next copy",
                          step, errors[0][0])
                 continue
-            errors = [e for e, _ in errors]
+            errors = [e for e, _, _ in errors]
             log.warning("checkpoint step %d at %s is damaged (%s); trying the next copy", step, level, errors[0])
             if self.rank == 0:
                 print(f"kintsugi: warning: checkpoint step {step} at {level.upper()} is damaged ({errors[0]}); "
                       "falling back to the next older copy", flush=True)
+        if partly and not self.cfg.load_from:
+            raise UserError(f"no copy could be restored, and one was found damaged while it was being loaded ({partly}): "
+                            "the model no longer holds its initial values, so the job will not start fresh from it; "
+                            "restore a good step into the checkpoint directory, or set checkpoint.resume=false to start over")
         return None
 
 

@@ -303,6 +303,11 @@ class MissingShard(CorruptCheckpoint):
     multi-node job, a shard that lives on another node)."""
 
 
+class PartlyFilled(CorruptCheckpoint):
+    """A chunk was found damaged while a step was being copied into the state: the chunks
+    copied before it now hold that step's values, not the state's own."""
+
+
 def write_manifest(step_dir: Path, manifest: dict, name: str = MANIFEST):
     tmp = step_dir / (name + ".tmp")
     with open(tmp, "w") as f:

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from checkpoint.format import (
-    FORMAT, SHARD, VERSION, DTYPE_BY_NAME, DTYPE_NAMES, CorruptCheckpoint, MissingShard, ShardReader, check_latest, commit_step,
+    FORMAT, SHARD, VERSION, DTYPE_BY_NAME, DTYPE_NAMES, CorruptCheckpoint, MissingShard, PartlyFilled, ShardReader, check_latest, commit_step,
     committed_steps, read_manifest, step_dirname, tmp_dirname, write_manifest, write_shard,
 )
 from checkpoint.state import Chunk, is_chunk, overlap
@@ -102,11 +102,20 @@ def build_manifest(step: int, world: int, records_by_rank: list, objects: dict, 
             "tensors": tensors, "objects": objects, **(extra or {})}
 
 
-def fill(target: Chunk, stored: dict, step_dir: Path, readers: dict, verify: bool = True):
-    """Copy every stored chunk overlapping ``target`` into it."""
+def check(target: Chunk, stored: dict, step_dir: Path, readers: dict):
+    """Raise, before anything is copied, if ``target`` cannot be filled from ``stored``: another
+    shape, or a shard file it overlaps that is neither open nor on disk."""
     if list(stored["shape"]) != list(target.global_shape):
         raise UserError(f"checkpoint {step_dir} holds {stored['shape']} where the model has {list(target.global_shape)}; "
                         "the model config differs from the one that saved it")
+    for sc in stored["chunks"]:
+        if overlap(target.offsets, target.shape, sc["offsets"], sc["shape"]) is not None \
+                and sc["file"] not in readers and not (step_dir / sc["file"]).is_file():
+            raise MissingShard(f"{step_dir / sc['file']} is missing")
+
+
+def fill(target: Chunk, stored: dict, step_dir: Path, readers: dict, verify: bool = True):
+    """Copy every stored chunk overlapping ``target`` into it (``check`` it first)."""
     covered = 0
     for sc in stored["chunks"]:
         ov = overlap(target.offsets, target.shape, sc["offsets"], sc["shape"])
@@ -115,10 +124,7 @@ def fill(target: Chunk, stored: dict, step_dir: Path, readers: dict, verify: boo
         off, shape = ov
         reader = readers.get(sc["file"])
         if reader is None:
-            path = step_dir / sc["file"]
-            if not path.is_file():
-                raise MissingShard(f"{path} is missing")
-            reader = readers[sc["file"]] = ShardReader(path)
+            reader = readers[sc["file"]] = ShardReader(step_dir / sc["file"])
         crc = sc["crc32"] if verify else None
         dst = target.tensor[tuple(slice(o - to, o - to + n) for o, to, n in zip(off, target.offsets, shape))]
         if (list(off), list(shape)) == (list(sc["offsets"]), list(sc["shape"])) and dst.is_contiguous() \
@@ -142,8 +148,13 @@ def fill(target: Chunk, stored: dict, step_dir: Path, readers: dict, verify: boo
 
 
 def fill_all(state: dict, manifest: dict, step_dir: Path, readers: dict, optional) -> set:
-    """Fill every chunk of ``state`` from one step; returns the optional names it lacks."""
-    missing = set()
+    """Fill every chunk of ``state`` from one step; returns the optional names it lacks.
+
+    Every tensor, shape and shard file is checked before the first byte is copied, so a step
+    that cannot be read (another model, a shard on another node) leaves ``state`` as it was
+    and the caller may fall back to another copy or start fresh. Damage found while copying
+    raises PartlyFilled: ``state`` then holds part of this step."""
+    missing, todo = set(), []
     for name, value in state.items():
         if not is_chunk(value):
             continue
@@ -153,7 +164,13 @@ def fill_all(state: dict, manifest: dict, step_dir: Path, readers: dict, optiona
                 missing.add(name)
                 continue
             raise UserError(f"checkpoint {step_dir} has no tensor {name!r}; it was saved from a different model")
-        fill(value, stored, step_dir, readers)
+        check(value, stored, step_dir, readers)
+        todo.append((value, stored))
+    try:
+        for value, stored in todo:
+            fill(value, stored, step_dir, readers)
+    except CorruptCheckpoint as e:
+        raise PartlyFilled(str(e)) from e
     return missing
 
 

@@ -17,7 +17,8 @@ step.
 
 Run as a script (``python tests/test_async_faults.py RUN_DIR STEPS``) it is one rank of
 that job; ``KINTSUGI_TEST_EC=1`` makes every rank a node of its own, with erasure-coded
-snapshots across the two nodes' keepers.
+snapshots across the two nodes' keepers (``KINTSUGI_TEST_WAIT_CODED=1``: the ranks wait at
+their first save until it is coded).
 """
 from __future__ import annotations
 
@@ -39,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from checkpoint import CheckpointConfig, Checkpointer, flatten, load_state  # noqa: E402
 from checkpoint.format import MANIFEST, committed_steps, step_dirname  # noqa: E402
+from checkpoint.keeper import messages  # noqa: E402
 from comms import dist_utils, exits_on_user_error  # noqa: E402
 
 import conftest  # noqa: E402  (tests/ is on the path: pytest's rootdir, or this script's own directory)
@@ -88,7 +90,8 @@ def worker(run_dir: Path, steps: int):
     ck.attach(opt)
     ck.handle_sigterm()
     state = flat_state(model, opt, 0)
-    if os.environ.get("KINTSUGI_TEST_EC"):
+    ec = bool(os.environ.get("KINTSUGI_TEST_EC"))
+    if ec:
         import torch.distributed as dist
 
         from checkpoint import EcSnapshots, SnapshotConfig, job_id
@@ -117,12 +120,29 @@ def worker(run_dir: Path, steps: int):
                 with open(run_dir / "hashes.jsonl", "a") as f:
                     f.write(json.dumps({"step": step, "sha": digest(state)}) + "\n")
             ck.save(step, state, final=stop or step == steps)
+            if os.environ.get("KINTSUGI_TEST_WAIT_CODED") and step == every:
+                wait_encoded(ck, step)
         if stop:
             break
     if start == steps:  # resumed at the end: the final step must still be durable everywhere
         ck.save(steps, flat_state(model, opt, steps), final=True)
     ck.close()
     dist_utils.exit_process()  # as the trainer does
+
+
+def wait_encoded(ck: Checkpointer, step: int, timeout: float = 60.0):
+    """Step boundaries (collective) until every rank's keeper has erasure-coded ``step``:
+    without it a job on a loaded machine can outrun the keepers (each step superseded before
+    it is coded) and end before any share is transferred, so a fault held at the transfer
+    would never be reached."""
+    deadline = time.monotonic() + timeout
+    while True:
+        ck.check()  # a snapshot is committed at level 0, and handed to the coder, at a step boundary
+        done = step in ck.keeper.call(messages.EcStatus()).encoded
+        gathered = dist_utils.all_gather_object((done, time.monotonic() > deadline))
+        if all(d for d, _ in gathered) or any(late for _, late in gathered):
+            return
+        time.sleep(0.05)
 
 
 # ----------------------------------------------------------------------------- the harness
@@ -251,10 +271,11 @@ POINTS = {  # fault point -> the N-th time it is passed (in rank 0 or its keeper
 def test_kill_matrix(run_dir, reference, point, victim):
     ec = point == "ec_transfer"
     hold = {"KINTSUGI_FAULT": f"{point}:hold:{POINTS[point]}", "KINTSUGI_FAULT_DIR": str(run_dir)}
-    procs = launch(run_dir, {0: hold}, ec=ec)
+    procs = launch(run_dir, {0: hold}, ec=ec, env={"KINTSUGI_TEST_WAIT_CODED": "1"} if ec else None)
     marker = run_dir / f"{point}.held"
     while not marker.exists():
-        assert any(p.poll() is None for p in procs), "the job ended before reaching the fault point"
+        if all(p.poll() is not None for p in procs):
+            pytest.fail("the job ended before reaching the fault point:\n" + "".join(p.stdout.read() for p in procs)[-4000:])
         time.sleep(0.01)
     node_keeper = keepers(run_dir, ec).get(0)
     if victim in ("keeper", "node"):

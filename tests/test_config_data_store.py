@@ -2,6 +2,7 @@
 fallback rules of the native store."""
 from __future__ import annotations
 
+import json
 import tomllib
 
 import pytest
@@ -104,6 +105,32 @@ def test_all_steps_damaged_is_a_user_error(tmp_path):
     (tmp_path / "step_00000001" / "shard_00000.safetensors").write_bytes(b"\0" * 10)
     with pytest.raises(UserError, match="every committed step is damaged"):
         load_state(tmp_path, state(0.0))
+
+
+def test_a_step_that_cannot_be_read_leaves_the_state_untouched(tmp_path):
+    """Everything is checked before the first byte is copied: a restore that falls back to
+    another copy, or starts fresh, never starts from a half-filled model."""
+    from checkpoint.format import MissingShard, PartlyFilled, read_manifest
+    from checkpoint.store import fill_all
+
+    ones = {n: Chunk(torch.ones(4, 3), (4, 3), (0, 0)) for n in ("a", "b")}
+    step_dir = save_state(tmp_path, 1, ones)
+    manifest = read_manifest(step_dir)
+    target = {n: Chunk(torch.zeros(4, 3), (4, 3), (0, 0)) for n in ("a", "b")}
+    elsewhere = json.loads(json.dumps(manifest))
+    elsewhere["tensors"]["b"]["chunks"][0]["file"] = "shard_00001.safetensors"  # on another node
+    with pytest.raises(MissingShard):
+        fill_all(target, elsewhere, step_dir, {}, lambda name: False)
+    other = json.loads(json.dumps(manifest))
+    other["tensors"]["b"]["shape"] = [4, 4]  # another model
+    with pytest.raises(UserError, match="model config differs"):
+        fill_all(target, other, step_dir, {}, lambda name: False)
+    assert not any(t.tensor.any() for t in target.values())
+    damaged = json.loads(json.dumps(manifest))
+    damaged["tensors"]["b"]["chunks"][0]["crc32"] ^= 1  # found only while b is copied, after a
+    with pytest.raises(PartlyFilled, match="checksum mismatch"):
+        fill_all(target, damaged, step_dir, {}, lambda name: False)
+    assert target["a"].tensor.eq(1).all()
 
 
 def test_resharding_reads_overlapping_slices(tmp_path):

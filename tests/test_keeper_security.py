@@ -225,3 +225,21 @@ def test_killed_keepers_memory_is_collected_live_ones_never(tmp_path):
     live.close()
     conftest.stop_keeper(tmp_path / "live")
     doomed.keeper.close()
+
+
+def test_accepted_tcp_connections_send_without_nagle_delay():
+    """A frame's MAC tag is written after its payload: with Nagle's algorithm on the serving
+    side it waits for the peer's delayed ACK, every frame (docs/snapshots.md, "Rebuild speed")."""
+    from checkpoint.keeper.wire import Acceptor
+
+    token, seen = secrets.token_bytes(32), []
+    listener = socket.create_server(("127.0.0.1", 0))
+    Acceptor(listener, token, lambda channel, addr: seen.append(
+        channel.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)), 4, 5.0, 5.0, "test")
+    with socket.create_connection(listener.getsockname()) as s:
+        client_handshake(s, token, "test")
+        deadline = time.monotonic() + 30
+        while not seen and time.monotonic() < deadline:
+            time.sleep(0.01)
+    listener.close()
+    assert seen and seen[0] != 0

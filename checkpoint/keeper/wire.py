@@ -196,6 +196,10 @@ class Acceptor:
     def _connection(self, conn: socket.socket, addr):
         try:
             with conn:
+                if conn.family != socket.AF_UNIX:
+                    # A frame's 16-byte tag follows its payload in a write of its own: under
+                    # Nagle's algorithm it waits for the peer's delayed ACK, tens of ms a frame.
+                    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 conn.settimeout(self.handshake_s)
                 try:
                     channel, why = serve_handshake(conn, self.token), "it does not know the job token"
