@@ -243,7 +243,9 @@ class Generation:
         out: dict[str, dict] = {}
         if self.source != "trace":
             return out
-        for p in self.path.glob("probe-request*.json"):
+        # Each request is in the history (probe-request-<id>.json) and, the newest, also in the
+        # live file: the history's copy is read, whatever order the directory lists them in.
+        for p in sorted(self.path.glob("probe-request*.json"), key=lambda p: p.name != "probe-request.json"):
             req = _read_json(p, missing_ok=True)
             if req.get("id"):
                 out[req["id"]] = {"request": req, "results": {}}

@@ -410,29 +410,5 @@ def test_soak_whole_job_killed_at_random_moments(run_dir, reference):
     check_finished(run_dir, reference)
 
 
-def test_trainer_under_torchrun_resumes_from_keeper_memory(tmp_path):
-    """``python -m trainer`` under torchrun: kill -9 one worker; torchrun restarts the
-    workers, the keeper (alive while torchrun's agent is) hands back the newest snapshot
-    from memory, and the loss curve equals an uninterrupted run's."""
-    from conftest import ROOT, env, torchrun_cmd, train
-    def args(run):
-        return ["--train.steps=16", "--checkpoint.interval=2", f"--checkpoint.l1_dir={tmp_path / run / 'l1'}",
-                "--checkpoint.l2_interval=8", "--checkpoint.keeper_timeout_s=5"]
-    train(2, tmp_path / "plain", *args("plain"))
-    agent = subprocess.Popen(torchrun_cmd(2, tmp_path / "killed", *args("killed"), max_restarts=3), env=env(), cwd=ROOT,
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    while len(conftest.steps(tmp_path / "killed")) < 9:
-        assert agent.poll() is None, agent.stdout.read()
-        time.sleep(0.05)
-    import psutil
-    victim = [p for p in psutil.Process(agent.pid).children(recursive=True)
-              if p.cmdline()[1:4].count("trainer")][-1]  # a worker (`python -u -m trainer`), not the keeper
-    victim.kill()
-    out, _ = agent.communicate()
-    assert agent.returncode == 0, out[-3000:]
-    assert "(L0; checkpoints in" in out, out[-3000:]  # "resumed from step S (L0; ...)"
-    assert conftest.losses(tmp_path / "killed") == conftest.losses(tmp_path / "plain")
-
-
 if __name__ == "__main__":
     worker(Path(sys.argv[1]), int(sys.argv[2]))

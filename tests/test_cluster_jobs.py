@@ -160,9 +160,11 @@ def test_hosts_lost_whole_are_rebuilt_from_peer_shares_then_disk(testbed, tmp_pa
         marks = {h.index: len(keeper_log(run, h)) for h in tb.hosts}
         wait_coded_after(tb, run, range(4), procs.values(), marks, max(step, coded_from - 1))
         if lost == [1, 2, 3]:  # L1: each host wrote its own rank's shards to its own disk
+            l1_shards = lambda h: {p.name for p in Path(h.local_dir, "l1").glob("step_*/shard_*")}
+            # (a replaced host's keeper may code a step before it writes its first L1 step)
+            wait_for(tb, lambda: all(l1_shards(h) for h in tb.hosts), "every host wrote an L1 step", procs.values())
             for h in tb.hosts:
-                shards = {p.name for p in Path(h.local_dir, "l1").glob("step_*/shard_*")}
-                assert shards and shards <= {f"shard_{h.index:05d}.safetensors"}, (h.name, shards)
+                assert l1_shards(h) <= {f"shard_{h.index:05d}.safetensors"}, (h.name, l1_shards(h))
         for h in lost:
             tb.kill(h)
         for h in lost:
@@ -185,8 +187,8 @@ def test_elastic_shrink_across_hosts_reads_the_lost_ranks_shards_from_another_ho
     L2 only at the end). node1 is lost for good: the survivors restart as 2 ranks, node0's
     keeper rebuilds node1's snapshot from its own and node2's shares and serves it; the new
     rank 1 (node2) reads its rows of old rank 1 from node0's keeper over the network. The
-    losses equal a 2-rank run that resumes the same step from disk (the three hosts' L1
-    shards of that step); the survivors then code over the 2 hosts left (k=1, m=1)."""
+    continued losses equal the uninterrupted 3-rank run's (the same global batch, up to the
+    reduction's rounding); the survivors then code over the 2 hosts left (k=1, m=1)."""
     tb = testbed(3)
     run = tb.shared / "run"
     args = [*BASE, f"--train.run_dir={run}", "--train.steps=12", "--data.batch_size=12", "--snapshot.k=2",
@@ -209,10 +211,11 @@ def test_elastic_shrink_across_hosts_reads_the_lost_ranks_shards_from_another_ho
         log = keeper_log(run, tb.host(h))
         assert any(s > step for s in coded(run, tb.host(h), log.rindex("(k=1, m=1)"))), log[-3000:]
 
-    train(2, tmp_path / "from-disk", "--train.steps=12", "--data.batch_size=12",
-          f"--checkpoint.load_from={l1_step(tb, step, tmp_path)}")
-    got, want = losses(run), losses(tmp_path / "from-disk")
-    assert sorted(want) == list(range(step + 1, 13)) and {s: got[s] for s in want} == want
+    train(3, tmp_path / "uninterrupted", "--train.steps=12", "--data.batch_size=12")
+    got, want = losses(run), losses(tmp_path / "uninterrupted")
+    assert sorted(got) == list(range(1, 13))
+    for s in range(step + 1, 13):  # the same global batch on 2 ranks: equal up to the reduction's rounding
+        assert got[s] == pytest.approx(want[s], rel=1e-5), (s, got[s], want[s])
 
 
 # ------------------------------------------------------------------------------ partition
@@ -227,12 +230,14 @@ def test_partitioned_host_the_job_goes_on_without_it_and_its_launcher_gives_up(t
     tb = testbed(2)
     run = tb.shared / "run"
     args = [*BASE, f"--train.run_dir={run}", "--train.steps=10", "--snapshot.k=1", "--snapshot.m=1", *l1_only(tb)]
-    procs = launch(tb, range(2), "split", "1:2", *args, rdzv_conf=ELASTIC.replace("join_timeout=60", "join_timeout=20"))
+    # a short rendezvous round: node1's launcher gives up after join_timeout + 2 x read_timeout
+    procs = launch(tb, range(2), "split", "1:2", *args,
+                   rdzv_conf=ELASTIC.replace("join_timeout=60", "join_timeout=10").replace("read_timeout=15", "read_timeout=8"))
     wait_coded_after(tb, run, range(2), procs.values(), {}, 1)
     tb.partition(1)
     assert procs[0].wait(timeout=GUARD_S) == 0, logs(tb)
     assert procs[1].wait(timeout=GUARD_S) != 0, logs(tb)
-    assert lines(said(tb, 1), "torchrun.s agent has had no workers for 50 s"), said(tb, 1)[-3000:]
+    assert lines(said(tb, 1), "torchrun.s agent has had no workers for 26 s"), said(tb, 1)[-3000:]
     out = said(tb, 0)
     (line,) = lines(out, "recovered step")
     step = int(re.fullmatch(r"kintsugi: recovered step (\d+) from memory via EC rebuild of node\(s\) \[1\] onto 1 ranks "

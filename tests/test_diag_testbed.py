@@ -1,9 +1,10 @@
 """Detection on the trainer itself, through the real launcher, on the emulated cluster: one
 rank per host, and a real fault done to a host from outside (tests/faults.py): a link shaped
-slower with tc, a host's CPU cut with its cgroup quota, a rank stopped with SIGSTOP, a host's
-traffic dropped, a rank killed. Each is named with the right kind and the right host or
-link, by a live Detector and by every host's own launcher monitor. The whole matrix (every
-layout x every fault, DeepSpeed included, with timings) is benchmarks/detect_bench.py's."""
+slower with tc, a rank stopped with SIGSTOP, a host's traffic dropped, a rank killed. Each is
+named with the right kind and the right host or link, by a live Detector and by every host's
+own launcher monitor. The whole matrix (every layout x every fault, DeepSpeed included, with
+timings) is benchmarks/detect_bench.py's; a host's CPU cut with its cgroup quota is there
+only: it is not named reliably yet (issue #14, docs/diagnostics.md)."""
 from __future__ import annotations
 
 import pytest
@@ -38,18 +39,6 @@ def test_half_bandwidth_link_inside_fsdp2_collectives_is_named_by_the_probe(test
     assert probe["step"] > out.fault_step and sorted(probe["ranks"]) == [0, 1, 2]  # one prober per host
     # Every pair was measured, and the slow pair moved the payload about half as fast.
     assert len(probe["matrix_ms"]) == 6 and probe["matrix_ms"]["1->2"] > 1.5 * probe["typical_ms"]
-
-
-@pytest.mark.xfail(strict=False, reason="issue #14 open: a CPU-quota straggler is named in 1 of 3 benchmark runs and "
-                   "missed in a quiet full-suite run (the quota's effect on a shared 2-core box varies)")
-def test_cpu_throttled_host_is_named_as_a_straggler(testbed):
-    tb = testbed(2)
-    fault = faults.Fault("cpu", host=1, step=25, slower=1.0)  # its cgroup: half the CPU it computed with
-    out = faults.run(tb, "ddp", fault, steps=150)
-    v = _check(tb, out, fault)
-    # On a busy machine the onset may not stand out of the noise before the slow steps fill a
-    # window and history: then the sustained pattern names it.
-    assert v.time > out.fault_time and v.evidence["pattern"] in ("onset", "sustained")
 
 
 def test_stopped_rank_is_a_hang_in_compute(testbed):

@@ -35,15 +35,23 @@ def by_fabric(plan) -> list[set]:
     return [{names[n] for n in st["nodes"]} for st in plan.stages]
 
 
-@pytest.mark.xfail(strict=False, reason="issue #16 open: in one full-suite run a rank of the detect job aborted inside "
-                   "torch ('terminate called without an active exception'); cause not found yet")
+ABORT = "terminate called without an active exception"  # once in a full-suite run, inside torch; cause not found
+
+
 def test_plan_detect_reads_fabrics_measures_links_and_places_by_fabric(testbed):
     tb = testbed(4)
     two_fabrics(tb)
     out = tb.shared / "plan.json"
     argv = [sys.executable, "-m", "launch", "plan", "--detect", "--nnodes", "4", "--rdzv-endpoint", tb.rdzv_endpoint(29400),
             "--model", str(JOB), "--pp", "2", "--dp", "2", "--microbatches", "2", "--probe-mb", "2", "--out", str(out)]
-    wait(tb, [tb.popen(h, argv, env=env(GLOO_SOCKET_IFNAME=cluster.IFACE), log=tb.log(h, "plan")) for h in range(4)], "plan")
+    for attempt in range(2):  # a second try only after that abort (issue #16): any other failure fails
+        procs = [tb.popen(h, argv, env=env(GLOO_SOCKET_IFNAME=cluster.IFACE), log=tb.log(h, f"plan{attempt}"))
+                 for h in range(4)]
+        rcs = [p.wait(timeout=900) for p in procs]  # a hang guard
+        logs = "\n".join(tb.log(h, f"plan{attempt}").read_text()[-3000:] for h in range(4))
+        if rcs == [0] * 4 or attempt or ABORT not in logs:
+            break
+    assert rcs == [0] * 4, logs
     plan = load_plan(out)
     topo = plan.topology
     # Nodes in the rendezvous' order (by host name), fabrics from the interfaces' aliases.
@@ -58,7 +66,7 @@ def test_plan_detect_reads_fabrics_measures_links_and_places_by_fabric(testbed):
     # Each stage on one fabric (contiguous ranks would put both fabrics in every stage).
     assert by_fabric(plan) in ([{"fast"}, {"ethernet"}], [{"ethernet"}, {"fast"}])
     assert plan.predicted["adaptive_s"] < plan.predicted["unaware_same_schedule_s"]
-    report = tb.log(0, "plan").read_text()
+    report = tb.log(0, f"plan{attempt}").read_text()
     assert "link MB/s (measured)" in report and "fabric fast" in report and "stage" in report
 
 

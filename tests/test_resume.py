@@ -3,6 +3,7 @@ uninterrupted run exactly; a checkpoint saved on one layout resumes on another."
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import time
@@ -50,7 +51,8 @@ def test_worker_kill9_torchrun_restarts_and_resumes_exactly(uninterrupted, tmp_p
     os.kill(victim.pid, signal.SIGKILL)
     out, _ = agent.communicate()
     assert agent.returncode == 0, out[-3000:]
-    assert "resumed from step 10" in out or "resumed from step 15" in out, out[-3000:]
+    # the keeper outlived the worker: the restart restores from its memory (L0)
+    assert re.search(r"resumed from step (10|15) \(L0; checkpoints in", out), out[-3000:]
     got = losses(tmp_path)
     assert sorted(got) == list(range(1, 31))
     assert got == uninterrupted  # bit-exact: same layout, same reductions
@@ -77,7 +79,6 @@ def test_whole_job_kill9_then_relaunch_resumes_exactly(uninterrupted, tmp_path):
 
 @pytest.mark.parametrize("src,dst", [
     ((2, ["--parallel.dp_shard=2"]), (1, [])),                               # FSDP2 x2 -> one process
-    ((2, ["--parallel.tp=2"]), (2, ["--parallel.dp_shard=2"])),              # TP x2 -> FSDP2 x2
     ((2, ["--parallel.pp=2"]), (2, ["--parallel.tp=2"])),                    # PP x2 -> TP x2
     ((2, ["--parallel.engine=deepspeed", "--deepspeed.zero_stage=3"]), (2, ["--parallel.dp_replicate=2", "--parallel.dp_shard=1"])),  # ZeRO-3 -> DDP
     ((1, []), (2, ["--parallel.engine=deepspeed", "--deepspeed.zero_stage=2"])),  # one process -> ZeRO-2
