@@ -69,6 +69,15 @@ class PendingSave:
 
 
 @dataclass
+class CopyError:
+    """Why one rank could not restore one copy (gathered from every rank)."""
+
+    message: str
+    elsewhere: bool  # a shard it needs is on another node's L1: not damage
+    partly: bool  # found while copying: part of the copy is in the state already
+
+
+@dataclass
 class SaveTiming:
     """One save's cost to the training loop and its time to durable (for metrics.jsonl and
     the library's save handles)."""
@@ -462,22 +471,22 @@ class Checkpointer:
                 missing = fill_all(state, manifest, step_dir, readers, optional)
             except MissingShard as e:
                 # a node's L1 holds its own ranks' shards: on several nodes a rank may need another's
-                error = (str(e), level == "l1" and self.nodes > 1, False)
+                error = CopyError(str(e), level == "l1" and self.nodes > 1, False)
             except CorruptCheckpoint as e:
-                error = (str(e), False, isinstance(e, PartlyFilled))
+                error = CopyError(str(e), False, isinstance(e, PartlyFilled))
             errors = [e for e in dist_utils.all_gather_object(error) if e]
-            partly = next((f"step {step} at {level.upper()}: {e}" for e, _, p in errors if p), partly)
+            partly = next((f"step {step} at {level.upper()}: {e.message}" for e in errors if e.partly), partly)
             if not errors:
                 self.restored_from = level
                 log.info("restored step %d from %s", step, level)
                 if say and self.rank == 0:
                     print(f"kintsugi: restored step {step} from {level.upper()}", flush=True)
                 return step, manifest["objects"], missing
-            if all(elsewhere for _, elsewhere, _ in errors):
+            if all(e.elsewhere for e in errors):
                 log.info("step %d at L1: a shard this rank needs is on another node (%s); trying the next copy",
-                         step, errors[0][0])
+                         step, errors[0].message)
                 continue
-            errors = [e for e, _, _ in errors]
+            errors = [e.message for e in errors]
             log.warning("checkpoint step %d at %s is damaged (%s); trying the next copy", step, level, errors[0])
             if self.rank == 0:
                 print(f"kintsugi: warning: checkpoint step {step} at {level.upper()} is damaged ({errors[0]}); "

@@ -102,7 +102,7 @@ def build_manifest(step: int, world: int, records_by_rank: list, objects: dict, 
             "tensors": tensors, "objects": objects, **(extra or {})}
 
 
-def check(target: Chunk, stored: dict, step_dir: Path, readers: dict):
+def check_fillable(target: Chunk, stored: dict, step_dir: Path, readers: dict):
     """Raise, before anything is copied, if ``target`` cannot be filled from ``stored``: another
     shape, or a shard file it overlaps that is neither open nor on disk."""
     if list(stored["shape"]) != list(target.global_shape):
@@ -115,7 +115,7 @@ def check(target: Chunk, stored: dict, step_dir: Path, readers: dict):
 
 
 def fill(target: Chunk, stored: dict, step_dir: Path, readers: dict, verify: bool = True):
-    """Copy every stored chunk overlapping ``target`` into it (``check`` it first)."""
+    """Copy every stored chunk overlapping ``target`` into it (``check_fillable`` it first)."""
     covered = 0
     for sc in stored["chunks"]:
         ov = overlap(target.offsets, target.shape, sc["offsets"], sc["shape"])
@@ -164,7 +164,7 @@ def fill_all(state: dict, manifest: dict, step_dir: Path, readers: dict, optiona
                 missing.add(name)
                 continue
             raise UserError(f"checkpoint {step_dir} has no tensor {name!r}; it was saved from a different model")
-        check(value, stored, step_dir, readers)
+        check_fillable(value, stored, step_dir, readers)
         todo.append((value, stored))
     try:
         for value, stored in todo:

@@ -106,6 +106,12 @@ def kintsugi(*args: str, **kw) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, **kw)
 
 
+# torch (gloo) rarely aborts a rank with this line and SIGABRT, at a collective or at exit: seen
+# in about one full-suite run in three, cause not found (issue #16). The tests it hit try once
+# more on exactly this abort; any other failure fails them.
+TORCH_ABORT = "terminate called without an active exception"
+
+
 @pytest.fixture(scope="session")
 def reference(tmp_path_factory):
     """The single-process run every layout must reproduce: steps 1..6."""

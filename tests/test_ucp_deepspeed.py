@@ -92,7 +92,7 @@ def ds_job(rank: int, world: int, port: int, root: str, mode: str):
 
 @pytest.fixture(scope="module")
 def ds_root(tmp_path_factory):
-    for attempt in range(2):  # once more only after torch's rare abort of a gloo rank (SIGABRT, issue #16)
+    for attempt in range(2):  # once more only after torch's rare abort of a rank (SIGABRT: conftest.TORCH_ABORT)
         root = tmp_path_factory.mktemp("ds")
         try:
             mp.start_processes(ds_job, args=(2, free_port(), str(root), "save"), nprocs=2, start_method="spawn")
