@@ -14,13 +14,15 @@ after it (ready before this layer's backward starts, as in a real model):
 - deepspeed: DeepSpeed-MoE's layer (capacity-padded dispatch), gradients all-reduced after
   the backward (what DeepSpeed's engine does at ZeRO stage 0-2 without overlap_comm);
 - d1 / d2 / d4: Kintsugi's layer with that many chunks, gradients after the backward;
-- auto: the chunk count and gradient partition the profile + model choose (comms/moe),
-  gradients reduced in the backward's link gaps; auto_after: the same d, gradients after
-  the backward (the chunking's share alone).
+- auto: the chunk count the profile + model choose, settled on the layer's own timed calls
+  (comms/moe/tuner.py, during the warm-up rounds), and the gradient partition of the model
+  calibrated by those calls, gradients reduced in the backward's link gaps; auto_after: d
+  settled the same way, gradients after the backward (the chunking's share alone).
 
 Variants run round by round in an order that rotates every round; a step's time is the
 slowest rank's. Reported: median and interquartile range over the timed rounds; the model's
-predicted time (perfmodel.simulate with the profile measured on the job's groups) beside it.
+predicted time (perfmodel.simulate) beside it, with the profile as measured on the job's
+groups and with its overlap calibrated by auto's timed calls.
 
 Modelled (no GPUs here): the same model with an assumed GPU cluster's costs
 (gpu_cluster_profile) for layer shapes of the FSMoE paper's range.
@@ -31,6 +33,7 @@ Modelled (no GPUs here): the same model with an assumed GPU cluster's costs
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import math
@@ -108,7 +111,8 @@ def worker(cfg: dict, out_path: str):
     holders = {"deepspeed": nn.ModuleDict({"moe": ds})}
     reducers = {}
     for name in VARIANTS[1:]:
-        mcfg = MoEConfig(every=1, n_experts=n_exp, top_k=k, capacity_factor=cf, router="gshard", chunks=CHUNKS[name])
+        mcfg = MoEConfig(every=1, n_experts=n_exp, top_k=k, capacity_factor=cf, router="gshard", chunks=CHUNKS[name],
+                         tune_calls=cfg["tune_calls"])
         holder = nn.ModuleDict({"moe": MoE(dim, hidden, mcfg)})
         expert_names = apply_expert_parallel(holder, groups.mesh, groups)
         holder.later = nn.Parameter(torch.zeros(later_n))
@@ -167,11 +171,14 @@ def worker(cfg: dict, out_path: str):
     # measured on these groups (the same numbers for every d).
     sched = holders["auto"]["moe"].scheduler
     rep = sched.report()["moe"]
+    (trial,) = sched.trials.values()
     if rank == 0:
         capacity_rows = cfg["batch"] * capacity(holders["auto"]["moe"].cfg, cfg["seq"])
         Path(out_path).write_text(json.dumps({
             "times": times, "auto_d": rep["d"], "rows": rep["rows"], "fill": rep["rows"] / capacity_rows,
-            "profile": sched.profile.to_dict(), "hierarchical": groups.hierarchical, "core": core,
+            "auto_after_d": holders["auto_after"]["moe"].scheduler.report()["moe"]["d"],
+            "tuned_ms": trial.measured_ms, "profile": dataclasses.replace(sched.profile, overlap=sched.measured_overlap).to_dict(),
+            "calibrated_overlap": sched.profile.overlap, "hierarchical": groups.hierarchical, "core": core,
             "shape": {"n_experts": n_exp, "slots": rep["rows"], "dim": dim, "hidden": hidden, "ep": world,
                       "elt_bytes": 4, "grad_bytes": reduced_bytes}}))
     for name, h in holders.items():
@@ -229,8 +236,9 @@ def spread(ts: list[float]) -> dict:
 
 
 def summarize(raw: dict) -> dict:
-    """Measured medians and spreads; the model's prediction of each Kintsugi variant from the
-    profile the job measured (fixed d: that d; auto: its own choice).
+    """Measured medians and spreads; the model's prediction of each Kintsugi variant, from the
+    profile the job measured and from that profile with the overlap auto's timed calls
+    calibrated (fixed d: that d; auto: the d it settled on).
 
     The model times what the schedule changes: exchanges, expert compute and the gradient
     reduction (``core``, measured by the scheduler around that part, plus the reduction).
@@ -238,20 +246,29 @@ def summarize(raw: dict) -> dict:
     measured once, at d = 1, as the median of step - core, and added to every prediction
     (``modelled_ms``), so that it compares with the measured step."""
     prof, shape = Profile.from_dict(raw["profile"]), LayerShape(**raw["shape"])
-    predicted = {f"d{d}": simulate(shape, prof, d, partition=False) for d in (1, 2, 4)}
-    chosen = choose(shape, prof)
-    predicted["auto"] = chosen
-    predicted["auto_after"] = simulate(shape, prof, chosen.d, partition=False)
+    calibrated = dataclasses.replace(prof, overlap=raw["calibrated_overlap"])
     outside = statistics.median(1e3 * (t - c) for t, c in zip(raw["times"]["d1"], raw["core"]["d1"]))
-    row = {"auto_d": raw["auto_d"], "modelled_auto_d": chosen.d, "fill": raw["fill"], "hierarchical": raw["hierarchical"],
-           "link_mb_s": raw.get("link_mb_s"), "profile": raw["profile"], "outside_ms": outside}
+
+    def predictions(p: Profile) -> dict:
+        out = {f"d{d}": simulate(shape, p, d, partition=False) for d in (1, 2, 4)}
+        out["auto"] = simulate(shape, p, raw["auto_d"])
+        out["auto_after"] = simulate(shape, p, raw["auto_after_d"], partition=False)
+        return out
+
+    pick = choose(shape, prof)  # the model alone, before auto's timed calls
+    row = {"auto_d": raw["auto_d"], "auto_after_d": raw["auto_after_d"], "modelled_auto_d": pick.d,
+           "modelled_auto_ms": 1e3 * pick.predicted_s + outside,
+           "tuned_ms": raw["tuned_ms"], "calibrated_overlap": raw["calibrated_overlap"], "fill": raw["fill"],
+           "hierarchical": raw["hierarchical"], "link_mb_s": raw.get("link_mb_s"), "profile": raw["profile"],
+           "outside_ms": outside}
     for v in VARIANTS:
         row[v] = spread(raw["times"][v])
-        if v in predicted:
+    for suffix, p in (("", prof), ("_calibrated", calibrated)):
+        for v, sched in predictions(p).items():
             row[v]["core_ms"] = spread(raw["core"][v])["median"]
-            row[v]["modelled_core_ms"] = 1e3 * predicted[v].predicted_s
-            row[v]["modelled_ms"] = row[v]["modelled_core_ms"] + outside
-            row[v]["model_error"] = row[v]["modelled_ms"] / row[v]["median"] - 1
+            row[v][f"modelled_core_ms{suffix}"] = 1e3 * sched.predicted_s
+            row[v][f"modelled_ms{suffix}"] = row[v][f"modelled_core_ms{suffix}"] + outside
+            row[v][f"model_error{suffix}"] = row[v][f"modelled_ms{suffix}"] / row[v]["median"] - 1
     return row
 
 
@@ -289,16 +306,18 @@ def modelled(gpus_per_node=8, nodes=4) -> tuple[list, float, float]:
 def print_measured(title: str, row: dict):
     print(f"\n{title}")
     print(f"{'variant':>11} | {'median ms':>9} | {'IQR ms':>7} | {'min ms':>7} | vs DeepSpeed | {'core ms':>7} | "
-          f"{'model core':>10} | {'model ms':>8} | model error")
+          f"{'model ms':>8} | model error | calibrated ms | calibrated error")
     for v in VARIANTS:
         r = row[v]
-        model = (f"{r['core_ms']:7.1f} | {r['modelled_core_ms']:10.1f} | {r['modelled_ms']:8.1f} | {100 * r['model_error']:+.0f}%"
-                 if "modelled_ms" in r else "")
+        model = (f"{r['core_ms']:7.1f} | {r['modelled_ms']:8.1f} | {100 * r['model_error']:+10.0f}% | "
+                 f"{r['modelled_ms_calibrated']:13.1f} | {100 * r['model_error_calibrated']:+.0f}%" if "modelled_ms" in r else "")
         print(f"{v:>11} | {r['median']:9.1f} | {r['iqr']:7.1f} | {r['min']:7.1f} | "
               f"{row['deepspeed']['median'] / r['median']:11.2f}x | {model}")
-    print(f"auto chose d={row['auto_d']} (the model on the measured profile: d={row['modelled_auto_d']}); routing and "
-          f"ordering outside the model {row['outside_ms']:.1f} ms (measured at d=1); exchanged rows / capacity "
-          f"{row['fill']:.2f}; overlap measured {row['profile']['overlap']:.2f}"
+    tuned = ", ".join(f"d={d}: {ms:.1f}" for d, ms in row["tuned_ms"].items())
+    print(f"auto settled on d={row['auto_d']} from its timed calls ({tuned} ms; auto_after: d={row['auto_after_d']}); "
+          f"the model alone on the measured profile: d={row['modelled_auto_d']}; overlap measured "
+          f"{row['profile']['overlap']:.2f}, calibrated {row['calibrated_overlap']:.2f}; routing and ordering outside the "
+          f"model {row['outside_ms']:.1f} ms (measured at d=1); exchanged rows / capacity {row['fill']:.2f}"
           + (f"; link {row['link_mb_s']:.1f} MB/s (measured)" if row.get("link_mb_s") else ""))
 
 
@@ -318,9 +337,11 @@ def main(argv=None):
         worker(json.loads(args.worker[0]), args.worker[1])
         return None
     cfg = {"dim": 256, "hidden": 512, "experts_per_rank": 2, "k": 2, "capacity_factor": 1.25, "batch": 8, "seq": 128,
-           "later_mb": 2.0, "warmup": 3, "rounds": args.rounds or 15}
+           "later_mb": 2.0, "tune_calls": 3, "rounds": args.rounds or 15}
     if args.quick:
-        cfg.update(dim=64, hidden=128, batch=2, seq=64, later_mb=0.25, warmup=1, rounds=args.rounds or 4)
+        cfg.update(dim=64, hidden=128, batch=2, seq=64, later_mb=0.25, tune_calls=1, rounds=args.rounds or 4)
+    # auto settles d in its warm-up: tune_calls timed calls of each of at most 5 candidates.
+    cfg["warmup"] = 2 + 5 * cfg["tune_calls"]
     shape_line = (f"dim={cfg['dim']} hidden={cfg['hidden']} experts={cfg['experts_per_rank']}/rank k={cfg['k']} "
                   f"cf={cfg['capacity_factor']} tokens/rank={cfg['batch'] * cfg['seq']} later gradients {cfg['later_mb']} MB; "
                   f"{cfg['rounds']} interleaved rounds")
@@ -351,7 +372,8 @@ def main(argv=None):
     head = measured[next(iter(measured))]
     result = {"measured": {"deepspeed_ms": head["deepspeed"]["median"], "d1_ms": head["d1"]["median"],
                            "auto_ms": head["auto"]["median"], "auto_d": head["auto_d"]},
-              "modelled": {"auto_ms": head["auto"]["modelled_ms"], "auto_d": head["modelled_auto_d"]},
+              "modelled": {"auto_ms": head["modelled_auto_ms"], "auto_d": head["modelled_auto_d"],
+                           "auto_ms_calibrated": head["auto"]["modelled_ms_calibrated"]},
               "details": {"config": cfg, "rate_mbit": args.rate_mbit if args.testbed else None, "runs": measured,
                           "gpu_cluster": {"rows": rows, "speedup": geo, "speedup_chunking_only": geo_chunking,
                                           "profile": gpu_cluster_profile().to_dict()}}}

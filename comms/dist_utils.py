@@ -49,11 +49,16 @@ def broadcast_object(obj, src: int = 0, group=None):
 
 
 def all_reduce_max(value: float, group=None) -> float:
+    return all_reduce_max_each([value], group)[0]
+
+
+def all_reduce_max_each(values: list[float], group=None) -> list[float]:
+    """Element-wise maximum of ``values`` across ranks: one small all-reduce."""
     if not initialized():
-        return value
-    t = torch.tensor([value], dtype=torch.float64)
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64)
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
-    return float(t.item())
+    return t.tolist()
 
 
 def any_true(flags: list[bool], group=None) -> list[bool]:
@@ -76,14 +81,15 @@ def shutdown():
         dist.destroy_process_group()
 
 
-def exit_process(code: int = 0):
+def exit_process(code: int = 0, barrier: bool = True):
     """End a worker process: a barrier as the job's last collective, files flushed, then exit
     without tearing the process group down. gloo's destructor joins its worker threads while
     holding the GIL, and a worker thread still releasing a collective's Python tensors needs
     the GIL: a deadlock at exit that ``shutdown``'s barrier makes rarer but not impossible
     (caught with gdb in a DDP worker, about 1 run in 10 under load). An exit on an error
-    (``code`` != 0) skips the barrier: the other ranks may never come."""
-    if code == 0 and initialized():
+    (``code`` != 0) skips the barrier: the other ranks may never come; so does
+    ``barrier=False``, for a caller whose last collective was one."""
+    if code == 0 and barrier and initialized():
         dist.barrier()
     logging.shutdown()
     sys.stdout.flush()

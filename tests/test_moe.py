@@ -150,7 +150,7 @@ def test_aux_loss_is_weighted_load_balance_plus_z_loss():
 @pytest.mark.parametrize("field, value, msg", [
     ("router", "hash", "moe.router"), ("top_k", 2, "moe.top_k"), ("chunks", "many", "moe.chunks"),
     ("chunks", "0", "moe.chunks"), ("z_loss_coef", -1.0, "moe.z_loss_coef"), ("hierarchical", "maybe", "moe.hierarchical"),
-    ("shared_experts", -1, "moe.shared_experts"),
+    ("shared_experts", -1, "moe.shared_experts"), ("tune_calls", -1, "moe.tune_calls"),
 ])
 def test_config_errors_name_the_field(field, value, msg):
     cfg = MoEConfig(every=1, router="switch", top_k=1)
@@ -213,6 +213,53 @@ def test_auto_schedules_from_the_profile_it_holds():
     assert shared_cores.schedule(shape).d == 1
 
 
+def test_auto_settles_d_on_measured_calls_and_calibrates_the_overlap():
+    """The model alone picks d=1 from a profile that read no overlap; the calls themselves,
+    timed as an overlap of 0.6 would run them, show d=4 fastest: auto cycles the candidates
+    call by call, settles on d=4 for every later bucket, and refits the overlap to 0.6."""
+    shape = dataclasses.replace(SHAPE, grad_bytes=0)
+    compute = profile(0, 0).expert(shape.expert_flops)
+    bw = profile(5e-6, compute / shape.a2a_bytes)
+    truth = dataclasses.replace(bw, overlap=0.6)
+    sched = MoEScheduler(None, "auto", tune_calls=2)
+    sched.profile = dataclasses.replace(bw, overlap=0.0)
+    issued = []
+    while not sched.trials or sched.trials[(8, 512, 2048, 2)].chosen is None:
+        s = sched.schedule(shape)
+        trial = sched.trials[(8, 512, 2048, 2)]
+        if trial.chosen is None:
+            issued.append(s.d)
+            trial.add(s.d, simulate(shape, truth, s.d).predicted_s)
+    assert trial.model_d == 1 and trial.candidates == [1, 2, 4]
+    assert issued == [1, 2, 4, 1, 2, 4]  # interleaved: a load burst hits every candidate alike
+    assert s.d == trial.chosen == 4
+    assert sched.profile.overlap == pytest.approx(0.6)
+    assert sched.schedule(dataclasses.replace(shape, slots=300)).d == 4  # another bucket, same family
+    # Measured within MIN_GAIN of the model's pick: the model's pick stays.
+    close = MoEScheduler(None, "auto", tune_calls=1)
+    close.profile = bw
+    close.schedule(shape)
+    trial = close.trials[(8, 512, 2048, 2)]
+    model_d = trial.model_d
+    assert model_d >= 4
+    for d in trial.candidates:
+        trial.add(d, 1.0 if d == model_d else 0.97)
+    assert close.schedule(shape).d == model_d
+
+
+def test_auto_layer_times_its_own_calls():
+    """Through the layer: each call's forward + backward lands on the d it ran with."""
+    torch.manual_seed(0)
+    m = MoE(16, 24, make_cfg("gshard", chunks="auto", tune_calls=1))
+    x = torch.randn(2, 32, 16)
+    for _ in range(4):
+        run(m, x, "auto")
+    (trial,) = m.scheduler.trials.values()
+    assert trial.chosen in trial.candidates and len(trial.candidates) >= 2
+    assert all(len(trial.samples[d]) == 1 for d in trial.candidates)
+    assert set(trial.measured_ms) == set(trial.candidates)
+
+
 def test_large_gradient_to_hide_favours_longer_link_gaps():
     """FSMoE's trade-off: more chunks keep the link busier, leaving smaller gaps for the
     gradient all-reduce; with a big gradient the model picks fewer chunks than without."""
@@ -234,6 +281,12 @@ def test_model_schedule_replay_and_gradient_partition():
     assert best.predicted_s < seq.predicted_s
     assert sum(best.gap_bytes) > 0  # partitions placed in the gaps of the backward
     assert sum(best.gap_bytes) <= SHAPE.grad_bytes
+    # A partition in a gap runs beside compute: where none of a reduction overlaps it (shared
+    # cores), the partition costs what reducing after the backward does, plus its latencies.
+    none_hidden = dataclasses.replace(p, reduce_overlap=0.0)
+    after = simulate(SHAPE, none_hidden, best.d, partition=False).predicted_s
+    assert simulate(SHAPE, none_hidden, best.d).predicted_s >= after
+    assert simulate(SHAPE, p, best.d).predicted_s < after
     # Round trip of a recorded profile.
     assert Profile.from_dict(p.to_dict()) == p
 

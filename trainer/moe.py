@@ -230,7 +230,7 @@ class MoE(nn.Module):
         # Shared experts (DeepSeek-style): one always-active SwiGLU of shared_experts x hidden.
         self.shared = FeedForward(dim, hidden * cfg.shared_experts) if cfg.shared_experts else None
         # Replaced by one shared scheduler (with the EP groups) in apply_expert_parallel.
-        self.scheduler = MoEScheduler(None, cfg.chunks, cfg.reprofile_every)
+        self.scheduler = MoEScheduler(None, cfg.chunks, cfg.reprofile_every, cfg.tune_calls)
         self.name = "moe"
         self.aux_loss = None
 
@@ -276,7 +276,7 @@ def apply_expert_parallel(model: nn.Module, ep_mesh: DeviceMesh, groups: EPGroup
     if not layers:
         return names
     cfg = next(iter(layers.values())).cfg
-    scheduler = MoEScheduler(groups, cfg.chunks, cfg.reprofile_every)
+    scheduler = MoEScheduler(groups, cfg.chunks, cfg.reprofile_every, cfg.tune_calls)
     for mod_name, m in layers.items():
         m.scheduler.close()
         m.scheduler, m.name = scheduler, mod_name

@@ -10,7 +10,8 @@ schedule would run fastest, not a closed formula's guess.
 Gradient partition: during the MoE backward, the link carrying the all-to-all is idle while
 experts compute. The model measures those idle intervals and sizes gradient all-reduce
 partitions to fit them (``bytes = (gap - alpha) / beta``); what does not fit is reduced
-after the backward and counts as exposed time.
+after the backward and counts as exposed time. A partition in a gap slows the compute beside
+it by the share of its time that does not overlap (``reduce_overlap``), as an exchange does.
 """
 from __future__ import annotations
 
@@ -54,6 +55,7 @@ class Profile:
     # engines (GPU copy engines / NICs); near 0 when gloo's copies and the matmuls fight
     # for the same CPU cores: then a compute stretches by (1 - overlap) x the comm it meets.
     overlap: float = 1.0
+    reduce_overlap: float = 1.0  # the same for a gradient all-reduce run beside expert compute
     source: str = "measured"
 
     def to_dict(self) -> dict:
@@ -170,7 +172,10 @@ def simulate(shape: LayerShape, prof: Profile, d: int, partition: bool = True) -
         gaps.append(int(take))
         left -= take
     exposed = prof.allreduce(left) if left > 0 else 0.0
-    return Schedule(d=d, gap_bytes=gaps, predicted_fwd_s=fwd, predicted_bwd_s=bwd + exposed)
+    # A partition reduced in a gap runs beside that chunk's compute: it slows the compute by
+    # the part that does not overlap, as an exchange does.
+    stretch = (1.0 - prof.reduce_overlap) * sum(prof.allreduce(g) for g in gaps if g)
+    return Schedule(d=d, gap_bytes=gaps, predicted_fwd_s=fwd, predicted_bwd_s=bwd + stretch + exposed)
 
 
 def sequential(shape: LayerShape, prof: Profile) -> Schedule:
@@ -272,35 +277,45 @@ def measure(groups, dim: int, hidden: int, local_experts: int, dtype=torch.float
     flops = lambda rows: 6 * local_experts * rows * dim * hidden
     t_compute = _agreed(_timed(expert_op(r2), REPS), world_group)
     expert = Cost.fit(flops(r1), _agreed(_timed(expert_op(r1), REPS), world_group), flops(r2), t_compute)
-    overlap = 1.0
+    overlap = reduce_overlap = 1.0
     if groups is not None and groups.ep > 1:
+        def as_long_as_compute(cost: Cost) -> int:  # bytes
+            return int(min(max((t_compute - cost.alpha) / cost.beta, sizes[0]), 16 * sizes[1])) if cost.beta > 0 else sizes[1]
+
         # An exchange about as long as the compute, run alongside it: how much is hidden?
-        nbytes = int(min(max((t_compute - a2a.alpha) / a2a.beta, sizes[0]), 16 * sizes[1])) if a2a.beta > 0 else sizes[1]
-        exchange, compute = exchange_of(nbytes), expert_op(r2)
-
-        def both():
-            pending = lane.submit(exchange)
-            compute()
-            pending.result()
-
-        # Paired rounds: the three runs of a round happen back to back, all ranks starting
-        # together, so a load burst hits a round's runs alike; the median over rounds of
-        # each round's hidden share, the least any rank saw. (Minimums taken separately
-        # undercount overlap: "both" needs both parts lucky at once.)
-        shares = []
-        for _ in range(9):
-            took = {}
-            for key, fn in (("comm", lambda: lane.submit(exchange).result()), ("compute", compute), ("both", both)):
-                dist.barrier(group=world_group)
-                t0 = time.perf_counter()
-                fn()
-                took[key] = time.perf_counter() - t0
-            hidden = took["compute"] + took["comm"] - took["both"]
-            shares.append(hidden / min(took["compute"], took["comm"]))
-        overlap = min(1.0, max(0.0, -_agreed(-statistics.median(shares), world_group)))
+        overlap = _hidden_share(lane, exchange_of(as_long_as_compute(a2a)), expert_op(r2), world_group)
+        # And a gradient all-reduce, as a partition in a backward gap runs.
+        grad = torch.ones(max(1, as_long_as_compute(allreduce) // elt), dtype=dtype)
+        reduce_overlap = _hidden_share(lane, lambda: dist.all_reduce(grad, group=groups.dp), expert_op(r2), world_group)
     lane.close()
     return Profile(a2a=a2a, allreduce=allreduce, allgather=allgather, expert=expert, a2a_intra=intra, a2a_inter=inter,
-                   overlap=overlap)
+                   overlap=overlap, reduce_overlap=reduce_overlap)
+
+
+def _hidden_share(lane, comm, compute, group, rounds: int = 9) -> float:
+    """Share (0..1) of the shorter of ``comm`` (run on ``lane``) and ``compute`` that is
+    hidden when both run together; collective over ``group``.
+
+    Paired rounds: the three runs of a round happen back to back, all ranks starting
+    together, so a load burst hits a round's runs alike; the median over rounds of each
+    round's hidden share, the least any rank saw. (Minimums taken separately undercount
+    overlap: "both" needs both parts lucky at once.)"""
+    def both():
+        pending = lane.submit(comm)
+        compute()
+        pending.result()
+
+    shares = []
+    for _ in range(rounds):
+        took = {}
+        for key, fn in (("comm", lambda: lane.submit(comm).result()), ("compute", compute), ("both", both)):
+            dist.barrier(group=group)
+            t0 = time.perf_counter()
+            fn()
+            took[key] = time.perf_counter() - t0
+        hidden = took["compute"] + took["comm"] - took["both"]
+        shares.append(hidden / min(took["compute"], took["comm"]))
+    return min(1.0, max(0.0, -_agreed(-statistics.median(shares), group)))
 
 
 def gpu_cluster_profile(gpus_per_node: int = 8, nodes: int = 4) -> Profile:
@@ -318,4 +333,5 @@ def gpu_cluster_profile(gpus_per_node: int = 8, nodes: int = 4) -> Profile:
     flat = Cost(5e-6 * ranks, inter.beta + intra.beta)
     # NCCL kernels take some SMs from the experts' matmuls: assume 90% of comm is hidden.
     return Profile(a2a=flat, allreduce=allreduce, allgather=allgather, expert=Cost(20e-6, 1 / 150e12),
-                   a2a_intra=intra, a2a_inter=inter, overlap=0.9, source=f"assumed {nodes}x{gpus_per_node} GPU cluster")
+                   a2a_intra=intra, a2a_inter=inter, overlap=0.9, reduce_overlap=0.9,
+                   source=f"assumed {nodes}x{gpus_per_node} GPU cluster")

@@ -1,5 +1,6 @@
 """Per-model MoE scheduling state: the EP groups and lanes, the measured profile, the
-schedule each layer shape runs, and predicted-vs-measured times for the log."""
+schedule each layer shape runs (chosen by the model, then settled on measured calls:
+tuner.py), and predicted-vs-measured times for the log."""
 from __future__ import annotations
 
 import dataclasses
@@ -11,8 +12,9 @@ import torch.distributed as dist
 
 from comms import dist_utils
 from comms.moe.a2a import EPGroups, Exchanger
-from comms.moe.perfmodel import LayerShape, Profile, Schedule, choose, measure
+from comms.moe.perfmodel import LayerShape, Profile, Schedule, choose, measure, simulate
 from comms.moe.pipeline import Plan, run
+from comms.moe.tuner import Trial, calibrate_overlap, candidates
 
 log = logging.getLogger(__name__)
 
@@ -22,15 +24,17 @@ REPORT_EVERY = 20  # log predicted vs measured after this many timed layer calls
 class MoEScheduler:
     """Shared by every MoE layer of a model (one set of lanes, one profile)."""
 
-    def __init__(self, groups: EPGroups | None, chunks: str = "1", reprofile_every: int = 0):
+    def __init__(self, groups: EPGroups | None, chunks: str = "1", reprofile_every: int = 0, tune_calls: int = 0):
         self.groups = groups
         self.ep = groups.ep if groups is not None else 1
         self.exchanger = Exchanger(groups)
-        self.chunks, self.reprofile_every = chunks, reprofile_every
+        self.chunks, self.reprofile_every, self.tune_calls = chunks, reprofile_every, tune_calls
         self.profile: Profile | None = None
+        self.measured_overlap: float | None = None  # the profile's own, before calibration
         self.reducer = None
         self.grad_bytes_per_layer = 0
         self._schedules: dict[tuple, Schedule] = {}
+        self.trials: dict[tuple, Trial] = {}  # per layer family: (experts, dim, hidden, dtype bytes)
         self._times: dict[str, dict[str, list]] = {}
         self._calls = 0
 
@@ -55,7 +59,9 @@ class MoEScheduler:
             self.profile = None
         if self.profile is None:
             self.profile = measure(self.groups, shape.dim, shape.hidden, shape.n_experts // shape.ep)
+            self.measured_overlap = self.profile.overlap
             self._schedules.clear()
+            self.trials.clear()
             log.info("moe profile: %s", self.profile.to_dict())
         # Packed rows change every step: plan for the top of the rows' bucket (4 per octave),
         # so the ~1 ms model runs once per bucket, not per call. All EP ranks agreed on the
@@ -66,7 +72,29 @@ class MoEScheduler:
             s = self._schedules[key] = choose(shape, self.profile)
             log.info("moe schedule for %s: d=%d, gradient partition %s bytes, predicted fwd %.2f ms + bwd %.2f ms",
                      key, s.d, s.gap_bytes, 1e3 * s.predicted_fwd_s, 1e3 * s.predicted_bwd_s)
-        return self._schedules[key]
+        if not self.tune_calls:
+            return self._schedules[key]
+        family = (shape.n_experts, shape.dim, shape.hidden, shape.elt_bytes)
+        trial = self.trials.setdefault(family, Trial(candidates(self._schedules[key].d, shape.slots),
+                                                     self.tune_calls, self._schedules[key].d))
+        if trial.chosen is None:
+            if not trial.ready():
+                return simulate(shape, self.profile, trial.next_d())
+            self._settle(trial, shape)
+        tuned = key + ("tuned",)
+        if tuned not in self._schedules:
+            self._schedules[tuned] = simulate(shape, self.profile, trial.chosen)
+        return self._schedules[tuned]
+
+    def _settle(self, trial: Trial, shape: LayerShape):
+        """Every rank at the same call (the trial's state follows program order)."""
+        d = trial.settle(self.groups.dp if self.groups is not None else None)
+        overlap = calibrate_overlap(shape, self.profile, trial.measured_ms)
+        self.profile = dataclasses.replace(self.profile, overlap=overlap)
+        self._schedules = {k: v for k, v in self._schedules.items() if k[-1] != "tuned"}
+        log.info("moe d settled on measured calls: %s ms per forward+backward -> d=%d (the model alone: d=%d); "
+                 "overlap calibrated %.2f -> %.2f",
+                 {c: round(ms, 2) for c, ms in trial.measured_ms.items()}, d, trial.model_d, self.measured_overlap, overlap)
 
     def run(self, name: str, buf, weights, fwd, bwd, hidden: int, counts=None):
         """Co-scheduled dispatch -> experts -> combine of ``buf`` (E, slots, dim); ``counts``
@@ -74,12 +102,18 @@ class MoEScheduler:
         n_exp, slots, dim = buf.shape
         shape = LayerShape(n_exp, slots, dim, hidden, self.ep, buf.element_size(), self.grad_bytes_per_layer)
         sched = self.schedule(shape)
+        trial = self.trials.get((n_exp, dim, hidden, buf.element_size()))
         self._calls += 1
         times = self._times.setdefault(name, {"fwd": [], "bwd": [], "schedule": sched})
         times["schedule"], times["rows"] = sched, slots
+        fwd_s = []
 
         def record(phase, seconds):
             times[phase].append(seconds)
+            if phase == "fwd":
+                fwd_s.append(seconds)
+            elif trial is not None:
+                trial.add(sched.d, fwd_s[0] + seconds)
             if phase == "bwd" and len(times["bwd"]) % REPORT_EVERY == 0 and dist_utils.rank() == 0:
                 r = self.report()[name]
                 predicted = "n/a (fixed d)" if r["predicted_ms"] is None else f"{r['predicted_ms']:.2f} ms"
