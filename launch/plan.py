@@ -146,13 +146,20 @@ def main(argv: list[str]) -> int:
                         "change --batch or --microbatches")
     sizes = {"pp": args.pp, "dp_replicate": args.dp_replicate, "dp_shard": dp // args.dp_replicate, "tp": args.tp}
     model = replace(model, dp_shard=sizes["dp_shard"])
-    if args.detect:
-        found = detected(args)
-        if found is None:
-            return 0  # not node 0: it plans and prints
-        topology = found.topology
-    else:
-        topology = load_topology(args.topology)
+    if not args.detect:
+        return write_plan(args, model, sizes, load_topology(args.topology), None)
+    from comms import dist_utils
+
+    found = detected(args)
+    # Each node leaves without tearing gloo down (dist_utils.exit_process): its teardown
+    # can abort the process ("terminate called without an active exception").
+    dist_utils.exit_process(write_plan(args, model, sizes, found.topology, found) if found is not None else 0,
+                            barrier=False)
+
+
+def write_plan(args, model: ModelSpec, sizes: dict, topology, found) -> int:
+    """Plan ``model`` on ``topology`` (``found``: what --detect measured, for the record),
+    write the plan file, print the report."""
     if args.bandwidth:
         topology = topology.with_bandwidth(args.bandwidth)
     plan = make_plan(topology, model, sizes, ep=args.ep)
@@ -196,15 +203,13 @@ def detected(args):
 
     from trainer.placement import detect_cluster
 
-    dist.init_process_group("gloo")
-    try:
-        import torch
+    import torch
 
-        gpus = args.gpus_per_node or max(torch.cuda.device_count(), 1)
-        found = detect_cluster(job_config(args.model), "cpu", args.dp, gpus=gpus, probe_mb=args.probe_mb)
-        return found if dist.get_rank() == 0 else None
-    finally:
-        dist.destroy_process_group()
+    dist.init_process_group("gloo")
+    gpus = args.gpus_per_node or max(torch.cuda.device_count(), 1)
+    found = detect_cluster(job_config(args.model), "cpu", args.dp, gpus=gpus, probe_mb=args.probe_mb)
+    dist.barrier()  # the last collective: node 0 then plans alone, and every node exits
+    return found if dist.get_rank() == 0 else None
 
 
 def interface_line(x: dict) -> str:

@@ -175,7 +175,7 @@ def worker2(rank, world, tmp):
     chunk = sd["layers.1.feed_forward.experts.w1"]
     assert chunk.global_shape[0] == 4 and chunk.offsets[0] == 2 * rank and not chunk.replica
     save_state(Path(tmp) / "ep2", 3, sd)
-    dist_utils.shutdown()
+    dist_utils.exit_process()
 
 
 def worker4(rank, world, tmp):
@@ -191,7 +191,7 @@ def worker4(rank, world, tmp):
         check_layer(groups, router, world, expert_dp=groups.expert_dp)
     check_transformer(groups, rank, world, use_reducer=False)
     check_transformer(groups, rank, world, use_reducer=True)
-    dist_utils.shutdown()
+    dist_utils.exit_process()
 
 
 def test_expert_parallel_x2_layers_and_checkpoint_resharding(tmp_path):

@@ -12,7 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from comms import UserError
+from comms import UserError, dist_utils
 from conftest import losses, train
 from trainer.config import load_config
 from trainer.overlap_optim import OverlappedOptimizer, buckets
@@ -21,45 +21,43 @@ from trainer.overlap_optim import OverlappedOptimizer, buckets
 def _worker(rank: int, world: int, tmp: str):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{tmp}/pg", rank=rank, world_size=world)
-    try:
-        torch.manual_seed(0)
-        model = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 4))
-        copies = [copy.deepcopy(model) for _ in range(3)]
-        opts = [torch.optim.AdamW(m.parameters(), lr=1e-2, foreach=False) for m in copies]
-        group = dist.new_group(list(range(world)))
-        # ~1 KB buckets: 4 of them, so steps and reductions interleave.
-        overlapped = OverlappedOptimizer(copies[0], opts[0], group, bucket_mb=0.001)
-        after = OverlappedOptimizer(copies[1], opts[1], group, bucket_mb=0.001, overlap=False)
-        assert len(overlapped.buckets) == 4
-        for step in range(3):
-            torch.manual_seed(100 * step + rank)  # each replica its own batch
-            x, y = torch.randn(16, 8), torch.randn(16, 4)
-            for m in copies:
-                nn.functional.mse_loss(m(x), y).backward()
-            squares = [overlapped.step(), after.step()]
-            # By hand: average every gradient over the replicas, then one step.
-            for p in copies[2].parameters():
-                dist.all_reduce(p.grad)
-                p.grad.div_(world)
-            opts[2].step()
-            assert torch.equal(squares[0], squares[1])
-            assert squares[0].item() == pytest.approx(sum(p.grad.double().square().sum().item() for p in copies[2].parameters()))
-            for opt in opts:
-                opt.zero_grad(set_to_none=True)
-        # Bucket i is stepped right after its own reduction, before the next one is waited for.
-        assert overlapped.events == [(e, i) for i in range(4) for e in ("reduced", "stepped")]
-        assert after.events[-1] == ("stepped", -1) and [e for e, _ in after.events].count("stepped") == 1
-        for a, b, c in zip(*(m.parameters() for m in copies)):
-            assert torch.equal(a, b) and torch.equal(a, c)
-        # Every replica holds the same parameters.
-        flat = torch.cat([p.detach().reshape(-1) for p in copies[0].parameters()])
-        gathered = [torch.empty_like(flat) for _ in range(world)]
-        dist.all_gather(gathered, flat)
-        assert all(torch.equal(g, flat) for g in gathered)
-        overlapped.close()
-        after.close()
-    finally:
-        dist.destroy_process_group()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 4))
+    copies = [copy.deepcopy(model) for _ in range(3)]
+    opts = [torch.optim.AdamW(m.parameters(), lr=1e-2, foreach=False) for m in copies]
+    group = dist.new_group(list(range(world)))
+    # ~1 KB buckets: 4 of them, so steps and reductions interleave.
+    overlapped = OverlappedOptimizer(copies[0], opts[0], group, bucket_mb=0.001)
+    after = OverlappedOptimizer(copies[1], opts[1], group, bucket_mb=0.001, overlap=False)
+    assert len(overlapped.buckets) == 4
+    for step in range(3):
+        torch.manual_seed(100 * step + rank)  # each replica its own batch
+        x, y = torch.randn(16, 8), torch.randn(16, 4)
+        for m in copies:
+            nn.functional.mse_loss(m(x), y).backward()
+        squares = [overlapped.step(), after.step()]
+        # By hand: average every gradient over the replicas, then one step.
+        for p in copies[2].parameters():
+            dist.all_reduce(p.grad)
+            p.grad.div_(world)
+        opts[2].step()
+        assert torch.equal(squares[0], squares[1])
+        assert squares[0].item() == pytest.approx(sum(p.grad.double().square().sum().item() for p in copies[2].parameters()))
+        for opt in opts:
+            opt.zero_grad(set_to_none=True)
+    # Bucket i is stepped right after its own reduction, before the next one is waited for.
+    assert overlapped.events == [(e, i) for i in range(4) for e in ("reduced", "stepped")]
+    assert after.events[-1] == ("stepped", -1) and [e for e, _ in after.events].count("stepped") == 1
+    for a, b, c in zip(*(m.parameters() for m in copies)):
+        assert torch.equal(a, b) and torch.equal(a, c)
+    # Every replica holds the same parameters.
+    flat = torch.cat([p.detach().reshape(-1) for p in copies[0].parameters()])
+    gathered = [torch.empty_like(flat) for _ in range(world)]
+    dist.all_gather(gathered, flat)
+    assert all(torch.equal(g, flat) for g in gathered)
+    overlapped.close()
+    after.close()
+    dist_utils.exit_process()  # leave without tearing gloo down (see dist_utils)
 
 
 def test_bucket_steps_equal_one_step_after_all_reductions(tmp_path):

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from comms import dist_utils
 from comms.costmodel import ModelSpec
 from comms.mesh import MESH_DIMS
 from comms.placement import load_plan, make_plan, stage_to_group_rank
@@ -51,31 +52,29 @@ def _mesh_worker(rank: int, plan_path: str, out_dir: str):
     from comms.mesh import build_mesh
 
     dist.init_process_group("gloo", init_method=f"file://{out_dir}/rendezvous", rank=rank, world_size=4)
-    try:
-        plan = load_plan(plan_path)
-        mesh = build_mesh("cpu", plan.sizes, plan.rank_grid)
-        seen = {}
-        for i, dim in enumerate(MESH_DIMS):
-            group = mesh.get_group(dim)
-            # Traffic really flows inside that group: the sum of its members' ranks.
-            t = torch.tensor([float(rank)])
-            dist.all_reduce(t, group=group)
-            seen[dim] = {"ranks": dist.get_process_group_ranks(group), "sum": t.item(),
-                         "local_rank": mesh.get_local_rank(dim), "coord": mesh.get_coordinate()[i]}
-        # The slow fabric first: stage 0 on ranks 1 and 3. A send addressed by stage index
-        # through stage_to_group_rank reaches the next stage.
-        mesh = build_mesh("cpu", plan.sizes, [[[[1], [3]]], [[[0], [2]]]])
-        pp_group, stage = mesh.get_group("pp"), mesh.get_coordinate()[0]
-        to_group = stage_to_group_rank(mesh)
+    plan = load_plan(plan_path)
+    mesh = build_mesh("cpu", plan.sizes, plan.rank_grid)
+    seen = {}
+    for i, dim in enumerate(MESH_DIMS):
+        group = mesh.get_group(dim)
+        # Traffic really flows inside that group: the sum of its members' ranks.
         t = torch.tensor([float(rank)])
-        if stage == 0:
-            dist.send(t, dist.get_global_rank(pp_group, to_group[1]), group=pp_group)
-        else:
-            dist.recv(t, dist.get_global_rank(pp_group, to_group[0]), group=pp_group)
-        seen["reversed"] = {"stage": stage, "to_group": to_group, "received": t.item(), "local_rank": mesh.get_local_rank("pp")}
-        Path(out_dir, f"{rank}.json").write_text(json.dumps(seen))
-    finally:
-        dist.destroy_process_group()
+        dist.all_reduce(t, group=group)
+        seen[dim] = {"ranks": dist.get_process_group_ranks(group), "sum": t.item(),
+                     "local_rank": mesh.get_local_rank(dim), "coord": mesh.get_coordinate()[i]}
+    # The slow fabric first: stage 0 on ranks 1 and 3. A send addressed by stage index
+    # through stage_to_group_rank reaches the next stage.
+    mesh = build_mesh("cpu", plan.sizes, [[[[1], [3]]], [[[0], [2]]]])
+    pp_group, stage = mesh.get_group("pp"), mesh.get_coordinate()[0]
+    to_group = stage_to_group_rank(mesh)
+    t = torch.tensor([float(rank)])
+    if stage == 0:
+        dist.send(t, dist.get_global_rank(pp_group, to_group[1]), group=pp_group)
+    else:
+        dist.recv(t, dist.get_global_rank(pp_group, to_group[0]), group=pp_group)
+    seen["reversed"] = {"stage": stage, "to_group": to_group, "received": t.item(), "local_rank": mesh.get_local_rank("pp")}
+    Path(out_dir, f"{rank}.json").write_text(json.dumps(seen))
+    dist_utils.exit_process()  # leave without tearing gloo down (see dist_utils)
 
 
 def test_four_gloo_ranks_build_the_planned_groups(tmp_path):
@@ -112,11 +111,9 @@ def _probe_worker(rank: int, out_dir: str):
     from comms.topology import probe_links
 
     dist.init_process_group("gloo", init_method=f"file://{out_dir}/probe", rank=rank, world_size=3)
-    try:
-        probe = probe_links([0, 1, 2], mbytes=1.0)
-        Path(out_dir, f"probe{rank}.json").write_text(json.dumps(asdict(probe)))
-    finally:
-        dist.destroy_process_group()
+    probe = probe_links([0, 1, 2], mbytes=1.0)
+    Path(out_dir, f"probe{rank}.json").write_text(json.dumps(asdict(probe)))
+    dist_utils.exit_process()  # leave without tearing gloo down (see dist_utils)
 
 
 def test_probe_links_measures_every_pair_and_every_rank_gets_it(tmp_path):

@@ -64,7 +64,7 @@ def fsdp_job(rank: int, world: int, port: int, ckpt: str, mode: str, out: str):
                      for k, st in osd["state"].items() for s, v in st.items()})
         if rank == 0:
             torch.save(full, out)
-    dist_utils.shutdown()
+    dist_utils.exit_process()
 
 
 @pytest.fixture(scope="module")
