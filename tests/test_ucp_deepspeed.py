@@ -21,6 +21,7 @@ from torch import nn
 
 from checkpoint.cli import main
 from checkpoint.convert.deepspeed import load_pt
+from comms import dist_utils
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 pytestmark = pytest.mark.slow  # three DeepSpeed launches (~12 s per engine start on 2 cores)
@@ -88,6 +89,7 @@ def ds_job(rank: int, world: int, port: int, root: str, mode: str):
         engine.destroy()
     if rank == 0:
         Path(f"{root}/losses_{mode}_{world}.json").write_text(json.dumps(losses))
+    dist_utils.exit_process()  # leave without tearing gloo down (see dist_utils)
 
 
 @pytest.fixture(scope="module")
