@@ -108,9 +108,9 @@ def kintsugi(*args: str, **kw) -> subprocess.CompletedProcess:
 
 # torch (gloo) rarely aborts a rank with this line and SIGABRT: seen in about one full-suite
 # run in three. The cause found: gloo's teardown at interpreter exit (the EP x2 test aborted
-# so in 2 of 12 runs, 0 of 15 once its workers left through dist_utils.exit_process, as every
-# worker now does). The two tests it hit still try once more on exactly this abort, in case
-# it also comes mid-run as once reported; any other failure fails them.
+# so in 3 of about 70 runs; 0 of 15 once its workers left through dist_utils.exit_process, as
+# every worker now does: too few runs to prove it gone). The two tests it hit still try once
+# more on exactly this abort, in case it also comes mid-run; any other failure fails them.
 TORCH_ABORT = "terminate called without an active exception"
 
 
