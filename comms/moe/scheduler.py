@@ -33,7 +33,8 @@ class MoEScheduler:
         self.measured_overlap: float | None = None  # the profile's own, before calibration
         self.reducer = None
         self.grad_bytes_per_layer = 0
-        self._schedules: dict[tuple, Schedule] = {}
+        self._schedules: dict[tuple, Schedule] = {}  # the model's pick per rows bucket
+        self._tuned: dict[tuple, Schedule] = {}  # the settled d's schedule per rows bucket
         self.trials: dict[tuple, Trial] = {}  # per layer family: (experts, dim, hidden, dtype bytes)
         self._times: dict[str, dict[str, list]] = {}
         self._calls = 0
@@ -61,6 +62,7 @@ class MoEScheduler:
             self.profile = measure(self.groups, shape.dim, shape.hidden, shape.n_experts // shape.ep)
             self.measured_overlap = self.profile.overlap
             self._schedules.clear()
+            self._tuned.clear()
             self.trials.clear()
             log.info("moe profile: %s", self.profile.to_dict())
         # Packed rows change every step: plan for the top of the rows' bucket (4 per octave),
@@ -81,17 +83,16 @@ class MoEScheduler:
             if not trial.ready():
                 return simulate(shape, self.profile, trial.next_d())
             self._settle(trial, shape)
-        tuned = key + ("tuned",)
-        if tuned not in self._schedules:
-            self._schedules[tuned] = simulate(shape, self.profile, trial.chosen)
-        return self._schedules[tuned]
+        if key not in self._tuned:
+            self._tuned[key] = simulate(shape, self.profile, trial.chosen)
+        return self._tuned[key]
 
     def _settle(self, trial: Trial, shape: LayerShape):
         """Every rank at the same call (the trial's state follows program order)."""
         d = trial.settle(self.groups.dp if self.groups is not None else None)
         overlap = calibrate_overlap(shape, self.profile, trial.measured_ms)
         self.profile = dataclasses.replace(self.profile, overlap=overlap)
-        self._schedules = {k: v for k, v in self._schedules.items() if k[-1] != "tuned"}
+        self._tuned.clear()  # planned with the overlap before calibration
         log.info("moe d settled on measured calls: %s ms per forward+backward -> d=%d (the model alone: d=%d); "
                  "overlap calibrated %.2f -> %.2f",
                  {c: round(ms, 2) for c, ms in trial.measured_ms.items()}, d, trial.model_d, self.measured_overlap, overlap)
