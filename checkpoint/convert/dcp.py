@@ -54,10 +54,6 @@ class _MetadataUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"{module}.{name} is not a DCP metadata class")
 
 
-def is_dcp(path: Path) -> bool:
-    return (Path(path) / METADATA).is_file()
-
-
 def read_metadata(path: Path) -> dcp_meta.Metadata:
     try:
         with open(path / METADATA, "rb") as f:

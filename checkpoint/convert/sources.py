@@ -240,7 +240,6 @@ def detect(path: Path, names: NameMap | None = None) -> Source:
 
 def detect_format(path: Path) -> Source:
     """The reader for whatever checkpoint ``path`` is; a UserError naming what was found otherwise."""
-    from checkpoint.convert.dcp import DCPSource, is_dcp
     from checkpoint.convert.deepspeed import DeepSpeedSource, DeepSpeedUniversalSource, is_deepspeed, is_deepspeed_universal
 
     path = Path(path)
@@ -253,7 +252,9 @@ def detect_format(path: Path) -> Source:
     if path.is_file() and path.suffix == ".safetensors" or (path / SafetensorsSource.FILE).is_file() \
             or (path / SafetensorsSource.INDEX).is_file():
         return SafetensorsSource(path)
-    if is_dcp(path):
+    if (path / ".metadata").is_file():  # DCP's (torch.distributed.checkpoint is imported only for it)
+        from checkpoint.convert.dcp import DCPSource
+
         return DCPSource(path)
     if is_deepspeed_universal(path):
         return DeepSpeedUniversalSource(path)

@@ -27,7 +27,6 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from checkpoint.convert import dcp as dcp_fmt
 from checkpoint.convert import deepspeed as ds_fmt
 from checkpoint.convert.export import SafetensorsWriter
 from checkpoint.convert.sources import Info, NameMap, Source, detect
@@ -163,17 +162,20 @@ class DeepSpeedUniversalWriter:
 
 class DCPWriter:
     def __init__(self, root: Path, src: Source, plan: Plan):
+        from checkpoint.convert import dcp as dcp_fmt  # torch.distributed.checkpoint: a second's import, DCP's alone
+
+        self.fmt = dcp_fmt
         self.root, self.src, self.plan = root, src, plan
         self.index = {n: k for k, n in enumerate(plan.names)}
 
     def done(self, name: str) -> bool:
-        return (self.root / dcp_fmt.tensor_file(self.index[name])).is_file()
+        return (self.root / self.fmt.tensor_file(self.index[name])).is_file()
 
     def write(self, name: str, t: torch.Tensor):
-        dcp_fmt.write_tensor(self.root, self.index[name], t)
+        self.fmt.write_tensor(self.root, self.index[name], t)
 
     def finish(self):
-        dcp_fmt.write_metadata(self.root, self.plan.names, self.plan.infos, self.src.objects())
+        self.fmt.write_metadata(self.root, self.plan.names, self.plan.infos, self.src.objects())
 
 
 WRITERS = {"universal": UniversalWriter, "deepspeed-universal": DeepSpeedUniversalWriter,
