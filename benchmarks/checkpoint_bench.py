@@ -10,8 +10,11 @@ AdamW state, side by side on this machine, each in its own process (so peak RSS 
   kintsugi          checkpoint.Checkpointer: lazy copy into the node keeper, L1 write by the keeper
 
 Per method: the stall of the training loop per save (median of the saves: the time inside
-the save call plus what the next step took beyond the median step without saving), step-time
-overhead when saving every step and every 10 steps, seconds until the save is durable on
+the save call plus what the next step took beyond the step right before the save: this
+machine's step time jumps between two levels ~1.7x apart every few steps, with nothing else
+running, so a baseline taken once drifts), step-time overhead when saving every step and
+every 10 steps (median of interleaved rounds: a block of steps without saving, then the
+same steps saving), seconds until the save is durable on
 disk (L1 for Kintsugi), checkpoint bytes per second until durable, peak RSS and peak PSS
 (proportional set size, sampled every 50 ms: shared memory mapped by the trainer and the
 keeper counts once) of the process tree, Kintsugi's keeper included, and ``breakdown_ms``:
@@ -97,7 +100,8 @@ def build(n_params: int, width: int, batch: int):
     return model, torch.randn(batch, width)
 
 
-def measure(method: str, n_params: int, width: int, batch: int, saves: int, out_dir: Path, threads: int) -> dict:
+def measure(method: str, n_params: int, width: int, batch: int, saves: int, out_dir: Path, threads: int,
+            rounds: int) -> dict:
     import torch
     import torch.distributed as dist
 
@@ -199,6 +203,7 @@ def measure(method: str, n_params: int, width: int, batch: int, saves: int, out_
 
     stalls, durables, timings, parts = [], [], [], {k: [] for k in BREAKDOWN}
     for i in range(1, saves + 1):
+        t = time.perf_counter()
         step()
         t0 = time.perf_counter()
         save(i)
@@ -208,9 +213,10 @@ def measure(method: str, n_params: int, width: int, batch: int, saves: int, out_
         t2 = time.perf_counter()
         wait_durable()
         durables.append(time.perf_counter() - t0)
-        stalls.append((t1 - t0) + max(0.0, (t2 - t1) - base))
+        extra = (t2 - t1) - (t0 - t)  # the step after the save beyond the step before it
+        stalls.append((t1 - t0) + extra)
         parts["save_call"].append(t1 - t0)
-        parts["step_extra"].append(max(0.0, (t2 - t1) - base))
+        parts["step_extra"].append(extra)
         if ck is not None:
             p = timings[-1].parts
             for key in ("sync", "alloc", "eager", "copy", "copy_wall", "gil", "hook_wait", "report"):
@@ -221,27 +227,31 @@ def measure(method: str, n_params: int, width: int, batch: int, saves: int, out_
             parts["crc"].append(written["crc"][1])
             parts["l1_write"].append(written["l1"][1])
         clean()
-    def overhead(every: int, steps: int) -> float:
-        """Time of ``steps`` steps saving every ``every`` (until the last is durable) over
-        the same number of steps right before without saving (the machine may be shared)."""
-        t = time.perf_counter()
-        for _ in range(steps):
-            step()
-        plain = time.perf_counter() - t
-        t = time.perf_counter()
-        for i in range(1, steps + 1):
-            step()
-            if i % every == 0:
-                save(1000 + i)
-        wait_durable()
-        clean()
-        return 100 * ((time.perf_counter() - t) / plain - 1)
+    def overhead(every: int, steps: int, rounds: int) -> list[float]:
+        """Per round: the time of ``steps`` steps saving every ``every`` (until the last save
+        is durable) over the same number of steps right before without saving, in %."""
+        out = []
+        for r in range(rounds):
+            t = time.perf_counter()
+            for _ in range(steps):
+                step()
+            plain = time.perf_counter() - t
+            t = time.perf_counter()
+            for i in range(1, steps + 1):
+                step()
+                if i % every == 0:
+                    save(1000 * (r + 1) + i)
+            wait_durable()
+            out.append(100 * ((time.perf_counter() - t) / plain - 1))
+            clean()
+        return out
 
-    every_step = overhead(1, 5)
-    every_10 = overhead(10, 10)
+    every_step = overhead(1, 5, rounds)
+    every_10 = overhead(10, 10, rounds)
     result = {"stall_ms": 1e3 * statistics.median(stalls), "stall_ms_range": [1e3 * min(stalls), 1e3 * max(stalls)],
-              "overhead_pct_every_step": every_step,
-              "overhead_pct_every_10": every_10, "durable_s": statistics.median(durables),
+              "overhead_pct_every_step": statistics.median(every_step), "overhead_pct_every_step_rounds": every_step,
+              "overhead_pct_every_10": statistics.median(every_10), "overhead_pct_every_10_rounds": every_10,
+              "durable_s": statistics.median(durables),
               "write_gbps": nbytes / statistics.median(durables) / 1e9, "step_s": base, "bytes": nbytes,
               "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
               "peak_pss_mb": sampler.peak_mb(),
@@ -327,7 +337,8 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=os.cpu_count(),
                     help="torch threads of the training loop (default: every core; 1 leaves a core to the saver, "
                          "as a GPU node's idle host cores are)")
-    ap.add_argument("--saves", type=int, default=7, help="saves per method for the medians")
+    ap.add_argument("--saves", type=int, default=7, help="saves per method for the stall's median")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds per method for the overheads' medians")
     ap.add_argument("--methods", nargs="*", choices=METHODS,
                     help="methods to run (default: all six at the first size; at larger sizes torch_save, dcp_async "
                          "and kintsugi, so that the default run stays under 10 minutes here)")
@@ -338,7 +349,7 @@ def main(argv=None):
     width = 1024 if a.quick else WIDTH
     sizes = a.params or ([10e6] if a.quick else [100e6, 300e6])
     if a.worker:
-        print(json.dumps(measure(a.worker, int(sizes[0]), width, a.batch, a.saves, Path(a.dir), a.threads)))
+        print(json.dumps(measure(a.worker, int(sizes[0]), width, a.batch, a.saves, Path(a.dir), a.threads, a.rounds)))
         return 0
     out = Path(a.dir)
     results = {}
@@ -367,6 +378,7 @@ def main(argv=None):
             env = {**os.environ, "PYTHONPATH": str(ROOT), "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu"),
                    "BENCH_PORT": str(29533 + i)}
             p = subprocess.run([sys.executable, __file__, "--worker", m, "--params", str(n), "--saves", str(a.saves),
+                                "--rounds", str(a.rounds),
                                 "--batch", str(a.batch), "--threads", str(a.threads), "--dir", str(d)] + (["--quick"] if a.quick else []),
                                env=env, capture_output=True, text=True, cwd=ROOT)
             shutil.rmtree(d, ignore_errors=True)
@@ -382,6 +394,9 @@ def main(argv=None):
                   f"{r['overhead_pct_every_10']:10.1f}{r['durable_s']:11.2f}{r['write_gbps']:7.2f}"
                   f"{r['peak_rss_mb']:13.0f}{r['peak_pss_mb']:13.0f}{r['peak_pss_mb'] * 2**20 / nbytes:8.2f}", flush=True)
             print(f"{'':18}breakdown ms: " + ", ".join(f"{k} {b[k]:.0f}" for k in BREAKDOWN if k in b), flush=True)
+            print(f"{'':18}spread: stall {r['stall_ms_range'][0]:.0f}..{r['stall_ms_range'][1]:.0f} ms, overhead % per "
+                  f"round every step {' '.join(f'{v:.0f}' for v in r['overhead_pct_every_step_rounds'])}, every 10 "
+                  f"{' '.join(f'{v:.0f}' for v in r['overhead_pct_every_10_rounds'])}", flush=True)
         res["load_after"] = load()
         print(f"load (1, 5, 15 min) before {res['load_before']}, after {res['load_after']}")
         k = res.get("kintsugi", {})

@@ -363,19 +363,15 @@ class Checkpointer:
             print(f"kintsugi: warning: {line}", flush=True)
 
     def _status(self, wait_ready: bool) -> dict:
-        st = self._call(m.Status(self.gen))
-        while st is not None and wait_ready and self.last_save in self.pending \
-                and "l0" in self.pending[self.last_save].levels and str(self.last_save) not in st.ready \
+        l0 = sorted(s for s, p in self.pending.items() if "l0" in p.levels)  # records travel until L0 commits
+        st = self._call(m.Status(self.gen, l0))
+        while st is not None and wait_ready and self.last_save in l0 and str(self.last_save) not in st.ready \
                 and not st.fatal:
             time.sleep(0.002)  # the keeper is still checksumming the previous snapshot
-            st = self._call(m.Status(self.gen))
+            st = self._call(m.Status(self.gen, l0))
         if self.keeper_error is not None:
             return {"fatal": self.keeper_error[0], "user": self.keeper_error[1]}
-        st = dict(vars(st))  # shallow: asdict's deep copy of every record cost ~10 ms per boundary
-        l0 = {str(s) for s, p in self.pending.items() if "l0" in p.levels}
-        st["ready"] = {s: r for s, r in st["ready"].items() if s in l0}  # records travel until L0 commits
-        st["objects"] = {s: o for s, o in st["objects"].items() if s in l0}
-        return st
+        return dict(vars(st))  # shallow: asdict's deep copy of every record cost ~10 ms per boundary
 
     def _sync(self, sig=None, wait_ready=False, timed_out=False, latest=None) -> list[dict]:
         st = self._status(wait_ready)

@@ -109,8 +109,8 @@ class NodeKeeper:
         slot.records = records(slot, crc=False)
         self.store.mark_ready(slot)
 
-    def status(self, rank: int, gen: str) -> m.StatusReply:
-        ready = [s for s in self.store.ready(rank) if s.gen == gen]
+    def status(self, rank: int, gen: str, steps: list | None = None) -> m.StatusReply:
+        ready = [s for s in self.store.ready(rank) if s.gen == gen and (steps is None or s.step in steps)]
         with self.lock:
             mine = {step: save for (g, step), save in self.saves.items() if g == gen}
             levels = sorted(self.writers)

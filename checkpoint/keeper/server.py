@@ -149,7 +149,7 @@ class KeeperServer:
         return m.Done()
 
     def _status(self, conn: Conn, msg: m.Status) -> m.StatusReply:
-        return self.node.status(conn.rank, msg.gen)
+        return self.node.status(conn.rank, msg.gen, msg.steps)
 
     def _l0_commit(self, conn: Conn, msg: m.L0Commit) -> m.Done:
         self.node.store.commit_l0(conn.rank, msg.gen, msg.step)
