@@ -127,7 +127,7 @@ def copy_speed(state: dict, repeats: int) -> tuple[float, float]:
             n = t.numel() * t.element_size()
             pairs.append((t, shm[off:off + n]))
             off += n
-        lazy_s = median_time(lambda: LazyCopy(pairs, lambda: None).join(), repeats)
+        lazy_s = median_time(lambda: LazyCopy(pairs, lambda crcs: None).join(), repeats)
     finally:
         os.close(fd)
         os.unlink(path)

@@ -42,7 +42,8 @@ import torch
 
 from checkpoint.config import CheckpointConfig
 from checkpoint.format import (
-    DTYPE_NAMES, CorruptCheckpoint, MissingShard, PartlyFilled, ShardReader, check_latest, fault_point, shard_header,
+    DTYPE_NAMES, CorruptCheckpoint, MissingShard, PartlyFilled, ShardReader, check_latest, checksum, fault_point,
+    shard_header,
 )
 from checkpoint.keeper import KeeperClient, collect_garbage, connect, messages as m
 from checkpoint.keeper.runtime import open_segment
@@ -217,6 +218,8 @@ class Checkpointer:
         buf = self._buffer(reply)
         buf[:len(head)].copy_(torch.frombuffer(bytearray(head), dtype=torch.uint8))
         entries, lazy, owned = [], [], optimizer_storages()
+        crcs: list[int | None] = []  # a shard bound for disk is checksummed as it is copied
+        lazy_at = []  # the entries copied lazily
         for k, off in zip(mine, offsets):
             name, c = chunks[k]
             t = c.tensor if c.tensor.is_contiguous() else c.tensor.contiguous()
@@ -224,14 +227,22 @@ class Checkpointer:
             dst = buf[lo:lo + c.nbytes]
             if lazy_ok(t, owned):
                 lazy.append((t, dst))
+                lazy_at.append(len(crcs))
+                crcs.append(None)  # filled by the lazy copy
             else:  # the forward pass may change it (a buffer): copy now
                 dst.copy_(t.detach().reshape(-1).view(torch.uint8))
+                crcs.append(checksum(dst.numpy()) if due and not dst.is_cuda else None)
             entries.append([name, k, list(c.offsets), list(c.shape), list(c.global_shape),
                             DTYPE_NAMES[c.tensor.dtype], lo, lo + c.nbytes])
 
-        filled = m.Filled(self.gen, step, reply.slot, entries, self.world, due, objects if self.rank == 0 else None)
+        def filled(lazy_crcs: list):
+            for i, crc in zip(lazy_at, lazy_crcs):
+                crcs[i] = crc
+            self._call(m.Filled(self.gen, step, reply.slot, entries, self.world, due,
+                                objects if self.rank == 0 else None, crcs if due else None))
+
         timing.parts["eager_s"] = time.monotonic() - t_eager
-        self.capture = LazyCopy(lazy, lambda: self._call(filled), timing.parts)
+        self.capture = LazyCopy(lazy, filled, timing.parts, crc=bool(due))
         timing.stall_s = time.monotonic() - started
         return timing
 

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from checkpoint.format import fault_point
+from checkpoint.format import checksum, fault_point
 from checkpoint.state import is_dtensor
 
 # Copies are cut into 8 MiB pieces: the step hook can take over the rest of a large
@@ -92,7 +92,13 @@ def host_unview(buf: torch.Tensor):
 
 class LazyCopy:
     """Copies ``(source tensor, destination byte view)`` pairs in the background; calls
-    ``on_done()`` (from the copier) once every byte is in host memory.
+    ``on_done(crcs)`` (from the copier) once every byte is in host memory.
+
+    ``crc``: also the CRC32 of each pair's destination bytes, in the same pass (each piece
+    is checksummed right after its copy, while it is in the cache, instead of by a second
+    pass over the snapshot in the keeper). ``crcs`` then holds one per pair, or None for a
+    pair whose pieces were not copied in order by one thread (the step hook took one over),
+    or on CUDA: the keeper computes those.
 
     ``stats`` (a dict it fills) says what the copy cost, summed over the threads that
     copied: ``copy_s`` CPU seconds copying (``copy_wall_s`` their wall time: with the CPU
@@ -101,15 +107,19 @@ class LazyCopy:
     between pieces (waiting for the GIL), ``hook_wait_s`` the optimizer's pre-step wait,
     ``report_s`` the ``on_done`` call (the keeper round trip saying the copy is complete)."""
 
-    def __init__(self, pairs: list[tuple[torch.Tensor, torch.Tensor]], on_done, stats: dict | None = None):
+    def __init__(self, pairs: list[tuple[torch.Tensor, torch.Tensor]], on_done, stats: dict | None = None,
+                 crc: bool = False):
         self.cuda = any(src.is_cuda for src, _ in pairs)
-        self.pieces = []
-        for src, dst in pairs:
+        self.pieces = []  # (source, destination, pair, piece number within the pair)
+        for k, (src, dst) in enumerate(pairs):
             flat = src.detach().reshape(-1).view(torch.uint8)
             if not self.cuda:  # numpy's copy is one plain memcpy per piece (no thread pool), GIL released
                 flat, dst = flat.numpy(), dst.numpy()
-            for lo in range(0, flat.shape[0], PIECE):
-                self.pieces.append((flat[lo:lo + PIECE], dst[lo:lo + PIECE]))
+            for n, lo in enumerate(range(0, flat.shape[0], PIECE)):
+                self.pieces.append((flat[lo:lo + PIECE], dst[lo:lo + PIECE], k, n))
+        self.crc = crc and not self.cuda
+        self.crcs: list[int | None] = [0 if self.crc else None] * len(pairs)
+        self.summed = [0] * len(pairs)  # pieces of each pair in its running CRC
         self.on_done = on_done
         self.next = 0
         self.left = len(self.pieces)
@@ -117,7 +127,7 @@ class LazyCopy:
         self.done = threading.Event()
         self.error: BaseException | None = None
         self.stats = stats if stats is not None else {}
-        self.stats.update(copy_s=0.0, copy_wall_s=0.0, faults=0, gil_s=0.0, hook_wait_s=0.0, report_s=0.0)
+        self.stats.update(copy_s=0.0, copy_wall_s=0.0, faults=0, gil_s=0.0, hook_wait_s=0.0, report_s=0.0, crc_s=0.0)
         _active.add(self)
         if not self.pieces:  # everything was copied eagerly
             self._finish()
@@ -140,14 +150,17 @@ class LazyCopy:
         piece = self._take()
         if piece is None:
             return None
+        src, dst, k, n = piece
         t, cpu, faults = time.perf_counter(), time.thread_time(), resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
         try:
             fault_point("copy")
-            np.copyto(piece[1], piece[0])
+            np.copyto(dst, src)
         except BaseException as e:  # surfaced by wait() on the training thread
             self.error = e
         faults = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt - faults
         cpu, dt = time.thread_time() - cpu, time.perf_counter() - t
+        if self.crc:
+            self._sum(dst, k, n)
         with self.lock:
             self.stats["copy_s"] += cpu
             self.stats["copy_wall_s"] += dt
@@ -157,6 +170,18 @@ class LazyCopy:
         if last:
             self._finish()
         return dt
+
+    def _sum(self, dst: np.ndarray, k: int, n: int):
+        """Extend pair ``k``'s running CRC by its piece ``n`` if that is the next one in order
+        (a CRC extends only in order); otherwise give up on the pair."""
+        t = time.thread_time()
+        with self.lock:  # the other thread waits at most one piece's CRC (~0.5 ms)
+            if self.crcs[k] is not None and self.summed[k] == n:
+                self.crcs[k] = checksum(dst, self.crcs[k])
+                self.summed[k] += 1
+            else:
+                self.crcs[k] = None
+            self.stats["crc_s"] += time.thread_time() - t
 
     def _copier(self):
         start, copying = time.perf_counter(), 0.0
@@ -172,7 +197,7 @@ class LazyCopy:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            for src, dst in self.pieces:
+            for src, dst, _, _ in self.pieces:
                 dst.copy_(src, non_blocking=True)
                 src.record_stream(stream)  # the allocator must not reuse src before the copy ran
             self.event = torch.cuda.Event()
@@ -190,7 +215,7 @@ class LazyCopy:
         t = time.perf_counter()
         try:
             if self.error is None:
-                self.on_done()
+                self.on_done(self.crcs)
         except BaseException as e:
             self.error = e
         self.stats["report_s"] = time.perf_counter() - t

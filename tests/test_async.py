@@ -83,6 +83,49 @@ def test_lazy_capture_is_never_torn_while_the_optimizer_keeps_stepping(run_dir):
     assert step == 1 and torch.equal(target["w"].tensor, at_save)
 
 
+def test_lazy_copy_checksums_in_the_same_pass_never_wrongly(run_dir):
+    """The copy's CRC32 of each tensor equals zlib's of its bytes, or is None where the step
+    hook took pieces over (never a wrong value); a save bound for disk then needs no CRC pass
+    in the keeper, and its manifest's CRCs verify on load."""
+    import zlib
+
+    import numpy as np
+
+    from checkpoint.keeper import messages
+    from checkpoint.lazy import LazyCopy
+
+    torch.manual_seed(0)
+    srcs = [torch.randn(5_000_000), torch.randn(3), torch.randn(2_100_000)]  # 20 MB: 3 pieces; tiny; 8.4 MB: 2
+    for helped in (False, True):
+        dsts = [torch.empty(t.numel() * 4, dtype=torch.uint8) for t in srcs]
+        got = []
+        copy = LazyCopy(list(zip(srcs, dsts)), got.append, crc=True)
+        if not helped:
+            copy.done.wait()  # the copier alone (join() would help)
+        copy.join()  # the training thread takes pieces beside the copier, as the step hook does
+        expected = [zlib.crc32(np.ascontiguousarray(t.numpy()).tobytes()) for t in srcs]
+        assert all(torch.equal(d, t.view(torch.uint8)) for d, t in zip(dsts, srcs))
+        assert all(c is None or c == e for c, e in zip(got[0], expected)), (helped, got[0], expected)
+        if not helped:
+            assert got[0] == expected
+
+    big = torch.nn.Parameter(torch.randn(3_000_000))
+    opt = torch.optim.SGD([big], lr=1.0)
+    c = ckpt(run_dir)
+    c.attach(opt)
+    at_save = big.detach().clone()
+    c.save(1, flatten({"w": big}), final=True)
+    c.capture.done.wait()  # the copier alone, in order
+    settle(c)
+    assert "crc" not in c.keeper.call(messages.Status(c.gen)).written  # the keeper made no CRC pass
+    c.close()
+    manifest = json.loads(next((run_dir / "checkpoints").glob("step_*/manifest.json")).read_text())
+    crcs = [chunk["crc32"] for t in manifest["tensors"].values() for chunk in t["chunks"]]
+    assert crcs == [zlib.crc32(at_save.numpy().tobytes())]
+    target = flatten({"w": torch.zeros_like(at_save)})
+    assert load_state(run_dir / "checkpoints", target)[0] == 1 and torch.equal(target["w"].tensor, at_save)
+
+
 def test_buffers_changed_by_forward_are_copied_at_save(run_dir):
     bn = torch.nn.BatchNorm1d(8)
     c = ckpt(run_dir)

@@ -143,6 +143,7 @@ class Filled:
     world: int
     levels: list  # disk levels due at this step
     objects: dict | None = None
+    crcs: list | None = None  # per entry: its CRC32 taken during the copy, or None (the keeper computes it)
 
 
 @dataclass

@@ -33,14 +33,17 @@ class CommitJob:
     manifest: dict
 
 
-def records(slot: Slot, crc: bool) -> list:
+def records(slot: Slot, crcs: list | None, compute: bool = False) -> list:
     """Manifest records of a filled slot (as checkpoint.store.build_manifest takes them):
-    its entries with the CRC32 of each tensor's bytes, or None when ``crc`` is off."""
+    its entries with the CRC32 of each tensor's bytes from ``crcs`` (per entry; None: not
+    known), the unknown ones computed here when ``compute``, else left None."""
     out, fname = [], SHARD.format(slot.rank)
     with memoryview(slot.mm) as view:
-        for name, key, offsets, shape, gshape, dtype, lo, hi in slot.entries:
-            out.append([name, key, fname, offsets, shape, gshape, dtype,
-                        checksum(view[lo:hi]) if crc else None])  # releases the GIL
+        for i, (name, key, offsets, shape, gshape, dtype, lo, hi) in enumerate(slot.entries):
+            crc = crcs[i] if crcs is not None else None
+            if crc is None and compute:
+                crc = checksum(view[lo:hi])  # releases the GIL
+            out.append([name, key, fname, offsets, shape, gshape, dtype, crc])
     return out
 
 
@@ -117,14 +120,16 @@ class LevelWriter(Worker):
 
 
 class Checksummer(Worker):
-    """CRC32 of every tensor of a slot bound for disk; the slot is ready after it."""
+    """CRC32 of the tensors of a slot bound for disk that the copy did not checksum (jobs:
+    ``(slot, the CRCs known per entry, or None)``); the slot is ready after it."""
 
     def __init__(self, node):
         super().__init__("keeper-crc", node)
 
-    def handle(self, slot: Slot):
+    def handle(self, job: tuple[Slot, list | None]):
+        slot, known = job
         fault_point("crc")
         t0 = time.perf_counter()
-        slot.records = records(slot, crc=True)
+        slot.records = records(slot, known, compute=True)
         self.node.note_written("crc", (slot.used, time.perf_counter() - t0))
         self.node.store.mark_ready(slot)
