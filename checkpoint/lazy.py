@@ -146,7 +146,7 @@ class LazyCopy:
             return self.pieces[self.next - 1]
 
     def _copy_some(self) -> float | None:
-        """Copy the next piece; its seconds, or None when none is left."""
+        """Copy (and checksum) the next piece; its seconds, or None when none is left."""
         piece = self._take()
         if piece is None:
             return None
@@ -161,6 +161,7 @@ class LazyCopy:
         cpu, dt = time.thread_time() - cpu, time.perf_counter() - t
         if self.crc:
             self._sum(dst, k, n)
+        busy = time.perf_counter() - t  # copying and checksumming: not waiting for the GIL
         with self.lock:
             self.stats["copy_s"] += cpu
             self.stats["copy_wall_s"] += dt
@@ -169,7 +170,7 @@ class LazyCopy:
             last = self.left == 0
         if last:
             self._finish()
-        return dt
+        return busy
 
     def _sum(self, dst: np.ndarray, k: int, n: int):
         """Extend pair ``k``'s running CRC by its piece ``n`` if that is the next one in order
