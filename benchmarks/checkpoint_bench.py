@@ -208,7 +208,7 @@ def measure(method: str, n_params: int, width: int, batch: int, saves: int, out_
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink()
 
     stalls, durables, timings, parts = [], [], [], {k: [] for k in BREAKDOWN}
-    last_crc_pass = [None]
+    last_crc_pass = None
     for i in range(1, saves + 1):
         t = time.perf_counter()
         step()
@@ -233,8 +233,8 @@ def measure(method: str, n_params: int, width: int, batch: int, saves: int, out_
             parts["boundary"].append(sum(boundary[boundary_before:]))
             written = ck.keeper.call(messages.Status(ck.gen)).written
             crc_pass = written.get("crc")  # the keeper's last CRC pass: this save's if it changed
-            parts["keeper_crc"].append(crc_pass[1] if crc_pass is not None and crc_pass != last_crc_pass[0] else 0.0)
-            last_crc_pass[0] = crc_pass
+            parts["keeper_crc"].append(crc_pass[1] if crc_pass is not None and crc_pass != last_crc_pass else 0.0)
+            last_crc_pass = crc_pass
             parts["l1_write"].append(written["l1"][1])
         clean()
     def overhead(every: int, steps: int, rounds: int) -> list[float]:

@@ -231,7 +231,7 @@ class Checkpointer:
                 crcs.append(None)  # filled by the lazy copy
             else:  # the forward pass may change it (a buffer): copy now
                 dst.copy_(t.detach().reshape(-1).view(torch.uint8))
-                crcs.append(checksum(dst.numpy()) if due and not dst.is_cuda else None)
+                crcs.append(checksum(dst.numpy()) if due else None)  # dst is host memory
             entries.append([name, k, list(c.offsets), list(c.shape), list(c.global_shape),
                             DTYPE_NAMES[c.tensor.dtype], lo, lo + c.nbytes])
 
