@@ -58,7 +58,7 @@ def main(argv=None) -> int:
 
     import comms
     from checkpoint import CheckpointConfig, Checkpointer, flatten
-    from checkpoint.format import ShardReader
+    from checkpoint.shards import ShardReader
     from checkpoint.keeper import messages
 
     work = Path(a.dir or tempfile.mkdtemp(prefix="kintsugi-gpu-check-"))

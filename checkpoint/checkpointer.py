@@ -41,10 +41,8 @@ from pathlib import Path
 import torch
 
 from checkpoint.config import CheckpointConfig
-from checkpoint.format import (
-    DTYPE_NAMES, CorruptCheckpoint, MissingShard, PartlyFilled, ShardReader, check_latest, checksum, fault_point,
-    shard_header,
-)
+from checkpoint.format import CorruptCheckpoint, MissingShard, PartlyFilled, check_latest, checksum, fault_point
+from checkpoint.shards import DTYPE_NAMES, ShardReader, shard_header
 from checkpoint.keeper import KeeperClient, collect_garbage, connect, messages as m
 from checkpoint.keeper.runtime import open_segment
 from checkpoint.lazy import LazyCopy, host_unview, host_view, lazy_ok, optimizer_storages, protect

@@ -29,7 +29,8 @@ import torch
 
 from checkpoint.convert import TARGETS, NameMap, convert, detect
 from checkpoint.convert.stream import PARTIAL
-from checkpoint.format import DTYPE_BY_NAME, CorruptCheckpoint, human
+from checkpoint.format import CorruptCheckpoint, human
+from checkpoint.shards import DTYPE_BY_NAME
 from comms import UserError, exits_on_user_error
 
 

@@ -35,7 +35,7 @@ from deepspeed.runtime.checkpoint_engine.checkpoint_engine import CheckpointComm
 
 from checkpoint.checkpointer import Checkpointer
 from checkpoint.config import CheckpointConfig
-from checkpoint.format import ShardReader
+from checkpoint.shards import ShardReader
 from checkpoint.state import Chunk
 from comms import UserError
 

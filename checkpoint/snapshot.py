@@ -36,7 +36,8 @@ import psutil
 import torch
 
 from checkpoint.erasure import GroupCode, ShareError, plan_groups
-from checkpoint.format import SHARD, TORCH_DTYPES, CorruptCheckpoint, check_header
+from checkpoint.format import SHARD, CorruptCheckpoint
+from checkpoint.shards import TORCH_DTYPES, check_header
 from checkpoint.keeper import KeeperAddress, KeeperClient, PeerClient, lookup, messages as m, publish, read_token
 from checkpoint.snapshot_config import SnapshotConfig
 from comms import UserError, dist_utils

@@ -18,9 +18,10 @@ from pathlib import Path
 import torch
 
 from checkpoint.format import (
-    FORMAT, SHARD, VERSION, DTYPE_BY_NAME, DTYPE_NAMES, CorruptCheckpoint, MissingShard, PartlyFilled, ShardReader, check_latest, commit_step,
-    committed_steps, read_manifest, step_dirname, tmp_dirname, write_manifest, write_shard,
+    FORMAT, SHARD, VERSION, CorruptCheckpoint, MissingShard, PartlyFilled, check_latest, commit_step, committed_steps,
+    read_manifest, step_dirname, tmp_dirname, write_manifest,
 )
+from checkpoint.shards import DTYPE_BY_NAME, DTYPE_NAMES, ShardReader, write_shard
 from checkpoint.state import Chunk, is_chunk, overlap
 from comms import UserError, dist_utils
 

@@ -26,11 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from checkpoint.format import (
-    DTYPE_BY_NAME, DTYPE_NAMES, TORCH_DTYPES, CorruptCheckpoint, ShardReader, is_crc, is_ints, is_key, is_relative,
-    quoted,
-    write_manifest, write_shard,
-)
+from checkpoint.format import CorruptCheckpoint, is_crc, is_ints, is_key, is_relative, quoted, write_manifest
+from checkpoint.shards import DTYPE_BY_NAME, DTYPE_NAMES, TORCH_DTYPES, ShardReader, write_shard
 from checkpoint.state import Chunk, is_chunk
 from comms import UserError
 

@@ -93,12 +93,25 @@ def stop_keeper(run_dir: Path, job: str = "local", node_id: str | None = None):
     except (OSError, ConnectionError):  # it was exiting already (every rank said bye)
         pass
     c.close()
-    deadline = time.monotonic() + 60
-    while Path(f"/proc/{pid}").exists() and "zombie" not in Path(f"/proc/{pid}/status").read_text():
-        if time.monotonic() > deadline:
-            os.kill(pid, signal.SIGKILL)
-        time.sleep(0.05)
+    if not wait_dead(pid, 60):
+        os.kill(pid, signal.SIGKILL)
+        wait_dead(pid)
     collect_garbage()
+
+
+def wait_dead(pid: int, timeout_s: float | None = None) -> bool:
+    """Wait until process ``pid`` has exited (gone, or a zombie: its locks and files are
+    released); False if it still runs after ``timeout_s``."""
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    while True:
+        try:
+            if "zombie" in Path(f"/proc/{pid}/status").read_text():
+                return True
+        except FileNotFoundError:
+            return True
+        if deadline is not None and time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
 
 
 def kintsugi(*args: str, **kw) -> subprocess.CompletedProcess:

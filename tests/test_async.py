@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import stat
 import subprocess
 import sys
@@ -270,8 +271,7 @@ def test_keeper_is_private_and_dies_with_its_job(run_dir):
         KeeperClient(addr.sock, "0" * 64, rank=-1)
     trainer.kill()  # kill -9: no goodbye; the keeper's lease runs out one second later
     trainer.wait()
-    while Path(f"/proc/{pid}").exists() and "zombie" not in Path(f"/proc/{pid}/status").read_text():
-        time.sleep(0.1)
+    conftest.wait_dead(pid)
     assert not any(p.exists() for p in shm) and not Path(addr.sock).exists()
 
 
@@ -365,5 +365,7 @@ def test_a_stuck_level_write_fails_the_save_instead_of_hanging(run_dir, monkeypa
         for step in range(1, 6):
             c.save(step, {"w": flatten({"w": torch.full((100_000,), float(step))})["w"]})
             c.check()
+    os.kill(c.keeper.pid, signal.SIGKILL)  # its write still hangs: the teardown need not wait for it
+    conftest.wait_dead(c.keeper.pid)
     c.keeper.close()
     c.keeper = None

@@ -26,11 +26,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from checkpoint import format as fmt  # noqa: E402
-from checkpoint.format import (  # noqa: E402
-    COMMITS, LATEST, MANIFEST, TRASH, CorruptCheckpoint, ShardReader, check_latest, committed_steps, read_manifest,
-    step_dirname, write_shard,
-)
 from checkpoint.convert import convert, detect  # noqa: E402
+from checkpoint.format import (  # noqa: E402
+    COMMITS, LATEST, MANIFEST, TRASH, CorruptCheckpoint, check_latest, committed_steps, read_manifest, step_dirname,
+)
+from checkpoint.shards import ShardReader, write_shard  # noqa: E402
 from checkpoint.state import Chunk  # noqa: E402
 from checkpoint.store import load_state, save_state  # noqa: E402
 from checkpoint.universal import Universal, load_universal  # noqa: E402

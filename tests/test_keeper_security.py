@@ -213,9 +213,7 @@ def test_killed_keepers_memory_is_collected_live_ones_never(tmp_path):
     kept, lost = keeper_segments(live.keeper.pid), keeper_segments(doomed.keeper.pid)
     assert kept and lost
     os.kill(doomed.keeper.pid, signal.SIGKILL)
-    while Path(f"/proc/{doomed.keeper.pid}").exists() and \
-            "zombie" not in Path(f"/proc/{doomed.keeper.pid}/status").read_text():
-        time.sleep(0.05)
+    conftest.wait_dead(doomed.keeper.pid)
     assert all(p.exists() for p in lost)  # kill -9: nobody unlinked them
     out = subprocess.run([sys.executable, "-m", "launch", "ckpt", "gc"], env=conftest.env(), cwd=ROOT,
                          capture_output=True, text=True)

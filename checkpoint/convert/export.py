@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from checkpoint.format import DTYPES, as_bytes, fsync_dir, write_all
+from checkpoint.format import fsync_dir, write_all
+from checkpoint.shards import DTYPES, as_bytes
 
 PREFIX = "model."
 SINGLE = "model.safetensors"

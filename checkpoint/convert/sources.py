@@ -15,9 +15,8 @@ from pathlib import Path
 
 import torch
 
-from checkpoint.format import (
-    DTYPE_BY_NAME, TORCH_DTYPES, CorruptCheckpoint, ShardReader, committed_steps, read_manifest, step_dirname,
-)
+from checkpoint.format import CorruptCheckpoint, committed_steps, read_manifest, step_dirname
+from checkpoint.shards import DTYPE_BY_NAME, TORCH_DTYPES, ShardReader
 from checkpoint.patterns import assemble
 from checkpoint.universal import Universal, fill_state, is_universal
 from comms import UserError
