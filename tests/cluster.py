@@ -441,11 +441,7 @@ class Testbed:
         cpu = _cpu_controller()
         if cpu is None:
             raise Unavailable("no cgroup cpu controller on this machine: CPU limits are unavailable")
-        # A 10 ms period, not the kernel's 100 ms: the quota is enforced per period, so a
-        # rank computing in bursts shorter than its quota (tens of ms between collectives)
-        # would never be throttled at 100 ms, and one slightly longer would be stalled for
-        # the rest of the period; at 10 ms every burst runs at the quota's rate.
-        period = 10_000
+        period = 100_000
         quota = None if cores is None else max(1000, int(cores * period))
         if cpu[1] == "v2":
             (cpu[0] / h.ns / "cpu.max").write_text(f"{quota or 'max'} {period}")
