@@ -6,8 +6,8 @@ recorded per rank with its process group, a per-group sequence number, bytes, dt
 three times: arrived (the rank entered the call), started and completed (wall clock on
 CPU; CUDA events mapped to wall clock for tensors on a GPU; for ``async_op=True`` the
 completion is taken when the returned Work's future finishes). Each op is an
-``OpRecord`` and each step a ``StepRecord`` (typed records, one JSON object a line, see
-``encode``/``decode``). Records go into a fixed-size ring buffer that a background thread
+``OpRecord`` and each step a ``StepRecord`` (typed records, one JSON object a line,
+``comms.records``). Records go into a fixed-size ring buffer that a background thread
 appends to ``RUN_DIR/diagnostics/gen-<G>/trace-r<R>.jsonl`` every ``flush_s`` seconds,
 together with a small state file (heartbeat, ops in flight, last sequence number per group,
 current step and phase) that ``diagnostics`` reads to call hangs while they happen.
@@ -41,7 +41,6 @@ import socket
 import sys
 import threading
 import time
-from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -49,6 +48,7 @@ import torch.distributed as dist
 import torch.distributed.distributed_c10d as c10d
 
 from comms import sockets
+from comms.records import TRACE_FORMAT, OpRecord, StepRecord, encode, hostname
 
 # Collectives and p2p ops patched, with the argument that carries the payload (for bytes
 # and dtype) and, for p2p, the argument naming the peer.
@@ -72,60 +72,6 @@ _FUNCOL = ("all_reduce", "all_gather_tensor", "all_gather_single", "reduce_scatt
 
 # Seconds an op is in flight before the writer looks for stalled connections (comms.sockets).
 STALL_CHECK_S = 1.0
-# The on-disk format of trace-r<R>.jsonl, named in meta-r<R>.json; readers refuse others.
-TRACE_FORMAT = 2
-
-
-@dataclass(slots=True)
-class OpRecord:
-    """One op of one rank: a line ``{"t": "op", ...}`` of trace-r<R>.jsonl, and an entry of
-    the state file's ``inflight`` list while it runs (``ended`` None)."""
-
-    channel: str  # the group's global ranks ("0,1,2,3"; "h<sha1>" above 16); p2p "0,1,2,3|src>dst"
-    op: str  # the torch.distributed function ("all_reduce", "isend", "funcol.all_gather_tensor")
-    seq: int  # per channel from 0: collective #n is the same op on every member, send #n meets recv #n
-    peer: int  # p2p: the other rank; -1 for collectives
-    nbytes: int
-    dtype: str
-    arrived: float  # wall clock when the rank entered the call
-    started: float  # when the op started (on a GPU: its start event), else = arrived
-    ended: float | None  # when it completed; None while in flight
-    step: int
-    error: str = ""
-    blocked: float = 0.0  # seconds spent in other blocking traced ops since this rank's last op on this channel
-
-
-@dataclass(slots=True)
-class StepRecord:
-    """One finished step of one rank: a line ``{"t": "step", ...}``."""
-
-    step: int
-    start: float
-    end: float
-    phases: dict  # phase name -> seconds (data, forward_backward, optimizer, checkpoint, probe)
-
-
-_KINDS = {"op": OpRecord, "step": StepRecord}
-_FIELDS = {cls: tuple(f.name for f in fields(cls)) for cls in _KINDS.values()}
-_TAG = {cls: t for t, cls in _KINDS.items()}
-
-
-def encode(rec: OpRecord | StepRecord) -> str:
-    d = {"t": _TAG[type(rec)]}
-    for name in _FIELDS[type(rec)]:
-        d[name] = getattr(rec, name)
-    return json.dumps(d, separators=(",", ":"))
-
-
-def decode(line: str | bytes | dict) -> OpRecord | StepRecord:
-    """A line of a trace file (or a parsed one) as its record; ValueError if it is not one."""
-    try:
-        d = dict(json.loads(line) if isinstance(line, (str, bytes)) else line)
-        return _KINDS[d.pop("t", "op")](**d)
-    except (TypeError, KeyError, AttributeError) as e:
-        raise ValueError(f"not a trace record: {e}") from None
-
-
 _active: "Tracer | None" = None
 _originals: dict[str, object] = {}  # name -> the function torch shipped
 _depth = threading.local()  # ops called inside a traced op are part of it, not new records
@@ -586,13 +532,6 @@ def _cuda_event():
     ev = torch.cuda.Event(enable_timing=True)
     ev.record()
     return ev
-
-
-def hostname() -> str:
-    """This host's name in traces and verdicts: ``KINTSUGI_HOST`` when set (hosts that share
-    a kernel's hostname, such as network namespaces of an emulated cluster), else the
-    system's."""
-    return os.environ.get("KINTSUGI_HOST") or socket.gethostname()
 
 
 def flight_recorder_on() -> bool:

@@ -65,7 +65,7 @@ from pathlib import Path
 
 import psutil
 
-from comms.trace import hostname
+from comms.records import hostname
 
 from diagnostics import probe
 from diagnostics.config import DiagnosticsConfig

@@ -17,7 +17,7 @@ timeout_ms, is_p2p. Point-to-point entries are left out: their p2p_seq_id counts
 p2p ops with every peer, so there is nothing to match them by across ranks. ``load`` unpickles it with an Unpickler that refuses every class (a dump
 needs none; anything else in such a file is not a dump and is not run).
 
-Each entry becomes a ``comms.trace.OpRecord``: channel = the group's global ranks (or
+Each entry becomes a ``comms.records.OpRecord``: channel = the group's global ranks (or
 ``pg<name>`` beyond 16 ranks), members from ``pg_config`` (gloo's dumps leave them out:
 the default pg is every rank, another the ranks whose dumps use it), seq =
 collective_seq_id, arrived = created, started/ended = discovered started/completed
@@ -36,7 +36,7 @@ import re
 from pathlib import Path
 
 from comms import UserError
-from comms.trace import OpRecord, encode
+from comms.records import OpRecord, encode
 from diagnostics.traces import Generation, generations as trace_generations
 
 DTYPE_BYTES = {"Float": 4, "Half": 2, "BFloat16": 2, "Double": 8, "Long": 8, "Int": 4, "Short": 2, "Char": 1,

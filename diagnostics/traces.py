@@ -15,7 +15,7 @@ import statistics
 from pathlib import Path
 
 from comms import UserError
-from comms.trace import TRACE_FORMAT, OpRecord, StepRecord, decode
+from comms.records import TRACE_FORMAT, OpRecord, StepRecord, decode
 
 # Completed collectives kept for the report's wait timeline (about 50 steps of a
 # 100-collective-per-step job).

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import psutil
 
-from comms.trace import hostname
+from comms.records import hostname
 from diagnostics import DiagnosticsConfig, Detector, stop_all, write_verdicts
 from diagnostics.config import POLICIES
 

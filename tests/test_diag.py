@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from comms import UserError
-from comms.trace import OpRecord, StepRecord, decode
+from comms.records import OpRecord, StepRecord, decode
 from diagnostics import DiagnosticsConfig
 from diagnostics.drill import run_local
 from diagnostics.inject import parse

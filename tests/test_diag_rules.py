@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from comms.trace import TRACE_FORMAT, OpRecord, StepRecord, decode, encode
+from comms.records import TRACE_FORMAT, OpRecord, StepRecord, decode, encode
 from diagnostics import DiagnosticsConfig, Detector
 from diagnostics.detect import RULES
 
