@@ -10,7 +10,9 @@ import sys
 import sysconfig
 import venv
 
-from conftest import ROOT
+import pytest
+
+from conftest import ROOT, env
 
 
 def test_non_editable_install_runs_kintsugi_launch_elsewhere(tmp_path):
@@ -42,3 +44,12 @@ def test_non_editable_install_runs_kintsugi_launch_elsewhere(tmp_path):
     assert "done: step 2/2" in out.stdout and (work / "runs" / "tiny" / "checkpoints" / "latest").is_file()
     version = subprocess.run([env_dir / "bin" / "kintsugi", "--version"], cwd=work, env=clean, capture_output=True, text=True)
     assert version.stdout.startswith("kintsugi 0.") and sys.version.split()[0] in version.stdout
+
+
+@pytest.mark.parametrize("module", ["checkpoint.keeper.__main__", "diagnostics.cli"])
+def test_processes_that_move_bytes_or_read_traces_import_no_torch(module):
+    """torch's import alone takes seconds: the node keeper (every job start and restart waits
+    for it) and ``kintsugi diagnose`` (a report on a login node) do without it."""
+    code = f"import sys, {module}; print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env(), capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr
