@@ -43,12 +43,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
-import torch
 
 from checkpoint import start_keeper
-from comms import RUN_DIR_ENV, UserError, exits_on_user_error, trace
+from comms import RUN_DIR_ENV, UserError, exits_on_user_error
 from launch.monitor import start_monitor
-from launch.preflight import run_checks
 from trainer import load_config, to_toml
 
 OVERRIDE = re.compile(r"^--([A-Za-z_][A-Za-z0-9_]*\.[A-Za-z_][A-Za-z0-9_]*)(=.*)?$")
@@ -132,7 +130,8 @@ SWITCHES = {"--skip-preflight": "skip_preflight", "--dry-run": "dry_run", "-h": 
 
 
 def torchrun_arity() -> dict[str, bool]:
-    """torchrun's flags -> whether each takes a value (from its own parser)."""
+    """torchrun's flags -> whether each takes a value (from its own parser, which imports
+    torch: asked only when the command line holds a flag that is not Kintsugi's)."""
     from torch.distributed.run import get_args_parser
 
     return {opt: a.nargs != 0 for a in get_args_parser()._actions for opt in a.option_strings}
@@ -140,7 +139,7 @@ def torchrun_arity() -> dict[str, bool]:
 
 def split_args(argv: list[str]) -> Launch:
     """Flags up to the script (or -m MODULE) are torchrun's or Kintsugi's; the rest is the script's."""
-    out, arity, i = Launch(), torchrun_arity(), 0
+    out, arity, i = Launch(), None, 0
     while i < len(argv):
         arg = argv[i]
         flag, eq, value = arg.partition("=")
@@ -166,7 +165,7 @@ def split_args(argv: list[str]) -> Launch:
             setattr(out, OURS[flag], value)
         elif arg in SWITCHES:
             setattr(out, SWITCHES[arg], True)
-        elif flag in arity:
+        elif flag in (arity := arity or torchrun_arity()):
             out.torchrun.append(arg)
             if arity[flag] and not eq:
                 if i + 1 == len(argv):
@@ -199,12 +198,20 @@ def split_args(argv: list[str]) -> Launch:
     return out
 
 
+def _cuda() -> bool:
+    """Whether this node has a GPU torch can use (torch is imported here, after the config
+    and the command line were checked: a mistake in them is named at once)."""
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def nproc_count(value: str) -> int:
     if value.isdigit():
         return int(value)
-    import torch
+    if value in ("gpu", "auto") and _cuda():
+        import torch
 
-    if value in ("gpu", "auto") and torch.cuda.is_available():
         return torch.cuda.device_count()
     if value in ("cpu", "auto"):
         return os.cpu_count() or 1
@@ -402,6 +409,8 @@ def main(argv: list[str]) -> int:
     run_dir = run_dir_of(job, cfg)
     cfg.train.run_dir = str(run_dir)
     if not job.skip_preflight:
+        from launch.preflight import run_checks
+
         for note in run_checks(cfg, nproc, run_dir, model=job.trainer):
             print(f"kintsugi: preflight: {note}", flush=True)
     cmd = [sys.executable, "-m", "torch.distributed.run", *torchrun_flags(job, nproc), *job.target]
@@ -432,7 +441,9 @@ def main(argv: list[str]) -> int:
     # restarts, and writes L1/L2 off the workers' cores. It leaves when this launcher does.
     keeper = start_keeper_detached(run_dir, cfg)
     env.update(keeper.env())
-    if cfg.diagnostics.trace and torch.cuda.is_available():  # NCCL: a Flight Recorder ring, dumped on a hang
+    if cfg.diagnostics.trace and _cuda():  # NCCL: a Flight Recorder ring, dumped on a hang
+        from comms import trace
+
         env.update({k: v for k, v in trace.flight_recorder_env(run_dir).items() if k not in env})
     # Its own session: the monitor's actions signal the agent's process group, never ours.
     agent = subprocess.Popen(cmd, env=env, start_new_session=True)

@@ -46,10 +46,11 @@ def test_non_editable_install_runs_kintsugi_launch_elsewhere(tmp_path):
     assert version.stdout.startswith("kintsugi 0.") and sys.version.split()[0] in version.stdout
 
 
-@pytest.mark.parametrize("module", ["checkpoint.keeper.__main__", "diagnostics.cli"])
+@pytest.mark.parametrize("module", ["checkpoint.keeper.__main__", "diagnostics.cli", "launch.launcher"])
 def test_processes_that_move_bytes_or_read_traces_import_no_torch(module):
     """torch's import alone takes seconds: the node keeper (every job start and restart waits
-    for it) and ``kintsugi diagnose`` (a report on a login node) do without it."""
+    for it), ``kintsugi diagnose`` (a report on a login node) and ``kintsugi launch`` until
+    it has checked the command line and the config do without it."""
     code = f"import sys, {module}; print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env(), capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr
