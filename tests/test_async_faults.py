@@ -26,6 +26,7 @@ import hashlib
 import json
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -366,14 +367,25 @@ def damage(step_dir: Path, how: str):
         (step_dir / MANIFEST).unlink()
 
 
+@pytest.fixture(scope="module")
+def died_at_12(tmp_path_factory):
+    """A run directory whose whole node died at step 12 (workers and keeper killed), for
+    each damage below to copy."""
+    run_dir = tmp_path_factory.mktemp("died_at_12")
+    supervise(launch(run_dir), until=lambda: max(losses(run_dir), default=0) >= 12)
+    pid = keepers(run_dir, False)[0]
+    os.kill(pid, signal.SIGKILL)
+    conftest.wait_dead(pid)
+    return run_dir
+
+
 @pytest.mark.parametrize("how", ["corrupt header", "corrupt data", "truncated shard", "missing manifest",
                                  "latest names a missing step"])
-def test_damaged_newest_step_falls_back(run_dir, reference, how):
+def test_damaged_newest_step_falls_back(run_dir, reference, died_at_12, how):
     """The whole node dies at step 12; the newest disk step is damaged on both levels (or
     `latest` names a step that is gone): the relaunch takes the previous good step, says so
     in one line, and finishes with the uninterrupted loss curve."""
-    supervise(launch(run_dir), until=lambda: max(losses(run_dir), default=0) >= 12)
-    os.kill(keepers(run_dir, False)[0], signal.SIGKILL)
+    shutil.copytree(died_at_12, run_dir, dirs_exist_ok=True)
     newest = min(committed_steps(run_dir / "l1")[0], committed_steps(run_dir / "checkpoints")[0])
     for level in ("l1", "checkpoints"):
         root = run_dir / level
