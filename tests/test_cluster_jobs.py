@@ -16,7 +16,7 @@ partitioned from the others, a hung host.
 - the launcher's monitor excludes a hung host (`--on-fault exclude`).
 
 The testbed's links carry no delay: a lost host is silence, so survivors notice it when a
-collective times out (``parallel.timeout_s``, short here).
+collective times out (``parallel.timeout_s``: 10 s here).
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ from conftest import JOB, env, losses, records, train
 pytestmark = pytest.mark.slow
 
 BASE = ["--skip-preflight", "--config", str(JOB), "--snapshot.interval=1", "--snapshot.peer_timeout_s=5",
-        "--parallel.timeout_s=20", "--train.log_every=1"]
+        "--parallel.timeout_s=10", "--train.log_every=1"]
 # Elastic rounds: a dead node is noticed in ~2 s and a smaller round starts 5 s later.
 ELASTIC = "join_timeout=60,read_timeout=15,last_call_timeout=5,keep_alive_interval=1,keep_alive_max_attempt=2"
 GUARD_S = 600  # hang guards only, never speed limits
