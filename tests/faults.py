@@ -11,7 +11,8 @@ outside, as it happens on a cluster:
 | `kill`      | SIGKILL the host's rank (a crash)                         | crash: that host                 |
 | `partition` | drop all the host's traffic (a hang in communication)     | hang_comm: that host             |
 | `cpu`       | cgroup cpu.max: the host gets 1/(1 + slower) of the CPU    | straggler: that host             |
-|             | it used over the last steps (it computes that much slower)|                                  |
+|             | it used over the last steps, then the quota is corrected  |                                  |
+|             | every 5 steps so its compute takes (1 + slower) x as long |                                  |
 | `link`      | tc: the link host-peer at `rate_mbit` both ways           | slow_link: host->peer, peer->host|
 | `port`      | tc: the host's own port at `rate_mbit` (a slow NIC)       | slow_link: that host             |
 
@@ -39,6 +40,7 @@ from diagnostics.traces import Generation, generations
 
 BASE_MBIT = 200  # every link of a link-fault job: 24 MB/s (measured, docs/testbed.md)
 POLL_S = 0.5  # as the launcher's monitor
+HOLD_STEPS = 5  # cpu: steps between corrections of the quota (see _hold)
 GRACE_S = 3.0  # after the expected verdict: long enough for a wrong second one (a crash after a hang)
 
 # Per layout: the overrides for a job on n hosts (one rank each). tests/job.toml's model is
@@ -157,6 +159,8 @@ def run(tb: cluster.Testbed, layout: str, fault: Fault, *, steps: int, watch_s: 
                 out.detail.update(_inject(tb, fault, run_dir, usage))
                 out.fault_time = time.time()
                 deadline = out.fault_time + watch_s
+        elif fault.kind == "cpu" and not done:
+            _hold(tb, fault, out, _finished(run_dir, n))
         if want and settled is None and any(v.kind == want[0] for v in det.verdicts):
             settled = time.time()
         if fault.kind is not None and out.fault_time is None and (done or time.time() - started > 600):
@@ -228,6 +232,29 @@ def _inject(tb: cluster.Testbed, fault: Fault, run_dir: Path, usage: list) -> di
     cores = rate / (1 + fault.slower)
     tb.slow_cpu(h, cores)
     return {"rank": meta["rank"], "computing_cores": round(rate, 3), "quota_cores": round(cores, 3)}
+
+
+def _hold(tb: cluster.Testbed, fault: Fault, out: Outcome, step: int | None):
+    """cpu: hold the host's compute at (1 + slower) x its time before the fault. A quota
+    slows a rank by how much of each compute burst it cuts, which varies with the bursts'
+    lengths against the quota's period and with the other hosts' load on the shared cores
+    (3-33% for the same cut, measured); so, like a thermostat, every ``HOLD_STEPS`` steps
+    the quota is corrected by the slowdown measured over them."""
+    held = out.detail.setdefault("held_to_step", out.fault_step)
+    if step is None or step - held < HOLD_STEPS:
+        return
+    per = compute_s(out.run_dir, out.detail["rank"])
+    before = [t for s, t in per.items() if 1 < s <= out.fault_step]
+    new = [t for s, t in per.items() if held < s <= step]
+    if not before or len(new) < HOLD_STEPS:
+        return
+    ratio = statistics.median(new) / statistics.median(before)
+    # Half the correction (the square root), at most 25% at a time: a few steps' compute is
+    # noisy, and a quota that swings would make the slowdown come and go.
+    cores = out.detail["quota_cores"] * min(1.25, max(0.8, (ratio / (1 + fault.slower)) ** 0.5))
+    tb.slow_cpu(tb.host(fault.host), max(0.02, cores))
+    out.detail.update(held_to_step=step, quota_cores=round(cores, 3))
+    out.detail.setdefault("quota_log", []).append([step, round(ratio, 3), round(cores, 3)])
 
 
 def compute_s(run_dir: Path, rank: int) -> dict[int, float]:
