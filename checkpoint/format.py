@@ -51,6 +51,7 @@ TRASH = "trash."  # prefix of a step being deleted (out of the step_* namespace)
 DTYPE_CODES = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16", "int64": "I64",
                "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL"}
 
+
 def human(n: float) -> str:
     """Bytes for a person: 512 B, 16.0 KiB, 1.2 GiB."""
     for unit in ("B", "KiB", "MiB", "GiB"):

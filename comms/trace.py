@@ -37,7 +37,6 @@ import hashlib
 import json
 import os
 import signal
-import socket
 import sys
 import threading
 import time

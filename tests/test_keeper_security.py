@@ -10,7 +10,6 @@ import os
 import secrets
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import threading
@@ -20,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from checkpoint.erasure import GroupCode, NodeShares
-from checkpoint.keeper import KeeperClient, collect_garbage
+from checkpoint.keeper import KeeperClient
 from checkpoint.keeper.peers import PeerClient, PeerError, PeerServer
 from checkpoint.keeper.runtime import SHM, open_segment
 from checkpoint.keeper.wire import HEADER, MAGIC, AuthError, client_handshake, serve_handshake
