@@ -199,10 +199,13 @@ def _run(*cmd: str, check: bool = True) -> str:
 
 # Run inside the host's network namespace and a fresh mount and UTS namespace per command (all
 # seeing the same per-host files): join the host's cgroups first, so that every process it forks
-# is the host's; then its own /sys (its interfaces only), /etc/hosts, /dev/shm, keeper sockets,
-# node-local dir and hostname.
+# is the host's; then its own /sys (its interfaces only; the machine's cgroup hierarchies moved
+# back over its /sys/fs/cgroup, so a process reads its host's CPU throttling as on a real
+# machine), /etc/hosts, /dev/shm, keeper sockets, node-local dir and hostname.
 _ENTER = ('for cg in "$1" "$2"; do [ -z "$cg" ] || echo $$ > "$cg/cgroup.procs" || exit 97; done; '
-          'mount -t sysfs sysfs /sys && mount --bind "$3" /etc/hosts && mount --bind "$4" /dev/shm && '
+          'cg=$(mktemp -d) && { mount --rbind /sys/fs/cgroup "$cg" 2>/dev/null || { rmdir "$cg"; cg=; }; } && '
+          'mount -t sysfs sysfs /sys && { [ -z "$cg" ] || { mount --move "$cg" /sys/fs/cgroup && rmdir "$cg"; }; } && '
+          'mount --bind "$3" /etc/hosts && mount --bind "$4" /dev/shm && '
           'mount --bind "$5" "$6" && mount --bind "$7" "$8" && echo "$9" > /proc/sys/kernel/hostname || exit 97; '
           'shift 9; exec "$@"')
 
