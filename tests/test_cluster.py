@@ -127,12 +127,18 @@ def _alive(pid: int) -> bool:
 
 def test_slow_cpu_throttles_a_host(testbed):
     tb = testbed(1)
-    tb.slow_cpu(0, 0.1)
-    spin = ("import sys, time; sys.path.insert(0, sys.argv[1]); from comms.probe import throttled_s\n"
+    # The spin imports comms.probe (and torch with it) before the quota: at a tenth of a core
+    # the import alone would take half a minute.
+    spin = ("import sys, time; from comms.probe import throttled_s\n"
+            "print('ready', flush=True); sys.stdin.readline()\n"
             "t0 = throttled_s(); c, w = time.process_time(), time.perf_counter()\n"
             "while time.process_time() - c < 0.2: pass\n"
-            "print((time.perf_counter() - w) / (time.process_time() - c), throttled_s() - t0)")
-    slower, throttled = map(float, tb.run(0, [sys.executable, "-c", spin, str(ROOT)], check=True).stdout.split())
+            "print((time.perf_counter() - w) / (time.process_time() - c), throttled_s() - t0, flush=True)")
+    p = tb.popen(0, [sys.executable, "-c", spin], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "ready"
+    tb.slow_cpu(0, 0.1)
+    out, _ = p.communicate("go\n", timeout=120)
+    slower, throttled = map(float, out.split())
     # A tenth of a core: the spin's wall time is at least ~10x its CPU time, however idle the box;
     # and the host's processes see their throttling as on a real machine (the link probe's test).
     assert slower > 4 and throttled > 0.5
