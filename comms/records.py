@@ -39,6 +39,13 @@ class StepRecord:
     start: float
     end: float
     phases: dict  # phase name -> seconds (data, forward_backward, optimizer, checkpoint, probe)
+    # Seconds of the step spent blocked in traced ops (waiting for other ranks or the
+    # network); the rest is the rank's own work. None in traces written before it was kept.
+    blocked: float | None = None
+    # Seconds the training thread was ready to run but waited for a CPU (its run-queue delay,
+    # Linux schedstat; a CPU quota's throttling counts): a rank short of CPU. None where the
+    # kernel does not say.
+    cpu_wait: float | None = None
 
 
 _KINDS = {"op": OpRecord, "step": StepRecord}

@@ -7,7 +7,8 @@ three times: arrived (the rank entered the call), started and completed (wall cl
 CPU; CUDA events mapped to wall clock for tensors on a GPU; for ``async_op=True`` the
 completion is taken when the returned Work's future finishes). Each op is an
 ``OpRecord`` and each step a ``StepRecord`` (typed records, one JSON object a line,
-``comms.records``). Records go into a fixed-size ring buffer that a background thread
+``comms.records``) with its phase times, the time the rank was blocked in traced ops and the
+time its thread waited for a CPU. Records go into a fixed-size ring buffer that a background thread
 appends to ``RUN_DIR/diagnostics/gen-<G>/trace-r<R>.jsonl`` every ``flush_s`` seconds,
 together with a small state file (heartbeat, ops in flight, last sequence number per group,
 current step and phase) that ``diagnostics`` reads to call hangs while they happen.
@@ -129,6 +130,9 @@ class Tracer:
         self._phase = ""
         self._phases: dict[str, float] = {}
         self._step_t0 = time.time()
+        self._blocked = 0.0  # seconds spent inside blocking traced ops, ever
+        self._blocked_t0 = 0.0  # _blocked when the current step began
+        self._cpu_wait_t0 = _run_delay()  # the training thread's run-queue delay when the step began
         if not enabled:
             return
         self.generation = _generation()
@@ -139,7 +143,6 @@ class Tracer:
         self._written = 0
         self._inflight: dict[int, OpRecord] = {}
         self._funcol: dict[int, OpRecord] = {}  # storage address of a functional collective's result -> its op
-        self._blocked = 0.0  # seconds spent inside blocking traced ops, ever
         self._blocked_at: dict[str, float] = {}  # channel -> _blocked when its last op returned
         self._seq: dict[str, int] = {}
         self._groups: dict[int, tuple[str, tuple[int, ...]]] = {}
@@ -214,11 +217,12 @@ class Tracer:
             for rec in self._funcol.values():
                 self._complete(rec)
             self._funcol.clear()
-        now = time.time()
+        now, delay = time.time(), _run_delay()
         self.last_step_s = now - self._step_t0
         if self.enabled:
-            self._push(StepRecord(step, self._step_t0, now, self._phases))
-        self._phases, self._step_t0, self.step = {}, now, step + 1
+            waited = None if delay is None or self._cpu_wait_t0 is None else round(delay - self._cpu_wait_t0, 6)
+            self._push(StepRecord(step, self._step_t0, now, self._phases, round(self._blocked - self._blocked_t0, 6), waited))
+        self._phases, self._step_t0, self._blocked_t0, self._cpu_wait_t0, self.step = {}, now, self._blocked, delay, step + 1
 
     def close(self):
         """Flush everything and mark this rank as cleanly finished."""
@@ -517,6 +521,16 @@ class _TracedWork(c10d.Work):
 
     def __del__(self):  # dropped without a wait (fire-and-forget send): not in flight any more
         self._done()
+
+
+def _run_delay() -> float | None:
+    """Seconds the calling thread has spent runnable but not running (Linux schedstat's
+    run-queue delay), or None where the kernel does not keep it."""
+    try:
+        with open("/proc/thread-self/schedstat", "rb") as f:
+            return int(f.read().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def _payload(x) -> tuple[int, str, bool]:

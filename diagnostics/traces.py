@@ -224,6 +224,20 @@ class Generation:
         t = self.step_time(step)
         return self.lateness[rank].get(step, 0.0) / t if t > 0 else 0.0
 
+    def own_time(self, rank: int, step: int) -> float | None:
+        """Seconds of step ``step`` rank ``rank`` spent outside traced ops (its own work: compute,
+        data, Python), or None where its trace does not say how long it was blocked."""
+        rec = self.steps[rank].get(step)
+        if rec is None or rec.blocked is None:
+            return None
+        return max(rec.end - rec.start - rec.blocked, 0.0)
+
+    def cpu_wait(self, rank: int, step: int) -> float | None:
+        """Seconds of step ``step`` rank ``rank``'s training thread waited for a CPU, or None
+        where its trace does not say."""
+        rec = self.steps[rank].get(step)
+        return None if rec is None else rec.cpu_wait
+
     def heartbeat(self) -> float:
         return max((s.get("time", 0.0) for s in self.state.values()), default=0.0)
 

@@ -79,6 +79,10 @@ def test_trace_records_every_op_in_order(tmp_path):
         assert {x.peer for x in sends} == {(r + 1) % 3, (r - 1) % 3} and len(sends) == 2 * 5
         steps = [x for x in rs if isinstance(x, StepRecord)]
         assert [x.step for x in steps] == list(range(5)) and set(steps[0].phases) == {"data", "forward_backward", "optimizer"}
+        # Each step says how long the rank was blocked in those ops (its sends and all-reduces
+        # wait for the others) and how long its thread waited for a CPU (Linux schedstat).
+        assert all(0 <= x.blocked <= x.end - x.start for x in steps) and any(x.blocked > 0 for x in steps)
+        assert all(x.cpu_wait is not None and 0 <= x.cpu_wait <= x.end - x.start + 0.01 for x in steps)
         state = json.loads((gen / f"state-r{r}.json").read_text())
         assert state["closed"] and not state["inflight"] and state["dropped"] == 0
         assert json.loads((gen / f"meta-r{r}.json").read_text())["trace_format"] == 2
