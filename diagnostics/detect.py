@@ -27,7 +27,9 @@ later rows too). In short:
   window, and the job's step time rose with it (else the wait only moved between ranks) by
   at most 3 times its extra lateness (else the job slowed for another reason), and its
   extra lateness exceeds any channel's rise in collective time (a slow link also makes the
-  ranks at its ends late: the larger rise is the cause). From the
+  ranks at its ends late: the larger rise is the cause). Or, where the others do not wait
+  for it inside collectives (a pipeline's stages), its own work (step time less its time
+  blocked in traced ops) rose like that, by ``OWN_LEAD`` x any other rank's rise. From the
   first window that shows the rise, later windows keep the history from before it. A rank
   that is always a little late (rank 0 logging) has no rise and is not named; one that costs
   the job ``straggler_sustained`` of every step over a window and its history is (no onset
@@ -79,6 +81,11 @@ HANG_HISTORY = 20
 # Window ends in a row a slowdown's onset must hold at (and over confirm_s): a chance run of
 # late steps regresses within a few steps, a slower rank does not.
 CONFIRM = 5
+# Window ends in a row without the onset that a streak survives (0: it must hold at every one).
+CONFIRM_GAP = 0
+# A rank's own work is the straggler's evidence only when it slowed this many times more than
+# any other rank's: a busy machine slows every rank's work a little at once.
+OWN_LEAD = 2.0
 
 
 @dataclass
@@ -157,7 +164,7 @@ class Detector:
         self._windows: dict[tuple[int, int], dict] = {}  # (generation, window end) -> window statistics
         # (generation, "late" | "comm", rank | channel) -> (window ends in a row with an onset,
         # the first one's end time, the first step of the window that pins the history (None:
-        # no pin), the last window end that showed it)
+        # no pin), the last window end that showed it, windows without the onset since)
         self._streak: dict[tuple, tuple] = {}
         self.probes: dict[int, dict[str, dict]] = {}  # generation -> probe id -> analysis
         self.verdicts: list[Verdict] = []
@@ -369,12 +376,13 @@ class Detector:
         comm_rise = max((x["shift"].rise for x in comm.values() if x["candidate"]), default=0.0)
         fr = {r: {s: gen.late_fraction(r, s) for s in hist + win} for r in ranks}
         latest = {s: max(ranks, key=lambda r: fr[r][s]) for s in hist + win}
+        # When the job's own step time rose beyond its floor, that is independent evidence of a
+        # slowdown, and a rank's evidence needs only 2/3 of noise_z more: two tests at z = 2
+        # agreeing by chance are rarer than one at 3.
+        z = c.noise_z * (2 / 3 if job.significant else 1)
+        own = self._own(gen, ranks, win, hist, z)
         late = {}
         for r in ranks:
-            # When the job's own step time rose beyond its floor, that is independent evidence
-            # of a slowdown, and the lateness needs only 2/3 of noise_z more: two tests at
-            # z = 2 agreeing by chance are rarer than one at 3.
-            z = c.noise_z * (2 / 3 if job.significant else 1)
             sh = mean_shift([fr[r][s] for s in win], [fr[r][s] for s in hist], z=z, abs_min=c.straggler_threshold)
             share = sum(latest[s] == r for s in win) / len(win)
             # Its extra lateness, in seconds per step, must show in the job's step time (else
@@ -384,13 +392,52 @@ class Detector:
             # time, not lateness). The lateness is the sharper measure (differential: no common
             # noise), so it carries the significance; the step time, noisier, only has to agree.
             extra = sh.window * job.window - sh.history * job.history
-            agrees = job.rise >= max(c.straggler_threshold * job.history, 0.25 * extra) and extra >= job.rise / 3
             candidate = sh.significant and share >= c.straggler_persistence
             late[r] = {"shift": sh, "latest": share, "candidate": candidate, "extra": extra,
-                       "onset": candidate and agrees and extra > comm_rise}
-        stats = {"job": job, "late": late, "comm": comm, "fr": fr, "latest": latest, "T": T}
+                       "onset": candidate and self._agrees(job, extra) and extra > comm_rise, "by": "late"}
+            # Or its own work between ops (compute, not waiting) slowed, and nobody else's did as
+            # much. Where the others do not wait for it inside collectives (a pipeline's last
+            # stage: its neighbour waits in a receive, which looks like a slower transfer; many
+            # small tensor-parallel collectives each hiding a sliver of lateness), this is the
+            # evidence. Its rise must beat any channel's: a slower collective is the cause then.
+            o = own.get(r)
+            if o is not None and o["candidate"] and not late[r]["onset"]:
+                late[r].update(candidate=True, extra=max(extra, o["shift"].rise), by="own",
+                               onset=self._agrees(job, o["shift"].rise) and o["shift"].rise > comm_rise)
+        stats = {"job": job, "late": late, "own": own, "comm": comm, "fr": fr, "latest": latest, "T": T}
         self._windows[key] = stats
         return stats
+
+    def _agrees(self, job, extra: float) -> bool:
+        """A rank's extra time per step (seconds) shows in the job's step time (else the wait
+        only moved between ranks: the job is no slower) and explains at least a third of the
+        job's rise (else the job slowed for another reason)."""
+        c = self.cfg
+        return job.rise >= max(c.straggler_threshold * job.history, 0.25 * extra) and extra >= job.rise / 3
+
+    def _own(self, gen: Generation, ranks: list[int], win: list[int], hist: list[int], z: float) -> dict:
+        """rank -> {"shift" of its own time per step (outside traced ops), "wait": the shift of
+        its thread's wait for a CPU (None where not traced), "candidate"}; empty where the
+        traces do not say how long each rank was blocked. A candidate's own time rose beyond
+        the floor, and the rise is its own: at least OWN_LEAD x any other rank's, or it waits
+        for a CPU by half that rise more and the others do not (OWN_LEAD x theirs)."""
+        c = self.cfg
+        span, n = hist + win, len(hist)
+        t = {r: [gen.own_time(r, s) for s in span] for r in ranks}
+        if any(x is None for v in t.values() for x in v):
+            return {}
+        sh = {r: shift(v[n:], v[:n], z=z, rel_min=c.straggler_threshold) for r, v in t.items()}
+        w = {r: [gen.cpu_wait(r, s) for s in span] for r in ranks}
+        wait = ({r: shift(v[n:], v[:n], z=z, rel_min=0.0, abs_min=c.straggler_threshold * sh[r].history)
+                 for r, v in w.items()} if all(x is not None for v in w.values() for x in v) else {})
+        out = {}
+        for r, x in sh.items():
+            others = max((y.rise for q, y in sh.items() if q != r), default=0.0)
+            starved = r in wait and wait[r].significant and wait[r].rise >= 0.5 * x.rise and wait[r].rise >= OWN_LEAD * max(
+                (y.rise for q, y in wait.items() if q != r), default=0.0)
+            out[r] = {"shift": x, "wait": wait.get(r), "time": dict(zip(span, t[r])),
+                      "candidate": x.significant and (x.rise >= OWN_LEAD * max(others, 0.0) or starved)}
+        return out
 
     def _held(self, key: tuple, gen: Generation, win: list[int], onset: bool, candidate: bool | None = None) -> bool:
         """Whether an onset seen in window ``win`` has held at ``CONFIRM`` window ends in a
@@ -400,28 +447,31 @@ class Detector:
         specific sign, before the job-level evidence agrees; default: the onset itself)
         later windows are judged against the history before it, for up to history_steps."""
         c = self.cfg
-        n, t0, first, seen = self._streak.get(key, (0, None, None, None))
+        n, t0, first, seen, gap = self._streak.get(key, (0, None, None, None, 0))
+        if not onset:
+            # A streak survives CONFIRM_GAP windows in a row without the onset (a slowdown near
+            # the floor flickers across it); more end it.
+            n, t0, gap = (n, t0, gap + 1) if n and gap < CONFIRM_GAP else (0, None, 0)
         if not (onset if candidate is None else candidate):
             # A window that misses keeps the pin (noise), until a window's worth of them did.
             if first is None or win[-1] - seen >= c.straggler_window or win[-1] - first > c.history_steps:
                 self._streak.pop(key, None)
             else:
-                self._streak[key] = (0, None, first, seen)
+                self._streak[key] = (n, t0, first, seen, gap)
             return False
         first = win[0] if first is None and n == 0 else first
         if not onset:
             if first is not None and win[-1] - first > c.history_steps:  # a pin is not forever
                 self._streak.pop(key, None)
             else:
-                self._streak[key] = (0, None, first, win[-1])
+                self._streak[key] = (n, t0, first, win[-1], gap)
             return False
         t0 = gen.step_end(win[-1]) if t0 is None else t0
         held = n + 1 >= CONFIRM and gen.step_end(win[-1]) - t0 >= c.confirm_s
-        self._streak[key] = (n + 1, t0, None if held else first, win[-1])  # once named, its history may move on
+        self._streak[key] = (n + 1, t0, None if held else first, win[-1], 0)  # once named, its history may move on
         return held
 
     def _straggler(self, gen: Generation, now: float) -> list[Verdict]:
-        c = self.cfg
         if len(gen.meta) < 2:
             return []
         out = []
@@ -430,39 +480,72 @@ class Detector:
         stages = {r for r, m in gen.meta.items() if m.get("pipeline_stage") is not None}
         for i, win, hist in self._new_windows(gen, "straggler"):
             st = self._window(gen, i, win, hist)
-            job, span = st["job"], hist + win
             t = now if self.live else gen.step_end(win[-1])
             for r, lr in st["late"].items():
                 if self._held((gen.id, "late", r), gen, win, lr["onset"], lr["candidate"]):
-                    sh = lr["shift"]
-                    onset = next(s for s in win if st["fr"][r][s] > sh.history + sh.floor)
-                    ev = {"summary": (f"the job's step time rose from {1e3 * job.history:.1f} to {1e3 * job.window:.1f} ms "
-                                      f"and the others now wait a median "
-                                      f"{sh.window:.0%} of each step for this rank (was {sh.history:.0%}); it was the latest "
-                                      f"in {lr['latest']:.0%} of steps {win[0]}-{win[-1]}"),
-                          "pattern": "onset", "steps": [win[0], win[-1]], "since_step": onset,
-                          "step_time_s": job.to_json(), "late_share": sh.to_json(), "latest_share": lr["latest"],
-                          "score": round(1 - sh.window, 3)}
-                    conf = lr["latest"] * min(1.0, 0.5 + sh.rise / (4 * sh.floor))
-                elif (c.straggler_sustained and len(span) >= c.straggler_window + c.history_steps
-                      and r not in stages):
-                    med = statistics.median(st["fr"][r][s] for s in span)
-                    share = sum(st["latest"][s] == r for s in span) / len(span)
-                    if med < c.straggler_sustained or share < 0.9:
-                        continue
-                    first = span[0] == gen.training_steps()[0]
-                    ev = {"summary": (f"the others waited a median {med:.0%} of every step for this rank over steps "
-                                      f"{span[0]}-{span[-1]} (latest in {share:.0%})"
-                                      + (": slow since the job started" if first else "")),
-                          "pattern": "sustained", "steps": [span[0], span[-1]], "since_step": span[0],
-                          "median_late_share": round(med, 4), "latest_share": round(share, 3), "score": round(1 - med, 3)}
-                    conf = 0.8 * share
+                    found = (self._own_evidence if lr["by"] == "own" else self._late_evidence)(r, st, win)
                 else:
+                    found = None if r in stages else self._sustained_evidence(gen, r, st, hist + win)
+                if found is None:
                     continue
+                ev, conf = found
                 since = min(gen.steps[q][ev["since_step"]].start for q in gen.steps)
                 out.append(Verdict("straggler", [gen.node_of(r)], ev, round(min(conf, 0.95), 2), t, since=since,
                                    key=f"{gen.id}:straggler:{r}"))
         return out
+
+    @staticmethod
+    def _late_evidence(r: int, st: dict, win: list[int]) -> tuple[dict, float]:
+        """The others wait for rank ``r`` inside collectives, more than they used to."""
+        job, lr = st["job"], st["late"][r]
+        sh = lr["shift"]
+        onset = next(s for s in win if st["fr"][r][s] > sh.history + sh.floor)
+        ev = {"summary": (f"the job's step time rose from {1e3 * job.history:.1f} to {1e3 * job.window:.1f} ms "
+                          f"and the others now wait a median "
+                          f"{sh.window:.0%} of each step for this rank (was {sh.history:.0%}); it was the latest "
+                          f"in {lr['latest']:.0%} of steps {win[0]}-{win[-1]}"),
+              "pattern": "onset", "steps": [win[0], win[-1]], "since_step": onset,
+              "step_time_s": job.to_json(), "late_share": sh.to_json(), "latest_share": lr["latest"],
+              "score": round(1 - sh.window, 3)}
+        return ev, lr["latest"] * min(1.0, 0.5 + sh.rise / (4 * sh.floor))
+
+    @staticmethod
+    def _own_evidence(r: int, st: dict, win: list[int]) -> tuple[dict, float]:
+        """Rank ``r``'s own work (outside traced ops) slowed, and nobody else's as much."""
+        job, own = st["job"], st["own"]
+        sh = own[r]["shift"]
+        onset = next(s for s in win if own[r]["time"][s] > sh.history + sh.floor)
+        others = max((o["shift"].rise for q, o in own.items() if q != r), default=0.0)
+        wait = own[r]["wait"]
+        starved = (f"; its thread now waits {1e3 * wait.window:.1f} ms per step for a CPU (was {1e3 * wait.history:.1f})"
+                   if wait is not None and wait.significant else "")
+        ev = {"summary": (f"the job's step time rose from {1e3 * job.history:.1f} to {1e3 * job.window:.1f} ms "
+                          f"and this rank's own work (outside communication) now takes {1e3 * sh.window:.1f} ms per "
+                          f"step (was {1e3 * sh.history:.1f}; no other rank's rose by more than "
+                          f"{1e3 * max(others, 0.0):.1f} ms) over steps {win[0]}-{win[-1]}{starved}: "
+                          + ("it is short of CPU" if starved else "it is slower")),
+              "pattern": "own_work", "steps": [win[0], win[-1]], "since_step": onset,
+              "step_time_s": job.to_json(), "own_s": sh.to_json(), "score": round(sh.history / sh.window, 3)}
+        if wait is not None:
+            ev["cpu_wait_s"] = wait.to_json()
+        return ev, min(0.9, 0.5 + sh.rise / (4 * sh.floor))
+
+    def _sustained_evidence(self, gen: Generation, r: int, st: dict, span: list[int]) -> tuple[dict, float] | None:
+        """The others have waited for rank ``r`` a large share of every step, with no onset."""
+        c = self.cfg
+        if not c.straggler_sustained or len(span) < c.straggler_window + c.history_steps:
+            return None
+        med = statistics.median(st["fr"][r][s] for s in span)
+        share = sum(st["latest"][s] == r for s in span) / len(span)
+        if med < c.straggler_sustained or share < 0.9:
+            return None
+        first = span[0] == gen.training_steps()[0]
+        ev = {"summary": (f"the others waited a median {med:.0%} of every step for this rank over steps "
+                          f"{span[0]}-{span[-1]} (latest in {share:.0%})"
+                          + (": slow since the job started" if first else "")),
+              "pattern": "sustained", "steps": [span[0], span[-1]], "since_step": span[0],
+              "median_late_share": round(med, 4), "latest_share": round(share, 3), "score": round(1 - med, 3)}
+        return ev, 0.8 * share
 
     def _slow_comm(self, gen: Generation, now: float) -> list[Verdict]:
         c = self.cfg

@@ -145,6 +145,8 @@ def _evidence(plt, g: Generation, v: dict, t0: float):
         cells = {tuple(int(x) for x in k.split("->")): ms for k, ms in p["matrix_ms"].items()}
         return _matrix(plt, cells, {tuple(c) for c in p.get("slow", [])},
                        f"probe: ms per {p['bytes'] >> 10} KiB round trip", starved=set(map(int, p.get("starved", {}))))
+    if v["kind"] == "straggler" and ev.get("pattern") == "own_work" and g.steps:
+        return _own_work(plt, g, v)
     if v["kind"] == "straggler" and "steps" in ev and g.steps:
         return _shares(plt, g, v)
     if v["kind"] == "slow_comm":
@@ -171,6 +173,29 @@ def _shares(plt, g: Generation, v: dict):
     ax2.set_ylabel("step ms (grey)")
     ax.set_xlabel("step")
     ax.set_ylabel("share of the step others waited")
+    ax.legend(fontsize=7, loc="upper left")
+    return fig
+
+
+def _own_work(plt, g: Generation, v: dict):
+    """Each rank's own work per step (outside communication) and its thread's wait for a CPU,
+    with the judged window."""
+    steps = g.training_steps()
+    fig, ax = plt.subplots(figsize=(10, 3))
+    for r in sorted(g.meta):
+        own = [g.own_time(r, s) for s in steps]
+        line, = ax.plot(steps, [1e3 * x if x is not None else float("nan") for x in own], ".-", ms=3, lw=0.8,
+                        label=f"rank {r} own work")
+        wait = [g.cpu_wait(r, s) for s in steps]
+        if any(x is not None for x in wait):
+            ax.plot(steps, [1e3 * x if x is not None else float("nan") for x in wait], ":", lw=0.8, color=line.get_color(),
+                    label=f"rank {r} waiting for a CPU")
+    lo, hi = v["evidence"]["steps"]
+    ax.axvspan(lo - 0.5, hi + 0.5, color="orange", alpha=0.15, label="judged window")
+    if v["evidence"].get("since_step") is not None:
+        ax.axvline(v["evidence"]["since_step"], color="darkorange", ls="--", label="onset")
+    ax.set_xlabel("step")
+    ax.set_ylabel("ms per step")
     ax.legend(fontsize=7, loc="upper left")
     return fig
 

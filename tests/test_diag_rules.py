@@ -5,8 +5,12 @@ the step time, slow collectives with nobody late, hang limits, the rule table.""
 import json
 import math
 import random
+import subprocess
+import sys
 
 import pytest
+
+from conftest import ROOT, env
 
 from comms.records import TRACE_FORMAT, OpRecord, StepRecord, decode, encode
 from diagnostics import DiagnosticsConfig, Detector
@@ -35,7 +39,7 @@ def write_run(run_dir, *, world=2, steps=60, step_s=0.2, compute=None, comm=None
         for r in range(world):
             lines[r].append(encode(OpRecord(",".join(map(str, range(world))), "all_reduce", s, -1, 4096, "float32",
                                             arrive[r], arrive[r], done, s)))
-            lines[r].append(encode(StepRecord(s, t, done + 0.001, {"forward_backward": done - t})))
+            lines[r].append(encode(StepRecord(s, t, done + 0.001, {"forward_backward": done - t}, done - arrive[r])))
         t = last_end = done + 0.001
     members = {",".join(map(str, range(world))): list(range(world))}
     for r in range(world):
@@ -121,6 +125,84 @@ def test_slow_collectives_with_nobody_late_is_slow_comm(tmp_path):
     assert [v.kind for v in vs] == ["slow_comm"], [v.line() for v in vs]
     # Named once it held at 5 window ends over confirm_s (2 s: 10 steps of 0.2 s), within 20 steps.
     assert vs[0].suspects[0]["group"] == [0, 1, 2] and vs[0].evidence["steps"][1] <= 30 + 20
+
+
+def write_pipeline(run_dir, *, steps=60, work=(0.15, 0.15), xfer=(0.02, 0.02), noise=0.05, seed=0, cpu_wait=None):
+    """A generation of a two-stage pipeline: stage 0 computes ``work[0]`` (a callable of the
+    step or a number), sends its activations to stage 1 (``xfer[0]``: seconds the transfer
+    takes, likewise), which had posted its receive at the step's start and then computes
+    ``work[1]``; stage 0 waits for it in a receive of the gradients (``xfer[1]``). Each rank's
+    step records the time it was blocked in those ops, and ``cpu_wait(rank, step)`` its wait
+    for a CPU (None: not traced)."""
+    rnd = random.Random(seed)
+    gen = run_dir / "diagnostics" / "gen-1000000000000000000"
+    gen.mkdir(parents=True)
+    at = lambda f, s: f(s) if callable(f) else f  # noqa: E731
+    jitter = lambda x: x * (1 + noise * rnd.uniform(-1, 1))  # noqa: E731
+    waits = lambda r, s: None if cpu_wait is None else jitter(cpu_wait(r, s))  # noqa: E731
+    lines = {0: [], 1: []}
+    t = 1.0e9
+    for s in range(steps):
+        sent = t + jitter(at(work[0], s))
+        got = sent + jitter(at(xfer[0], s))  # stage 1 receives the activations
+        back = got + jitter(at(work[1], s))  # and sends the gradients
+        done = back + jitter(at(xfer[1], s))
+        fwd, bwd = "0,1|0>1", "0,1|1>0"
+        lines[0] += [encode(OpRecord(fwd, "isend", s, 1, 1 << 20, "float32", sent, sent, got, s)),
+                     encode(OpRecord(bwd, "irecv", s, 1, 1 << 20, "float32", sent, sent, done, s)),
+                     encode(StepRecord(s, t, done, {"forward_backward": done - t}, done - sent, waits(0, s)))]
+        lines[1] += [encode(OpRecord(fwd, "irecv", s, 0, 1 << 20, "float32", t, t, got, s)),
+                     encode(OpRecord(bwd, "isend", s, 0, 1 << 20, "float32", back, back, done, s)),
+                     encode(StepRecord(s, t, done, {"forward_backward": done - t}, (got - t) + (done - back), waits(1, s)))]
+        t = done
+    for r in (0, 1):
+        (gen / f"meta-r{r}.json").write_text(json.dumps({"rank": r, "world": 2, "trace_format": TRACE_FORMAT,
+                                                         "host": f"h{r}", "node": r, "pid": 0, "started": 1.0e9,
+                                                         "pipeline_stage": r}))
+        (gen / f"trace-r{r}.jsonl").write_text("\n".join(lines[r]) + "\n")
+        (gen / f"state-r{r}.json").write_text(json.dumps({"time": t, "step": steps, "phase": "", "inflight": [],
+                                                         "seq": {}, "groups": {}, "closed": True, "error": ""}))
+    return gen
+
+
+def test_a_slower_last_pipeline_stage_is_a_straggler_not_a_slow_link(tmp_path):
+    # Stage 1 loses CPU at step 30: its own work takes a third longer, and it takes the
+    # activations off the wire more slowly too (receiving is CPU work on gloo), so the transfer
+    # into it slows by more than a third of the job's rise: the case the detection benchmark
+    # misnamed as a slow link (work +50 ms, transfer +30 ms there).
+    write_pipeline(tmp_path, work=(0.15, lambda s: 0.15 if s < 30 else 0.2), xfer=(lambda s: 0.02 if s < 30 else 0.05, 0.002))
+    vs = verdicts(tmp_path)
+    assert [(v.kind, v.suspects[0]["rank"]) for v in vs] == [("straggler", 1)], [v.line() for v in vs]
+    assert vs[0].evidence["pattern"] == "own_work" and 30 <= vs[0].evidence["since_step"]
+    assert vs[0].evidence["steps"][1] <= 30 + 20
+
+
+def test_a_slow_link_between_pipeline_stages_is_not_a_straggler(tmp_path):
+    # The same job with the link slowing instead: both stages' own work is unchanged.
+    write_pipeline(tmp_path, xfer=(lambda s: 0.02 if s < 30 else 0.06, 0.002))
+    vs = verdicts(tmp_path)
+    assert vs and {v.kind for v in vs} == {"slow_comm"}, [v.line() for v in vs]
+
+
+@pytest.mark.parametrize("traced", [True, False])
+def test_a_stage_short_of_cpu_is_named_by_its_wait_for_a_cpu(tmp_path, traced):
+    # The machine gets busier at step 30 (both stages' work +15%) and stage 1 also loses CPU
+    # (its work +25% in all): its rise is not twice the other's, but only its thread waits for
+    # a CPU more (schedstat's run-queue delay, which a CPU quota's throttling adds to).
+    write_pipeline(tmp_path, work=(lambda s: 0.15 * (1.15 if s >= 30 else 1), lambda s: 0.15 * (1.25 if s >= 30 else 1)),
+                   cpu_wait=(lambda r, s: 0.01 + (0.03 if r == 1 and s >= 30 else 0.0)) if traced else None)
+    vs = verdicts(tmp_path)
+    if not traced:  # the own work alone does not single it out
+        assert vs == [], [v.line() for v in vs]
+        return
+    assert [(v.kind, v.suspects[0]["rank"]) for v in vs] == [("straggler", 1)], [v.line() for v in vs]
+    assert vs[0].evidence["pattern"] == "own_work" and "waits" in vs[0].evidence["summary"]
+    assert vs[0].evidence["cpu_wait_s"]["window"] > vs[0].evidence["cpu_wait_s"]["history"] + 0.02
+    # The report says so in its first paragraph and draws each rank's own work and CPU wait.
+    p = subprocess.run([sys.executable, "-m", "diagnostics", "report", str(tmp_path)], capture_output=True, text=True,
+                       cwd=ROOT, env=env())
+    assert p.returncode == 0 and "Rank 1 on node 1 (h1)" in p.stdout and "short of CPU" in p.stdout.splitlines()[0], p.stderr
+    assert (tmp_path / "diagnostics" / "report-files" / "verdict-0.png").stat().st_size > 10_000
 
 
 @pytest.mark.parametrize("step_s,waited,hang", [(0.02, 4.0, False), (0.02, 6.0, True), (2.0, 8.0, False), (2.0, 11.0, True)])
