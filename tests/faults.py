@@ -226,7 +226,10 @@ def _inject(tb: cluster.Testbed, fault: Fault, run_dir: Path, usage: list) -> di
     # average throttles each burst far more.)
     t1, c1, s1 = usage[-1]
     t0, c0, s0 = next((u for u in reversed(usage) if s1 - u[2] >= 5), usage[0])
-    per = compute_s(run_dir, meta["rank"])
+    # Per second of its compute phases, waits included: its collectives take CPU too (gloo
+    # reduces and copies on the host), which a quota per second of its own work alone leaves
+    # out (tried: a tensor-parallel host then ran unslowed until the hold caught up).
+    per = compute_s(run_dir, meta["rank"], own=False)
     computing = sum(per.get(s, 0.0) for s in range(s0 + 1, s1 + 1))
     rate = (c1 - c0) / max(computing, 1e-3)
     cores = rate / (1 + fault.slower)
@@ -257,11 +260,13 @@ def _hold(tb: cluster.Testbed, fault: Fault, out: Outcome, step: int | None):
     out.detail.setdefault("quota_log", []).append([step, round(ratio, 3), round(cores, 3)])
 
 
-def compute_s(run_dir: Path, rank: int) -> dict[int, float]:
-    """Step -> seconds rank ``rank`` spent computing in it (its data, forward/backward and
-    optimizer phases; waits inside them included), from its trace."""
+def compute_s(run_dir: Path, rank: int, *, own: bool = True) -> dict[int, float]:
+    """Step -> seconds rank ``rank`` spent in its data, forward/backward and optimizer phases,
+    from its trace; ``own``: less the time it was blocked in traced ops (waiting for the
+    others: its own work, what a CPU quota slows)."""
     gen = _generation(run_dir)
-    return {s: sum(v for k, v in rec.phases.items() if k in COMPUTE) for s, rec in gen.steps.get(rank, {}).items()}
+    return {s: max(sum(v for k, v in rec.phases.items() if k in COMPUTE) - ((rec.blocked or 0.0) if own else 0.0), 0.0)
+            for s, rec in gen.steps.get(rank, {}).items()}
 
 
 def host_slowdown(out: "Outcome") -> float | None:
