@@ -40,8 +40,9 @@ later rows too). In short:
   onset): the network or the collective itself is slow. Live, the monitor then asks for a
   link probe; when the job slowed and neither explains it, it asks for one among all the
   job's hosts (once per generation; no verdict unless the probe names a link);
-- probe: a finished link probe (``diagnostics.probe``) names the slow link (slow_link), or a
-  prober short of CPU (straggler), or nothing;
+- probe: a finished link probe (``diagnostics.probe``) names a prober short of CPU
+  (straggler), or finds slow directions: then a second probe repeats it, and the directions
+  slow in both are named (slow_link);
 - p2p links: per point-to-point pair (pipeline sends), transfer time = receiver's completion
   - the latest of the two arrivals and the previous transfer's end; slow cells as in
   ``diagnostics.links``.
@@ -81,8 +82,6 @@ HANG_HISTORY = 20
 # Window ends in a row a slowdown's onset must hold at (and over confirm_s): a chance run of
 # late steps regresses within a few steps, a slower rank does not.
 CONFIRM = 5
-# Window ends in a row without the onset that a streak survives (0: it must hold at every one).
-CONFIRM_GAP = 0
 # A rank's own work is the straggler's evidence only when it slowed this many times more than
 # any other rank's: a busy machine slows every rank's work a little at once.
 OWN_LEAD = 2.0
@@ -164,7 +163,7 @@ class Detector:
         self._windows: dict[tuple[int, int], dict] = {}  # (generation, window end) -> window statistics
         # (generation, "late" | "comm", rank | channel) -> (window ends in a row with an onset,
         # the first one's end time, the first step of the window that pins the history (None:
-        # no pin), the last window end that showed it, windows without the onset since)
+        # no pin), the last window end that showed it)
         self._streak: dict[tuple, tuple] = {}
         self.probes: dict[int, dict[str, dict]] = {}  # generation -> probe id -> analysis
         self.verdicts: list[Verdict] = []
@@ -447,28 +446,24 @@ class Detector:
         specific sign, before the job-level evidence agrees; default: the onset itself)
         later windows are judged against the history before it, for up to history_steps."""
         c = self.cfg
-        n, t0, first, seen, gap = self._streak.get(key, (0, None, None, None, 0))
-        if not onset:
-            # A streak survives CONFIRM_GAP windows in a row without the onset (a slowdown near
-            # the floor flickers across it); more end it.
-            n, t0, gap = (n, t0, gap + 1) if n and gap < CONFIRM_GAP else (0, None, 0)
+        n, t0, first, seen = self._streak.get(key, (0, None, None, None))
         if not (onset if candidate is None else candidate):
             # A window that misses keeps the pin (noise), until a window's worth of them did.
             if first is None or win[-1] - seen >= c.straggler_window or win[-1] - first > c.history_steps:
                 self._streak.pop(key, None)
             else:
-                self._streak[key] = (n, t0, first, seen, gap)
+                self._streak[key] = (0, None, first, seen)
             return False
         first = win[0] if first is None and n == 0 else first
         if not onset:
             if first is not None and win[-1] - first > c.history_steps:  # a pin is not forever
                 self._streak.pop(key, None)
             else:
-                self._streak[key] = (n, t0, first, win[-1], gap)
+                self._streak[key] = (0, None, first, win[-1])
             return False
         t0 = gen.step_end(win[-1]) if t0 is None else t0
         held = n + 1 >= CONFIRM and gen.step_end(win[-1]) - t0 >= c.confirm_s
-        self._streak[key] = (n + 1, t0, None if held else first, win[-1], 0)  # once named, its history may move on
+        self._streak[key] = (n + 1, t0, None if held else first, win[-1])  # once named, its history may move on
         return held
 
     def _straggler(self, gen: Generation, now: float) -> list[Verdict]:
@@ -605,7 +600,8 @@ class Detector:
     def _probe(self, gen: Generation, now: float) -> list[Verdict]:
         out = []
         done = self.probes.setdefault(gen.id, {})
-        for pid, p in sorted(gen.probes().items()):
+        probes = gen.probes()
+        for pid, p in sorted(probes.items()):
             if pid in done or not probe.finished(gen, p):
                 continue
             a = done[pid] = probe.analyse(p, self.cfg)
@@ -613,7 +609,9 @@ class Detector:
             since = p["request"]["requested"]
             # A probe asked for by an unexplained slowdown names links only: on a busy machine
             # some prober is short of CPU at any moment, which explains nothing by itself.
-            starved = {} if p["request"].get("links_only") else a.get("starved", {})
+            # A repeat (``confirms``) only checks the links of the probe before it, which named
+            # its starved probers already.
+            starved = {} if p["request"].get("links_only") or p["request"].get("confirms") else a.get("starved", {})
             for r, s in sorted(starved.items()):
                 ev = {"summary": (f"during the link probe at step {a['step']} this rank's fixed CPU work took "
                                   f"{s['cpu_ratio']}x the typical prober's" + (f", its cgroup was throttled {s['throttled_s']:.2f} s"
@@ -624,14 +622,39 @@ class Detector:
             if a.get("slow"):
                 cells = [tuple(c) for c in a["cells"]]
                 slow = {tuple(c) for c in a["slow"]}
+                # On a busy machine one probe can catch a prober's transfers in a scheduling
+                # hiccup: a second probe repeats it, and a link is named only if slow in both.
+                first = p["request"].get("confirms")
+                if first is None:
+                    self._confirm_probe(gen, p, a)
+                    continue
+                slow &= {tuple(c) for c in done.get(first, {}).get("slow", [])}
+                if not slow:
+                    continue
+                a["confirms"] = first
+                since = probes[first]["request"]["requested"] if first in probes else since
                 worst = max(slow, key=lambda c: a["matrix_ms"][f"{c[0]}->{c[1]}"])
-                ev = {"summary": (f"link probe at step {a['step']} ({a['bytes'] >> 10} KiB per transfer): "
+                ev = {"summary": (f"link probe at step {a['step']} ({a['bytes'] >> 10} KiB per transfer"
+                                  + (f", repeating probe {a['confirms']}" if a.get("confirms") else "") + "): "
                                   f"{len(slow)} of {len(cells)} directions slower than {a['limit_ms']:.2f} ms, worst "
                                   f"{worst[0]}->{worst[1]} {a['matrix_ms'][f'{worst[0]}->{worst[1]}']:.2f} ms "
                                   f"(typical {a['typical_ms']:.2f} ms)"), "probe": a}
                 out.append(Verdict("slow_link", name_cells(slow, cells, gen.node_of), ev, 0.85, t, since=since,
                                    key=f"{gen.id}:probe:{pid}:link"))
         return out
+
+    def _confirm_probe(self, gen: Generation, first: dict, a: dict):
+        """Live: ask for the probe that repeats ``first`` (once)."""
+        key = f"{gen.id}:probe:confirm:{a['id']}"
+        if not (self.live and self.cfg.probe and gen.source == "trace") or key in self._seen:
+            return
+        steps = gen.training_steps()[-self.cfg.straggler_window:]
+        step_s = statistics.median(gen.step_time(s) for s in steps) if steps else 1.0
+        req = first["request"]
+        reason = f"repeating probe {a['id']}, which found {len(a['slow'])} slow direction(s)"
+        if probe.request(gen, req.get("group") or req["ranks"], req["bytes"], step_s, self.cfg, reason=reason,
+                         links_only=req.get("links_only", False), confirms=a["id"]):
+            self._seen.add(key)
 
     def _links(self, gen: Generation, now: float) -> list[Verdict]:
         c = self.cfg

@@ -28,10 +28,11 @@ MIN_BYTES, MAX_BYTES = 1 << 20, 4 << 20  # a transfer, not a latency, on fast li
 
 
 def request(gen: Generation, ranks: list[int], nbytes: int, step_s: float, cfg: DiagnosticsConfig,
-            reason: str = "", links_only: bool = False) -> dict | None:
+            reason: str = "", links_only: bool = False, confirms: str | None = None) -> dict | None:
     """Ask for a probe among the hosts of ``ranks``; None while an earlier one is pending.
     ``links_only``: only a slow link it finds is a verdict (a prober short of CPU is set
-    aside, not named)."""
+    aside, not named). ``confirms``: the id of an earlier probe whose slow links this one
+    repeats the measurement of."""
     current = gen.probes().get(_read(gen.path / "probe-request.json").get("id", ""))
     if current and not finished(gen, current):
         return None
@@ -51,7 +52,7 @@ def request(gen: Generation, ranks: list[int], nbytes: int, step_s: float, cfg: 
     req = {"id": str(time.time_ns()), "step": step_now + math.ceil(LEAD_S / max(step_s, 1e-3)) + 2,
            "ranks": probers, "group": sorted(ranks), "reps": 5, "join_s": max(10.0, 3 * step_s),
            "bytes": int(min(max(cfg.probe_bytes or nbytes, MIN_BYTES), MAX_BYTES)),
-           "requested": time.time(), "reason": reason, "links_only": links_only}
+           "requested": time.time(), "reason": reason, "links_only": links_only, "confirms": confirms}
     for name in (f"probe-request-{req['id']}.json", "probe-request.json"):  # the history, then the live one
         tmp = gen.path / f".{name}.tmp{os.getpid()}"
         tmp.write_text(json.dumps(req))

@@ -77,6 +77,32 @@ def test_incomplete_and_abandoned_probes_say_so():
     assert analyse(p, CFG)["status"] == "abandoned"
 
 
+@pytest.mark.parametrize("links_only", [True, False])
+@pytest.mark.parametrize("again", [None, (1, 2), (0, 3)])
+def test_a_link_is_named_only_when_a_second_probe_repeats_it(tmp_path, again, links_only):
+    """One probe on a busy machine can catch a prober in a hiccup (seen in a clean 4-host
+    testbed run: one direction at 12x the typical for all 5 repetitions; and on loopback
+    beside other jobs: 1.8x). A link is named when a second probe finds it slow too, whether
+    the probe was asked for by slow collectives or by an unexplained slowdown (``links_only``);
+    ``again``: the direction the second probe finds slow (None: none ran)."""
+    from test_diag_rules import write_run
+
+    gen = write_run(tmp_path, world=4)
+    probes = [("1", None, (1, 2))] + ([("2", "1", again)] if again else [])
+    for pid, confirms, slow in probes:
+        p = recorded({slow: 8.0})
+        req = {**p["request"], "id": pid, "links_only": links_only, "confirms": confirms}
+        (gen / f"probe-request-{pid}.json").write_text(json.dumps(req))
+        for r, res in p["results"].items():
+            (gen / f"probe-{pid}-r{r}.json").write_text(json.dumps({**res, "id": pid}))
+    links = [v for v in Detector(tmp_path, live=False, dump_stacks=False).poll() if v.kind == "slow_link"]
+    if again == (1, 2):
+        assert [s["link"] for s in links[0].suspects] == [[1, 2]] and len(links) == 1
+        assert "repeating probe 1" in links[0].evidence["summary"] and links[0].since == 0.0
+    else:
+        assert links == []
+
+
 # ---- on real ranks ------------------------------------------------------------------------
 @contextlib.contextmanager
 def cpu_throttled(pid: int, share: float):
@@ -214,5 +240,8 @@ def test_slow_collectives_make_the_monitor_probe_the_links(tmp_path):
     assert asked["ranks"] == [0, 1, 2] and "probing the links" in slow[0].evidence["summary"]
     det = Detector(tmp_path, live=False, dump_stacks=False)
     det.poll()
-    (a,) = det.probes[next(iter(det.probes))].values()
-    assert a["id"] == asked["id"] and a["status"] == "done" and len(a["matrix_ms"]) == 6
+    probes = det.probes[next(iter(det.probes))]
+    a = probes[asked["id"]]
+    assert a["status"] == "done" and len(a["matrix_ms"]) == 6
+    # A second probe ran only if the first found a slow direction (a loopback hiccup), to repeat it.
+    assert len(probes) == (2 if a["slow"] else 1), probes
