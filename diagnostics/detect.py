@@ -29,7 +29,8 @@ later rows too). In short:
   extra lateness exceeds any channel's rise in collective time (a slow link also makes the
   ranks at its ends late: the larger rise is the cause). Or, where the others do not wait
   for it inside collectives (a pipeline's stages), its own work (step time less its time
-  blocked in traced ops) rose like that, by ``OWN_LEAD`` x any other rank's rise. From the
+  blocked in traced ops) rose like that, by ``OWN_LEAD`` x any other rank's rise or while
+  only its thread waits longer for a CPU (schedstat's run-queue delay). From the
   first window that shows the rise, later windows keep the history from before it. A rank
   that is always a little late (rank 0 logging) has no rise and is not named; one that costs
   the job ``straggler_sustained`` of every step over a window and its history is (no onset
