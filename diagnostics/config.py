@@ -25,7 +25,7 @@ class DiagnosticsConfig:
     straggler_persistence: float = doc("Share of the window's steps a rank (or link sample) must be the slowest in.", 0.7)
     straggler_threshold: float = doc("Least rise over the history, as a share of the step time, of the wait the others spend on a straggler and of the job's step time (0.05 = 5%).", 0.05)
     straggler_sustained: float = doc("A rank the others wait for this share of every step (median, latest in 90% of them) over a full window and history (slow from its first step, no onset to see) is a straggler too; 0 = off.", 0.25)
-    confirm_s: float = doc("A slowdown (straggler, slow collectives) is named once it held at 5 window ends in a row spanning at least this many seconds: a busy machine's scheduling hiccups pass within a second whatever the step time, a slow host or link stays.", 1.0)
+    confirm_s: float = doc("A slowdown (straggler, slow collectives) is named once it held at 5 window ends in a row spanning at least this many seconds: a busy machine's scheduling hiccups pass within a second or two whatever the step time, a slow host or link stays.", 2.0)
     comm_factor: float = doc("A group's collectives are slow when, with every member in, they take this many times as long as in the history (and the job slowed).", 1.3)
     probe: bool = doc("When a group's collectives slow down and no rank is late, the monitor asks the job for a pairwise link probe at a step boundary (C4P-style) to name the slow link.", True)
     probe_bytes: int = doc("Payload of each probe transfer in bytes; 0 = the group's median collective size, clamped to 1..4 MiB.", 0)

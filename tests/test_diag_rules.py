@@ -86,7 +86,7 @@ def test_onset_is_named_within_the_window_at_any_step_time(tmp_path, step_s):
     vs = verdicts(tmp_path)
     assert [(v.kind, v.suspects[0]["rank"]) for v in vs] == [("straggler", 1)], [v.line() for v in vs]
     ev = vs[0].evidence
-    # Named within 20 steps, or once it has lasted confirm_s (1 s) when 20 steps are shorter.
+    # Named within 20 steps, or once it has lasted confirm_s (2 s) when 20 steps are shorter.
     within = 20 + (math.ceil(DiagnosticsConfig().confirm_s / step_s) if step_s < 0.1 else 0)
     assert ev["pattern"] == "onset" and 30 <= ev["since_step"] and ev["steps"][1] <= 30 + within, ev["steps"]
     assert vs[0].since >= 1.0e9 + 29 * step_s  # the onset, not the verdict
@@ -123,7 +123,7 @@ def test_slow_collectives_with_nobody_late_is_slow_comm(tmp_path):
     write_run(tmp_path, world=3, comm=lambda s: 0.02 if s < 30 else 0.08)
     vs = verdicts(tmp_path)
     assert [v.kind for v in vs] == ["slow_comm"], [v.line() for v in vs]
-    # Named once it held at 5 window ends over confirm_s (1 s: 5 steps of 0.2 s), within 20 steps.
+    # Named once it held at 5 window ends over confirm_s (2 s: 10 steps of 0.2 s), within 20 steps.
     assert vs[0].suspects[0]["group"] == [0, 1, 2] and vs[0].evidence["steps"][1] <= 30 + 20
 
 
