@@ -67,11 +67,13 @@ def test_squatter_on_the_keeper_socket_is_refused_and_learns_nothing(tmp_path):
     client never sends the token (it proves knowledge), and refuses the forged server."""
     path = str(tmp_path / "keeper.sock")
     seen = []
+    listening = threading.Event()
 
     def squatter():
         with socket.socket(socket.AF_UNIX) as s:
             s.bind(path)
             s.listen(1)
+            listening.set()  # not the path's existence: a connect between bind and listen is refused
             conn, _ = s.accept()
             with conn:
                 conn.sendall(MAGIC + os.urandom(32))
@@ -81,8 +83,7 @@ def test_squatter_on_the_keeper_socket_is_refused_and_learns_nothing(tmp_path):
 
     t = threading.Thread(target=squatter)
     t.start()
-    while not os.path.exists(path):
-        time.sleep(0.01)
+    assert listening.wait(30)
     token = secrets.token_hex(32)
     with pytest.raises(AuthError, match="forged"):
         KeeperClient(path, token, rank=0)
