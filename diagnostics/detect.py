@@ -435,7 +435,7 @@ class Detector:
             others = max((y.rise for q, y in sh.items() if q != r), default=0.0)
             starved = r in wait and wait[r].significant and wait[r].rise >= 0.5 * x.rise and wait[r].rise >= OWN_LEAD * max(
                 (y.rise for q, y in wait.items() if q != r), default=0.0)
-            out[r] = {"shift": x, "wait": wait.get(r), "time": dict(zip(span, t[r])),
+            out[r] = {"shift": x, "wait": wait.get(r),
                       "candidate": x.significant and (x.rise >= OWN_LEAD * max(others, 0.0) or starved)}
         return out
 
@@ -479,7 +479,7 @@ class Detector:
             t = now if self.live else gen.step_end(win[-1])
             for r, lr in st["late"].items():
                 if self._held((gen.id, "late", r), gen, win, lr["onset"], lr["candidate"]):
-                    found = (self._own_evidence if lr["by"] == "own" else self._late_evidence)(r, st, win)
+                    found = self._own_evidence(gen, r, st, win) if lr["by"] == "own" else self._late_evidence(r, st, win)
                 else:
                     found = None if r in stages else self._sustained_evidence(gen, r, st, hist + win)
                 if found is None:
@@ -506,11 +506,11 @@ class Detector:
         return ev, lr["latest"] * min(1.0, 0.5 + sh.rise / (4 * sh.floor))
 
     @staticmethod
-    def _own_evidence(r: int, st: dict, win: list[int]) -> tuple[dict, float]:
+    def _own_evidence(gen: Generation, r: int, st: dict, win: list[int]) -> tuple[dict, float]:
         """Rank ``r``'s own work (outside traced ops) slowed, and nobody else's as much."""
         job, own = st["job"], st["own"]
         sh = own[r]["shift"]
-        onset = next(s for s in win if own[r]["time"][s] > sh.history + sh.floor)
+        onset = next(s for s in win if gen.own_time(r, s) > sh.history + sh.floor)
         others = max((o["shift"].rise for q, o in own.items() if q != r), default=0.0)
         wait = own[r]["wait"]
         starved = (f"; its thread now waits {1e3 * wait.window:.1f} ms per step for a CPU (was {1e3 * wait.history:.1f})"

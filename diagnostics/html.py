@@ -181,15 +181,13 @@ def _own_work(plt, g: Generation, v: dict):
     """Each rank's own work per step (outside communication) and its thread's wait for a CPU,
     with the judged window."""
     steps = g.training_steps()
+    to_ms = lambda xs: [float("nan") if x is None else 1e3 * x for x in xs]  # noqa: E731 (None: not traced)
     fig, ax = plt.subplots(figsize=(10, 3))
     for r in sorted(g.meta):
-        own = [g.own_time(r, s) for s in steps]
-        line, = ax.plot(steps, [1e3 * x if x is not None else float("nan") for x in own], ".-", ms=3, lw=0.8,
-                        label=f"rank {r} own work")
+        line, = ax.plot(steps, to_ms(g.own_time(r, s) for s in steps), ".-", ms=3, lw=0.8, label=f"rank {r} own work")
         wait = [g.cpu_wait(r, s) for s in steps]
         if any(x is not None for x in wait):
-            ax.plot(steps, [1e3 * x if x is not None else float("nan") for x in wait], ":", lw=0.8, color=line.get_color(),
-                    label=f"rank {r} waiting for a CPU")
+            ax.plot(steps, to_ms(wait), ":", lw=0.8, color=line.get_color(), label=f"rank {r} waiting for a CPU")
     lo, hi = v["evidence"]["steps"]
     ax.axvspan(lo - 0.5, hi + 0.5, color="orange", alpha=0.15, label="judged window")
     if v["evidence"].get("since_step") is not None:
