@@ -370,17 +370,24 @@ class Detector:
                            rel_min=c.comm_factor - 1)
                 above = sum(per_step.get(s, 0.0) > sh.history + sh.floor for s in win) / len(win)
                 comm[chan] = {"shift": sh, "candidate": sh.significant and above >= c.straggler_persistence}
-        # A slowdown has one place: ranks arriving late, or collectives slower once all are in
-        # (a slow link also makes the ranks at its ends late in the next ones). The larger rise,
-        # in seconds per step, is the cause; the other is its echo.
-        comm_rise = max((x["shift"].rise for x in comm.values() if x["candidate"]), default=0.0)
-        fr = {r: {s: gen.late_fraction(r, s) for s in hist + win} for r in ranks}
-        latest = {s: max(ranks, key=lambda r: fr[r][s]) for s in hist + win}
         # When the job's own step time rose beyond its floor, that is independent evidence of a
         # slowdown, and a rank's evidence needs only 2/3 of noise_z more: two tests at z = 2
         # agreeing by chance are rarer than one at 3.
         z = c.noise_z * (2 / 3 if job.significant else 1)
         own = self._own(gen, ranks, win, hist, z)
+        # A rank that waits for a CPU moves its share of every collective it is in slower too
+        # (gloo reduces on the calling thread): those groups' rise is its echo, not the network's,
+        # as long as the rank's extra wait could account for it (a slow port can also leave its
+        # rank waiting for a CPU a little more, while its collectives slow by several times that).
+        echo = {chan for chan, x in comm.items()
+                if any(own.get(r, {}).get("starved") and x["shift"].rise <= OWN_LEAD * own[r]["wait"].rise
+                       for r in gen.members(chan))}
+        # A slowdown has one place: ranks arriving late, or collectives slower once all are in
+        # (a slow link also makes the ranks at its ends late in the next ones). The larger rise,
+        # in seconds per step, is the cause; the other is its echo.
+        comm_rise = max((x["shift"].rise for chan, x in comm.items() if x["candidate"] and chan not in echo), default=0.0)
+        fr = {r: {s: gen.late_fraction(r, s) for s in hist + win} for r in ranks}
+        latest = {s: max(ranks, key=lambda r: fr[r][s]) for s in hist + win}
         late = {}
         for r in ranks:
             sh = mean_shift([fr[r][s] for s in win], [fr[r][s] for s in hist], z=z, abs_min=c.straggler_threshold)
@@ -404,7 +411,7 @@ class Detector:
             if o is not None and o["candidate"] and not late[r]["onset"]:
                 late[r].update(candidate=True, extra=max(extra, o["shift"].rise), by="own",
                                onset=self._agrees(job, o["shift"].rise) and o["shift"].rise > comm_rise)
-        stats = {"job": job, "late": late, "own": own, "comm": comm, "fr": fr, "latest": latest, "T": T}
+        stats = {"job": job, "late": late, "own": own, "comm": comm, "echo": echo, "fr": fr, "latest": latest, "T": T}
         self._windows[key] = stats
         return stats
 
@@ -417,10 +424,10 @@ class Detector:
 
     def _own(self, gen: Generation, ranks: list[int], win: list[int], hist: list[int], z: float) -> dict:
         """rank -> {"shift" of its own time per step (outside traced ops), "wait": the shift of
-        its thread's wait for a CPU (None where not traced), "candidate"}; empty where the
+        its thread's wait for a CPU (None where not traced), "starved", "candidate"}; empty where the
         traces do not say how long each rank was blocked. A candidate's own time rose beyond
         the floor, and the rise is its own: at least OWN_LEAD x any other rank's, or it waits
-        for a CPU by half that rise more and the others do not (OWN_LEAD x theirs)."""
+        for a CPU by half that rise more and the others do not (OWN_LEAD x theirs): starved."""
         c = self.cfg
         span, n = hist + win, len(hist)
         t = {r: [gen.own_time(r, s) for s in span] for r in ranks}
@@ -435,7 +442,7 @@ class Detector:
             others = max((y.rise for q, y in sh.items() if q != r), default=0.0)
             starved = r in wait and wait[r].significant and wait[r].rise >= 0.5 * x.rise and wait[r].rise >= OWN_LEAD * max(
                 (y.rise for q, y in wait.items() if q != r), default=0.0)
-            out[r] = {"shift": x, "wait": wait.get(r),
+            out[r] = {"shift": x, "wait": wait.get(r), "starved": x.significant and starved,
                       "candidate": x.significant and (x.rise >= OWN_LEAD * max(others, 0.0) or starved)}
         return out
 
@@ -574,7 +581,7 @@ class Detector:
                 # It must explain a third of the job's rise (its time is clock-free: from the last
                 # arrival to that rank's completion, so a ring that finishes later past a slow
                 # link shows only part of it) and more than any late rank does.
-                onset = candidate and job.significant and sh.rise >= max(job.rise / 3, late_rise)
+                onset = candidate and job.significant and sh.rise >= max(job.rise / 3, late_rise) and chan not in st["echo"]
                 if not self._held((gen.id, "comm", chan), gen, win, onset, candidate):
                     continue
                 t = now if self.live else gen.step_end(win[-1])

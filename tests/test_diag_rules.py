@@ -18,12 +18,13 @@ from diagnostics.detect import RULES
 
 
 def write_run(run_dir, *, world=2, steps=60, step_s=0.2, compute=None, comm=None, noise=0.05, seed=0,
-              inflight=None, now=None):
+              inflight=None, now=None, cpu_wait=None):
     """A generation whose ranks run ``steps`` steps of one all-reduce each.
 
     ``compute(rank, step)`` -> seconds of compute before the all-reduce (default step_s x 0.8
     with ``noise`` relative jitter); ``comm(step)`` -> seconds the all-reduce takes once every
-    rank is in. ``inflight``: {rank: seconds before the end} for one more all-reduce that never
+    rank is in; ``cpu_wait(rank, step)`` -> the rank's wait for a CPU (None: not traced).
+    ``inflight``: {rank: seconds before the end} for one more all-reduce that never
     completes (a hang). Returns the generation directory."""
     rnd = random.Random(seed)
     gen = run_dir / "diagnostics" / "gen-1000000000000000000"
@@ -39,7 +40,8 @@ def write_run(run_dir, *, world=2, steps=60, step_s=0.2, compute=None, comm=None
         for r in range(world):
             lines[r].append(encode(OpRecord(",".join(map(str, range(world))), "all_reduce", s, -1, 4096, "float32",
                                             arrive[r], arrive[r], done, s)))
-            lines[r].append(encode(StepRecord(s, t, done + 0.001, {"forward_backward": done - t}, done - arrive[r])))
+            wait = None if cpu_wait is None else cpu_wait(r, s) * (1 + noise * rnd.uniform(-1, 1))
+            lines[r].append(encode(StepRecord(s, t, done + 0.001, {"forward_backward": done - t}, done - arrive[r], wait)))
         t = last_end = done + 0.001
     members = {",".join(map(str, range(world))): list(range(world))}
     for r in range(world):
@@ -125,6 +127,22 @@ def test_slow_collectives_with_nobody_late_is_slow_comm(tmp_path):
     assert [v.kind for v in vs] == ["slow_comm"], [v.line() for v in vs]
     # Named once it held at 5 window ends over confirm_s (2 s: 10 steps of 0.2 s), within 20 steps.
     assert vs[0].suspects[0]["group"] == [0, 1, 2] and vs[0].evidence["steps"][1] <= 30 + 20
+
+
+@pytest.mark.parametrize("traced", [True, False])
+def test_a_rank_short_of_cpu_slows_its_collectives_and_is_named_not_the_network(tmp_path, traced):
+    # Tensor parallel on two hosts, rank 1's host loses CPU at step 30: its work takes 30 ms
+    # more, and every all-reduce it is in 45 ms more (gloo reduces on the calling thread, which
+    # now waits for a CPU): the detection benchmark named such a group's collectives slow.
+    write_run(tmp_path, compute=lambda r, s: 0.16 + (0.03 if r == 1 and s >= 30 else 0.0),
+              comm=lambda s: 0.02 if s < 30 else 0.065,
+              cpu_wait=(lambda r, s: 0.01 + (0.05 if r == 1 and s >= 30 else 0.0)) if traced else None)
+    vs = verdicts(tmp_path)
+    if not traced:  # without the wait for a CPU, the collectives' larger rise is the cause
+        assert [v.kind for v in vs] == ["slow_comm"], [v.line() for v in vs]
+        return
+    assert [(v.kind, v.suspects[0]["rank"]) for v in vs] == [("straggler", 1)], [v.line() for v in vs]
+    assert vs[0].evidence["steps"][1] <= 30 + 20
 
 
 def write_pipeline(run_dir, *, steps=60, work=(0.15, 0.15), xfer=(0.02, 0.02), noise=0.05, seed=0, cpu_wait=None):
