@@ -14,6 +14,20 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 JOB = ROOT / "tests" / "job.toml"
 
+# Tests whose outcome depends on the machine being otherwise idle: live detection (a verdict,
+# or none, from step timings), link probes and measured bandwidths. `make test` runs them
+# alone, after the rest ran two at a time (pytest-xdist; most of those wait on timeouts,
+# rendezvous rounds and shaped links rather than compute).
+SERIAL = {"test_diag.py", "test_diag_probe.py", "test_diag_watch.py", "test_diag_launch.py", "test_diag_testbed.py",
+          "test_diag_flight.py", "test_cluster.py", "test_placement_testbed.py",
+          "test_cluster_jobs.py::test_monitor_excludes_a_hung_host_and_the_job_finishes_on_the_rest"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if item.path.name in SERIAL or f"{item.path.name}::{item.originalname}" in SERIAL:
+            item.add_marker(pytest.mark.serial)
+
 
 def env(**extra) -> dict:
     e = dict(os.environ)
