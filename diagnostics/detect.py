@@ -440,10 +440,10 @@ class Detector:
         out = {}
         for r, x in sh.items():
             others = max((y.rise for q, y in sh.items() if q != r), default=0.0)
-            starved = r in wait and wait[r].significant and wait[r].rise >= 0.5 * x.rise and wait[r].rise >= OWN_LEAD * max(
-                (y.rise for q, y in wait.items() if q != r), default=0.0)
-            out[r] = {"shift": x, "wait": wait.get(r), "starved": x.significant and starved,
-                      "candidate": x.significant and (x.rise >= OWN_LEAD * max(others, 0.0) or starved)}
+            starved = x.significant and r in wait and wait[r].significant and wait[r].rise >= 0.5 * x.rise and (
+                wait[r].rise >= OWN_LEAD * max((y.rise for q, y in wait.items() if q != r), default=0.0))
+            out[r] = {"shift": x, "wait": wait.get(r), "starved": starved,
+                      "candidate": starved or (x.significant and x.rise >= OWN_LEAD * max(others, 0.0))}
         return out
 
     def _held(self, key: tuple, gen: Generation, win: list[int], onset: bool, candidate: bool | None = None) -> bool:
