@@ -15,12 +15,14 @@ ROOT = Path(__file__).resolve().parent.parent
 JOB = ROOT / "tests" / "job.toml"
 
 # Tests whose outcome depends on the machine being otherwise idle: live detection (a verdict,
-# or none, from step timings), link probes and measured bandwidths. `make test` runs them
-# alone, after the rest ran two at a time (pytest-xdist; most of those wait on timeouts,
-# rendezvous rounds and shaped links rather than compute).
+# or none, from step timings), link probes and measured bandwidths; and the one that checks
+# what `kintsugi ckpt gc` removes, which every keeper starting elsewhere also collects. `make
+# test` runs them alone, after the rest ran two at a time (pytest-xdist; most of those wait
+# on timeouts, rendezvous rounds and shaped links rather than compute).
 SERIAL = {"test_diag.py", "test_diag_probe.py", "test_diag_watch.py", "test_diag_launch.py", "test_diag_testbed.py",
           "test_diag_flight.py", "test_cluster.py", "test_placement_testbed.py",
-          "test_cluster_jobs.py::test_monitor_excludes_a_hung_host_and_the_job_finishes_on_the_rest"}
+          "test_cluster_jobs.py::test_monitor_excludes_a_hung_host_and_the_job_finishes_on_the_rest",
+          "test_keeper_security.py::test_killed_keepers_memory_is_collected_live_ones_never"}
 
 
 def pytest_collection_modifyitems(items):
