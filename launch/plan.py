@@ -201,13 +201,18 @@ def detected(args):
     cluster (the others None)."""
     import torch.distributed as dist
 
+    from trainer.parallel_dims import ParallelDims
     from trainer.placement import detect_cluster
 
     import torch
 
     dist.init_process_group("gloo")
     gpus = args.gpus_per_node or max(torch.cuda.device_count(), 1)
-    found = detect_cluster(job_config(args.model), "cpu", args.dp, gpus=gpus, probe_mb=args.probe_mb)
+    cfg = job_config(args.model)
+    dims = ParallelDims(args.pp, args.dp_replicate, args.dp // args.dp_replicate, args.tp, args.ep,
+                        dist.get_world_size() * gpus, (), cfg.parallel.engine if cfg else "torch")
+    # The speeds are the job's devices': its GPUs where the node has them.
+    found = detect_cluster(cfg, "cuda" if torch.cuda.is_available() else "cpu", dims, gpus=gpus, probe_mb=args.probe_mb)
     dist.barrier()  # the last collective: node 0 then plans alone, and every node exits
     return found if dist.get_rank() == 0 else None
 

@@ -486,3 +486,39 @@ def test_plan_cli_user_errors_exit_2(tmp_path, capsys):
         err = capsys.readouterr().err
         assert e.value.code == 2 and needle in err and err.count("\n") == 1
     assert not (tmp_path / "p.json").exists()
+
+
+def _profile_worker(rank: int, world: int, tmp: str):
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+
+    from comms import dist_utils
+    from conftest import JOB
+    from trainer.config import load_config
+    from trainer.parallel_dims import ParallelDims
+    from trainer.placement import profile_speed, profiled_blocks
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/pg", rank=rank, world_size=world)
+    # Rank 0 profiles a job whose replicas are FSDP2 modules (pp 2 x 2 replicas: HSDP), rank 1
+    # the same job with the overlapped optimizer's plain replicas; as in detection, only the
+    # profiling ranks make the one-rank group (the other does not wait for it).
+    overrides = ["--parallel.pp=2", "--parallel.dp_replicate=2", "--parallel.dp_shard=1", "--optim.grad_clip=0"]
+    if rank == 1:
+        overrides.append("--parallel.overlap_optimizer=true")
+    cfg = load_config(str(JOB), overrides)
+    dims = ParallelDims.resolve(cfg, 4)
+    blocks, fsdp = profiled_blocks(cfg, "cpu", dims)
+    assert fsdp == (rank == 0)
+    assert all(isinstance(p, DTensor) == (rank == 0) for p in blocks.parameters())
+    tflops, adam_gps = profile_speed(cfg, "cpu", dims)
+    assert tflops > 0 and adam_gps > 0
+    dist.barrier()
+    dist_utils.exit_process()
+
+
+def test_speeds_are_profiled_on_blocks_wrapped_as_the_job_runs_them(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.start_processes(_profile_worker, args=(2, str(tmp_path)), nprocs=2, start_method="spawn")

@@ -67,17 +67,28 @@ def apply_tp(model: Transformer, tp_mesh):
         parallelize_module(block, tp_mesh, plan)
 
 
+def uses_fsdp(cfg: JobConfig, dims: ParallelDims) -> bool:
+    """Does the torch engine wrap this job's blocks in FSDP2 (the overlapped optimizer keeps
+    replicas as plain modules: it reduces and steps them itself)?"""
+    return dims.fsdp_enabled and not cfg.parallel.overlap_optimizer
+
+
 def apply_fsdp(model: Transformer, mesh, dims: ParallelDims):
     """FSDP2: every block, then the rest, sharded over dp_shard (replicated over
     dp_replicate: HSDP)."""
+    dp_mesh = mesh["dp_replicate", "dp_shard"] if dims.dp_replicate > 1 else mesh["dp_shard"]
+    shard_blocks(model, model.layers.values(), dp_mesh, dims)
+
+
+def shard_blocks(root: nn.Module, blocks, dp_mesh, dims: ParallelDims):
+    """``fully_shard`` every block, then ``root`` (the rest of the parameters) over ``dp_mesh``."""
     from torch.distributed.fsdp import fully_shard
 
-    dp_mesh = mesh["dp_replicate", "dp_shard"] if dims.dp_replicate > 1 else mesh["dp_shard"]
     # Under PP each microbatch would re-gather the parameters; keep them gathered.
     reshard = not dims.pp_enabled
-    for block in model.layers.values():
+    for block in blocks:
         fully_shard(block, mesh=dp_mesh, reshard_after_forward=reshard)
-    fully_shard(model, mesh=dp_mesh, reshard_after_forward=reshard)
+    fully_shard(root, mesh=dp_mesh, reshard_after_forward=reshard)
 
 
 def apply_ep(model: Transformer, cfg: JobConfig, device: str):
@@ -178,7 +189,7 @@ class TorchEngine:
         if dims.tp_enabled:
             apply_tp(model, mesh["tp"])
         overlapped = cfg.parallel.overlap_optimizer  # replicas as plain modules: it reduces and steps (Holmes)
-        if dims.fsdp_enabled and not overlapped:
+        if uses_fsdp(cfg, dims):
             apply_fsdp(model, mesh, dims)
         self.reducer = self.ep_groups = None
         expert_names: set[str] = set()
@@ -195,7 +206,8 @@ class TorchEngine:
         if overlapped:
             from trainer.overlap_optim import OverlappedOptimizer
 
-            self.dp_optim = OverlappedOptimizer(model, self.optimizer, mesh["dp_replicate"].get_group(), cfg.parallel.bucket_mb)
+            self.dp_optim = OverlappedOptimizer(model, self.optimizer, mesh["dp_replicate"].get_group(), cfg.parallel.bucket_mb,
+                                                 overlap=cfg.parallel.optimizer_overlap)
         if dims.pp_enabled:
             self.schedule = build_pipeline(model, cfg, mesh, self.pp_rank, self.pp_size, device, self.pp_group)
         self._sd = None

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh
 
 from comms import UserError, dist_utils
 from comms.costmodel import ModelSpec
@@ -37,6 +38,7 @@ from trainer.parallel_dims import ParallelDims
 log = logging.getLogger(__name__)
 
 PROFILE_BLOCKS = 2  # blocks timed per node: enough to average out one block's fixed costs
+PROFILE_S = 1.0  # seconds each speed is timed over: ten periods of a CFS CPU quota (100 ms)
 
 
 def model_spec(cfg: JobConfig, dims: ParallelDims | None = None) -> ModelSpec:
@@ -53,47 +55,82 @@ def model_spec(cfg: JobConfig, dims: ParallelDims | None = None) -> ModelSpec:
                      bucket_mb=p.bucket_mb if p.overlap_optimizer else 0.0)
 
 
-def profile_speed(cfg: JobConfig, device: str, dp: int) -> tuple[float, float]:
-    """(achieved TFLOP/s, optimizer updates per second in billions) of this device on this
-    job's blocks, as the cost model counts them: one microbatch through PROFILE_BLOCKS blocks,
-    forward and backward, median of 9; then their optimizer step, median of 7."""
+def _rate_s(fn, sync, min_s: float = PROFILE_S, min_reps: int = 5) -> float:
+    """Seconds per call of ``fn`` sustained over at least ``min_s``: a CPU quota (a cgroup's
+    cpu.max) lets a short burst run at full speed and then stalls it, so a median of short
+    calls reads a speed the job never keeps up."""
+    fn()  # the first call allocates
+    sync()
+    reps, t0 = 0, time.perf_counter()
+    while reps < min_reps or time.perf_counter() - t0 < min_s:
+        fn()
+        sync()
+        reps += 1
+    return (time.perf_counter() - t0) / reps
+
+
+class ProfiledBlocks(torch.nn.Module):
+    """The blocks a node's speed is timed on, under one root as the job's model holds them."""
+
+    def __init__(self, blocks, rope):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(blocks)
+        self.rope = rope
+
+    def forward(self, h):
+        for b in self.blocks:
+            h = b(h, self.rope)
+        return h
+
+
+def profiled_blocks(cfg: JobConfig, device: str, dims: ParallelDims) -> tuple[ProfiledBlocks, bool]:
+    """PROFILE_BLOCKS of this job's blocks, wrapped as its engine wraps them: in FSDP2 (on a
+    group of this rank alone) where the job runs FSDP2, whose hooks and optimizer step over
+    DTensors cost the job CPU time that plain blocks would not show; and whether they are."""
     from trainer.model import Transformer
+    from trainer.parallelize import shard_blocks, uses_fsdp
+
+    model = Transformer(replace(cfg.model, n_layers=PROFILE_BLOCKS), cfg.moe).to(device)
+    blocks = ProfiledBlocks(model.layers.values(), model.rope[:cfg.data.seq_len])
+    fsdp = uses_fsdp(cfg, dims)
+    if fsdp:
+        alone = dist.new_group([dist.get_rank()], use_local_synchronization=True,
+                               backend="nccl" if device == "cuda" else "gloo")
+        shard_blocks(blocks, blocks.blocks, DeviceMesh.from_group(alone, device), dims)
+    return blocks, fsdp
+
+
+def profile_speed(cfg: JobConfig, device: str, dims: ParallelDims) -> tuple[float, float]:
+    """(achieved TFLOP/s, optimizer updates per second in billions) of this device on this
+    job's blocks, as the cost model counts them and as the job's engine runs them
+    (``profiled_blocks``): one microbatch through them, forward and backward, then their
+    optimizer step, each timed over PROFILE_S."""
     from trainer.parallelize import autocast, make_optimizer
 
     spec = model_spec(cfg)
-    small = replace(cfg.model, n_layers=PROFILE_BLOCKS)
-    model = Transformer(small, cfg.moe).to(device)
-    blocks = torch.nn.ModuleList(model.layers.values())
-    tokens = max(1, round(spec.global_batch * spec.seq_len / (dp * spec.microbatches)))
-    x = torch.randn(max(1, tokens // spec.seq_len), spec.seq_len, small.dim, device=device)
-    rope = model.rope[:spec.seq_len]
+    blocks, fsdp = profiled_blocks(cfg, device, dims)
+    tokens = max(1, round(spec.global_batch * spec.seq_len / (dims.dp_size * spec.microbatches)))
+    x = torch.randn(max(1, tokens // spec.seq_len), spec.seq_len, cfg.model.dim, device=device)
+    if fsdp:  # a pipeline reduces the gradients once per step, after its microbatches (modelled apart)
+        blocks.set_requires_gradient_sync(not dims.pp_enabled)
 
     def sync():
         if device == "cuda":
             torch.cuda.synchronize()
 
     def fwd_bwd():
-        h = x.requires_grad_()
         with autocast(cfg, device):
-            for b in blocks:
-                h = b(h, rope)
+            h = blocks(x.requires_grad_())
         h.float().square().mean().backward()
 
-    def median_s(fn, reps: int) -> float:
-        fn()  # the first call allocates
-        times = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            sync()
-            times.append(time.perf_counter() - t0)
-        return sorted(times)[reps // 2]
-
-    compute = median_s(fwd_bwd, 9)
+    compute = _rate_s(fwd_bwd, sync)
+    if fsdp:  # the optimizer steps the sharded gradients a synchronised backward leaves
+        blocks.set_requires_gradient_sync(True)
+        fwd_bwd()
     optimizer = make_optimizer(blocks, cfg)
     params = sum(p.numel() for p in blocks.parameters())
     flops = 3 * x.shape[0] * spec.seq_len * PROFILE_BLOCKS * spec.layer_flops()
-    return flops / compute / 1e12, params / median_s(optimizer.step, 7) / 1e9
+    return flops / compute / 1e12, params / _rate_s(optimizer.step, sync) / 1e9
 
 
 @dataclass
@@ -106,11 +143,11 @@ class Detected:
     interfaces: list[list[dict]]
 
 
-def detect_cluster(cfg: JobConfig | None, device: str, dp: int = 1, gpus: int | None = None,
+def detect_cluster(cfg: JobConfig | None, device: str, dims: ParallelDims | None = None, gpus: int | None = None,
                    probe_mb: float = 8.0) -> Detected:
     """Collective over the default group (module doc). ``cfg`` None: no compute profile (the
-    nodes keep the default speeds: a plan by network only); ``dp``: data-parallel ranks the
-    batch is split over (the profile's microbatch)."""
+    nodes keep the default speeds: a plan by network only); ``dims``: the job's degrees (its
+    data-parallel size sets the profile's microbatch, its engine the profile's wrapping)."""
     world, rank = dist.get_world_size(), dist.get_rank()
     per_node = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     nnodes, node_rank, first = world // per_node, rank // per_node, rank % per_node == 0
@@ -118,7 +155,7 @@ def detect_cluster(cfg: JobConfig | None, device: str, dp: int = 1, gpus: int | 
     if first:
         kw = {}
         if cfg is not None:
-            tflops, adam = profile_speed(cfg, device, dp)
+            tflops, adam = profile_speed(cfg, device, dims)
             kw = {"tflops": tflops, "adam_gps": adam}
         node = detect_local_node(gpus=gpus or per_node, **kw)
     topology = gather_topology(dist.distributed_c10d._get_default_store(), node_rank, nnodes, node)
@@ -130,7 +167,7 @@ def detect_cluster(cfg: JobConfig | None, device: str, dp: int = 1, gpus: int | 
 def auto_plan(cfg: JobConfig, dims: ParallelDims, device: str, run_dir: Path) -> Plan:
     """Detect the cluster and plan this job's placement on it (module doc); collective."""
     t0 = time.perf_counter()
-    found = detect_cluster(cfg, device, dims.dp_size)
+    found = detect_cluster(cfg, device, dims)
     plan = None
     if dist.get_rank() == 0:
         plan = make_plan(found.topology, model_spec(cfg, dims), dims.mesh_sizes(), ep=dims.ep)
