@@ -84,13 +84,18 @@ def test_config_errors_name_the_field(overrides, needle):
 @pytest.mark.slow
 def test_pipeline_with_overlapped_optimizer_matches_single_process(tmp_path):
     # pp 2 x 2 replicas, the replicas reduced and stepped bucket by bucket (small buckets:
-    # several per stage): the losses of one process training the whole batch.
+    # several per stage), and the same stepped once after every reduction (the overlap's
+    # baseline, parallel.optimizer_overlap=false): the losses of one process training the
+    # whole batch.
     common = ["--train.steps=4", "--optim.grad_clip=0", "--checkpoint.interval=0"]
     train(1, tmp_path / "one", *common)
-    train(4, tmp_path / "four", *common, "--parallel.pp=2", "--parallel.dp_replicate=2", "--parallel.dp_shard=1",
-          "--parallel.overlap_optimizer=true", "--parallel.bucket_mb=0.02")
-    got, want = losses(tmp_path / "four"), losses(tmp_path / "one")
-    assert sorted(got) == [1, 2, 3, 4]
-    for step in got:
-        assert got[step] == pytest.approx(want[step], rel=1e-5), step
-    assert got[4] < got[1] - 0.3
+    want = losses(tmp_path / "one")
+    for overlap in ("true", "false"):
+        run = tmp_path / f"four-{overlap}"
+        train(4, run, *common, "--parallel.pp=2", "--parallel.dp_replicate=2", "--parallel.dp_shard=1",
+              "--parallel.overlap_optimizer=true", "--parallel.bucket_mb=0.02", f"--parallel.optimizer_overlap={overlap}")
+        got = losses(run)
+        assert sorted(got) == [1, 2, 3, 4]
+        for step in got:
+            assert got[step] == pytest.approx(want[step], rel=1e-5), (overlap, step)
+        assert got[4] < got[1] - 0.3

@@ -87,6 +87,7 @@ class ParallelConfig:
     placement: str = doc("`auto`: detect the cluster at start (NICs, fabrics, measured links and speeds) and plan the placement and pipeline split with the cost model (trainer/placement.py; `kintsugi launch --placement auto`); empty = `plan` or ranks in order.", "")
     overlap_optimizer: bool = doc("Data-parallel replicas reduce gradients in buckets and step each bucket's parameters as soon as its reduction is done, overlapping the rest (Holmes; trainer/overlap_optim.py). Needs dp_replicate > 1, dp_shard = tp = 1, optim.grad_clip = 0 and the torch engine.", False)
     bucket_mb: float = doc("Gradient bucket size (MB) of the overlapped optimizer.", 4.0)
+    optimizer_overlap: bool = doc("With overlap_optimizer: step each bucket as soon as its reduction is done (true), or once after every reduction (false: the same plain replicas and buckets without the overlap, the baseline that measures the overlap's own gain).", True)
     backend: str = doc("Process-group backend: `auto` (NCCL with CUDA, else gloo), `gloo` or `nccl`.", "auto")
     timeout_s: float = doc("Process-group timeout in seconds.", 600.0)
 
