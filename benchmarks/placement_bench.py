@@ -26,10 +26,14 @@ one, a slower link between them), each host's CPU capped (a "GPU" of its own), t
 trainer through `kintsugi launch` for each layout: (a) unaware_s: contiguous ranks in the
 scheduler's node order, even split, torch's 1F1B; (b) same_schedule_s: the same with the
 trainer's eager 1F1B; (c) placed_s: the plan's placement, even split; (d) adaptive_s: the
-plan (placement and split); and the plan with the overlapped optimizer. The plan comes from
-`kintsugi plan --detect` on the hosts (fabrics from the interfaces' aliases, links measured,
-speeds profiled on the job's blocks), and its cost model's prediction stands beside every
-measured case. Jobs run round by round in a rotating order; each job's step time is the
+plan (placement and split), which runs FSDP2 replicas (HSDP, the trainer's engine for
+replicas under a pipeline); (e) bucketed_s: the plan with plain replicas reducing in buckets
+and stepping after every reduction; (f) overlapped_s: the same stepping each bucket as soon
+as it is reduced (Holmes' overlapped optimizer): (d)/(e) is the engine's share, (e)/(f) the
+overlap's own. The plan comes from `kintsugi plan --detect` on the hosts (fabrics from the
+interfaces' aliases, links measured, speeds profiled on the job's blocks as its engine wraps
+them; a second detection with the plain-replica job profiles (e) and (f)), and the cost
+model's prediction stands beside every measured case. Jobs run round by round in a rotating order; each job's step time is the
 median of its steps after --skip; each case's the median over rounds (min-max beside it).
 """
 from __future__ import annotations
@@ -154,6 +158,9 @@ interval = 0
 # node0..node3 across two fabrics interleaves them; a tidy one (or a file) sorts them.
 ORDERS = {"interleaved": ([0, 2], [1, 3]), "fabric-sorted": ([0, 1], [2, 3])}
 KEYS = ("unaware_s", "same_schedule_s", "placed_s", "adaptive_s")
+# (d) with plain replicas (the overlapped optimizer's bucketed reduction, stepped after it), and
+# with the overlap: apart, they show the overlap's own share and the engine's.
+REPLICA_KEYS = ("bucketed_s", "overlapped_s")
 
 
 def _shape(tb, fast: list[int], slow: list[int], args):
@@ -201,22 +208,27 @@ def _job(tb, cluster, name: str, job: Path, *overrides: str) -> list[float]:
     return [r["step_time_s"] for r in records if "step_time_s" in r]  # not the checkpoint events
 
 
-def _overlapped_prediction(plan, job: Path, bucket_mb: float) -> float:
+def _replica_predictions(plan, plain_plan, job: Path, bucket_mb: float) -> dict:
+    """The cost model on ``plan``'s placement and split for the plain-replica cases, with the
+    speeds ``plain_plan`` profiled on plain blocks (as those jobs run them): ``bucketed_s``
+    reduces in buckets and steps after them, ``overlapped_s`` steps each bucket once reduced."""
     from comms.costmodel import simulate, stages_of
-    from comms.topology import Node, Topology
     from trainer.config import load_config
     from trainer.parallel_dims import ParallelDims
     from trainer.placement import model_spec
 
-    topo = Topology([Node(**n) for n in plan.topology["nodes"]], dict(plan.topology["latency_us"]))
+    topo = Topology([Node(**n) for n in plain_plan.topology["nodes"]], dict(plain_plan.topology["latency_us"]))
     cfg = load_config(str(job), ["--parallel.overlap_optimizer=true", f"--parallel.bucket_mb={bucket_mb}"])
     dims = ParallelDims.resolve(cfg, topo.world_size)
-    return simulate(model_spec(cfg, dims), stages_of(topo, plan.rank_grid), plan.layers_per_stage, dims.dp_size, dims.tp).iteration_s
+    spec = model_spec(cfg, dims)
+    stages = stages_of(topo, plan.rank_grid)
+    return {key: simulate(replace(spec, bucket_mb=mb), stages, plan.layers_per_stage, dims.dp_size, dims.tp).iteration_s
+            for key, mb in (("bucketed_s", 0.0), ("overlapped_s", bucket_mb))}
 
 
 def testbed(args) -> dict:
-    """Each node order's four layouts (and the overlapped optimizer) as real training jobs on
-    4 emulated hosts, rounds interleaved; medians over rounds of each job's median step."""
+    """Each node order's layouts as real training jobs on 4 emulated hosts, rounds
+    interleaved; medians over rounds of each job's median step."""
     sys.path.insert(0, str(ROOT / "tests"))
     import cluster
 
@@ -224,6 +236,10 @@ def testbed(args) -> dict:
     with cluster.Testbed(4) as tb:
         job = tb.shared / "job.toml"
         job.write_text(TESTBED_JOB.format(steps=args.steps))
+        # The same job with plain replicas (the overlapped optimizer's): its own profile.
+        plain_job = tb.shared / "job-plain.toml"
+        plain_job.write_text(TESTBED_JOB.format(steps=args.steps).replace(
+            "[parallel]\n", f"[parallel]\noverlap_optimizer = true\nbucket_mb = {args.bucket_mb}\n"))
         if args.cpu_per_host:
             for h in range(4):
                 tb.slow_cpu(h, args.cpu_per_host)
@@ -233,12 +249,14 @@ def testbed(args) -> dict:
             plan = _detect(tb, cluster, job, tb.shared / f"plan-{order}.json")
             even = replace(plan, layers_per_stage=even_layers(sum(plan.layers_per_stage), len(plan.layers_per_stage)))
             even.save(tb.shared / f"plan-{order}-even.json")
-            plans[order] = plan
+            plans[order] = plan, _detect(tb, cluster, plain_job, tb.shared / f"plan-{order}-plain.json")
+        replicas = [f"--plan={tb.shared}/plan-{{order}}.json", "--parallel.overlap_optimizer=true",
+                    f"--parallel.bucket_mb={args.bucket_mb}"]
         cases = {"unaware_s": ["--parallel.pp_schedule=1F1B"], "same_schedule_s": [],
                  "placed_s": [f"--plan={tb.shared}/plan-{{order}}-even.json"],
                  "adaptive_s": [f"--plan={tb.shared}/plan-{{order}}.json"],
-                 "overlapped_s": [f"--plan={tb.shared}/plan-{{order}}.json", "--parallel.overlap_optimizer=true",
-                                  f"--parallel.bucket_mb={args.bucket_mb}"]}
+                 "bucketed_s": [*replicas, "--parallel.optimizer_overlap=false"],
+                 "overlapped_s": replicas}
         times = {order: {case: [] for case in cases} for order in ORDERS}
         runs = [(order, case) for order in ORDERS for case in cases]
         for r in range(args.rounds):
@@ -247,46 +265,43 @@ def testbed(args) -> dict:
                 steps = _job(tb, cluster, f"{order}-{case}-{r}", job, *(o.format(order=order) for o in cases[case]))
                 times[order][case].append(statistics.median(steps[args.skip:]))
                 print(f"round {r} {order:<13} {case:<16} {times[order][case][-1]:.3f} s/step", flush=True)
-        for order, plan in plans.items():
+        for order, (plan, plain) in plans.items():
             modelled = {"unaware_s": plan.predicted["unaware_s"], "same_schedule_s": plan.predicted["unaware_same_schedule_s"],
                         "placed_s": plan.predicted["placed_s"], "adaptive_s": plan.predicted["adaptive_s"]}
             measured = {case: statistics.median(ts) for case, ts in times[order].items()}
+            replica_model = _replica_predictions(plan, plain, job, args.bucket_mb)
             out[order] = {"measured": {k: measured[k] for k in KEYS}, "modelled": modelled,
-                          "details": {"rounds": times[order], "overlapped_s": measured["overlapped_s"],
-                                      "modelled_overlapped_s": _overlapped_prediction(plan, job, args.bucket_mb),
+                          "details": {"rounds": times[order],
+                                      **{k: measured[k] for k in REPLICA_KEYS},
+                                      **{f"modelled_{k}": replica_model[k] for k in REPLICA_KEYS},
                                       "layers_per_stage": plan.layers_per_stage, "stages": plan.stages,
-                                      "topology": plan.topology, "rates_mbit": {"fast": args.fast_mbit, "ethernet": args.eth_mbit,
-                                                                                 "between": args.cross_mbit},
+                                      "topology": plan.topology, "topology_plain": plain.topology,
+                                      "rates_mbit": {"fast": args.fast_mbit, "ethernet": args.eth_mbit,
+                                                     "between": args.cross_mbit},
                                       "cpu_per_host": args.cpu_per_host}}
     return out
 
 
 def testbed_table(results: dict) -> str:
-    lines = ["| node order (testbed) | | unaware s (torch 1F1B) | same schedule s (eager) | placed s | adaptive s | "
-             "overlapped optimizer s | adaptive vs unaware | schedule's share | placement's share | split's share |",
-             "|" + "---|" * 11]
+    cols = (*KEYS, *REPLICA_KEYS)
+    lines = ["| node order (testbed) | | (a) unaware s (torch 1F1B) | (b) same schedule s (eager) | (c) placed s | "
+             "(d) adaptive s | (e) the plan, plain replicas s | (f) (e) + overlapped optimizer s | (d) vs (a) | "
+             "schedule's share (a)/(b) | placement's (b)/(c) | split's (c)/(d) | plain replicas' (d)/(e) | overlap's (e)/(f) |",
+             "|" + "---|" * 14]
     for order, r in results.items():
-        m, p, d = r["measured"], r["modelled"], r["details"]
+        d = r["details"]
+        m = {**r["measured"], **{k: d[k] for k in REPLICA_KEYS}}
+        p = {**r["modelled"], **{k: d[f"modelled_{k}"] for k in REPLICA_KEYS}}
         spread = {k: (min(v), max(v)) for k, v in d["rounds"].items()}
-        cell = lambda k: f"{m[k]:.3f} ({spread[k][0]:.3f}-{spread[k][1]:.3f})"
-        lines.append(f"| {order} | measured | {cell('unaware_s')} | {cell('same_schedule_s')} | {cell('placed_s')} | "
-                     f"{cell('adaptive_s')} | {d['overlapped_s']:.3f} ({spread['overlapped_s'][0]:.3f}-{spread['overlapped_s'][1]:.3f}) | "
-                     f"{m['unaware_s'] / m['adaptive_s']:.2f}x | {m['unaware_s'] / m['same_schedule_s']:.2f}x | "
-                     f"{m['same_schedule_s'] / m['placed_s']:.2f}x | {m['placed_s'] / m['adaptive_s']:.2f}x |")
-        err = lambda k: f"{100 * (p[k] / m[k] - 1):+.0f}%"
-        lines.append(f"| | modelled (error) | {p['unaware_s']:.3f} ({err('unaware_s')}) | {p['same_schedule_s']:.3f} "
-                     f"({err('same_schedule_s')}) | {p['placed_s']:.3f} ({err('placed_s')}) | {p['adaptive_s']:.3f} "
-                     f"({err('adaptive_s')}) | {d['modelled_overlapped_s']:.3f} ({100 * (d['modelled_overlapped_s'] / d['overlapped_s'] - 1):+.0f}%) | "
-                     f"{p['unaware_s'] / p['adaptive_s']:.2f}x | {p['unaware_s'] / p['same_schedule_s']:.2f}x | "
-                     f"{p['same_schedule_s'] / p['placed_s']:.2f}x | {p['placed_s'] / p['adaptive_s']:.2f}x |")
-        # The plan's speeds are profiled in seconds on hosts that share 2 cores, so the model's
-        # scale moves from run to run; its ratios are what placement uses. Scaled by the one
-        # measured case a user has anyway (the job as it ran before: unaware), the other cells.
-        k = m["unaware_s"] / p["unaware_s"]
-        cal = lambda pred, meas: f"{k * pred:.3f} ({100 * (k * pred / meas - 1):+.0f}%)"
-        lines.append(f"| | modelled x {k:.3f}, scaled to the measured unaware case (error) | {k * p['unaware_s']:.3f} (=) | "
-                     f"{cal(p['same_schedule_s'], m['same_schedule_s'])} | {cal(p['placed_s'], m['placed_s'])} | "
-                     f"{cal(p['adaptive_s'], m['adaptive_s'])} | {cal(d['modelled_overlapped_s'], d['overlapped_s'])} | | | | |")
+
+        def shares(t):
+            return (f"{t['unaware_s'] / t['adaptive_s']:.2f}x | {t['unaware_s'] / t['same_schedule_s']:.2f}x | "
+                    f"{t['same_schedule_s'] / t['placed_s']:.2f}x | {t['placed_s'] / t['adaptive_s']:.2f}x | "
+                    f"{t['adaptive_s'] / t['bucketed_s']:.2f}x | {t['bucketed_s'] / t['overlapped_s']:.2f}x |")
+        lines.append(f"| {order} | measured | " + " | ".join(f"{m[k]:.3f} ({spread[k][0]:.3f}-{spread[k][1]:.3f})" for k in cols)
+                     + " | " + shares(m))
+        lines.append("| | modelled (error) | " + " | ".join(f"{p[k]:.3f} ({100 * (p[k] / m[k] - 1):+.0f}%)" for k in cols)
+                     + " | " + shares(p))
     return "\n".join(lines)
 
 
