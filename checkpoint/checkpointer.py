@@ -170,6 +170,9 @@ class Checkpointer:
         whose newest commit is this very step: a run resumed at its end), and ``close()``
         then fails unless it is committed there. Returns the save's timing record (its
         ``durable_s`` is filled at the boundary that sees it committed)."""
+        if self.last_save is not None and step <= self.last_save:  # the keeper keys reports by (attempt, step)
+            raise UserError(f"checkpoint save of step {step} after a save of step {self.last_save} in this run: "
+                            "save each step at most once and in increasing order (the final save included)")
         started = time.monotonic()
         self._join_capture()
         chunks = {chunk_key(n, c.offsets): (n, c) for n, c in state.items() if is_chunk(c)}

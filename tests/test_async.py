@@ -369,3 +369,19 @@ def test_a_stuck_level_write_fails_the_save_instead_of_hanging(run_dir, monkeypa
     conftest.wait_dead(c.keeper.pid)
     c.keeper.close()
     c.keeper = None
+
+
+def test_a_save_must_come_after_the_last_one(run_dir):
+    # The keeper keys its reports by (attempt, step): a step saved again in the same attempt
+    # would wait for a commit that its earlier report already stands for. A clear error instead.
+    c = ckpt(run_dir)
+    w = flatten({"w": torch.zeros(100)})["w"]
+    c.save(3, {"w": w})
+    settle(c)
+    for step in (3, 2):
+        with pytest.raises(UserError, match=f"save of step {step} after a save of step 3"):
+            c.save(step, {"w": w})
+    c.save(4, {"w": w})
+    settle(c)
+    c.close()
+    assert committed_steps(run_dir / "l1") == [4, 3]
