@@ -16,8 +16,8 @@ running, so a baseline taken once drifts), step-time overhead when saving every 
 every 10 steps (median of interleaved rounds: a block of steps without saving, then the
 same steps saving), seconds until the save is durable on
 disk (L1 for Kintsugi), checkpoint bytes per second until durable, peak RSS and peak PSS
-(proportional set size, sampled every 50 ms: shared memory mapped by the trainer and the
-keeper counts once) of the process tree, Kintsugi's keeper included, and ``breakdown_ms``:
+(proportional set size, sampled every second and around each wait for a save: shared
+memory mapped by the trainer and the keeper counts once) of the process tree, Kintsugi's keeper included, and ``breakdown_ms``:
 where one save's time goes (medians, ms per save; see ``BREAKDOWN``).
 
 References measured in the same run: the raw write+fsync bandwidth of the same directory
@@ -26,13 +26,14 @@ one thread copying the checkpoint's bytes into a pre-faulted buffer (the floor o
 copy), beside ``memcpy_fresh_ms`` into freshly mapped shared memory (the difference is the
 cost of first-touch page faults, ``fault_us`` per 4 KiB page).
 
-    python benchmarks/checkpoint_bench.py --json runs/bench/checkpoint.json            # ~100M params, torch.save and Kintsugi (<10 min)
-    python benchmarks/checkpoint_bench.py --methods torch_save dcp_async kintsugi --params 100e6 300e6   # more (~30 min)
+    python benchmarks/checkpoint_bench.py --json runs/bench/checkpoint.json            # ~100M params, torch.save and Kintsugi (minutes)
+    python benchmarks/checkpoint_bench.py --methods torch_save dcp_async kintsugi --params 100e6 300e6   # more (half an hour)
     python benchmarks/checkpoint_bench.py --quick --json runs/bench/checkpoint.json    # ~10M, a smoke run
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import mmap
 import os
@@ -47,8 +48,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 METHODS = ["torch_save", "dcp_save", "dcp_async", "dcp_async_pinned", "deepspeed", "kintsugi"]
-# The default run (one size, these two) takes ~7 minutes here; each further method at 101 M
-# adds 2-5 minutes and Kintsugi at 302 M ~9, so they run on request (--methods, --params).
+# The default run (one size, these two) stays well under 10 minutes; further methods and sizes
+# take minutes each (times in docs/async.md), so they run on request (--methods, --params).
 DEFAULT = ["torch_save", "kintsugi"]
 WIDTH = 2048  # Linear(2048, 2048) layers: 4.2M parameters each
 # ms per save, medians over the saves. Every method: save_call (inside save), step_extra (the
@@ -75,9 +76,17 @@ def pss_kb(pid: int) -> int:
 
 
 class PeakPss(threading.Thread):
-    """Samples the PSS of a set of processes every ``period`` s; ``peak_mb`` is the largest sum."""
+    """Samples the PSS of a set of processes every ``period`` s and whenever ``sample()`` is
+    called (before and after each wait for a save); ``peak_mb`` is the largest sum.
 
-    def __init__(self, pids, period: float = 0.05):
+    Reading a process's PSS walks its page tables: ~14 ms of CPU for a 4 GB process here,
+    so sampling the trainer and its keeper every 50 ms took half a core from the loop being
+    measured (and the lazy copy beside it) on this 2-core box. Every second, plus the samples
+    around each wait for a save (when the snapshot memory is full), cost ~3% of a core; the
+    memory a save holds stays held for seconds (a slot until the next save, a staged copy
+    until its upload ends), so it is not missed."""
+
+    def __init__(self, pids, period: float = 1.0):
         super().__init__(daemon=True)
         self.pids, self.period, self.peak_kb = pids, period, 0
         self.stop = threading.Event()
@@ -85,7 +94,10 @@ class PeakPss(threading.Thread):
 
     def run(self):
         while not self.stop.wait(self.period):
-            self.peak_kb = max(self.peak_kb, self.now_kb())
+            self.sample()
+
+    def sample(self):
+        self.peak_kb = max(self.peak_kb, self.now_kb())
 
     def now_kb(self) -> int:
         return sum(map(pss_kb, set(self.pids())))  # a set: the keeper is a child of the trainer, and named too
@@ -195,6 +207,7 @@ def measure(method: str, n_params: int, width: int, batch: int, saves: int, out_
             timings.append(ck.save(i, flatten({"model": model.state_dict(), "optim": opt.state_dict()["state"]})))
 
     def wait_durable():
+        sampler.sample()  # what a save holds while it is on its way
         if ck is not None:
             while ck.pending:
                 ck.check()
@@ -202,6 +215,7 @@ def measure(method: str, n_params: int, width: int, batch: int, saves: int, out_
         while pending:
             f = pending.pop()
             (f.upload_completion if hasattr(f, "upload_completion") else f).result()
+        sampler.sample()
 
     def clean():
         for p in out_dir.glob("s*"):
@@ -237,9 +251,14 @@ def measure(method: str, n_params: int, width: int, batch: int, saves: int, out_
             last_crc_pass = crc_pass
             parts["l1_write"].append(written["l1"][1])
         clean()
+    numbers = itertools.count(saves + 1)  # a run's save steps only increase, as a training loop's do
+
     def overhead(every: int, steps: int, rounds: int) -> list[float]:
         """Per round: the time of ``steps`` steps saving every ``every`` (until the last save
-        is durable) over the same number of steps right before without saving, in %."""
+        is durable) over the same number of steps right before without saving, in %. The
+        saves come after the first step of each ``every``, so each save's background work
+        meets the steps after it, as in a loop that goes on (a save after a round's last step
+        would add its whole write to the round, which no loop that keeps training waits for)."""
         out = []
         for r in range(rounds):
             t = time.perf_counter()
@@ -249,8 +268,8 @@ def measure(method: str, n_params: int, width: int, batch: int, saves: int, out_
             t = time.perf_counter()
             for i in range(1, steps + 1):
                 step()
-                if i % every == 0:
-                    save(1000 * (r + 1) + i)
+                if (i - 1) % every == 0:
+                    save(next(numbers))
             wait_durable()
             out.append(100 * ((time.perf_counter() - t) / plain - 1))
             clean()
@@ -258,7 +277,10 @@ def measure(method: str, n_params: int, width: int, batch: int, saves: int, out_
 
     every_step = overhead(1, 5, rounds)
     every_10 = overhead(10, 10, rounds)
+    # The first save maps fresh keeper memory (allocated, then faulted in page by page): its
+    # stall apart, the steady state in the median.
     result = {"stall_ms": 1e3 * statistics.median(stalls), "stall_ms_range": [1e3 * min(stalls), 1e3 * max(stalls)],
+              "first_stall_ms": 1e3 * stalls[0],
               "overhead_pct_every_step": statistics.median(every_step), "overhead_pct_every_step_rounds": every_step,
               "overhead_pct_every_10": statistics.median(every_10), "overhead_pct_every_10_rounds": every_10,
               "durable_s": statistics.median(durables),
@@ -406,7 +428,8 @@ def main(argv=None):
                   f"{r['overhead_pct_every_10']:10.1f}{r['durable_s']:11.2f}{r['write_gbps']:7.2f}"
                   f"{r['peak_rss_mb']:13.0f}{r['peak_pss_mb']:13.0f}{r['peak_pss_mb'] * 2**20 / nbytes:8.2f}", flush=True)
             print(f"{'':18}breakdown ms: " + ", ".join(f"{k} {b[k]:.0f}" for k in BREAKDOWN if k in b), flush=True)
-            print(f"{'':18}spread: stall {r['stall_ms_range'][0]:.0f}..{r['stall_ms_range'][1]:.0f} ms, overhead % per "
+            print(f"{'':18}spread: stall {r['stall_ms_range'][0]:.0f}..{r['stall_ms_range'][1]:.0f} ms (the first save "
+                  f"{r['first_stall_ms']:.0f}), overhead % per "
                   f"round every step {' '.join(f'{v:.0f}' for v in r['overhead_pct_every_step_rounds'])}, every 10 "
                   f"{' '.join(f'{v:.0f}' for v in r['overhead_pct_every_10_rounds'])}", flush=True)
         res["load_after"] = load()
