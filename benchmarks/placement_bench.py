@@ -33,8 +33,9 @@ as it is reduced (Holmes' overlapped optimizer): (d)/(e) is the engine's share, 
 overlap's own. The plan comes from `kintsugi plan --detect` on the hosts (fabrics from the
 interfaces' aliases, links measured, speeds profiled on the job's blocks as its engine wraps
 them; a second detection with the plain-replica job profiles (e) and (f)), and the cost
-model's prediction stands beside every measured case. Jobs run round by round in a rotating order; each job's step time is the
-median of its steps after --skip; each case's the median over rounds (min-max beside it).
+model's prediction stands beside every measured case. Jobs run round by round in a rotating
+order; each job's step time is the median of its steps after --skip; each case's the median
+over rounds (min-max beside it).
 """
 from __future__ import annotations
 
