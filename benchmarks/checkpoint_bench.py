@@ -17,8 +17,9 @@ every 10 steps (median of interleaved rounds: a block of steps without saving, t
 same steps saving), seconds until the save is durable on
 disk (L1 for Kintsugi), checkpoint bytes per second until durable, peak RSS and peak PSS
 (proportional set size, sampled every second and around each wait for a save: shared
-memory mapped by the trainer and the keeper counts once) of the process tree, Kintsugi's keeper included, and ``breakdown_ms``:
-where one save's time goes (medians, ms per save; see ``BREAKDOWN``).
+memory mapped by the trainer and the keeper counts once) of the process tree, Kintsugi's
+keeper included, and ``breakdown_ms``: where one save's time goes (medians, ms per save;
+see ``BREAKDOWN``).
 
 References measured in the same run: the raw write+fsync bandwidth of the same directory
 (the same number of bytes, buffered and with O_DIRECT; the faster counts), and ``memcpy_ms``:

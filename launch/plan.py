@@ -150,7 +150,7 @@ def main(argv: list[str]) -> int:
         return write_plan(args, model, sizes, load_topology(args.topology), None)
     from comms import dist_utils
 
-    found = detected(args)
+    found = detected(args, sizes)
     # Each node leaves without tearing gloo down (dist_utils.exit_process): its teardown
     # can abort the process ("terminate called without an active exception").
     dist_utils.exit_process(write_plan(args, model, sizes, found.topology, found) if found is not None else 0,
@@ -196,20 +196,19 @@ def rendezvous(args, argv: list[str]) -> int:
     return done.returncode
 
 
-def detected(args):
-    """Inside the rendezvous: every node detects itself and the links; node 0 gets the
-    cluster (the others None)."""
+def detected(args, sizes: dict):
+    """Inside the rendezvous: every node detects itself and the links (its speed profiled as
+    the job of ``sizes`` runs); node 0 gets the cluster (the others None)."""
+    import torch
     import torch.distributed as dist
 
     from trainer.parallel_dims import ParallelDims
     from trainer.placement import detect_cluster
 
-    import torch
-
     dist.init_process_group("gloo")
     gpus = args.gpus_per_node or max(torch.cuda.device_count(), 1)
     cfg = job_config(args.model)
-    dims = ParallelDims(args.pp, args.dp_replicate, args.dp // args.dp_replicate, args.tp, args.ep,
+    dims = ParallelDims(sizes["pp"], sizes["dp_replicate"], sizes["dp_shard"], sizes["tp"], args.ep,
                         dist.get_world_size() * gpus, (), cfg.parallel.engine if cfg else "torch")
     # The speeds are the job's devices': its GPUs where the node has them.
     found = detect_cluster(cfg, "cuda" if torch.cuda.is_available() else "cpu", dims, gpus=gpus, probe_mb=args.probe_mb)
