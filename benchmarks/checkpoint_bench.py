@@ -7,7 +7,10 @@ AdamW state, side by side on this machine, each in its own process (so peak RSS 
   dcp_async_pinned  dcp.async_save with a reused DefaultStager (pinned host buffers on CUDA;
                     on CPU pinned memory does not exist, so the stager reuses plain buffers)
   deepspeed         DeepSpeed ZeRO-2 engine.save_checkpoint
-  kintsugi          checkpoint.Checkpointer: lazy copy into the node keeper, L1 write by the keeper
+  kintsugi          checkpoint.Checkpointer with its defaults (``capture = "auto"``: on a CPU whose
+                    cores the step fills, the copy into the node keeper at the save, on the
+                    step's threads), L1 write by the keeper
+  kintsugi_lazy     the same with ``capture = "lazy"``: the copy beside the next step
 
 Per method: the stall of the training loop per save (median of the saves: the time inside
 the save call plus what the next step took beyond the step right before the save: this
@@ -48,10 +51,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-METHODS = ["torch_save", "dcp_save", "dcp_async", "dcp_async_pinned", "deepspeed", "kintsugi"]
-# The default run (one size, these two) stays well under 10 minutes; further methods and sizes
+METHODS = ["torch_save", "dcp_save", "dcp_async", "dcp_async_pinned", "deepspeed", "kintsugi", "kintsugi_lazy"]
+# The default run (one size, these three) stays well under 10 minutes; further methods and sizes
 # take minutes each (times in docs/async.md), so they run on request (--methods, --params).
-DEFAULT = ["torch_save", "kintsugi"]
+DEFAULT = ["torch_save", "kintsugi", "kintsugi_lazy"]
 WIDTH = 2048  # Linear(2048, 2048) layers: 4.2M parameters each
 # ms per save, medians over the saves. Every method: save_call (inside save), step_extra (the
 # next step beyond the step before the save). Kintsugi also: sync (keeper status + gather at
@@ -149,11 +152,12 @@ def measure(method: str, n_params: int, width: int, batch: int, saves: int, out_
 
     nbytes = sum(p.numel() * 4 * 3 for p in model.parameters())  # weights + AdamW's two moments
     ck = None
-    if method == "kintsugi":
+    if method.startswith("kintsugi"):
         from checkpoint import CheckpointConfig, Checkpointer, flatten
         from checkpoint.keeper import messages
         cfg = CheckpointConfig(interval=1, dir=str(out_dir / "l2"), l2_interval=10**6, l1_dir=str(out_dir / "l1"),
-                               l1_keep_last=1, host_memory_mb=2 * (nbytes >> 20) + 64)  # double buffering
+                               l1_keep_last=1, host_memory_mb=2 * (nbytes >> 20) + 64,  # double buffering
+                               capture="lazy" if method == "kintsugi_lazy" else "auto")
         ck = Checkpointer(cfg, out_dir)
         ck.attach(opt)
         train_step, boundary = step, []
@@ -291,6 +295,7 @@ def measure(method: str, n_params: int, width: int, batch: int, saves: int, out_
               "breakdown_ms": {k: (1 if k == "page_faults" else 1e3) * statistics.median(v)
                                for k, v in parts.items() if v}}
     if ck is not None:
+        result["capture"] = timings[-1].capture
         wrote, secs = ck.keeper.call(messages.Status(ck.gen)).written["l1"]
         result["keeper_write_gbps"] = wrote / secs / 1e9  # the keeper's own L1 write rate
         keeper_hwm = [line for line in Path(f"/proc/{ck.keeper.pid}/status").read_text().splitlines()
@@ -373,7 +378,7 @@ def main(argv=None):
     ap.add_argument("--saves", type=int, default=5, help="saves per method for the stall's median")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds per method for the overheads' medians")
     ap.add_argument("--methods", nargs="*", choices=METHODS,
-                    help="methods to run (default: torch_save and kintsugi, so that the default run stays under "
+                    help="methods to run (default: torch_save, kintsugi and kintsugi_lazy, so that the default run stays under "
                          "10 minutes here)")
     ap.add_argument("--dir", default="runs/bench/ckpt", help="where checkpoints are written (the disk under test)")
     ap.add_argument("--json", default=None, help="write the results here")
@@ -442,6 +447,10 @@ def main(argv=None):
                     print(f"kintsugi stall = 1/{res[other]['stall_ms'] / max(k['stall_ms'], 1e-9):.0f} of {other}")
             print(f"kintsugi keeper L1 write {k['keeper_write_gbps']:.2f} GB/s = "
                   f"{k['keeper_write_gbps'] / raw:.2f} x raw")
+            lazy = res.get("kintsugi_lazy", {})
+            if "stall_ms" in lazy:
+                print(f"kintsugi capture {k['capture']}: stall {k['stall_ms']:.0f} ms, lazy {lazy['stall_ms']:.0f} ms "
+                      f"({lazy['stall_ms'] / max(k['stall_ms'], 1e-9):.2f}x)")
         results[f"{res['params'] / 1e6:.0f}M"] = res
         if a.json:  # after every size: a run stopped midway keeps the sizes it finished
             Path(a.json).parent.mkdir(parents=True, exist_ok=True)

@@ -4,7 +4,8 @@ from the fastest level that holds the newest good step.
 ``save(step, state)`` at a step boundary plans the shard (which replicated chunk this rank
 writes: checkpoint.store.plan_writes), takes a shared-memory slot from the node keeper
 (waiting only when the host-memory budget is spent) and returns: the bytes are copied
-during the next forward/backward (checkpoint/lazy.py). The keeper checksums the slot
+during the next forward/backward (checkpoint/lazy.py), or before it returns where the
+step's threads fill every core (``checkpoint.capture``). The keeper checksums the slot
 (level 0) and writes it to the levels due at this step (L1 node-local, L2 ``dir``).
 
 Agreement: at every step boundary (``check``, ``save``, ``close``) the ranks all-gather
@@ -85,6 +86,7 @@ class SaveTiming:
     levels: tuple[str, ...]  # where it goes ("l0", "l1", "l2")
     started: float  # time.monotonic() when save() was called
     stall_s: float = 0.0  # how long save() held the caller (the lazy copy runs after it)
+    capture: str = ""  # how the tensors were copied: "lazy", or "eager" (at the save) on N threads
     durable_s: float | None = None  # save() to committed at every level (or given up); None while in flight
     failed: list[str] = field(default_factory=list)  # levels that did not store it, with the reason
     # Where the stall goes: sync_s (keeper status + the ranks' gather), alloc_s (the keeper's
@@ -218,6 +220,7 @@ class Checkpointer:
         t_eager = time.monotonic()
         buf = self._buffer(reply)
         buf[:len(head)].copy_(torch.frombuffer(bytearray(head), dtype=torch.uint8))
+        now = self._copy_threads(chunks[k][1].tensor for k in mine)
         entries, lazy, owned = [], [], optimizer_storages()
         crcs: list[int | None] = []  # a shard bound for disk is checksummed as it is copied
         lazy_at = []  # the entries copied lazily
@@ -226,7 +229,7 @@ class Checkpointer:
             t = c.tensor if c.tensor.is_contiguous() else c.tensor.contiguous()
             lo = len(head) + off
             dst = buf[lo:lo + c.nbytes]
-            if lazy_ok(t, owned):
+            if now or lazy_ok(t, owned):
                 lazy.append((t, dst))
                 lazy_at.append(len(crcs))
                 crcs.append(None)  # filled by the lazy copy
@@ -243,9 +246,19 @@ class Checkpointer:
                                 objects if self.rank == 0 else None, crcs if due else None))
 
         timing.parts["eager_s"] = time.monotonic() - t_eager
-        self.capture = LazyCopy(lazy, filled, timing.parts, crc=bool(due))
+        timing.capture = f"eager, {now} threads" if now else "lazy"
+        self.capture = LazyCopy(lazy, filled, timing.parts, crc=bool(due), now=now)
         timing.stall_s = time.monotonic() - started
         return timing
+
+    def _copy_threads(self, tensors) -> int:
+        """How many threads copy a save at once; 0 = lazily (``checkpoint.capture``). Lazy
+        pays only where the copy runs beside the step on something it leaves idle."""
+        mode = self.cfg.capture
+        if mode == "auto":
+            idle = len(os.sched_getaffinity(0)) > self.world // self.nodes * torch.get_num_threads()
+            mode = "lazy" if idle or any(t.is_cuda for t in tensors) else "eager"
+        return max(1, torch.get_num_threads()) if mode == "eager" else 0
 
     def _alloc(self, step: int, nbytes: int) -> tuple[m.AllocReply | None, str | None]:
         """A keeper slot for this rank's shard, or (None, why) when it does not fit into the

@@ -10,6 +10,8 @@ from pathlib import Path
 
 from comms.configlib import check, doc
 
+CAPTURES = ("auto", "lazy", "eager")
+
 
 @dataclass
 class CheckpointConfig:
@@ -29,6 +31,10 @@ class CheckpointConfig:
     host_memory_mb: int = doc("Host memory of the node keeper for snapshots, all local ranks together; each rank "
                               "needs 2 snapshots, more let saves overlap slow writes. A save waits rather than "
                               "exceeding it.", 8192)
+    capture: str = doc("How a save copies the tensors into the keeper's memory: `lazy` beside the next "
+                       "forward/backward (the optimizer's next step waits for what is left), `eager` at the save "
+                       "on the rank's torch threads, `auto` lazy on GPU (the copy engine) and where CPU cores are "
+                       "left idle by the local ranks' torch threads, eager where they fill every core.", "auto")
     keeper_timeout_s: float = doc("The node keeper exits this long after its last trainer disconnected "
                                   "(once the job's agent is gone too).", 60.0)
     close_timeout_s: float = doc("At the end or on SIGTERM, wait at most this long for in-flight levels to commit.",
@@ -46,6 +52,7 @@ class CheckpointConfig:
                   f"must be a multiple of checkpoint.interval={self.interval}")
         check(not self.l1_dir or not self.dir or Path(self.l1_dir).resolve() != Path(self.dir).resolve(),
               "checkpoint.l1_dir", "must differ from checkpoint.dir (L1 and L2 keep their own steps)")
+        check(self.capture in CAPTURES, "checkpoint.capture", f"must be one of {', '.join(CAPTURES)}")
         check(self.host_memory_mb >= 1, "checkpoint.host_memory_mb", "must be >= 1")
         check(self.keeper_timeout_s > 0, "checkpoint.keeper_timeout_s", "must be > 0")
         check(self.close_timeout_s > 0, "checkpoint.close_timeout_s", "must be > 0")

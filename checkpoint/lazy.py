@@ -9,6 +9,12 @@ torch optimizer, DeepSpeed's inner ones included) waits for the pieces still mis
 on CPU copies them itself rather than idling. Tensors that the forward pass may change
 (buffers such as BatchNorm statistics: neither trainable nor optimizer state) are copied
 eagerly at the save instead.
+
+Lazy pays where the copy runs on something the step leaves idle: a GPU's copy engine, or
+CPU cores beside the step's threads. When the step's threads fill every core, a copy
+thread beside them slows each of the step's parallel regions to its slowest thread, and
+the whole copy on all the step's threads at the save costs less (``now``; measured in
+docs/async.md). The checkpointer chooses (``checkpoint.capture``).
 """
 from __future__ import annotations
 
@@ -20,6 +26,8 @@ import weakref
 import numpy as np
 import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+from isal import isal_zlib
 
 from checkpoint.format import checksum, fault_point
 from checkpoint.state import is_dtensor
@@ -92,13 +100,15 @@ def host_unview(buf: torch.Tensor):
 
 class LazyCopy:
     """Copies ``(source tensor, destination byte view)`` pairs in the background; calls
-    ``on_done(crcs)`` (from the copier) once every byte is in host memory.
+    ``on_done(crcs)`` (from the copier) once every byte is in host memory. ``now`` > 0
+    (CPU only): copy every piece before returning instead, on ``now`` threads (the caller's
+    and ``now - 1`` helpers).
 
     ``crc``: also the CRC32 of each pair's destination bytes, in the same pass (each piece
     is checksummed right after its copy, while it is in the cache, instead of by a second
-    pass over the snapshot in the keeper). ``crcs`` then holds one per pair, or None for a
-    pair whose pieces were not copied in order by one thread (the step hook took one over),
-    or on CUDA: the keeper computes those.
+    pass over the snapshot in the keeper; the pieces' CRCs, taken by whichever thread
+    copied them, are combined in order). ``crcs`` then holds one per pair; None on CUDA:
+    the keeper computes those.
 
     ``stats`` (a dict it fills) says what the copy cost, summed over the threads that
     copied: ``copy_s`` CPU seconds copying (``copy_wall_s`` their wall time: with the CPU
@@ -108,18 +118,18 @@ class LazyCopy:
     ``report_s`` the ``on_done`` call (the keeper round trip saying the copy is complete)."""
 
     def __init__(self, pairs: list[tuple[torch.Tensor, torch.Tensor]], on_done, stats: dict | None = None,
-                 crc: bool = False):
+                 crc: bool = False, now: int = 0):
         self.cuda = any(src.is_cuda for src, _ in pairs)
-        self.pieces = []  # (source, destination, pair, piece number within the pair)
+        self.pieces = []  # (source, destination, its pair)
         for k, (src, dst) in enumerate(pairs):
             flat = src.detach().reshape(-1).view(torch.uint8)
             if not self.cuda:  # numpy's copy is one plain memcpy per piece (no thread pool), GIL released
                 flat, dst = flat.numpy(), dst.numpy()
-            for n, lo in enumerate(range(0, flat.shape[0], PIECE)):
-                self.pieces.append((flat[lo:lo + PIECE], dst[lo:lo + PIECE], k, n))
+            for lo in range(0, flat.shape[0], PIECE):
+                self.pieces.append((flat[lo:lo + PIECE], dst[lo:lo + PIECE], k))
         self.crc = crc and not self.cuda
-        self.crcs: list[int | None] = [0 if self.crc else None] * len(pairs)
-        self.summed = [0] * len(pairs)  # pieces of each pair in its running CRC
+        self.npairs = len(pairs)
+        self.piece_crcs: list[int | None] = [None] * len(self.pieces)
         self.on_done = on_done
         self.next = 0
         self.left = len(self.pieces)
@@ -133,24 +143,31 @@ class LazyCopy:
             self._finish()
         elif self.cuda:
             self._start_cuda()
+        elif now > 0:
+            helpers = [threading.Thread(target=self._drain, name="kintsugi-copy", daemon=True) for _ in range(now - 1)]
+            for h in helpers:
+                h.start()
+            self._drain()
+            for h in helpers:
+                h.join()
         else:
             threading.Thread(target=self._copier, name="kintsugi-lazy-copy", daemon=True).start()
 
     # CPU: a copier thread and the step hook take pieces from the same queue; the copy
     # releases the GIL, so the copier overlaps the forward/backward of the main thread.
-    def _take(self):
+    def _take(self) -> int | None:
         with self.lock:
             if self.next == len(self.pieces):
                 return None
             self.next += 1
-            return self.pieces[self.next - 1]
+            return self.next - 1
 
     def _copy_some(self) -> float | None:
         """Copy (and checksum) the next piece; its seconds, or None when none is left."""
-        piece = self._take()
-        if piece is None:
+        i = self._take()
+        if i is None:
             return None
-        src, dst, k, n = piece
+        src, dst, _ = self.pieces[i]
         t, cpu, faults = time.perf_counter(), time.thread_time(), resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
         try:
             fault_point("copy")
@@ -159,12 +176,16 @@ class LazyCopy:
             self.error = e
         faults = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt - faults
         cpu, dt = time.thread_time() - cpu, time.perf_counter() - t
+        crc_s = 0.0
         if self.crc:
-            self._sum(dst, k, n)
+            c = time.thread_time()
+            self.piece_crcs[i] = checksum(dst)
+            crc_s = time.thread_time() - c
         busy = time.perf_counter() - t  # copying and checksumming: not waiting for the GIL
         with self.lock:
             self.stats["copy_s"] += cpu
             self.stats["copy_wall_s"] += dt
+            self.stats["crc_s"] += crc_s
             self.stats["faults"] += faults
             self.left -= 1
             last = self.left == 0
@@ -172,17 +193,18 @@ class LazyCopy:
             self._finish()
         return busy
 
-    def _sum(self, dst: np.ndarray, k: int, n: int):
-        """Extend pair ``k``'s running CRC by its piece ``n`` if that is the next one in order
-        (a CRC extends only in order); otherwise give up on the pair."""
-        t = time.thread_time()
-        with self.lock:  # the other thread waits at most one piece's CRC (~0.5 ms)
-            if self.crcs[k] is not None and self.summed[k] == n:
-                self.crcs[k] = checksum(dst, self.crcs[k])
-                self.summed[k] += 1
-            else:
-                self.crcs[k] = None
-            self.stats["crc_s"] += time.thread_time() - t
+    def _crcs(self) -> list[int | None]:
+        """Each pair's CRC32, its pieces' combined in order."""
+        if not self.crc:
+            return [None] * self.npairs
+        out: list[int | None] = [0] * self.npairs
+        for (_, dst, k), c in zip(self.pieces, self.piece_crcs):
+            out[k] = isal_zlib.crc32_combine(out[k], c, dst.shape[0])
+        return out
+
+    def _drain(self):
+        while self._copy_some() is not None:
+            pass
 
     def _copier(self):
         start, copying = time.perf_counter(), 0.0
@@ -198,7 +220,7 @@ class LazyCopy:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            for src, dst, _, _ in self.pieces:
+            for src, dst, _ in self.pieces:
                 dst.copy_(src, non_blocking=True)
                 src.record_stream(stream)  # the allocator must not reuse src before the copy ran
             self.event = torch.cuda.Event()
@@ -216,7 +238,7 @@ class LazyCopy:
         t = time.perf_counter()
         try:
             if self.error is None:
-                self.on_done(self.crcs)
+                self.on_done(self._crcs())
         except BaseException as e:
             self.error = e
         self.stats["report_s"] = time.perf_counter() - t
@@ -227,8 +249,7 @@ class LazyCopy:
         if self.cuda:
             torch.cuda.current_stream().wait_event(self.event)
             return
-        while self._copy_some() is not None:
-            pass
+        self._drain()
         self.done.wait()
 
     def join(self):

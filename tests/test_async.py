@@ -25,7 +25,7 @@ import conftest
 
 
 def ckpt(tmp_path, **kw) -> Checkpointer:
-    cfg = dict(interval=1, l1_dir=str(tmp_path / "l1"), keeper_timeout_s=20, host_memory_mb=512)
+    cfg = dict(interval=1, l1_dir=str(tmp_path / "l1"), keeper_timeout_s=20, host_memory_mb=512, capture="lazy")
     cfg.update(kw)
     return Checkpointer(CheckpointConfig(**cfg), tmp_path)
 
@@ -84,10 +84,11 @@ def test_lazy_capture_is_never_torn_while_the_optimizer_keeps_stepping(run_dir):
     assert step == 1 and torch.equal(target["w"].tensor, at_save)
 
 
-def test_lazy_copy_checksums_in_the_same_pass_never_wrongly(run_dir):
-    """The copy's CRC32 of each tensor equals zlib's of its bytes, or is None where the step
-    hook took pieces over (never a wrong value); a save bound for disk then needs no CRC pass
-    in the keeper, and its manifest's CRCs verify on load."""
+def test_copies_checksum_in_the_same_pass_whichever_thread_copies(run_dir):
+    """The copy's CRC32 of each tensor equals zlib's of its bytes, whether the copier alone
+    took the pieces, the training thread helped it (as the step hook does), or three threads
+    copied at once (eager capture): each piece's CRC is combined in order. A save bound for
+    disk then needs no CRC pass in the keeper, and its manifest's CRCs verify on load."""
     import zlib
 
     import numpy as np
@@ -96,19 +97,18 @@ def test_lazy_copy_checksums_in_the_same_pass_never_wrongly(run_dir):
     from checkpoint.lazy import LazyCopy
 
     torch.manual_seed(0)
-    srcs = [torch.randn(5_000_000), torch.randn(3), torch.randn(2_100_000)]  # 20 MB: 3 pieces; tiny; 8.4 MB: 2
-    for helped in (False, True):
+    srcs = [torch.randn(5_000_000), torch.randn(3), torch.randn(0), torch.randn(2_100_000)]  # 20 MB: 3 pieces; 8.4 MB: 2
+    expected = [zlib.crc32(np.ascontiguousarray(t.numpy()).tobytes()) for t in srcs]
+    for how in ("alone", "helped", "now"):
         dsts = [torch.empty(t.numel() * 4, dtype=torch.uint8) for t in srcs]
         got = []
-        copy = LazyCopy(list(zip(srcs, dsts)), got.append, crc=True)
-        if not helped:
-            copy.done.wait()  # the copier alone (join() would help)
-        copy.join()  # the training thread takes pieces beside the copier, as the step hook does
-        expected = [zlib.crc32(np.ascontiguousarray(t.numpy()).tobytes()) for t in srcs]
+        copy = LazyCopy(list(zip(srcs, dsts)), got.append, crc=True, now=3 if how == "now" else 0)
+        if how == "alone":
+            copy.done.wait()  # join() would help
+        assert copy.done.is_set() or how == "helped"  # copied before returning, "now"
+        copy.join()
         assert all(torch.equal(d, t.view(torch.uint8)) for d, t in zip(dsts, srcs))
-        assert all(c is None or c == e for c, e in zip(got[0], expected)), (helped, got[0], expected)
-        if not helped:
-            assert got[0] == expected
+        assert got == [expected], how
 
     big = torch.nn.Parameter(torch.randn(3_000_000))
     opt = torch.optim.SGD([big], lr=1.0)
@@ -116,7 +116,6 @@ def test_lazy_copy_checksums_in_the_same_pass_never_wrongly(run_dir):
     c.attach(opt)
     at_save = big.detach().clone()
     c.save(1, flatten({"w": big}), final=True)
-    c.capture.done.wait()  # the copier alone, in order
     settle(c)
     assert "crc" not in c.keeper.call(messages.Status(c.gen)).written  # the keeper made no CRC pass
     c.close()
@@ -125,6 +124,40 @@ def test_lazy_copy_checksums_in_the_same_pass_never_wrongly(run_dir):
     assert crcs == [zlib.crc32(at_save.numpy().tobytes())]
     target = flatten({"w": torch.zeros_like(at_save)})
     assert load_state(run_dir / "checkpoints", target)[0] == 1 and torch.equal(target["w"].tensor, at_save)
+
+
+def test_auto_capture_copies_at_the_save_when_the_step_fills_every_core(run_dir):
+    """``capture = "auto"``: with torch's threads on every core the save copies before it
+    returns (on those threads); with a core left idle it copies lazily. Both commit the
+    bytes as they were at the save while the optimizer steps on."""
+    cores = len(os.sched_getaffinity(0))
+    threads = torch.get_num_threads()
+    torch.manual_seed(0)
+    big = torch.nn.Parameter(torch.randn(4_000_000))
+    opt = torch.optim.SGD([big], lr=1.0)
+    c = ckpt(run_dir, capture="auto")
+    c.attach(opt)
+    at_save = {}
+    try:
+        for step, n in ((1, cores), (2, 1)):
+            if step == 2 and cores == 1:
+                break  # no core to leave idle
+            torch.set_num_threads(n)
+            at_save[step] = big.detach().clone()
+            timing = c.save(step, flatten({"w": big}))
+            if step == 1:
+                assert timing.capture == f"eager, {cores} threads" and c.capture.done.is_set()
+            else:
+                assert timing.capture == "lazy"
+            big.grad = torch.ones_like(big)
+            opt.step()
+            settle(c)
+    finally:
+        torch.set_num_threads(threads)
+    c.close()
+    for step, want in at_save.items():
+        target = flatten({"w": torch.zeros_like(want)})
+        assert load_state(run_dir / "l1", target, step=step)[0] == step and torch.equal(target["w"].tensor, want)
 
 
 def test_buffers_changed_by_forward_are_copied_at_save(run_dir):

@@ -76,7 +76,8 @@ def digest(state: dict) -> str:
 
 def config(run_dir: Path, node: str) -> CheckpointConfig:
     return CheckpointConfig(interval=2, l1_dir=str(run_dir / f"l1{node}"), l1_interval=2, l2_interval=4, keep_last=3,
-                            l1_keep_last=3, keeper_timeout_s=30, host_memory_mb=64, close_timeout_s=60)
+                            l1_keep_last=3, keeper_timeout_s=30, host_memory_mb=64, close_timeout_s=60,
+                            capture="lazy")  # the kill matrix's "copy" point is in the lazy copier
 
 
 @exits_on_user_error

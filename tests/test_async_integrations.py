@@ -89,7 +89,7 @@ def test_stateful_api_restores_model_optimizer_and_scheduler_exactly(tmp_path):
             out.append(loss.item())
         return out
 
-    cfg = CheckpointConfig(keeper_timeout_s=20, host_memory_mb=64)
+    cfg = CheckpointConfig(keeper_timeout_s=20, host_memory_mb=64, capture="lazy")
     model, opt, sched = make(0)
     ck = AsyncCheckpointer(tmp_path, cfg)
     run(model, opt, sched, range(3))

@@ -5,7 +5,7 @@ RUN_DIR/metrics.jsonl holds one record per step (``step``, ``loss``, ..., ``atte
 torchrun restart it ran in, ``redone``: true for a step trained again after a recovery)
 and one per save once it is durable (``event: "checkpoint"``, ``step``, ``stall_s``: how
 long ``save`` held the loop, ``durable_s``: from ``save`` to committed at every level,
-``levels``, ``failed``)."""
+``capture``: lazy or eager, ``levels``, ``failed``)."""
 from __future__ import annotations
 
 import json
@@ -84,7 +84,7 @@ class Metrics:
         """A record per save that became durable (checkpoint.SaveTiming)."""
         for t in timings:
             record = {"event": "checkpoint", "step": t.step, "stall_s": t.stall_s, "durable_s": t.durable_s,
-                      "levels": list(t.levels), "failed": t.failed}
+                      "capture": t.capture, "levels": list(t.levels), "failed": t.failed}
             self.log.info("checkpoint %s", json.dumps(record))
             if self.is_main:
                 self._write(record)
