@@ -5,7 +5,8 @@
 
 One run, side by side, for a model of --params-m million parameters with AdamW state:
 - the training loop's stall per step when snapshotting every step into the node keeper
-  (median step time with snapshots minus without), vs a synchronous disk checkpoint's;
+  (median step time with snapshots minus without), with the default capture (``auto``) and
+  with ``capture = "lazy"``, vs a synchronous disk checkpoint's;
 - the lazy-copy path's throughput into the keeper's shared memory vs plain memcpy of the
   same bytes;
 - zfec encoding / rebuilding speed on one core (GB/s of snapshot bytes) for (k, m) groups;
@@ -156,24 +157,13 @@ def evict(root: Path):
             os.close(fd)
 
 
-def checkpoint_bench(params_m: float, steps: int, work: Path) -> tuple[dict, np.ndarray]:
-    """Stalls and recovery times for one model, every level side by side, and the snapshot bytes."""
-    model, opt, state, step = training_state(params_m)
-    nbytes = sum(t.numel() * t.element_size() for t in tensors(state))
-    for _ in range(2):
-        step()  # warm up
-    base = median_time(step, steps)
-    disk = median_time(lambda: save_state(work / "sync", 0, state, keep_last=1), 3)
-    copy_gbps, memcpy_gbps = copy_speed(state, 5)  # medians of 3 swung 0.67-1.33x
+def snapshot_stalls(ckpt: Checkpointer, step, state: dict, steps: int) -> tuple[list[float], list[dict]]:
+    """Per round, the extra seconds per step of snapshotting every step; each snapshot's parts.
 
-    cfg = CheckpointConfig(interval=1, dir=str(work / "l2"), l2_interval=1 << 30, l1_dir=str(work / "l1"),
-                           l1_interval=1 << 30, host_memory_mb=2 * (nbytes >> 20) + 64, keeper_timeout_s=30)
-    ckpt = Checkpointer(cfg, work)
-    ckpt.attach(opt)
-    # Interleaved rounds: ``block`` steps snapshotting every step (the last snapshot's copy
-    # runs in the step after the block, which counts to it), then as many steps without.
-    # This machine's step time jumps between two levels ~1.7x apart every few steps, with
-    # nothing else running: a baseline taken once, before, would drift.
+    Interleaved rounds: ``block`` steps snapshotting every step (the last snapshot's copy
+    runs in the step after the block, which counts to it), then as many steps without.
+    This machine's step time jumps between two levels ~1.7x apart every few steps, with
+    nothing else running: a baseline taken once, before, would drift."""
     block, extra, parts, i = 3, [], [], 0
     for _ in range(2):  # the first two snapshots map fresh keeper memory: not timed
         step()
@@ -193,9 +183,36 @@ def checkpoint_bench(params_m: float, steps: int, work: Path) -> tuple[dict, np.
         for _ in range(block + 1):
             step()
         extra.append((snap - (time.perf_counter() - t)) / block)
+    return extra, parts
+
+
+def checkpoint_bench(params_m: float, steps: int, work: Path) -> tuple[dict, np.ndarray]:
+    """Stalls and recovery times for one model, every level side by side, and the snapshot bytes."""
+    model, opt, state, step = training_state(params_m)
+    nbytes = sum(t.numel() * t.element_size() for t in tensors(state))
+    for _ in range(2):
+        step()  # warm up
+    base = median_time(step, steps)
+    disk = median_time(lambda: save_state(work / "sync", 0, state, keep_last=1), 3)
+    copy_gbps, memcpy_gbps = copy_speed(state, 5)  # medians of 3 swung 0.67-1.33x
+
+    def snapshotting(capture: str, run_dir: Path, keeper_timeout_s: float) -> Checkpointer:
+        cfg = CheckpointConfig(interval=1, dir=str(run_dir / "l2"), l2_interval=1 << 30, l1_dir=str(run_dir / "l1"),
+                               l1_interval=1 << 30, host_memory_mb=2 * (nbytes >> 20) + 64,
+                               keeper_timeout_s=keeper_timeout_s, capture=capture)
+        ckpt = Checkpointer(cfg, run_dir)
+        ckpt.attach(opt)
+        return ckpt
+
+    # The default capture (``auto``) and the lazy one, one after the other in the same run;
+    # the lazy one's keeper exits soon after it closes.
+    lazy = snapshotting("lazy", work / "lazy", 2)
+    extra_lazy, _ = snapshot_stalls(lazy, step, state, steps)
+    lazy.close()
+    ckpt = snapshotting("auto", work, 30)
+    extra, parts = snapshot_stalls(ckpt, step, state, steps)
     pss = peak_pss_mb([os.getpid(), ckpt.keeper.pid])  # both snapshot slots are mapped and touched by now
-    i += 1
-    ckpt.save(i, state, final=True)  # to L1 and L2 as well
+    ckpt.save(ckpt.last_save + 1, state, final=True)  # to L1 and L2 as well
     while ckpt.pending:
         ckpt.check()
         time.sleep(0.01)
@@ -213,6 +230,8 @@ def checkpoint_bench(params_m: float, steps: int, work: Path) -> tuple[dict, np.
     return {"params_m": sum(p.numel() for p in model.parameters()) / 1e6, "state_mb": nbytes / 2 ** 20,
             "step_ms": base * 1e3, "snapshot_stall_ms": statistics.median(extra) * 1e3,
             "snapshot_stall_ms_rounds": [1e3 * e for e in extra],
+            "snapshot_stall_ms_lazy": statistics.median(extra_lazy) * 1e3,
+            "snapshot_stall_ms_lazy_rounds": [1e3 * e for e in extra_lazy],
             "breakdown_ms": breakdown, "peak_pss_mb": pss, "memcpy_ms": nbytes / memcpy_gbps / 1e6,
             "disk_stall_ms": disk * 1e3, "copy_gbps": copy_gbps, "memcpy_gbps": memcpy_gbps,
             "recover_memory_s": recover_memory, "recover_l1_s": recover_l1, "recover_l2_s": recover_l2}, snap
@@ -297,7 +316,9 @@ def main(argv=None):
     for r in runs:
         print(f"{r['params_m']:>6.0f}M: stall {100 * r['snapshot_stall_ms'] / r['step_ms']:.0f}% of the step, "
               f"{r['snapshot_stall_ms'] / r['memcpy_ms']:.2f}x memcpy ({r['memcpy_ms']:.0f} ms), rounds "
-              f"{' '.join(f'{v:.0f}' for v in r['snapshot_stall_ms_rounds'])} ms; peak PSS "
+              f"{' '.join(f'{v:.0f}' for v in r['snapshot_stall_ms_rounds'])} ms (capture lazy: "
+              f"{100 * r['snapshot_stall_ms_lazy'] / r['step_ms']:.0f}%, rounds "
+              f"{' '.join(f'{v:.0f}' for v in r['snapshot_stall_ms_lazy_rounds'])} ms); peak PSS "
               f"{r['peak_pss_mb']:.0f} MB = {r['peak_pss_mb'] / r['state_mb']:.2f}x the state; breakdown ms per snapshot: "
               + ", ".join(f"{k} {v:.0f}" for k, v in r["breakdown_ms"].items()) + f"; load {os.getloadavg()[0]:.1f}")
 
