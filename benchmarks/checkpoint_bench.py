@@ -285,6 +285,7 @@ def measure(method: str, n_params: int, width: int, batch: int, saves: int, out_
     # The first save maps fresh keeper memory (allocated, then faulted in page by page): its
     # stall apart, the steady state in the median.
     result = {"stall_ms": 1e3 * statistics.median(stalls), "stall_ms_range": [1e3 * min(stalls), 1e3 * max(stalls)],
+              "stalls_ms": [1e3 * v for v in stalls], "save_call_ms": [1e3 * v for v in parts["save_call"]],
               "first_stall_ms": 1e3 * stalls[0],
               "overhead_pct_every_step": statistics.median(every_step), "overhead_pct_every_step_rounds": every_step,
               "overhead_pct_every_10": statistics.median(every_10), "overhead_pct_every_10_rounds": every_10,
@@ -375,7 +376,9 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=os.cpu_count(),
                     help="torch threads of the training loop (default: every core; 1 leaves a core to the saver, "
                          "as a GPU node's idle host cores are)")
-    ap.add_argument("--saves", type=int, default=5, help="saves per method for the stall's median")
+    ap.add_argument("--saves", type=int, default=9,
+                    help="saves per method for the stall's median (the step after a save is compared with the one "
+                         "before it, and this machine's step time alone swings by a few hundred ms)")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds per method for the overheads' medians")
     ap.add_argument("--methods", nargs="*", choices=METHODS,
                     help="methods to run (default: torch_save, kintsugi and kintsugi_lazy, so that the default run stays under "
@@ -434,8 +437,8 @@ def main(argv=None):
                   f"{r['overhead_pct_every_10']:10.1f}{r['durable_s']:11.2f}{r['write_gbps']:7.2f}"
                   f"{r['peak_rss_mb']:13.0f}{r['peak_pss_mb']:13.0f}{r['peak_pss_mb'] * 2**20 / nbytes:8.2f}", flush=True)
             print(f"{'':18}breakdown ms: " + ", ".join(f"{k} {b[k]:.0f}" for k in BREAKDOWN if k in b), flush=True)
-            print(f"{'':18}spread: stall {r['stall_ms_range'][0]:.0f}..{r['stall_ms_range'][1]:.0f} ms (the first save "
-                  f"{r['first_stall_ms']:.0f}), overhead % per "
+            print(f"{'':18}spread: stall per save {' '.join(f'{v:.0f}' for v in r['stalls_ms'])} ms (save call "
+                  f"{' '.join(f'{v:.0f}' for v in r['save_call_ms'])}), overhead % per "
                   f"round every step {' '.join(f'{v:.0f}' for v in r['overhead_pct_every_step_rounds'])}, every 10 "
                   f"{' '.join(f'{v:.0f}' for v in r['overhead_pct_every_10_rounds'])}", flush=True)
         res["load_after"] = load()

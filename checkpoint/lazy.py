@@ -100,9 +100,9 @@ def host_unview(buf: torch.Tensor):
 
 class LazyCopy:
     """Copies ``(source tensor, destination byte view)`` pairs in the background; calls
-    ``on_done(crcs)`` (from the copier) once every byte is in host memory. ``now`` > 0
-    (CPU only): copy every piece before returning instead, on ``now`` threads (the caller's
-    and ``now - 1`` helpers).
+    ``on_done(crcs)`` (from the copier) once every byte is in host memory. ``now`` > 0:
+    copy every piece before returning instead, on ``now`` threads (the caller's and
+    ``now - 1`` helpers; on CUDA the side stream's copy, waited for).
 
     ``crc``: also the CRC32 of each pair's destination bytes, in the same pass (each piece
     is checksummed right after its copy, while it is in the cache, instead of by a second
@@ -143,6 +143,8 @@ class LazyCopy:
             self._finish()
         elif self.cuda:
             self._start_cuda()
+            if now:
+                self.join()
         elif now > 0:
             helpers = [threading.Thread(target=self._drain, name="kintsugi-copy", daemon=True) for _ in range(now - 1)]
             for h in helpers:
