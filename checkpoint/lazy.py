@@ -25,9 +25,8 @@ import weakref
 
 import numpy as np
 import torch
-from torch.optim.optimizer import register_optimizer_step_pre_hook
-
 from isal import isal_zlib
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from checkpoint.format import checksum, fault_point
 from checkpoint.state import is_dtensor
