@@ -218,9 +218,9 @@ class Checkpointer:
         if reply is None:
             return timing
         t_eager = time.monotonic()
-        buf = self._buffer(reply)
+        buf, fresh = self._buffer(reply)
+        now = self._copy_threads((chunks[k][1].tensor for k in mine), fresh)
         buf[:len(head)].copy_(torch.frombuffer(bytearray(head), dtype=torch.uint8))
-        now = self._copy_threads(chunks[k][1].tensor for k in mine)
         entries, lazy, owned = [], [], optimizer_storages()
         crcs: list[int | None] = []  # a shard bound for disk is checksummed as it is copied
         lazy_at = []  # the entries copied lazily
@@ -251,13 +251,15 @@ class Checkpointer:
         timing.stall_s = time.monotonic() - started
         return timing
 
-    def _copy_threads(self, tensors) -> int:
+    def _copy_threads(self, tensors, fresh: bool) -> int:
         """How many threads copy a save at once; 0 = lazily (``checkpoint.capture``). Lazy
-        pays only where the copy runs beside the step on something it leaves idle."""
+        pays only where the copy runs beside the step on something it leaves idle, or where
+        the slot is ``fresh`` (newly mapped here): then the copy is mostly first-touch page
+        faults, kernel work the step hides better than it hides a memcpy."""
         mode = self.cfg.capture
         if mode == "auto":
             idle = len(os.sched_getaffinity(0)) > self.world // self.nodes * torch.get_num_threads()
-            mode = "lazy" if idle or any(t.is_cuda for t in tensors) else "eager"
+            mode = "lazy" if idle or fresh or any(t.is_cuda for t in tensors) else "eager"
         return max(1, torch.get_num_threads()) if mode == "eager" else 0
 
     def _alloc(self, step: int, nbytes: int) -> tuple[m.AllocReply | None, str | None]:
@@ -346,17 +348,20 @@ class Checkpointer:
                 self.keeper_error = (f"copying the snapshot failed: {e!r}", False)
             self.capture = None
 
-    def _buffer(self, reply: m.AllocReply) -> torch.Tensor:
+    def _buffer(self, reply: m.AllocReply) -> tuple[torch.Tensor, bool]:
+        """The slot's bytes, mapped here, and whether they were mapped just now (every page
+        then faults on its first touch)."""
         for sid in [s for s in self.buffers if s not in reply.live]:  # slots the keeper dropped
             host_unview(self.buffers.pop(sid))
         buf = self.buffers.get(reply.slot)
-        if buf is None or buf.numel() != reply.size:
+        fresh = buf is None or buf.numel() != reply.size
+        if fresh:
             fd = open_segment(reply.path)
             try:
                 buf = self.buffers[reply.slot] = host_view(mmap.mmap(fd, reply.size))
             finally:
                 os.close(fd)
-        return buf
+        return buf, fresh
 
     def _call(self, msg):
         """A keeper request; a failure is kept and raised on every rank at the next boundary

@@ -33,8 +33,9 @@ class CheckpointConfig:
                               "exceeding it.", 8192)
     capture: str = doc("How a save copies the tensors into the keeper's memory: `lazy` beside the next "
                        "forward/backward (the optimizer's next step waits for what is left), `eager` at the save "
-                       "on the rank's torch threads, `auto` lazy on GPU (the copy engine) and where CPU cores are "
-                       "left idle by the local ranks' torch threads, eager where they fill every core.", "auto")
+                       "on the rank's torch threads, `auto` lazy on GPU (the copy engine), where CPU cores are "
+                       "left idle by the local ranks' torch threads and into a slot not yet touched (the first two "
+                       "saves), eager where the ranks' threads fill every core.", "auto")
     keeper_timeout_s: float = doc("The node keeper exits this long after its last trainer disconnected "
                                   "(once the job's agent is gone too).", 60.0)
     close_timeout_s: float = doc("At the end or on SIGTERM, wait at most this long for in-flight levels to commit.",

@@ -127,28 +127,29 @@ def test_copies_checksum_in_the_same_pass_whichever_thread_copies(run_dir):
 
 
 def test_auto_capture_copies_at_the_save_when_the_step_fills_every_core(run_dir):
-    """``capture = "auto"``: with torch's threads on every core the save copies before it
-    returns (on those threads); with a core left idle it copies lazily. Both commit the
-    bytes as they were at the save while the optimizer steps on."""
+    """``capture = "auto"``: the first two saves map fresh keeper slots and copy lazily;
+    then, with torch's threads on every core, a save copies before it returns (on those
+    threads), and with a core left idle it copies lazily. Every save commits the bytes as
+    they were at the save while the optimizer steps on."""
     cores = len(os.sched_getaffinity(0))
     threads = torch.get_num_threads()
     torch.manual_seed(0)
     big = torch.nn.Parameter(torch.randn(4_000_000))
     opt = torch.optim.SGD([big], lr=1.0)
-    c = ckpt(run_dir, capture="auto")
+    c = ckpt(run_dir, capture="auto", l1_keep_last=4)
     c.attach(opt)
     at_save = {}
+    expected = {1: "lazy", 2: "lazy", 3: f"eager, {cores} threads", 4: "lazy"}
     try:
-        for step, n in ((1, cores), (2, 1)):
-            if step == 2 and cores == 1:
+        for step, n in ((1, cores), (2, cores), (3, cores), (4, 1)):
+            if step == 4 and cores == 1:
                 break  # no core to leave idle
             torch.set_num_threads(n)
             at_save[step] = big.detach().clone()
             timing = c.save(step, flatten({"w": big}))
-            if step == 1:
-                assert timing.capture == f"eager, {cores} threads" and c.capture.done.is_set()
-            else:
-                assert timing.capture == "lazy"
+            assert timing.capture == expected[step], step
+            if step == 3:
+                assert c.capture.done.is_set()  # copied before save returned
             big.grad = torch.ones_like(big)
             opt.step()
             settle(c)
