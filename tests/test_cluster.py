@@ -128,12 +128,14 @@ def _alive(pid: int) -> bool:
 def test_slow_cpu_throttles_a_host(testbed):
     tb = testbed(1)
     # The spin imports comms.probe (and torch with it) before the quota: at a tenth of a core
-    # the import alone would take half a minute.
-    spin = ("import sys, time; from comms.probe import throttled_s\n"
+    # the import alone would take half a minute, and so can the interpreter's teardown of it
+    # (one CI run waited 120 s for the exit after the answer): the spin leaves with _exit.
+    spin = ("import os, sys, time; from comms.probe import throttled_s\n"
             "print('ready', flush=True); sys.stdin.readline()\n"
             "t0 = throttled_s(); c, w = time.process_time(), time.perf_counter()\n"
             "while time.process_time() - c < 0.2: pass\n"
-            "print((time.perf_counter() - w) / (time.process_time() - c), throttled_s() - t0, flush=True)")
+            "print((time.perf_counter() - w) / (time.process_time() - c), throttled_s() - t0, flush=True)\n"
+            "os._exit(0)")
     p = tb.popen(0, [sys.executable, "-c", spin], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     assert p.stdout.readline().strip() == "ready"
     tb.slow_cpu(0, 0.1)
