@@ -282,8 +282,8 @@ def measure(method: str, n_params: int, width: int, batch: int, saves: int, out_
 
     every_step = overhead(1, 5, rounds)
     every_10 = overhead(10, 10, rounds)
-    # The first save maps fresh keeper memory (allocated, then faulted in page by page): its
-    # stall apart, the steady state in the median.
+    # The first saves map fresh keeper memory (allocated, then faulted in page by page):
+    # every save's stall is kept (``stalls_ms``), the first apart, the median over all.
     result = {"stall_ms": 1e3 * statistics.median(stalls), "stall_ms_range": [1e3 * min(stalls), 1e3 * max(stalls)],
               "stalls_ms": [1e3 * v for v in stalls], "save_call_ms": [1e3 * v for v in parts["save_call"]],
               "first_stall_ms": 1e3 * stalls[0],

@@ -85,7 +85,7 @@ class SaveTiming:
     step: int
     levels: tuple[str, ...]  # where it goes ("l0", "l1", "l2")
     started: float  # time.monotonic() when save() was called
-    stall_s: float = 0.0  # how long save() held the caller (the lazy copy runs after it)
+    stall_s: float = 0.0  # how long save() held the caller (a lazy copy runs after it; an eager one within it)
     capture: str = ""  # how the tensors were copied: "lazy", or "eager" (at the save) on N threads
     durable_s: float | None = None  # save() to committed at every level (or given up); None while in flight
     failed: list[str] = field(default_factory=list)  # levels that did not store it, with the reason
@@ -221,33 +221,33 @@ class Checkpointer:
         buf, fresh = self._buffer(reply)
         now = self._copy_threads((chunks[k][1].tensor for k in mine), fresh)
         buf[:len(head)].copy_(torch.frombuffer(bytearray(head), dtype=torch.uint8))
-        entries, lazy, owned = [], [], optimizer_storages()
+        entries, copies, owned = [], [], optimizer_storages()
         crcs: list[int | None] = []  # a shard bound for disk is checksummed as it is copied
-        lazy_at = []  # the entries copied lazily
+        copy_at = []  # the entries LazyCopy copies (at once, or beside the next step)
         for k, off in zip(mine, offsets):
             name, c = chunks[k]
             t = c.tensor if c.tensor.is_contiguous() else c.tensor.contiguous()
             lo = len(head) + off
             dst = buf[lo:lo + c.nbytes]
             if now or lazy_ok(t, owned):
-                lazy.append((t, dst))
-                lazy_at.append(len(crcs))
-                crcs.append(None)  # filled by the lazy copy
+                copies.append((t, dst))
+                copy_at.append(len(crcs))
+                crcs.append(None)  # filled by the copy
             else:  # the forward pass may change it (a buffer): copy now
                 dst.copy_(t.detach().reshape(-1).view(torch.uint8))
                 crcs.append(checksum(dst.numpy()) if due else None)  # dst is host memory
             entries.append([name, k, list(c.offsets), list(c.shape), list(c.global_shape),
                             DTYPE_NAMES[c.tensor.dtype], lo, lo + c.nbytes])
 
-        def filled(lazy_crcs: list):
-            for i, crc in zip(lazy_at, lazy_crcs):
+        def filled(copy_crcs: list):
+            for i, crc in zip(copy_at, copy_crcs):
                 crcs[i] = crc
             self._call(m.Filled(self.gen, step, reply.slot, entries, self.world, due,
                                 objects if self.rank == 0 else None, crcs if due else None))
 
         timing.parts["eager_s"] = time.monotonic() - t_eager
         timing.capture = f"eager, {now} threads" if now else "lazy"
-        self.capture = LazyCopy(lazy, filled, timing.parts, crc=bool(due), now=now)
+        self.capture = LazyCopy(copies, filled, timing.parts, crc=bool(due), now=now)
         timing.stall_s = time.monotonic() - started
         return timing
 
