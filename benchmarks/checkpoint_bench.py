@@ -11,6 +11,8 @@ AdamW state, side by side on this machine, each in its own process (so peak RSS 
                     cores the step fills, the copy into the node keeper at the save, on the
                     step's threads), L1 write by the keeper
   kintsugi_lazy     the same with ``capture = "lazy"``: the copy beside the next step
+  kintsugi_one_copy the same as kintsugi with ``host_memory_mb`` for one snapshot, not two: each
+                    save waits until the previous one is on L1, then overwrites it in memory
 
 Per method: the stall of the training loop per save (median of the saves: the time inside
 the save call plus what the next step took beyond the step right before the save: this
@@ -51,14 +53,15 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-METHODS = ["torch_save", "dcp_save", "dcp_async", "dcp_async_pinned", "deepspeed", "kintsugi", "kintsugi_lazy"]
-# The default run (one size, these three) stays well under 10 minutes; further methods and sizes
+METHODS = ["torch_save", "dcp_save", "dcp_async", "dcp_async_pinned", "deepspeed", "kintsugi", "kintsugi_lazy",
+           "kintsugi_one_copy"]
+# The default run (one size, these four) stays under 10 minutes; further methods and sizes
 # take minutes each (times in docs/async.md), so they run on request (--methods, --params).
-DEFAULT = ["torch_save", "kintsugi", "kintsugi_lazy"]
+DEFAULT = ["torch_save", "kintsugi", "kintsugi_lazy", "kintsugi_one_copy"]
 WIDTH = 2048  # Linear(2048, 2048) layers: 4.2M parameters each
 # ms per save, medians over the saves. Every method: save_call (inside save), step_extra (the
 # next step beyond the step before the save). Kintsugi also: sync (keeper status + gather at
-# save), alloc (the keeper's slot), eager (tensors copied at save), copy (CPU time of the lazy
+# save), disk_wait (one copy: the previous save's L1 commit), alloc (the keeper's slot), eager (tensors copied at save), copy (CPU time of the lazy
 # copy, all threads; copy_wall: its wall time, longer when the cores are busy with the step),
 # copy_crc (CPU time of the CRC32 taken piece by piece during the copy), page_faults (first
 # touches of shared memory: faults x fault_us, modelled), gil (the copier waiting between
@@ -66,8 +69,8 @@ WIDTH = 2048  # Linear(2048, 2048) layers: 4.2M parameters each
 # the copy's end), boundary (check() in the next step), keeper_crc (the keeper's CRC pass, for
 # the tensors the copy could not checksum; 0 when it had none) and l1_write (the keeper's:
 # off the training process, on the same cores here).
-BREAKDOWN = ("save_call", "step_extra", "sync", "alloc", "eager", "copy", "copy_wall", "copy_crc", "page_faults", "gil",
-             "hook_wait", "report", "boundary", "keeper_crc", "l1_write")
+BREAKDOWN = ("save_call", "step_extra", "sync", "disk_wait", "alloc", "eager", "copy", "copy_wall", "copy_crc",
+             "page_faults", "gil", "hook_wait", "report", "boundary", "keeper_crc", "l1_write")
 
 
 def pss_kb(pid: int) -> int:
@@ -155,8 +158,9 @@ def measure(method: str, n_params: int, width: int, batch: int, saves: int, out_
     if method.startswith("kintsugi"):
         from checkpoint import CheckpointConfig, Checkpointer, flatten
         from checkpoint.keeper import messages
+        copies = 1 if method == "kintsugi_one_copy" else 2  # snapshots the keeper's memory holds
         cfg = CheckpointConfig(interval=1, dir=str(out_dir / "l2"), l2_interval=10**6, l1_dir=str(out_dir / "l1"),
-                               l1_keep_last=1, host_memory_mb=2 * (nbytes >> 20) + 64,  # double buffering
+                               l1_keep_last=1, host_memory_mb=copies * (nbytes >> 20) + 64,
                                capture="lazy" if method == "kintsugi_lazy" else "auto")
         ck = Checkpointer(cfg, out_dir)
         ck.attach(opt)
@@ -245,7 +249,7 @@ def measure(method: str, n_params: int, width: int, batch: int, saves: int, out_
         parts["step_extra"].append(extra)
         if ck is not None:
             p = timings[-1].parts
-            for key in ("sync", "alloc", "eager", "copy", "copy_wall", "gil", "hook_wait", "report"):
+            for key in ("sync", "disk_wait", "alloc", "eager", "copy", "copy_wall", "gil", "hook_wait", "report"):
                 parts[key].append(p[key + "_s"])
             parts["copy_crc"].append(p["crc_s"])
             parts["page_faults"].append(p["faults"])  # a count here: the driver makes it ms
@@ -381,7 +385,7 @@ def main(argv=None):
                          "before it, and this machine's step time alone swings by a few hundred ms)")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds per method for the overheads' medians")
     ap.add_argument("--methods", nargs="*", choices=METHODS,
-                    help="methods to run (default: torch_save, kintsugi and kintsugi_lazy, so that the default run stays under "
+                    help="methods to run (default: torch_save and the three kintsugi ones, so that the default run stays under "
                          "10 minutes here)")
     ap.add_argument("--dir", default="runs/bench/ckpt", help="where checkpoints are written (the disk under test)")
     ap.add_argument("--json", default=None, help="write the results here")
@@ -454,6 +458,11 @@ def main(argv=None):
             if "stall_ms" in lazy:
                 print(f"kintsugi capture {k['capture']}: stall {k['stall_ms']:.0f} ms, lazy {lazy['stall_ms']:.0f} ms "
                       f"({lazy['stall_ms'] / max(k['stall_ms'], 1e-9):.2f}x)")
+            one = res.get("kintsugi_one_copy", {})
+            if "stall_ms" in one:
+                print(f"kintsugi peak PSS {k['peak_pss_mb'] * 2**20 / nbytes:.2f}x the checkpoint; with memory for one "
+                      f"snapshot {one['peak_pss_mb'] * 2**20 / nbytes:.2f}x, stall {one['stall_ms']:.0f} ms, every step "
+                      f"{one['overhead_pct_every_step']:.0f}%, every 10 {one['overhead_pct_every_10']:.1f}%")
         results[f"{res['params'] / 1e6:.0f}M"] = res
         if a.json:  # after every size: a run stopped midway keeps the sizes it finished
             Path(a.json).parent.mkdir(parents=True, exist_ok=True)

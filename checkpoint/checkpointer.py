@@ -22,7 +22,11 @@ starts): the keeper keys what it reports by (generation, step), so after a resta
 step S no report of the old attempt counts for the new one, and each attempt writes its
 shards under its own ``step_S.<gen>.tmp``.
 
-When a snapshot does not fit into the keeper's memory (a /dev/shm smaller than
+Memory: the keeper double-buffers each rank (its newest committed snapshot stays whole
+while the next is captured). Where ``host_memory_mb`` holds one snapshot per rank but not
+two, every save also goes to a disk level (L1, else L2) and the next save first waits until
+it is committed there, then overwrites it in memory (one warning line): a crash during that
+capture restores from disk. When not even one snapshot fits (a /dev/shm smaller than
 ``host_memory_mb``), that save goes to L2 directly and synchronously (one warning line).
 """
 from __future__ import annotations
@@ -121,6 +125,7 @@ class Checkpointer:
         self.owner: dict[str, int] = {}
         self.sigs: list | None = None
         self.last_save: int | None = None
+        self.durable = -1  # the newest step committed at a disk level (L1 or L2), as every rank saw it
         self.final: int | None = None
         self.stop_requested = False
         self.l0_remote = None  # step -> readers of other nodes' level-0 shards (checkpoint.snapshot)
@@ -175,7 +180,7 @@ class Checkpointer:
         if self.last_save is not None and step <= self.last_save:  # the keeper keys reports by (attempt, step)
             raise UserError(f"checkpoint save of step {step} after a save of step {self.last_save} in this run: "
                             "save each step at most once and in increasing order (the final save included)")
-        started = time.monotonic()
+        started, prev = time.monotonic(), self.last_save
         self._join_capture()
         chunks = {chunk_key(n, c.offsets): (n, c) for n, c in state.items() if is_chunk(c)}
         meta = sorted((k, c.nbytes) for k, (_, c) in chunks.items())
@@ -202,6 +207,13 @@ class Checkpointer:
         mine = sorted(k for k in chunks if self.owner[k] == self.rank)
         head, offsets = shard_header((k, chunks[k][1].tensor.dtype, chunks[k][1].shape) for k in mine)
         nbytes = len(head) + sum(chunks[k][1].nbytes for k in mine)
+        t_disk = time.monotonic()
+        if self._one_copy(nbytes):
+            if not due and not final:  # (a final save skips only levels that hold this very step)
+                due = [next(n for n in ("l1", "l2") if n in self.storages)]
+            if prev is not None:
+                self._wait_disk(prev)
+        t_disk = time.monotonic() - t_disk
         t_alloc = time.monotonic()
         reply, no_room = self._alloc(step, nbytes)  # waits when memory is spent
         t_alloc = time.monotonic() - t_alloc
@@ -214,7 +226,7 @@ class Checkpointer:
             return timing
         self.pending[step] = PendingSave(step, {"l0", *due})
         timing = self.timings[step] = SaveTiming(step, ("l0", *due), started)
-        timing.parts.update(sync_s=t_sync, alloc_s=t_alloc)
+        timing.parts.update(sync_s=t_sync, disk_wait_s=t_disk, alloc_s=t_alloc)
         if reply is None:
             return timing
         t_eager = time.monotonic()
@@ -269,12 +281,31 @@ class Checkpointer:
             return None, None
         wait_s = self.cfg.close_timeout_s
         try:
-            return self.keeper.call(m.Alloc(self.gen, step, nbytes, wait_s), timeout_s=wait_s + 60), None
+            return self.keeper.call(m.Alloc(self.gen, step, nbytes, wait_s, self.durable), timeout_s=wait_s + 60), None
         except UserError as e:
             return None, str(e)
         except (OSError, ConnectionError, RuntimeError) as e:
             self._failed(e)
             return None, None
+
+    def _one_copy(self, nbytes: int) -> bool:
+        """Does the keeper hold only one snapshot of some rank (collective)? Said once."""
+        room = self.keeper.budget // (self.world // self.nodes) if self.keeper_error is None else 0
+        if not any(dist_utils.any_true([nbytes <= room < 2 * nbytes])):
+            return False
+        level = "L1" if "l1" in self.storages else str(self.root)
+        self._warn(f"the node keeper has room for one snapshot per rank, not two (checkpoint.host_memory_mb="
+                   f"{self.cfg.host_memory_mb}): every save also goes to {level}, and each save first waits until "
+                   "the previous one is durable there")
+        return True
+
+    def _wait_disk(self, step: int):
+        """Step boundaries until ``step`` is committed at a disk level, or can no longer be
+        (failed, or not due at one): its slot may be overwritten then. Collective: every
+        rank sees the same reports, so every rank loops as often."""
+        while self.durable < step and step in self.pending and self.pending[step].levels - {"l0"}:
+            self._sync()
+            time.sleep(0.002)
 
     def _save_to_disk(self, step: int, state: dict, extra: dict | None, why: str | None):
         """The synchronous path for a snapshot the keeper cannot hold: straight to L2."""
@@ -283,6 +314,7 @@ class Checkpointer:
         log.info("step %d goes to %s directly", step, self.root)
         save_state(self.root, step, state, self.cfg.keep_last, extra, self.gen)
         self.failures[step] = []
+        self.durable = step
 
     def restore(self, state: dict, optional=lambda name: False, say: bool = True):
         """Fill ``state`` from the newest good step at any level (L0 memory, L1, L2), else from
@@ -436,6 +468,7 @@ class Checkpointer:
                           "training continues with the other levels", flush=True)
             elif self._committed(level, step, gathered):
                 p.levels.discard(level)
+                self.durable = max(self.durable, step)
             elif level not in p.requested and p.manifest is not None \
                     and all(step in g["durable"].get(level, []) for g in gathered):
                 if (self.rank == 0) if level == "l2" else (self.local_rank == 0):
@@ -478,6 +511,7 @@ class Checkpointer:
                       if len(h["records"]) == h["world"] and h["objects"] is not None]
         for name in self.storages:
             candidates += [(s, name) for s in set.intersection(*(set(v[name]) for v in views))]
+        self.durable = max([self.durable] + [s for s, level in candidates if level != "l0"])
         partly = None  # a copy found damaged while it was being copied into ``state`` (on any rank)
         for step, level in sorted(candidates, key=lambda c: (-c[0], LEVELS.index(c[1]))):
             error, missing, manifest = None, set(), None

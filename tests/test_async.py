@@ -259,15 +259,50 @@ def test_full_l2_disk_is_reported_and_training_goes_on(run_dir, capsys):
 
 def test_memory_budget_too_small_saves_to_disk_directly(run_dir, capsys):
     """Snapshots that do not fit into the keeper's memory go to L2 synchronously, said once."""
-    c = ckpt(run_dir, host_memory_mb=1)
+    c = ckpt(run_dir, host_memory_mb=1)  # a 1.2 MB snapshot in 1 MiB
     for step in (1, 2):
-        c.save(step, {"w": flatten({"w": torch.full((200_000,), float(step))})["w"]}, final=step == 2)
+        c.save(step, {"w": flatten({"w": torch.full((300_000,), float(step))})["w"]}, final=step == 2)
         c.check()
     c.close()
     out = capsys.readouterr().out
     assert out.count("host_memory_mb") == 1 and "directly (synchronously)" in out
-    target = {"w": flatten({"w": torch.zeros(200_000)})["w"]}
+    target = {"w": flatten({"w": torch.zeros(300_000)})["w"]}
     assert load_state(run_dir / "checkpoints", target)[0] == 2 and target["w"].tensor[0] == 2
+
+
+def test_memory_for_one_snapshot_reuses_it_once_the_previous_is_on_disk(run_dir):
+    """host_memory_mb holds one snapshot per rank, not two: every save also goes to L1 (whose
+    and L2 intervals would skip most), each waits until the previous one is committed there, and the
+    keeper holds one slot. A trainer killed (kill -9) halfway through copying into that slot
+    (the older step's bytes half overwritten) resumes from the previous step on L1."""
+    l1 = run_dir / "l1"
+    script = f"""if True:
+        import sys, torch
+        sys.path.insert(0, {str(Path(__file__).parent.parent)!r})
+        from checkpoint import CheckpointConfig, Checkpointer, flatten
+        c = Checkpointer(CheckpointConfig(interval=1, l1_dir={str(l1)!r}, l1_interval=3, l2_interval=3,
+                                          host_memory_mb=20, capture="lazy", keeper_timeout_s=20), {str(run_dir)!r})
+        w = torch.nn.Parameter(torch.ones(3_000_000))
+        opt = torch.optim.SGD([w], lr=1.0)
+        c.attach(opt)  # the optimizer's tensors are copied lazily
+        for step in range(1, 6):
+            c.save(step, flatten({{"w": w}}))
+            c.check()
+            w.grad = torch.full_like(w, -1.0)
+            opt.step()  # w = step + 1
+        c.close()"""
+    # 12 MB snapshots (two 8 MiB copy pieces each) in 20 MiB; killed at the second piece of save 5
+    trainer = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                             env={**os.environ, "KINTSUGI_FAULT": "copy:kill:10"})
+    assert trainer.returncode == -signal.SIGKILL, trainer.stderr[-2000:]
+    assert trainer.stdout.count("room for one snapshot per rank") == 1, trainer.stdout
+    assert committed_steps(l1) == [4, 3]  # step 4 went to L1 though neither level was due
+    c = ckpt(run_dir, host_memory_mb=20, l1_interval=3, l2_interval=3)
+    assert len(keeper_segments(c.keeper.pid)) == 1
+    target = {"w": flatten({"w": torch.zeros(3_000_000)})["w"]}
+    assert c.restore(target)[0] == 4 and c.restored_from == "l1"
+    assert torch.equal(target["w"].tensor, torch.full((3_000_000,), 4.0))
+    c.close()
 
 
 def keeper_segments(pid: int) -> list[Path]:

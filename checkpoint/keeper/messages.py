@@ -130,6 +130,7 @@ class Alloc:
     step: int
     nbytes: int
     wait_s: float  # how long to wait for memory to be freed (slow writes) before failing
+    durable: int = -1  # the newest step committed at a disk level: slots of it and older may be reused
 
 
 @dataclass

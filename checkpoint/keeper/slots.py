@@ -3,8 +3,13 @@
 A slot holds one rank's shard of one step in the safetensors layout. Its life:
 free -> filling (the trainer copies into it) -> crc (the keeper checksums it, when a disk
 level is due) -> ready. A rank needs two slots (its newest snapshot that every rank has,
-and the one being captured); more let captures overlap slow level writes. When none is
-free the request waits (back-pressure), within a deadline.
+and the one being captured) for a save to overlap the previous one's disk write; more let
+captures overlap slow level writes. With room for one, the trainer sends every save to a
+disk level and the capture reuses the rank's slot once the step it holds is committed
+there (``durable``), as DataStates reuses its host buffer after a flush. When none is free
+the request waits (back-pressure) while a level write still reads a slot, within a
+deadline; when no write does, waiting frees nothing and the request is refused at once
+(the trainer then saves to disk directly).
 
 Each rank's **L0 timeline** is the (generation, step) of its newest snapshot committed at
 level 0 by its job attempt. A ready slot is freed only when a newer snapshot of the same
@@ -93,10 +98,13 @@ class SlotStore:
             os.unlink(slot.path)
             self.slots.remove(slot)
 
-    def alloc(self, rank: int, gen: str, step: int, nbytes: int, wait_s: float) -> Slot:
+    def alloc(self, rank: int, gen: str, step: int, nbytes: int, wait_s: float, durable: int = -1) -> Slot:
+        """A slot of at least ``nbytes`` for ``rank``'s capture of ``step``; ``durable``: the
+        newest step the trainer saw committed at a disk level, whose slot (or an older one's)
+        may be overwritten when there is no other room."""
         cap = self.budget // self.local_world
-        if 2 * nbytes > cap:
-            raise UserError(f"the node keeper's memory is too small: {self.local_world} local rank(s) x 2 snapshots "
+        if nbytes > cap:
+            raise UserError(f"the node keeper's memory is too small: {self.local_world} local rank(s) x a snapshot "
                             f"of {human(nbytes)} do not fit in {human(self.budget)}; raise "
                             "checkpoint.host_memory_mb (and /dev/shm with it)")
         deadline = time.monotonic() + wait_s
@@ -115,6 +123,12 @@ class SlotStore:
                 elif free:
                     self.drop(min(free, key=lambda s: s.size))
                     continue
+                elif on_disk := [s for s in mine if s.state == "ready" and s.pins == 0 and s.step <= durable]:
+                    min(on_disk, key=lambda s: s.step).state = "free"  # its step is safe on disk
+                    continue
+                elif not any(s.pins for s in mine):
+                    raise UserError(f"the node keeper has no room for another snapshot of rank {rank} "
+                                    f"({human(nbytes)} in {human(cap)} per rank) and the one it holds is not on disk")
                 elif time.monotonic() > deadline:
                     raise KeeperTimeout(f"no snapshot memory was freed within {wait_s:.0f} s: the level writes that "
                                         "read the older snapshots are stuck (a hung filesystem?)")
