@@ -28,8 +28,11 @@ class CheckpointConfig:
     l1_dir: str = doc("The node-local level L1 (fast local disk); empty = no L1.", "")
     l1_interval: int = doc("Write a save to `l1_dir` every N steps (a multiple of `interval`); 0 = every save.", 0)
     l1_keep_last: int = doc("Committed steps to keep in `l1_dir`.", 2)
-    host_memory_mb: int = doc("Host memory of the node keeper for snapshots, all local ranks together; each rank "
-                              "needs 2 snapshots, more let saves overlap slow writes. A save waits rather than "
+    host_memory_mb: int = doc("Host memory of the node keeper for snapshots, all local ranks together. With room "
+                              "for 2 snapshots per rank, a save overlaps the previous one's disk writes (more let "
+                              "saves overlap slow writes); with room for 1, every save also goes to L1 (else `dir`) "
+                              "and first waits until the previous one is committed there, then overwrites it in "
+                              "memory; with less, saves go to `dir` synchronously. A save waits rather than "
                               "exceeding it.", 8192)
     capture: str = doc("How a save copies the tensors into the keeper's memory: `lazy` beside the next "
                        "forward/backward (the optimizer's next step waits for what is left), `eager` at the save "

@@ -131,6 +131,7 @@ class Alloc:
     nbytes: int
     wait_s: float  # how long to wait for memory to be freed (slow writes) before failing
     durable: int = -1  # the newest step committed at a disk level: slots of it and older may be reused
+    copies: int = 2  # snapshots of this rank the keeper must have room for (1: the trainer waits for the disk)
 
 
 @dataclass

@@ -130,7 +130,7 @@ class KeeperServer:
         return m.HelloReply(os.getpid(), self.node.store.budget, self.node.warning)
 
     def _alloc(self, conn: Conn, msg: m.Alloc) -> m.AllocReply:
-        slot = self.node.store.alloc(conn.rank, msg.gen, msg.step, msg.nbytes, msg.wait_s, msg.durable)
+        slot = self.node.store.alloc(conn.rank, msg.gen, msg.step, msg.nbytes, msg.wait_s, msg.durable, msg.copies)
         live = [s.id for s in self.node.store.slots if s.rank == conn.rank]  # the trainer unmaps the others
         return m.AllocReply(slot.id, slot.path, slot.size, live)
 

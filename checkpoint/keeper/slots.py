@@ -98,14 +98,16 @@ class SlotStore:
             os.unlink(slot.path)
             self.slots.remove(slot)
 
-    def alloc(self, rank: int, gen: str, step: int, nbytes: int, wait_s: float, durable: int = -1) -> Slot:
-        """A slot of at least ``nbytes`` for ``rank``'s capture of ``step``; ``durable``: the
-        newest step the trainer saw committed at a disk level, whose slot (or an older one's)
-        may be overwritten when there is no other room."""
+    def alloc(self, rank: int, gen: str, step: int, nbytes: int, wait_s: float, durable: int = -1,
+              copies: int = 2) -> Slot:
+        """A slot of at least ``nbytes`` for ``rank``'s capture of ``step``, where ``copies``
+        snapshots of the rank must fit; ``durable``: the newest step the trainer saw committed
+        at a disk level, whose slot (or an older one's) may be overwritten when there is no
+        other room."""
         cap = self.budget // self.local_world
-        if nbytes > cap:
-            raise UserError(f"the node keeper's memory is too small: {self.local_world} local rank(s) x a snapshot "
-                            f"of {human(nbytes)} do not fit in {human(self.budget)}; raise "
+        if copies * nbytes > cap:
+            raise UserError(f"the node keeper's memory is too small: {self.local_world} local rank(s) x {copies} "
+                            f"snapshot(s) of {human(nbytes)} do not fit in {human(self.budget)}; raise "
                             "checkpoint.host_memory_mb (and /dev/shm with it)")
         deadline = time.monotonic() + wait_s
         with self.cond:
