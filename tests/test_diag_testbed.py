@@ -3,8 +3,7 @@ rank per host, and a real fault done to a host from outside (tests/faults.py): a
 slower with tc, a rank stopped with SIGSTOP, a host's traffic dropped, a rank killed. Each is
 named with the right kind and the right host or link, by a live Detector and by every host's
 own launcher monitor. The whole matrix (every layout x every fault, DeepSpeed included, with
-timings) is benchmarks/detect_bench.py's; a host's CPU cut with its cgroup quota is there
-only: it is not named reliably yet (issue #14, docs/diagnostics.md)."""
+timings) is benchmarks/detect_bench.py's."""
 from __future__ import annotations
 
 import pytest
@@ -74,3 +73,16 @@ def test_killed_rank_is_a_crash(testbed):
     out = faults.run(tb, "ddp", fault, steps=1000)
     v = _check(tb, out, fault)
     assert v.evidence["victims"]  # the survivor's collective failed after it
+
+
+def test_host_short_of_cpu_is_a_straggler(testbed):
+    """A host's cgroup quota (cpu.max) cut so that its rank computes 20% slower, held there
+    (tests/faults.py): under DDP the other rank waits for it in every gradient all-reduce,
+    and the host is named, not the links or the collectives."""
+    tb = testbed(2)
+    fault = faults.Fault("cpu", host=1, step=25)  # after a history for the detector to judge against
+    # detect_bench's model: steps of ~0.2 s, compute long against a quota period (100 ms)
+    out = faults.run(tb, "ddp", fault, steps=150, extra=("--model.dim=128", "--model.max_seq_len=128", "--data.seq_len=128"))
+    v = _check(tb, out, fault)
+    assert [x.kind for x in out.verdicts] == ["straggler"]
+    assert faults.host_slowdown(out) > 0.1  # the quota did slow its compute (measured from its trace)
