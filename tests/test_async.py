@@ -305,6 +305,45 @@ def test_memory_for_one_snapshot_reuses_it_once_the_previous_is_on_disk(run_dir)
     c.close()
 
 
+
+def one_copy_rank(rank: int, port: int, run_dir: str):
+    """One of 2 ranks on one node, 20 MiB of keeper memory each: rank 0's 12 MB shard fits
+    once, rank 1's 0.4 MB twice; they agree on one copy (every save to L1)."""
+    from comms import dist_utils
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist_utils.init_process_group("gloo")
+    c = ckpt(Path(run_dir), host_memory_mb=40, l1_interval=4, l2_interval=4)
+    w = torch.nn.Parameter(torch.ones(3_000_000 if rank == 0 else 100_000))
+    opt = torch.optim.SGD([w], lr=1.0)
+    c.attach(opt)
+    for step in range(1, 6):
+        timing = c.save(step, flatten({f"w{rank}": w}), final=step == 5)
+        assert "l1" in timing.levels, (step, timing.levels)
+        c.check()
+        w.grad = torch.full_like(w, -1.0)
+        opt.step()  # w = step + 1
+    if rank == 0:  # one slot of rank 0's (rank 1's shard leaves room for more within its share)
+        assert len([p for p in keeper_segments(c.keeper.pid) if "-r0-" in p.name]) == 1
+    c.close()
+    dist_utils.shutdown()
+
+
+def test_ranks_agree_on_one_copy_and_every_save_commits_on_disk(run_dir):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(one_copy_rank, args=(port, str(run_dir)), nprocs=2, start_method="spawn")
+    assert committed_steps(run_dir / "l1") == [5, 4]
+    target = flatten({"w0": torch.zeros(3_000_000), "w1": torch.zeros(100_000)})
+    assert load_state(run_dir / "l1", target)[0] == 5
+    assert all(torch.equal(t.tensor, torch.full_like(t.tensor, 5.0)) for t in target.values())
+
 def keeper_segments(pid: int) -> list[Path]:
     """The shared-memory files a keeper process has mapped."""
     maps = Path(f"/proc/{pid}/maps").read_text().splitlines()
