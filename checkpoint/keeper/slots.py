@@ -101,9 +101,9 @@ class SlotStore:
     def alloc(self, rank: int, gen: str, step: int, nbytes: int, wait_s: float, durable: int = -1,
               copies: int = 2) -> Slot:
         """A slot of at least ``nbytes`` for ``rank``'s capture of ``step``, where ``copies``
-        snapshots of the rank must fit; ``durable``: the newest step the trainer saw committed
-        at a disk level, whose slot (or an older one's) may be overwritten when there is no
-        other room."""
+        snapshots of the rank must fit; with one, ``durable`` (the newest step the trainer saw
+        committed at a disk level) says whose slot may be overwritten when there is no other
+        room (with two, a slot a level write still reads is freed once it is done)."""
         cap = self.budget // self.local_world
         if copies * nbytes > cap:
             raise UserError(f"the node keeper's memory is too small: {self.local_world} local rank(s) x {copies} "
@@ -125,7 +125,8 @@ class SlotStore:
                 elif free:
                     self.drop(min(free, key=lambda s: s.size))
                     continue
-                elif on_disk := [s for s in mine if s.state == "ready" and s.pins == 0 and s.step <= durable]:
+                elif copies == 1 and (on_disk := [s for s in mine if s.state == "ready" and s.pins == 0
+                                                  and s.step <= durable]):
                     min(on_disk, key=lambda s: s.step).state = "free"  # its step is safe on disk
                     continue
                 elif not any(s.pins for s in mine):
