@@ -26,14 +26,18 @@ def workers(launcher: subprocess.Popen, script: str) -> list[psutil.Process]:
 
 
 def killed_run(run_dir, script: str, *args: str) -> tuple[str, list[dict]]:
-    """Launch, kill -9 one worker after step 7 (a save at 5 is in the keeper's memory), finish."""
+    """Launch, kill -9 one worker after step 7 (a save at 5 is in the keeper's memory, the
+    next is at 10: the restarted job must redo the steps between), finish."""
     cmd = [sys.executable, "-m", "launch", "launch", "--nproc-per-node", "2", "--run-dir", str(run_dir),
            str(ROOT / "examples" / script), "--steps", str(STEPS), *args]
     proc = subprocess.Popen(cmd, env=env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    while not any(r["step"] >= 7 for r in records(run_dir / "metrics.jsonl")):
+    victim = None  # found while the job starts: at step 7 the kill must follow at once (a step takes ~10s of ms)
+    while victim is None or not any(r["step"] >= 7 for r in records(run_dir / "metrics.jsonl")):
         assert proc.poll() is None, proc.stdout.read()[-3000:]
-        time.sleep(0.05)
-    os.kill(workers(proc, script)[-1].pid, signal.SIGKILL)
+        if victim is None and len(found := workers(proc, script)) == 2:
+            victim = found[-1]
+        time.sleep(0.01)
+    os.kill(victim.pid, signal.SIGKILL)
     out, _ = proc.communicate()
     assert proc.returncode == 0, out[-4000:]
     return out, records(run_dir / "metrics.jsonl")
