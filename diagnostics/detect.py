@@ -41,6 +41,8 @@ later rows too). In short:
   onset): the network or the collective itself is slow. Live, the monitor then asks for a
   link probe; when the job slowed and neither explains it, it asks for one among all the
   job's hosts (once per generation; no verdict unless the probe names a link);
+- periodic probe: live, with ``probe_every_s`` set, a link probe among all the job's hosts
+  that often, with no slowdown to explain (C4P's periodic probing), links only;
 - probe: a finished link probe (``diagnostics.probe``) names a prober short of CPU
   (straggler), or finds slow directions: then a second probe repeats it, and the directions
   slow in both are named (slow_link);
@@ -136,6 +138,7 @@ RULES = (
     Rule("straggler", "_straggler", ("straggler",), (), ""),
     Rule("slow_comm", "_slow_comm", ("slow_comm",), (),
          "needs no late rank in the same window: a straggler makes the others wait inside collectives"),
+    Rule("periodic probe", "_periodic_probe", (), (), "asks for a probe only: the probe rule names what it finds"),
     Rule("probe", "_probe", ("slow_link", "straggler"), (),
          "a prober short of CPU is named as a straggler and its transfers are not judged"),
     Rule("p2p links", "_links", ("slow_link",), (), ""),
@@ -167,6 +170,7 @@ class Detector:
         # no pin), the last window end that showed it)
         self._streak: dict[tuple, tuple] = {}
         self.probes: dict[int, dict[str, dict]] = {}  # generation -> probe id -> analysis
+        self._first_seen: dict[int, float] = {}  # generation -> when it was first judged (periodic probes)
         self.verdicts: list[Verdict] = []
 
     def poll(self, now: float | None = None) -> list[Verdict]:
@@ -605,6 +609,23 @@ class Detector:
         return out
 
     # ---- links ------------------------------------------------------------------------
+    def _periodic_probe(self, gen: Generation, now: float) -> list[Verdict]:
+        """Live, every ``probe_every_s`` since the generation's newest probe (any monitor's) or
+        since this detector first judged it: a probe among all the job's hosts, links only."""
+        c = self.cfg
+        if not (c.probe_every_s and self.live and c.probe and gen.source == "trace"):
+            return []
+        first = self._first_seen.setdefault(gen.id, now)
+        last = max([first] + [p["request"]["requested"] for p in gen.probes().values()])
+        steps = gen.training_steps()[-c.straggler_window:]
+        if now - last < c.probe_every_s or not steps:
+            return []
+        step_s = statistics.median(gen.step_time(s) for s in steps)
+        nbytes = max((int(statistics.median(v)) for v in gen.comm_bytes.values() if v), default=0)
+        probe.request(gen, sorted(gen.meta), nbytes, step_s, c, reason=f"periodic, every {c.probe_every_s:g} s",
+                      links_only=True)
+        return []
+
     def _probe(self, gen: Generation, now: float) -> list[Verdict]:
         out = []
         done = self.probes.setdefault(gen.id, {})

@@ -9,13 +9,15 @@ from __future__ import annotations
 import pytest
 
 import faults
+from diagnostics import probe
+from diagnostics.config import DiagnosticsConfig
 
 pytestmark = pytest.mark.slow  # each a real multi-host job (~30-60 s here)
 
 
-def _check(tb, out, fault):
+def _check(tb, out, fault, *more):
     want = fault.expected(tb)
-    assert out.correct(want, fault), (want, [v.line() for v in out.verdicts])
+    assert out.correct(want, fault), (want, [v.line() for v in out.verdicts], out.detail, *more)
     # Every host's monitor (the launcher's) that saw it named the same.
     by_monitor = {}
     for m in out.monitors:
@@ -38,6 +40,21 @@ def test_half_bandwidth_link_inside_fsdp2_collectives_is_named_by_the_probe(test
     assert probe["step"] > out.fault_step and sorted(probe["ranks"]) == [0, 1, 2]  # one prober per host
     # Every pair was measured, and the slow pair moved the payload about half as fast.
     assert len(probe["matrix_ms"]) == 6 and probe["matrix_ms"]["1->2"] > 1.5 * probe["typical_ms"]
+
+
+def test_half_bandwidth_link_under_a_pipeline_is_named_by_a_periodic_probe(testbed):
+    """A pipeline's stages wait on a link for part of each step only, so a link at half speed
+    need not slow the job beyond its noise, and nothing asks for a probe: with
+    probe_every_s, the monitors probe every link anyway and name it (two probes agree)."""
+    tb = testbed(3)
+    fault = faults.Fault("link", host=1, peer=2, step=20)  # 200 -> 100 Mbit between node1 and node2
+    out = faults.run(tb, "pp", fault, steps=1000, extra=("--diagnostics.probe_every_s=5",))
+    probes = {i: (p["request"]["reason"], p["request"]["step"], probe.analyse(p, DiagnosticsConfig()).get("slow"))
+              for i, p in faults._generation(out.run_dir).probes().items()}
+    v = _check(tb, out, fault, probes)
+    assert [x.kind for x in out.verdicts] == ["slow_link"]
+    assert any(reason.startswith("periodic") for reason, _, _ in probes.values()), probes
+    assert v.evidence["probe"]["step"] > out.fault_step
 
 
 def test_stopped_rank_is_a_hang_in_compute(testbed):
