@@ -38,7 +38,6 @@ import datetime
 import json
 import math
 import os
-import socket
 import statistics
 import sys
 import tempfile
@@ -54,16 +53,11 @@ import torch.multiprocessing as mp  # noqa: E402
 from torch import nn  # noqa: E402
 
 from comms.moe import LayerShape, Profile, choose, gpu_cluster_profile, sequential, simulate  # noqa: E402
+from diagnostics.drill import free_port  # noqa: E402
 from trainer.model import FeedForward  # noqa: E402  (DeepSpeed's expert: the same SwiGLU math)
 
 VARIANTS = ("deepspeed", "d1", "d2", "d4", "auto", "auto_after")
 CHUNKS = {"d1": "1", "d2": "2", "d4": "4", "auto": "auto", "auto_after": "auto"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class LaterLayers(torch.autograd.Function):

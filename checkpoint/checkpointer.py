@@ -208,15 +208,15 @@ class Checkpointer:
         head, offsets = shard_header((k, chunks[k][1].tensor.dtype, chunks[k][1].shape) for k in mine)
         nbytes = len(head) + sum(chunks[k][1].nbytes for k in mine)
         t_disk = time.monotonic()
-        copies = 1 if self._one_copy(nbytes) else 2
-        if copies == 1:
+        held = 1 if self._one_copy(nbytes) else 2  # snapshots of this rank the keeper must have room for
+        if held == 1:
             if not due and not final:  # (a final save skips only levels that hold this very step)
                 due = [next(n for n in ("l1", "l2") if n in self.storages)]
             if prev is not None:
                 self._wait_disk(prev)
         t_disk = time.monotonic() - t_disk
         t_alloc = time.monotonic()
-        reply, no_room = self._alloc(step, nbytes, copies)  # waits when memory is spent
+        reply, no_room = self._alloc(step, nbytes, held)  # waits when memory is spent
         t_alloc = time.monotonic() - t_alloc
         if any(dist_utils.any_true([no_room is not None])):
             if reply is not None:
@@ -275,14 +275,14 @@ class Checkpointer:
             mode = "lazy" if idle or fresh or any(t.is_cuda for t in tensors) else "eager"
         return max(1, torch.get_num_threads()) if mode == "eager" else 0
 
-    def _alloc(self, step: int, nbytes: int, copies: int) -> tuple[m.AllocReply | None, str | None]:
+    def _alloc(self, step: int, nbytes: int, held: int) -> tuple[m.AllocReply | None, str | None]:
         """A keeper slot for this rank's shard, or (None, why) when it does not fit into the
         keeper's memory (then the save goes to disk directly)."""
         if self.keeper_error is not None:
             return None, None
         wait_s = self.cfg.close_timeout_s
         try:
-            return self.keeper.call(m.Alloc(self.gen, step, nbytes, wait_s, self.durable, copies), timeout_s=wait_s + 60), None
+            return self.keeper.call(m.Alloc(self.gen, step, nbytes, wait_s, self.durable, held), timeout_s=wait_s + 60), None
         except UserError as e:
             return None, str(e)
         except (OSError, ConnectionError, RuntimeError) as e:
@@ -292,8 +292,8 @@ class Checkpointer:
     def _one_copy(self, nbytes: int) -> bool:
         """Does the keeper hold only one snapshot of some rank (collective)? Said once. Not
         with erasure-coded snapshots: the coder keeps a step's slot until the next is coded."""
-        room = self.keeper.budget // (self.world // self.nodes) if self.keeper_error is None else 0
-        room = 0 if self.l0_remote is not None else room
+        coded = self.l0_remote is not None
+        room = self.keeper.budget // (self.world // self.nodes) if self.keeper_error is None and not coded else 0
         if not any(dist_utils.any_true([nbytes <= room < 2 * nbytes])):
             return False
         level = "L1" if "l1" in self.storages else str(self.root)

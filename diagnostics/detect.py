@@ -170,7 +170,7 @@ class Detector:
         # no pin), the last window end that showed it)
         self._streak: dict[tuple, tuple] = {}
         self.probes: dict[int, dict[str, dict]] = {}  # generation -> probe id -> analysis
-        self._first_seen: dict[int, float] = {}  # generation -> when it was first judged (periodic probes)
+        self._probe_due: dict[int, float] = {}  # generation -> when its next periodic probe may be asked for
         self.verdicts: list[Verdict] = []
 
     def poll(self, now: float | None = None) -> list[Verdict]:
@@ -611,19 +611,23 @@ class Detector:
     # ---- links ------------------------------------------------------------------------
     def _periodic_probe(self, gen: Generation, now: float) -> list[Verdict]:
         """Live, every ``probe_every_s`` since the generation's newest probe (any monitor's) or
-        since this detector first judged it: a probe among all the job's hosts, links only."""
+        since this detector first judged it: a probe among all the job's hosts, links only.
+        Reads the generation's probe files only when a period may have passed."""
         c = self.cfg
         if not (c.probe_every_s and self.live and c.probe and gen.source == "trace"):
             return []
-        first = self._first_seen.setdefault(gen.id, now)
-        last = max([first] + [p["request"]["requested"] for p in gen.probes().values()])
+        if now < self._probe_due.setdefault(gen.id, now + c.probe_every_s):
+            return []
+        last = max((p["request"]["requested"] for p in gen.probes().values()), default=0.0)
         steps = gen.training_steps()[-c.straggler_window:]
         if now - last < c.probe_every_s or not steps:
+            self._probe_due[gen.id] = last + c.probe_every_s if steps else now + 1.0  # no step yet: look again soon
             return []
         step_s = statistics.median(gen.step_time(s) for s in steps)
         nbytes = max((int(statistics.median(v)) for v in gen.comm_bytes.values() if v), default=0)
         probe.request(gen, sorted(gen.meta), nbytes, step_s, c, reason=f"periodic, every {c.probe_every_s:g} s",
                       links_only=True)
+        self._probe_due[gen.id] = now + c.probe_every_s
         return []
 
     def _probe(self, gen: Generation, now: float) -> list[Verdict]:

@@ -331,14 +331,11 @@ def one_copy_rank(rank: int, port: int, run_dir: str):
 
 
 def test_ranks_agree_on_one_copy_and_every_save_commits_on_disk(run_dir):
-    import socket
-
     import torch.multiprocessing as mp
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.start_processes(one_copy_rank, args=(port, str(run_dir)), nprocs=2, start_method="spawn")
+    from diagnostics.drill import free_port
+
+    mp.start_processes(one_copy_rank, args=(free_port(), str(run_dir)), nprocs=2, start_method="spawn")
     assert committed_steps(run_dir / "l1") == [5, 4]
     target = flatten({"w0": torch.zeros(3_000_000), "w1": torch.zeros(100_000)})
     assert load_state(run_dir / "l1", target)[0] == 5

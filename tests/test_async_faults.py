@@ -28,7 +28,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -43,6 +42,7 @@ from checkpoint import CheckpointConfig, Checkpointer, flatten, load_state  # no
 from checkpoint.format import MANIFEST, committed_steps, step_dirname  # noqa: E402
 from checkpoint.keeper import messages  # noqa: E402
 from comms import dist_utils, exits_on_user_error  # noqa: E402
+from diagnostics.drill import free_port  # noqa: E402
 
 import conftest  # noqa: E402  (tests/ is on the path: pytest's rootdir, or this script's own directory)
 
@@ -148,12 +148,6 @@ def wait_encoded(ck: Checkpointer, step: int, timeout: float = 60.0):
 
 
 # ----------------------------------------------------------------------------- the harness
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def launch(run_dir: Path, env_by_rank: dict | None = None, ec: bool = False, prefix: list[str] | None = None,
            env: dict | None = None) -> list[subprocess.Popen]:

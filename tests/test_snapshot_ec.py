@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from conftest import on_testbed_instead
+from diagnostics.drill import free_port
 
 HERE = Path(__file__).resolve()
 ROOT = HERE.parent.parent
@@ -106,12 +106,6 @@ def train(run_dir: Path, steps: int, kills: list[str], k: int, m: int, l2_interv
 
 
 # ============================================================================ the tests
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 class Job:
     """N torchrun agents on this machine. The test hosts the rendezvous store, as a cluster's

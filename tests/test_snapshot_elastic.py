@@ -33,7 +33,8 @@ from pathlib import Path
 import pytest
 
 from conftest import on_testbed_instead
-from test_snapshot_ec import Job, free_port, stop_keepers
+from diagnostics.drill import free_port
+from test_snapshot_ec import Job, stop_keepers
 
 HERE = Path(__file__).resolve()
 ROOT = HERE.parent.parent

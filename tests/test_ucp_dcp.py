@@ -2,7 +2,6 @@
 equal to torch's own dcp_to_torch_save, and Kintsugi's --to dcp loads with dcp.load into an
 FSDP2 model on another world size. Real gloo process groups, real files."""
 import json
-import socket
 
 import pytest
 import torch
@@ -19,12 +18,7 @@ from torch.distributed.fsdp import fully_shard
 from checkpoint.cli import main
 from checkpoint.universal import Universal
 from comms import dist_utils
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from diagnostics.drill import free_port
 
 
 def make_model() -> nn.Module:

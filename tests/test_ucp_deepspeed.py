@@ -10,7 +10,6 @@ Three process launches in all: DeepSpeed engines are slow to start.
 import json
 import os
 import shutil
-import socket
 from argparse import Namespace
 from pathlib import Path
 
@@ -22,16 +21,11 @@ from torch import nn
 from checkpoint.cli import main
 from checkpoint.convert.deepspeed import load_pt
 from comms import dist_utils
+from diagnostics.drill import free_port
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 pytestmark = pytest.mark.slow  # three DeepSpeed launches (~12 s per engine start on 2 cores)
 STAGES = {"zero1_bf16": (1, True), "zero2": (2, False), "zero3": (3, False)}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Net(nn.Module):

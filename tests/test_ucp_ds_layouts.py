@@ -27,7 +27,8 @@ from checkpoint.convert import detect
 from checkpoint.convert.deepspeed import load_pt
 from checkpoint.patterns import Patterns
 from comms import UserError
-from tests.test_ucp_deepspeed import ds_init, ds_reference, free_port, same
+from diagnostics.drill import free_port
+from tests.test_ucp_deepspeed import ds_init, ds_reference, same
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 slow = pytest.mark.slow  # two launches of 2 ranks, four DeepSpeed engines (~12 s per start)
