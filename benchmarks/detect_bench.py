@@ -131,11 +131,16 @@ class TestbedHarness:
 
     name = "trainer on the emulated cluster (kintsugi launch per host, real faults)"
 
+    def __init__(self, probe_every_s: float = 0.0):
+        # Every job's settings beyond the model: periodic link probes when asked for (the
+        # clean runs get them too, so their false positives count).
+        self.extra = MODEL + ((f"--diagnostics.probe_every_s={probe_every_s}",) if probe_every_s else ())
+
     def run(self, case: Case, root: Path) -> Row:
         fault = case.fault()
         try:
             with cluster.Testbed(case.hosts, root=root) as tb:
-                out = faults.run(tb, case.layout, fault, steps=case.steps(), extra=MODEL, rdzv=f"bench{os.getpid()}")
+                out = faults.run(tb, case.layout, fault, steps=case.steps(), extra=self.extra, rdzv=f"bench{os.getpid()}")
                 want = fault.expected(tb)
         except RuntimeError as e:  # the job itself failed (counted as a miss, not a false positive)
             shutil.rmtree(root, ignore_errors=True)
@@ -278,6 +283,8 @@ def print_table(res: dict):
              ("slow link (half bandwidth) named", str(res["slow_link_named"]), "yes"),
              ("false positives", f"{res['false_positives']} over {res['clean_runs']} clean runs", "0"),
              ("trace overhead (default job, on/off)", over, "<= 2%")]
+    if res.get("probe_every_s"):
+        table.insert(0, ("periodic link probes (probe_every_s)", f"{res['probe_every_s']} s", ""))
     w = max(len(v) for _n, v, _t in table)
     print(f"\n| {'metric':<38} | {'measured':<{w}} | target |\n|{'-' * 40}|{'-' * (w + 2)}|--------|")
     for name, val, target in table:
@@ -292,6 +299,7 @@ def merge(paths: list[Path]) -> dict:
     clean_rows = [Row(**r) for part in parts for r in part["clean_rows"]]
     pairs = [p for part in parts for p in part["default_job_pairs"]]
     return {**results(fault_rows, clean_rows, pairs), "harness": parts[0]["harness"],
+            "probe_every_s": "/".join(sorted({str(part.get("probe_every_s", 0.0)) for part in parts})),
             "quick": any(part["quick"] for part in parts), "wall_s": round(sum(part["wall_s"] for part in parts), 1),
             "load": [x for part in parts for x in part["load"]], "parts": [str(p) for p in paths],
             "fault_rows": [vars(r) for r in fault_rows], "clean_rows": [vars(r) for r in clean_rows], "default_job_pairs": pairs}
@@ -306,6 +314,8 @@ def main():
     ap.add_argument("--clean", type=int, default=20, help="clean runs of mixed layouts on the testbed (default 20)")
     ap.add_argument("--pairs", type=int, default=5, help="on/off pairs of the default job (default 5)")
     ap.add_argument("--steps", type=int, default=60, help="steps per default-job run (default 60)")
+    ap.add_argument("--probe-every", type=float, default=0.0, metavar="S",
+                    help="diagnostics.probe_every_s for every testbed job, faults and clean runs (default 0: off, the default)")
     ap.add_argument("--quick", action="store_true", help="one fault per kind, 2 clean runs, 1 on/off pair of 20 steps (smoke test)")
     ap.add_argument("--merge", type=Path, nargs="+", help="merge the --json files of earlier invocations (a run split in parts)")
     a = ap.parse_args()
@@ -326,7 +336,7 @@ def main():
     tmp = Path(tempfile.mkdtemp(prefix="kintsugi-detect-bench-"))
     t0 = time.time()
     loads = [load()]
-    harness = TestbedHarness()
+    harness = TestbedHarness(a.probe_every)
     fault_rows = clean_rows = pairs = []
     if a.faults and kinds:
         cases = fault_cases(a.faults, kinds, a.first)
@@ -343,7 +353,7 @@ def main():
         pairs = overhead(a.pairs, a.steps, tmp)
         loads.append(load())
     shutil.rmtree(tmp, ignore_errors=True)
-    res = {**results(fault_rows, clean_rows, pairs), "harness": harness.name, "quick": a.quick,
+    res = {**results(fault_rows, clean_rows, pairs), "harness": harness.name, "quick": a.quick, "probe_every_s": a.probe_every,
            "wall_s": round(time.time() - t0, 1), "load": loads,
            "fault_rows": [vars(r) for r in fault_rows], "clean_rows": [vars(r) for r in clean_rows], "default_job_pairs": pairs}
     print_table(res)
