@@ -295,11 +295,12 @@ def print_table(res: dict):
 def merge(paths: list[Path]) -> dict:
     """One result from the JSONs of several invocations (every row of each, nothing chosen)."""
     parts = [json.loads(p.read_text()) for p in paths]
+    probe = {part.get("probe_every_s", 0.0) for part in parts}
     fault_rows = [Row(**r) for part in parts for r in part["fault_rows"]]
     clean_rows = [Row(**r) for part in parts for r in part["clean_rows"]]
     pairs = [p for part in parts for p in part["default_job_pairs"]]
     return {**results(fault_rows, clean_rows, pairs), "harness": parts[0]["harness"],
-            "probe_every_s": "/".join(sorted({str(part.get("probe_every_s", 0.0)) for part in parts})),
+            "probe_every_s": probe.pop() if len(probe) == 1 else sorted(probe),
             "quick": any(part["quick"] for part in parts), "wall_s": round(sum(part["wall_s"] for part in parts), 1),
             "load": [x for part in parts for x in part["load"]], "parts": [str(p) for p in paths],
             "fault_rows": [vars(r) for r in fault_rows], "clean_rows": [vars(r) for r in clean_rows], "default_job_pairs": pairs}
