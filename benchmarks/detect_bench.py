@@ -17,10 +17,15 @@ Three parts, each a list of real runs:
 - clean runs: trainer jobs of mixed layouts on 2-4 hosts with no fault, and the default job
   (below); any verdict is a false positive.
 - trace overhead, measured: the default job (``kintsugi launch --nproc-per-node 2 --config
-  configs/tiny.toml``, FSDP2 on 2 ranks, no injected fault) with ``--diagnostics.trace`` on
-  and off, interleaved (off/on, on/off, ...), the median step time of each run from its
-  metrics.jsonl; ``trace_overhead_pct`` = 100 x (median over pairs of on/off - 1). Those
-  traced runs are clean runs of the default job too.
+  configs/tiny.toml``, FSDP2 on 2 ranks, no injected fault), two ways. In the job itself
+  (``--cost-runs`` runs with ``--diagnostics.trace_cost_steps=5``: blocks of 5 steps traced
+  and paused in turn, each block against its two neighbours, ``comms.trace_cost``):
+  ``trace_overhead_pct`` = the median over those runs of each run's median. And as whole
+  runs, ``--diagnostics.trace`` on and off, interleaved (off/on, on/off, ...), the median
+  step time of each run from its metrics.jsonl: ``trace_overhead_run_pairs_pct`` = 100 x
+  (median over pairs of on/off - 1); separate runs differ by more than tracing costs, which
+  is why the in-job figure leads. The traced runs of the pairs are clean runs of the default
+  job too.
 
 Testbed jobs use the default job's model (configs/tiny.toml) with tests/job.toml's
 settings (constant learning rate, a global batch of 12 for 2-4 data-parallel ranks), no
@@ -59,6 +64,9 @@ MODEL = ("--model.dim=128", "--model.max_seq_len=128", "--data.seq_len=128")
 KINDS = ("link", "port", "cpu", "stop", "partition", "kill")
 LAYOUTS = tuple(faults.LAYOUTS)
 HANGS = ("stop", "partition")
+# Steps per block of the in-job trace cost: the default job saves a snapshot every 5 steps,
+# so each block holds one step after a save (left out) whichever block it is.
+COST_BLOCK = 5
 
 
 @dataclass
@@ -131,10 +139,16 @@ class TestbedHarness:
 
     name = "trainer on the emulated cluster (kintsugi launch per host, real faults)"
 
-    def __init__(self, probe_every_s: float = 0.0):
+    def __init__(self, probe_every_s: float = 0.0, keep: Path | None = None):
         # Every job's settings beyond the model: periodic link probes when asked for (the
         # clean runs get them too, so their false positives count).
         self.extra = MODEL + ((f"--diagnostics.probe_every_s={probe_every_s}",) if probe_every_s else ())
+        self.keep = keep  # where each job's run directory (its traces) is kept, for replaying rules
+
+    def _done(self, root: Path):
+        if self.keep and (root / "shared" / "run").is_dir():
+            shutil.copytree(root / "shared" / "run", self.keep / root.name, ignore=shutil.ignore_patterns("checkpoints"))
+        shutil.rmtree(root, ignore_errors=True)
 
     def run(self, case: Case, root: Path) -> Row:
         fault = case.fault()
@@ -143,11 +157,14 @@ class TestbedHarness:
                 out = faults.run(tb, case.layout, fault, steps=case.steps(), extra=self.extra, rdzv=f"bench{os.getpid()}")
                 want = fault.expected(tb)
         except RuntimeError as e:  # the job itself failed (counted as a miss, not a false positive)
-            shutil.rmtree(root, ignore_errors=True)
+            self._done(root)
             return Row(str(case), case.layout, case.kind, case.hosts, False, [], detail={"error": str(e)[-2000:]})
         row = Row(str(case), case.layout, case.kind, case.hosts, out.correct(want, fault), [v.line() for v in out.verdicts])
         step_s = out.step_s()
-        row.detail = {"step_ms": round(1e3 * step_s, 1) if step_s else None, **out.detail}
+        row.detail = {"step_ms": round(1e3 * step_s, 1) if step_s else None, "fault_step": out.fault_step, **out.detail}
+        share = faults.probe_share(out)
+        if share:  # what the probes cost the job: rank 0's time in them
+            row.detail["probe_pct"] = round(100 * share, 2)
         if want:
             seen = {}
             for m in out.monitors:
@@ -169,7 +186,7 @@ class TestbedHarness:
             row.detail["job_slowdown_pct"] = round(100 * slow, 1) if slow is not None else None
         if case.kind == "kill" and row.named:
             row.detail["detect_s"] = round(next(v for v in out.verdicts if v.kind == "crash").time - out.fault_time, 2)
-        shutil.rmtree(root, ignore_errors=True)
+        self._done(root)
         return row
 
 
@@ -185,6 +202,8 @@ def run_cases(harness, cases: list[Case], tmp: Path, what: str) -> list[Row]:
                 else f"{d['detect_steps']} steps (host compute {d['host_slowdown_pct']:+.0f}%, job {d['job_slowdown_pct']:+.0f}%)"
                 if "detect_steps" in d
                 else f"job {d['job_slowdown_pct']:+.0f}%" if d.get("job_slowdown_pct") is not None else "")
+        if d.get("probe_pct"):
+            note += f" (probes {d['probe_pct']:.1f}% of the job's time)"
         status = ("JOB FAILED" if "error" in d else ("named" if row.named else "MISSED") if case.kind
                   else ("clean" if row.named else "FALSE POSITIVE"))
         print(f"  {str(case):<62} {status:<14} {note}  [{time.time() - t0:.0f} s]"
@@ -211,13 +230,14 @@ def summarize(rows: list[Row]) -> dict:
 
 
 # ---- the default job: trace overhead, and clean runs -----------------------------------
-def default_job(run_dir: Path, steps: int, trace: bool) -> dict:
+def default_job(run_dir: Path, steps: int, trace: bool, cost_k: int = 0) -> dict:
     """One run of `kintsugi launch --nproc-per-node 2 --config configs/tiny.toml` without the
-    crash drill; its median step time (steps after the 3rd) and the verdicts on it (the
-    launcher's monitor's and a report's)."""
+    crash drill; its median step time (steps after the 3rd), the verdicts on it (the
+    launcher's monitor's and a report's) and, with ``cost_k``, the trace's cost measured in
+    the job (blocks of ``cost_k`` steps)."""
     cmd = [sys.executable, "-m", "launch", "launch", "--nproc-per-node", "2", "--config", str(ROOT / "configs" / "tiny.toml"),
            f"--train.run_dir={run_dir}", f"--train.steps={steps}", "--diagnostics.inject=[]", "--train.progress=false",
-           f"--diagnostics.trace={'true' if trace else 'false'}"]
+           f"--diagnostics.trace={'true' if trace else 'false'}", f"--diagnostics.trace_cost_steps={cost_k}"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "DS_ACCELERATOR": "cpu"}
     p = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
     if p.returncode != 0:
@@ -225,6 +245,9 @@ def default_job(run_dir: Path, steps: int, trace: bool) -> dict:
     recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [r["step_time_s"] for r in recs if "step_time_s" in r]  # step records (checkpoint events are there too)
     out = {"step_s": statistics.median(steps[3:]), "verdicts": []}
+    if cost_k:
+        out["cost"] = next((r for r in recs if r.get("event") == "trace_cost"), None)
+        return out
     if trace:
         live = [json.loads(x) for x in (run_dir / "diagnostics" / "verdicts.jsonl").read_text().splitlines()] \
             if (run_dir / "diagnostics" / "verdicts.jsonl").exists() else []
@@ -250,19 +273,36 @@ def overhead(pairs: int, steps: int, tmp: Path) -> dict:
     return out
 
 
+def in_job_cost(runs: int, steps: int, tmp: Path) -> list[dict]:
+    """``runs`` runs of the default job, each weighing its trace against its own paused steps."""
+    out = []
+    for i in range(runs):
+        cost = default_job(tmp / f"cost{i}", steps, True, cost_k=COST_BLOCK)["cost"]
+        if cost is None:
+            raise SystemExit(f"detect_bench: the default job's {steps} steps gave no trace_cost record; raise --cost-steps")
+        out.append(cost)
+        print(f"  run {i}: {cost['pct']:+.2f}% ({cost['pairs']} blocks, {cost['low_pct']:+.1f}% to {cost['high_pct']:+.1f}%; "
+              f"{cost['traced_ms']:.1f} ms traced, {cost['untraced_ms']:.1f} ms paused)", flush=True)
+    return out
+
+
 def load() -> str:
     return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
 
 
-def results(fault_rows: list[Row], clean_rows: list[Row], pairs: list[dict]) -> dict:
+def results(fault_rows: list[Row], clean_rows: list[Row], pairs: list[dict], costs: list[dict]) -> dict:
     """The headline figures from every row (of one run or of several merged)."""
     ratios = [p["step_ms_on"] / p["step_ms_off"] for p in pairs]
     failed = [r.case for r in clean_rows if "error" in r.detail]
+    probes = [r.detail["probe_pct"] for r in clean_rows if "probe_pct" in r.detail]
     return {**summarize(fault_rows), "baseline_hang_s": dist.constants.default_pg_timeout.total_seconds(),
             "false_positives": sum(len(r.verdicts) for r in clean_rows) + sum(len(p["verdicts"]) for p in pairs),
             "clean_runs": len(clean_rows) - len(failed) + len(pairs),
             "failed_jobs": failed + [r.case for r in fault_rows if "error" in r.detail],
-            "trace_overhead_pct": round(100 * (statistics.median(ratios) - 1), 2) if ratios else None,
+            "probe_pct_clean": statistics.median(probes) if probes else None,
+            "trace_overhead_pct": statistics.median(c["pct"] for c in costs) if costs else None,
+            "trace_overhead_runs": [c["pct"] for c in costs],
+            "trace_overhead_run_pairs_pct": round(100 * (statistics.median(ratios) - 1), 2) if ratios else None,
             "trace_overhead_pairs": [round(100 * (r - 1), 2) for r in ratios],
             "step_ms_off": statistics.median(p["step_ms_off"] for p in pairs) if pairs else None,
             "step_ms_on": statistics.median(p["step_ms_on"] for p in pairs) if pairs else None}
@@ -273,8 +313,11 @@ def print_table(res: dict):
             if res["hang_detect_s"] is not None else "-")
     strag = (f"{res['straggler_detect_steps']} steps, max {res['straggler_detect_steps_max']}"
              if res["straggler_detect_steps"] is not None else "-")
-    over = (f"{res['trace_overhead_pct']:+.2f}% (median of {len(res['trace_overhead_pairs'])} pairs; step {res['step_ms_off']} ms off)"
-            if res["trace_overhead_pct"] is not None else "-")
+    over = (f"{res['trace_overhead_pct']:+.2f}% (median of {len(res['trace_overhead_runs'])} runs; each "
+            f"{', '.join(f'{x:+.2f}' for x in res['trace_overhead_runs'])}%)" if res["trace_overhead_pct"] is not None else "-")
+    pairs = (f"{res['trace_overhead_run_pairs_pct']:+.2f}% (median of {len(res['trace_overhead_pairs'])} pairs, "
+             f"{min(res['trace_overhead_pairs']):+.1f}% to {max(res['trace_overhead_pairs']):+.1f}%; step {res['step_ms_off']} ms off)"
+             if res["trace_overhead_run_pairs_pct"] is not None else "-")
     table = [("hang named after (median)", hang, "<= 10 s"),
              ("baseline: process-group timeout", f"{res['baseline_hang_s']:.0f} s, names nobody", ""),
              ("20% slower host named after (median)", strag, "<= 20 steps"),
@@ -282,9 +325,12 @@ def print_table(res: dict):
              ("  per kind", " ".join(f"{k} {v}" for k, v in res["accuracy_by_kind"].items()), ""),
              ("slow link (half bandwidth) named", str(res["slow_link_named"]), "yes"),
              ("false positives", f"{res['false_positives']} over {res['clean_runs']} clean runs", "0"),
-             ("trace overhead (default job, on/off)", over, "<= 2%")]
+             ("trace overhead (default job, in the job)", over, "<= 2%"),
+             ("  whole runs on/off, interleaved", pairs, "")]
     if res.get("probe_every_s"):
-        table.insert(0, ("periodic link probes (probe_every_s)", f"{res['probe_every_s']} s", ""))
+        price = (f"; they took a median {res['probe_pct_clean']:.1f}% of a clean job's time"
+                 if res.get("probe_pct_clean") is not None else "")
+        table.insert(0, ("periodic link probes (probe_every_s)", f"every {res['probe_every_s']} s{price}", ""))
     w = max(len(v) for _n, v, _t in table)
     print(f"\n| {'metric':<38} | {'measured':<{w}} | target |\n|{'-' * 40}|{'-' * (w + 2)}|--------|")
     for name, val, target in table:
@@ -299,11 +345,13 @@ def merge(paths: list[Path]) -> dict:
     fault_rows = [Row(**r) for part in parts for r in part["fault_rows"]]
     clean_rows = [Row(**r) for part in parts for r in part["clean_rows"]]
     pairs = [p for part in parts for p in part["default_job_pairs"]]
-    return {**results(fault_rows, clean_rows, pairs), "harness": parts[0]["harness"],
+    costs = [c for part in parts for c in part.get("trace_cost_runs", [])]
+    return {**results(fault_rows, clean_rows, pairs, costs), "harness": parts[0]["harness"],
             "probe_every_s": probe.pop() if len(probe) == 1 else sorted(probe),
             "quick": any(part["quick"] for part in parts), "wall_s": round(sum(part["wall_s"] for part in parts), 1),
             "load": [x for part in parts for x in part["load"]], "parts": [str(p) for p in paths],
-            "fault_rows": [vars(r) for r in fault_rows], "clean_rows": [vars(r) for r in clean_rows], "default_job_pairs": pairs}
+            "fault_rows": [vars(r) for r in fault_rows], "clean_rows": [vars(r) for r in clean_rows], "default_job_pairs": pairs,
+            "trace_cost_runs": costs}
 
 
 def main():
@@ -314,10 +362,14 @@ def main():
     ap.add_argument("--kinds", default=",".join(KINDS), help=f"fault kinds, comma-separated (default {','.join(KINDS)}; '' for none)")
     ap.add_argument("--clean", type=int, default=20, help="clean runs of mixed layouts on the testbed (default 20)")
     ap.add_argument("--pairs", type=int, default=5, help="on/off pairs of the default job (default 5)")
-    ap.add_argument("--steps", type=int, default=60, help="steps per default-job run (default 60)")
+    ap.add_argument("--steps", type=int, default=60, help="steps per default-job run of the pairs (default 60)")
+    ap.add_argument("--cost-runs", type=int, default=3, help="default-job runs that weigh the trace in the job (default 3)")
+    ap.add_argument("--cost-steps", type=int, default=150, help="steps per such run (default 150: 30 blocks of 5)")
     ap.add_argument("--probe-every", type=float, default=0.0, metavar="S",
                     help="diagnostics.probe_every_s for every testbed job, faults and clean runs (default 0: off, the default)")
-    ap.add_argument("--quick", action="store_true", help="one fault per kind, 2 clean runs, 1 on/off pair of 20 steps (smoke test)")
+    ap.add_argument("--keep", type=Path, metavar="DIR",
+                    help="keep each testbed job's run directory (traces, metrics; no checkpoints) under DIR, to replay the rules on")
+    ap.add_argument("--quick", action="store_true", help="one fault per kind, 2 clean runs, 1 on/off pair of 20 steps, 1 in-job cost run of 40 (smoke test)")
     ap.add_argument("--merge", type=Path, nargs="+", help="merge the --json files of earlier invocations (a run split in parts)")
     a = ap.parse_args()
     if a.merge:
@@ -330,15 +382,15 @@ def main():
     if set(kinds) - set(KINDS):
         raise SystemExit(f"detect_bench: --kinds: unknown {sorted(set(kinds) - set(KINDS))}; choose from {','.join(KINDS)}")
     if a.quick:
-        a.faults, a.clean, a.pairs, a.steps = 1, 2, 1, 20
+        a.faults, a.clean, a.pairs, a.steps, a.cost_runs, a.cost_steps = 1, 2, 1, 20, 1, 40
     reason = cluster.unavailable()
     if reason:
         raise SystemExit(f"detect_bench: {reason}")
     tmp = Path(tempfile.mkdtemp(prefix="kintsugi-detect-bench-"))
     t0 = time.time()
     loads = [load()]
-    harness = TestbedHarness(a.probe_every)
-    fault_rows = clean_rows = pairs = []
+    harness = TestbedHarness(a.probe_every, a.keep)
+    fault_rows = clean_rows = pairs = costs = []
     if a.faults and kinds:
         cases = fault_cases(a.faults, kinds, a.first)
         print(f"{len(cases)} injected faults ({harness.name}):", flush=True)
@@ -353,10 +405,16 @@ def main():
               f"{a.pairs} interleaved on/off pair(s):", flush=True)
         pairs = overhead(a.pairs, a.steps, tmp)
         loads.append(load())
+    if a.cost_runs:
+        print(f"trace overhead in the default job itself ({a.cost_runs} run(s) of {a.cost_steps} steps, blocks of "
+              f"{COST_BLOCK} traced and paused in turn):", flush=True)
+        costs = in_job_cost(a.cost_runs, a.cost_steps, tmp)
+        loads.append(load())
     shutil.rmtree(tmp, ignore_errors=True)
-    res = {**results(fault_rows, clean_rows, pairs), "harness": harness.name, "quick": a.quick, "probe_every_s": a.probe_every,
+    res = {**results(fault_rows, clean_rows, pairs, costs), "harness": harness.name, "quick": a.quick, "probe_every_s": a.probe_every,
            "wall_s": round(time.time() - t0, 1), "load": loads,
-           "fault_rows": [vars(r) for r in fault_rows], "clean_rows": [vars(r) for r in clean_rows], "default_job_pairs": pairs}
+           "fault_rows": [vars(r) for r in fault_rows], "clean_rows": [vars(r) for r in clean_rows], "default_job_pairs": pairs,
+            "trace_cost_runs": costs}
     print_table(res)
     if a.json:
         a.json.parent.mkdir(parents=True, exist_ok=True)

@@ -125,6 +125,9 @@ class Tracer:
         # fn(op, group_key, peer, arrived) run as an op is entered (arrived=False) and right
         # after its arrival is recorded (arrived=True); for fault injection.
         self.hooks: list = []
+        # While paused (``pause``), ops and steps go unrecorded: the job measures what
+        # tracing costs it against its own untraced steps (diagnostics.trace_cost_steps).
+        self.paused = False
         self.step = 0
         self.last_step_s = 0.0
         self._phase = ""
@@ -203,6 +206,11 @@ class Tracer:
             self._meta.update(fields)
             _atomic_json(self.dir / f"meta-r{self.rank}.json", self._meta)
 
+    def pause(self, paused: bool):
+        """Stop (or resume) recording ops and steps; the heartbeat, probes and stack dumps go on.
+        Ops already in flight still complete in the trace."""
+        self.paused = paused
+
     def end_step(self, step: int):
         """Close step ``step``: its duration and phase times become one record. If the
         monitor asked for a link probe at this step, every rank takes part in it here (its
@@ -219,7 +227,7 @@ class Tracer:
             self._funcol.clear()
         now, delay = time.time(), _run_delay()
         self.last_step_s = now - self._step_t0
-        if self.enabled:
+        if self.enabled and not self.paused:
             waited = None if delay is None or self._cpu_wait_t0 is None else round(delay - self._cpu_wait_t0, 6)
             self._push(StepRecord(step, self._step_t0, now, self._phases, round(self._blocked - self._blocked_t0, 6), waited))
         self._phases, self._step_t0, self._blocked_t0, self._cpu_wait_t0, self.step = {}, now, self._blocked, delay, step + 1
@@ -600,7 +608,7 @@ def _make_wrapper(name: str, fn):
 
     def wrapper(*args, **kwargs):
         tracer = _active
-        if tracer is None or getattr(_depth, "n", 0):
+        if tracer is None or tracer.paused or getattr(_depth, "n", 0):
             return fn(*args, **kwargs)
         rec = tracer._begin(name, arg(args, kwargs, "group"), arg(args, kwargs, payload_name),
                             arg(args, kwargs, peer_name), arg(args, kwargs, group_peer_name))
@@ -626,7 +634,7 @@ def _make_wrapper(name: str, fn):
 def _batch_wrapper(fn):
     def batch_isend_irecv(p2p_op_list):
         tracer = _active
-        if tracer is None or getattr(_depth, "n", 0):
+        if tracer is None or tracer.paused or getattr(_depth, "n", 0):
             return fn(p2p_op_list)
         recs = []
         for p in p2p_op_list:  # ops built from torch's own isend before we patched: point them at ours
@@ -668,7 +676,7 @@ def _funcol_wrapper(name: str, fn):
 
     def wrapper(*args, **kwargs):
         tracer = _active
-        if tracer is None or getattr(_depth, "n", 0):
+        if tracer is None or tracer.paused or getattr(_depth, "n", 0):
             return fn(*args, **kwargs)
         try:
             group = funcol._resolve_group(arg(args, kwargs, "group"), arg(args, kwargs, "tag", ""))

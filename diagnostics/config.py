@@ -13,6 +13,7 @@ class DiagnosticsConfig:
     """Collective tracing, hang/straggler/link detection, and fault injection (for tests and drills)."""
 
     trace: bool = doc("Record every collective in a per-rank ring buffer flushed to RUN_DIR/diagnostics/.", True)
+    trace_cost_steps: int = doc("Measure what tracing costs this job: tracing pauses for every other block of this many steps, and at the end rank 0 prints the step time of traced against paused blocks (each block against the mean of its two neighbours, the median over blocks; metrics.jsonl `event: \"trace_cost\"`, and each step record says `traced`). The monitor sees nothing of the paused steps. 0 = off.", 0)
     inject: list = doc("Faults to inject, e.g. `crash:rank=1,step=30`, `slow:rank=1,pct=20,from=20`, `slowlink:src=0,dst=1,ms=20`, `slowcomm:rank=1,ms=20` (syntax in diagnostics/inject.py); empty = none.", [])
     policy: str = doc("What the launcher does on a hang or persistent straggler: `warn`, `restart` (kill the workers; torchrun restarts them from the newest checkpoint) or `exclude` (drop the suspect node when `--nnodes min:max` allows, else restart).", "warn")
     hang_min_s: float = doc("A collective some ranks wait in for longer than max(this, hang_factor x median step time, 2 x the longest recent step) is a hang.", 5.0)
@@ -49,6 +50,9 @@ class DiagnosticsConfig:
         check(self.straggler_window >= 3, "diagnostics.straggler_window", "must be >= 3")
         check(self.history_steps >= self.straggler_window, "diagnostics.history_steps", "must be >= straggler_window")
         check(0 <= self.straggler_sustained < 1, "diagnostics.straggler_sustained", "must be in [0, 1)")
+        check(self.trace_cost_steps >= 0, "diagnostics.trace_cost_steps", "must be >= 0 (0 = off)")
+        check(self.trace or not self.trace_cost_steps, "diagnostics.trace_cost_steps",
+              "needs diagnostics.trace = true (it compares traced steps with paused ones)")
         check(self.probe_bytes >= 0, "diagnostics.probe_bytes", "must be >= 0")
         check(self.probe_every_s >= 0, "diagnostics.probe_every_s", "must be >= 0 (0 = off)")
         check(self.link_window >= 3, "diagnostics.link_window", "must be >= 3")

@@ -44,8 +44,9 @@ later rows too). In short:
 - periodic probe: live, with ``probe_every_s`` set, a link probe among all the job's hosts
   that often, with no slowdown to explain (C4P's periodic probing), links only;
 - probe: a finished link probe (``diagnostics.probe``) names a prober short of CPU
-  (straggler), or finds slow directions: then a second probe repeats it, and the directions
-  slow in both are named (slow_link);
+  (straggler), or finds slow directions: then a second probe repeats it (with a payload
+  scaled so that a typical transfer takes ``probe.REPEAT_MS``: milliseconds of waiting for a
+  CPU do not pass for a link there), and the directions slow in both are named (slow_link);
 - p2p links: per point-to-point pair (pipeline sends), transfer time = receiver's completion
   - the latest of the two arrivals and the previous transfer's end; slow cells as in
   ``diagnostics.links``.
@@ -685,7 +686,7 @@ class Detector:
         step_s = statistics.median(gen.step_time(s) for s in steps) if steps else 1.0
         req = first["request"]
         reason = f"repeating probe {a['id']}, which found {len(a['slow'])} slow direction(s)"
-        if probe.request(gen, req.get("group") or req["ranks"], req["bytes"], step_s, self.cfg, reason=reason,
+        if probe.request(gen, req.get("group") or req["ranks"], probe.repeat_bytes(a), step_s, self.cfg, reason=reason,
                          links_only=req.get("links_only", False), confirms=a["id"]):
             self._seen.add(key)
 

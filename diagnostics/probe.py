@@ -25,6 +25,11 @@ MIN_HOSTS = 3
 MIN_CELLS = MIN_HOSTS * (MIN_HOSTS - 1)  # directions a cell is compared with
 PROBE_SLACK_MS = 0.1  # below this a difference is timer and scheduling resolution, not a link
 MIN_BYTES, MAX_BYTES = 1 << 20, 4 << 20  # a transfer, not a latency, on fast links; seconds on a slow one
+# A repeat carries enough bytes that the first probe's typical transfer would take REPEAT_MS:
+# on a busy host a process waits milliseconds for a CPU, which a 1 MiB transfer on a fast
+# link (~1 ms) cannot tell from a slow link twice in a row; a link's lost bandwidth slows a
+# transfer of any size alike.
+REPEAT_MS, MAX_REPEAT_BYTES = 20.0, 64 << 20
 
 
 def request(gen: Generation, ranks: list[int], nbytes: int, step_s: float, cfg: DiagnosticsConfig,
@@ -32,7 +37,8 @@ def request(gen: Generation, ranks: list[int], nbytes: int, step_s: float, cfg: 
     """Ask for a probe among the hosts of ``ranks``; None while an earlier one is pending.
     ``links_only``: only a slow link it finds is a verdict (a prober short of CPU is set
     aside, not named). ``confirms``: the id of an earlier probe whose slow links this one
-    repeats the measurement of."""
+    repeats the measurement of; its ``nbytes`` is taken as given (``repeat_bytes``), up to
+    MAX_REPEAT_BYTES."""
     current = gen.probes().get(_read(gen.path / "probe-request.json").get("id", ""))
     if current and not finished(gen, current):
         return None
@@ -51,13 +57,21 @@ def request(gen: Generation, ranks: list[int], nbytes: int, step_s: float, cfg: 
         probers = sorted(ranks)
     req = {"id": str(time.time_ns()), "step": step_now + math.ceil(LEAD_S / max(step_s, 1e-3)) + 2,
            "ranks": probers, "group": sorted(ranks), "reps": 5, "join_s": max(10.0, 3 * step_s),
-           "bytes": int(min(max(cfg.probe_bytes or nbytes, MIN_BYTES), MAX_BYTES)),
+           "bytes": int(min(max(nbytes, MIN_BYTES), MAX_REPEAT_BYTES) if confirms
+                        else min(max(cfg.probe_bytes or nbytes, MIN_BYTES), MAX_BYTES)),
            "requested": time.time(), "reason": reason, "links_only": links_only, "confirms": confirms}
     for name in (f"probe-request-{req['id']}.json", "probe-request.json"):  # the history, then the live one
         tmp = gen.path / f".{name}.tmp{os.getpid()}"
         tmp.write_text(json.dumps(req))
         os.replace(tmp, gen.path / name)
     return req
+
+
+def repeat_bytes(first: dict) -> int:
+    """The payload of the probe that repeats ``first`` (its analysis): scaled up so that its
+    typical transfer takes REPEAT_MS at least."""
+    scale = max(1.0, REPEAT_MS / max(first["typical_ms"], 1e-3))
+    return int(min(first["bytes"] * scale, MAX_REPEAT_BYTES))
 
 
 def finished(gen: Generation, probe: dict) -> bool:

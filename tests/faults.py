@@ -293,5 +293,14 @@ def job_slowdown(out: Outcome) -> float | None:
     return statistics.median(after) / statistics.median(before) - 1 if before and after else None
 
 
+def probe_share(out: Outcome) -> float | None:
+    """Share of rank 0's training time spent in link probes (the ``probe`` phase), measured."""
+    gen = _generation(out.run_dir)
+    recs = sorted(gen.steps.get(0, {}).values(), key=lambda r: r.step)
+    if len(recs) < 2:
+        return None
+    return sum(r.phases.get("probe", 0.0) for r in recs) / (recs[-1].end - recs[0].start)
+
+
 def _tail(tb: cluster.Testbed) -> str:
     return "\n".join(f"--- {h.name}\n" + tb.log(h).read_text()[-2000:] for h in tb.hosts if tb.log(h).exists())

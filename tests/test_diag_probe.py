@@ -16,7 +16,7 @@ import pytest
 from comms.probe import rounds
 from diagnostics import DiagnosticsConfig, Detector
 from diagnostics.drill import _entry, free_port
-from diagnostics.probe import analyse, request
+from diagnostics.probe import MAX_REPEAT_BYTES, analyse, request, repeat_bytes
 from diagnostics.traces import Generation, generations
 
 CFG = DiagnosticsConfig()
@@ -245,3 +245,13 @@ def test_slow_collectives_make_the_monitor_probe_the_links(tmp_path):
     assert a["status"] == "done" and len(a["matrix_ms"]) == 6
     # A second probe ran only if the first found a slow direction (a loopback hiccup), to repeat it.
     assert len(probes) == (2 if a["slow"] else 1), probes
+
+
+def test_a_repeat_probe_carries_enough_bytes_to_outweigh_waiting_for_a_cpu():
+    # The first probe's typical transfer took 1 ms (a fast link): waiting for a CPU on a busy
+    # host is of that order, so the repeat moves 20x the bytes (REPEAT_MS = 20 ms); a slow
+    # link's transfers (40 ms) are long enough as they are; a very fast one stops at the cap.
+    first = {"bytes": 1 << 20, "typical_ms": 1.0}
+    assert repeat_bytes(first) == 20 << 20
+    assert repeat_bytes({**first, "typical_ms": 40.0}) == 1 << 20
+    assert repeat_bytes({**first, "typical_ms": 0.01}) == MAX_REPEAT_BYTES

@@ -5,7 +5,8 @@ RUN_DIR/metrics.jsonl holds one record per step (``step``, ``loss``, ..., ``atte
 torchrun restart it ran in, ``redone``: true for a step trained again after a recovery)
 and one per save once it is durable (``event: "checkpoint"``, ``step``, ``stall_s``: how
 long ``save`` held the loop, ``durable_s``: from ``save`` to committed at every level,
-``capture``: lazy or eager, ``levels``, ``failed``)."""
+``capture``: lazy or eager, ``levels``, ``failed``), and with ``diagnostics.trace_cost_steps``
+one ``event: "trace_cost"`` at the end (``comms.trace_cost.TraceCost``)."""
 from __future__ import annotations
 
 import json
@@ -88,6 +89,12 @@ class Metrics:
             self.log.info("checkpoint %s", json.dumps(record))
             if self.is_main:
                 self._write(record)
+
+    def event(self, name: str, fields: dict):
+        """A record of something that happened once (``event: name``), on rank 0."""
+        self.log.info("%s %s", name, json.dumps(fields))
+        if self.is_main:
+            self._write({"event": name, **fields})
 
     def _write(self, record: dict):
         self.jsonl.write(json.dumps({**record, "time": time.time()}) + "\n")

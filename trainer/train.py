@@ -15,14 +15,14 @@ import math
 import re
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from checkpoint import Checkpointer, Chunk, EcSnapshots, job_id
-from comms import dist_utils, exits_on_user_error, trace
+from comms import dist_utils, exits_on_user_error, trace, trace_cost
 from comms.mesh import build_mesh, coordinate
 from comms.placement import nccl_backend_override
 from diagnostics import Injector
@@ -188,7 +188,11 @@ def train(cfg: JobConfig) -> int:
     interval = cfg.snapshot.interval or cfg.checkpoint.interval
     t_start, first_step = time.perf_counter(), step
     loss, stopping = float("nan"), False
+    # diagnostics.trace_cost_steps: every other block of steps untraced, to weigh tracing
+    cost_k, cost_steps, after_save = cfg.diagnostics.trace_cost_steps, {}, set()
     while step < cfg.train.steps and not stopping:
+        if cost_k:
+            tracer.pause(not trace_cost.traced(step, cost_k))
         t0 = time.perf_counter()
         injector.before_step(step)
         lr = lr_at(step, cfg)
@@ -210,15 +214,29 @@ def train(cfg: JobConfig) -> int:
             dist.all_reduce(summary)
         loss = float(summary[0] / summary[1])
         dt = time.perf_counter() - t0
-        metrics.step({"step": step, "loss": loss, "grad_norm": grad_norm, "lr": lr, "tokens_per_s": tokens_per_step / dt,
-                      "step_time_s": dt, "rss_mb": rss_mb()},
-                     print_line=step % cfg.train.log_every == 0 or step == cfg.train.steps)
+        record = {"step": step, "loss": loss, "grad_norm": grad_norm, "lr": lr, "tokens_per_s": tokens_per_step / dt,
+                  "step_time_s": dt, "rss_mb": rss_mb()}
+        if cost_k:
+            record["traced"] = not tracer.paused
+            cost_steps[step] = dt
+        metrics.step(record, print_line=step % cfg.train.log_every == 0 or step == cfg.train.steps)
         metrics.saves(ckpt.finished_saves())
         if interval and step % interval == 0 and step < cfg.train.steps and not stopping:
             with tracer.phase("checkpoint"):
                 ckpt.save(step, job_state(engine, data, step, cfg))
             log.info("step %d saved; levels commit in the background", step)
+            after_save.add(step + 1)
         tracer.end_step(step)
+
+    if cost_k:
+        tracer.pause(False)
+        cost = trace_cost.measure(cost_steps, cost_k, after_save)
+        if cost is None:
+            metrics.print(f"tracing cost not measured: {len(cost_steps)} steps in {cost_k}-step blocks leave fewer than "
+                          f"two blocks with both neighbours after the first two blocks; raise --train.steps")
+        else:
+            metrics.print(cost.line())
+            metrics.event("trace_cost", asdict(cost))
 
     # ---- the one way out (the last step, a stop request, or a run resumed at its end) ----
     # The final save goes to every level, and close() waits (bounded) until it is durable
