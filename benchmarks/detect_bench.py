@@ -225,7 +225,7 @@ def summarize(rows: list[Row]) -> dict:
             "straggler_detect_steps": statistics.median(strag) if strag else None,
             "straggler_detect_steps_max": max(strag) if strag else None,
             "accuracy": round(sum(r.named for r in faults_) / len(faults_), 3) if faults_ else None,
-            "accuracy_by_kind": by_kind, "slow_link_named": bool(links) and all(links), "faults": len(faults_),
+            "accuracy_by_kind": by_kind, "slow_link_named": all(links) if links else None, "faults": len(faults_),
             "monitors_agree": sum(bool(r.monitors_agree) for r in faults_)}
 
 
@@ -323,9 +323,9 @@ def print_table(res: dict):
              ("20% slower host named after (median)", strag, "<= 20 steps"),
              ("accuracy (right kind and host/link)", f"{res['accuracy']} of {res['faults']} faults", "1.0"),
              ("  per kind", " ".join(f"{k} {v}" for k, v in res["accuracy_by_kind"].items()), ""),
-             ("slow link (half bandwidth) named", str(res["slow_link_named"]), "yes"),
+             ("slow link (half bandwidth) named", "-" if res["slow_link_named"] is None else str(res["slow_link_named"]), "yes"),
              ("false positives", f"{res['false_positives']} over {res['clean_runs']} clean runs", "0"),
-             ("trace overhead (default job, in the job)", over, "<= 2%"),
+             ("trace overhead (default job, in-job)", over, "<= 2%"),
              ("  whole runs on/off, interleaved", pairs, "")]
     if res.get("probe_every_s"):
         price = (f"; they took a median {res['probe_pct_clean']:.1f}% of a clean job's time"
