@@ -84,11 +84,8 @@ class Metrics:
     def saves(self, timings):
         """A record per save that became durable (checkpoint.SaveTiming)."""
         for t in timings:
-            record = {"event": "checkpoint", "step": t.step, "stall_s": t.stall_s, "durable_s": t.durable_s,
-                      "capture": t.capture, "levels": list(t.levels), "failed": t.failed}
-            self.log.info("checkpoint %s", json.dumps(record))
-            if self.is_main:
-                self._write(record)
+            self.event("checkpoint", {"step": t.step, "stall_s": t.stall_s, "durable_s": t.durable_s,
+                                      "capture": t.capture, "levels": list(t.levels), "failed": t.failed})
 
     def event(self, name: str, fields: dict):
         """A record of something that happened once (``event: name``), on rank 0."""
