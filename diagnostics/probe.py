@@ -37,8 +37,7 @@ def request(gen: Generation, ranks: list[int], nbytes: int, step_s: float, cfg: 
     """Ask for a probe among the hosts of ``ranks``; None while an earlier one is pending.
     ``links_only``: only a slow link it finds is a verdict (a prober short of CPU is set
     aside, not named). ``confirms``: the id of an earlier probe whose slow links this one
-    repeats the measurement of; its ``nbytes`` is taken as given (``repeat_bytes``), up to
-    MAX_REPEAT_BYTES."""
+    repeats the measurement of; its ``nbytes`` is taken as given (``repeat_bytes`` sized it)."""
     current = gen.probes().get(_read(gen.path / "probe-request.json").get("id", ""))
     if current and not finished(gen, current):
         return None
@@ -57,8 +56,7 @@ def request(gen: Generation, ranks: list[int], nbytes: int, step_s: float, cfg: 
         probers = sorted(ranks)
     req = {"id": str(time.time_ns()), "step": step_now + math.ceil(LEAD_S / max(step_s, 1e-3)) + 2,
            "ranks": probers, "group": sorted(ranks), "reps": 5, "join_s": max(10.0, 3 * step_s),
-           "bytes": int(min(max(nbytes, MIN_BYTES), MAX_REPEAT_BYTES) if confirms
-                        else min(max(cfg.probe_bytes or nbytes, MIN_BYTES), MAX_BYTES)),
+           "bytes": int(nbytes if confirms else min(max(cfg.probe_bytes or nbytes, MIN_BYTES), MAX_BYTES)),
            "requested": time.time(), "reason": reason, "links_only": links_only, "confirms": confirms}
     for name in (f"probe-request-{req['id']}.json", "probe-request.json"):  # the history, then the live one
         tmp = gen.path / f".{name}.tmp{os.getpid()}"

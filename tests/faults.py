@@ -24,6 +24,7 @@ Used by tests/test_diag_testbed.py and benchmarks/detect_bench.py.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -108,9 +109,14 @@ class Outcome:
         allowed = PRECURSORS.get(fault.kind, ())
         return [x for x in got if x[0] not in allowed] == [want]
 
+    @functools.cached_property
+    def gen(self) -> Generation:
+        """The first generation's traces, read once the job is over (for the measures below)."""
+        return _generation(self.run_dir)
+
     def step_s(self) -> float | None:
         """The job's median step time before the fault (from the first generation's traces)."""
-        gen = _generation(self.run_dir)
+        gen = self.gen
         steps = [s for s in gen.training_steps() if self.fault_step is None or s <= self.fault_step]
         return statistics.median(gen.step_time(s) for s in steps) if steps else None
 
@@ -286,7 +292,7 @@ def _generation(run_dir: Path) -> Generation:
 
 def job_slowdown(out: Outcome) -> float | None:
     """The job's median step time after the fault over before it, minus 1 (measured)."""
-    gen = _generation(out.run_dir)
+    gen = out.gen
     steps = gen.training_steps()
     before = [gen.step_time(s) for s in steps if s <= out.fault_step]
     after = [gen.step_time(s) for s in steps if s > out.fault_step]
@@ -295,7 +301,7 @@ def job_slowdown(out: Outcome) -> float | None:
 
 def probe_share(out: Outcome) -> float | None:
     """Share of rank 0's training time spent in link probes (the ``probe`` phase), measured."""
-    gen = _generation(out.run_dir)
+    gen = out.gen
     recs = sorted(gen.steps.get(0, {}).values(), key=lambda r: r.step)
     if len(recs) < 2:
         return None
