@@ -21,9 +21,9 @@ later rows too). In short:
   waited least arrived last, by (longest wait - its wait), no cross-node clocks needed, less
   its extra time blocked waiting on other ops; per step that lateness is a share of the
   step time. Named when, over the last ``straggler_window`` steps against the
-  ``history_steps`` before them (``diagnostics.floor``), at ``CONFIRM`` window ends in a row
-  spanning ``confirm_s``: its lateness rose beyond its own noise (and by
-  ``straggler_threshold``), it was the latest rank in ``straggler_persistence`` of the
+  ``history_steps`` before them (``diagnostics.floor``), over windows in a row spanning
+  ``confirm_s`` and at ``CONFIRM`` of their ends: its lateness rose beyond its own noise (and
+  by ``straggler_threshold``; in every window of the run), it was the latest rank in ``straggler_persistence`` of the
   window, and the job's step time rose with it (else the wait only moved between ranks) by
   at most 3 times its extra lateness (else the job slowed for another reason), and its
   extra lateness exceeds any channel's rise in collective time (a slow link also makes the
@@ -452,11 +452,14 @@ class Detector:
         return out
 
     def _held(self, key: tuple, gen: Generation, win: list[int], onset: bool, candidate: bool | None = None) -> bool:
-        """Whether an onset seen in window ``win`` has held at ``CONFIRM`` window ends in a
-        row spanning at least ``confirm_s``: noise regresses within a few steps, and a busy
-        machine's scheduling hiccups pass within a second or two, whatever the step time; a
-        slow host or link stays. From the first window that shows a ``candidate`` (the
-        specific sign, before the job-level evidence agrees; default: the onset itself)
+        """Whether an onset seen in window ``win`` has held at ``CONFIRM`` window ends spanning
+        at least ``confirm_s``: noise regresses within a few steps, and a busy machine's
+        scheduling hiccups pass within a second or two, whatever the step time; a slow host or
+        link stays. ``candidate`` is the specific sign (a rank's lateness or own work rose),
+        ``onset`` that sign with the job's step time agreeing (default: the onset is its own
+        sign). The span is timed from the first window of an unbroken run of candidates: it
+        is how long the sign has lasted. A window where the step time (noisier) does not agree
+        pauses the count, one where the sign is gone restarts it. From the first candidate,
         later windows are judged against the history before it, for up to history_steps."""
         c = self.cfg
         n, t0, first, seen = self._streak.get(key, (0, None, None, None))
@@ -468,13 +471,13 @@ class Detector:
                 self._streak[key] = (0, None, first, seen)
             return False
         first = win[0] if first is None and n == 0 else first
+        t0 = gen.step_end(win[-1]) if t0 is None else t0
         if not onset:
             if first is not None and win[-1] - first > c.history_steps:  # a pin is not forever
                 self._streak.pop(key, None)
             else:
-                self._streak[key] = (0, None, first, win[-1])
+                self._streak[key] = (n, t0, first, win[-1])
             return False
-        t0 = gen.step_end(win[-1]) if t0 is None else t0
         held = n + 1 >= CONFIRM and gen.step_end(win[-1]) - t0 >= c.confirm_s
         self._streak[key] = (n + 1, t0, None if held else first, win[-1])  # once named, its history may move on
         return held

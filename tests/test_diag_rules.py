@@ -15,6 +15,7 @@ from conftest import ROOT, env
 from comms.records import TRACE_FORMAT, OpRecord, StepRecord, decode, encode
 from diagnostics import DiagnosticsConfig, Detector
 from diagnostics.detect import RULES
+from diagnostics.traces import Generation
 
 
 def write_run(run_dir, *, world=2, steps=60, step_s=0.2, compute=None, comm=None, noise=0.05, seed=0,
@@ -92,6 +93,28 @@ def test_onset_is_named_within_the_window_at_any_step_time(tmp_path, step_s):
     within = 20 + (math.ceil(DiagnosticsConfig().confirm_s / step_s) if step_s < 0.1 else 0)
     assert ev["pattern"] == "onset" and 30 <= ev["since_step"] and ev["steps"][1] <= 30 + within, ev["steps"]
     assert vs[0].since >= 1.0e9 + 29 * step_s  # the onset, not the verdict
+
+
+def test_confirmation_is_timed_from_the_first_sign_and_paused_while_the_job_disagrees(tmp_path):
+    # The rule that holds an onset, on a real generation of ~0.1 s steps: the sign (a rank's
+    # lateness rose) from window end 40 on; the job's step time agrees at 40-43, not at 44-47
+    # (noisier), again from 48. The 2 s span counts from the sign's first window, with 5
+    # agreeing ends; a window without the sign restarts it.
+    gen = Generation(write_run(tmp_path, step_s=0.1, steps=100, noise=0.0))
+    gen.update()
+    due = lambda since: next(e for e in range(since, 100) if gen.step_end(e) - gen.step_end(since) >= 2.0)  # noqa: E731
+
+    def named_at(sign, agrees):
+        det = Detector(tmp_path, DiagnosticsConfig(), live=False, dump_stacks=False)
+        for end in range(10, 100):
+            win = list(range(end - 9, end + 1))
+            if det._held((gen.id, "late", 1), gen, win, sign(end) and agrees(end), sign(end)):
+                return end
+
+    assert due(40) < due(48)
+    assert named_at(lambda e: e >= 40, lambda e: not 44 <= e <= 47) == due(40)
+    assert named_at(lambda e: e >= 40 and e != 50, lambda e: True) == due(51)
+    assert named_at(lambda e: e >= 40, lambda e: e < 44) is None  # the job never agrees again
 
 
 def test_noise_alone_is_not_named(tmp_path):
