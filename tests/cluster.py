@@ -438,13 +438,15 @@ class Testbed:
         h.partitioned = False
         self.st.save()
 
-    def slow_cpu(self, h, cores: float | None):
-        """Limit host ``h`` to ``cores`` CPUs' worth of time (cgroup CPU quota); None = no limit."""
+    def slow_cpu(self, h, cores: float | None, period_ms: float = 100.0):
+        """Limit host ``h`` to ``cores`` CPUs' worth of time (cgroup CPU quota) per ``period_ms``
+        (the kernel's default period: a burst of work shorter than the quota is not slowed; a
+        short period cuts every burst alike, as a slower CPU would); None = no limit."""
         h = self.host(h)
         cpu = _cpu_controller()
         if cpu is None:
             raise Unavailable("no cgroup cpu controller on this machine: CPU limits are unavailable")
-        period = 100_000
+        period = int(period_ms * 1000)
         quota = None if cores is None else max(1000, int(cores * period))
         if cpu[1] == "v2":
             (cpu[0] / h.ns / "cpu.max").write_text(f"{quota or 'max'} {period}")

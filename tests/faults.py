@@ -42,6 +42,11 @@ from diagnostics.traces import Generation, generations
 BASE_MBIT = 200  # every link of a link-fault job: 24 MB/s (measured, docs/testbed.md)
 POLL_S = 0.5  # as the launcher's monitor
 HOLD_STEPS = 5  # cpu: steps between corrections of the quota (see _hold)
+# cpu: the quota's period. At the kernel's 100 ms, a compute burst shorter than the quota
+# ran unslowed: the first quota slowed the host -6% to +9% (detect_bench, 2026-12-07 20:26) and
+# the correction took 10-15 steps to reach 20%, counted as detection time. A short period cuts
+# every burst alike, as a slower CPU does.
+QUOTA_PERIOD_MS = 10
 GRACE_S = 3.0  # after the expected verdict: long enough for a wrong second one (a crash after a hang)
 
 # Per layout: the overrides for a job on n hosts (one rank each). tests/job.toml's model is
@@ -239,7 +244,7 @@ def _inject(tb: cluster.Testbed, fault: Fault, run_dir: Path, usage: list) -> di
     computing = sum(per.get(s, 0.0) for s in range(s0 + 1, s1 + 1))
     rate = (c1 - c0) / max(computing, 1e-3)
     cores = rate / (1 + fault.slower)
-    tb.slow_cpu(h, cores)
+    tb.slow_cpu(h, cores, QUOTA_PERIOD_MS)
     return {"rank": meta["rank"], "computing_cores": round(rate, 3), "quota_cores": round(cores, 3)}
 
 
@@ -261,7 +266,7 @@ def _hold(tb: cluster.Testbed, fault: Fault, out: Outcome, step: int | None):
     # Half the correction (the square root), at most 25% at a time: a few steps' compute is
     # noisy, and a quota that swings would make the slowdown come and go.
     cores = out.detail["quota_cores"] * min(1.25, max(0.8, (ratio / (1 + fault.slower)) ** 0.5))
-    tb.slow_cpu(tb.host(fault.host), max(0.02, cores))
+    tb.slow_cpu(tb.host(fault.host), max(0.1, cores), QUOTA_PERIOD_MS)
     out.detail.update(held_to_step=step, quota_cores=round(cores, 3))
     out.detail.setdefault("quota_log", []).append([step, round(ratio, 3), round(cores, 3)])
 

@@ -45,7 +45,7 @@ def test_fault_is_named(tmp_path, world, fault, kind, who):
     kw = {"steps": 30}
     if fault.startswith(("slow:", "slowcomm:")):
         # A slowdown is judged against a window's worth of steps before it and confirmed over 5
-        # more window ends and confirm_s (2 s: ~25 steps here); one from the start is sustained
+        # more window ends and confirm_s (1.5 s: ~19 steps here); one from the start is sustained
         # over window + history. 60 ms of emulated compute keeps 4 ranks on 2 cores off the
         # CPU's limit: there a rank sleeping longer only frees the CPU for the others and the
         # job is no slower (the detector then rightly stays quiet).

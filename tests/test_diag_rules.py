@@ -89,7 +89,7 @@ def test_onset_is_named_within_the_window_at_any_step_time(tmp_path, step_s):
     vs = verdicts(tmp_path)
     assert [(v.kind, v.suspects[0]["rank"]) for v in vs] == [("straggler", 1)], [v.line() for v in vs]
     ev = vs[0].evidence
-    # Named within 20 steps, or once it has lasted confirm_s (2 s) when 20 steps are shorter.
+    # Named within 20 steps, or once it has lasted confirm_s (1.5 s) when 20 steps are shorter.
     within = 20 + (math.ceil(DiagnosticsConfig().confirm_s / step_s) if step_s < 0.1 else 0)
     assert ev["pattern"] == "onset" and 30 <= ev["since_step"] and ev["steps"][1] <= 30 + within, ev["steps"]
     assert vs[0].since >= 1.0e9 + 29 * step_s  # the onset, not the verdict
@@ -98,11 +98,12 @@ def test_onset_is_named_within_the_window_at_any_step_time(tmp_path, step_s):
 def test_confirmation_is_timed_from_the_first_sign_and_paused_while_the_job_disagrees(tmp_path):
     # The rule that holds an onset, on a real generation of ~0.1 s steps: the sign (a rank's
     # lateness rose) from window end 40 on; the job's step time agrees at 40-43, not at 44-47
-    # (noisier), again from 48. The 2 s span counts from the sign's first window, with 5
+    # (noisier), again from 48. The confirm_s span counts from the sign's first window, with 5
     # agreeing ends; a window without the sign restarts it.
     gen = Generation(write_run(tmp_path, step_s=0.1, steps=100, noise=0.0))
     gen.update()
-    due = lambda since: next(e for e in range(since, 100) if gen.step_end(e) - gen.step_end(since) >= 2.0)  # noqa: E731
+    span = DiagnosticsConfig().confirm_s
+    due = lambda since: next(e for e in range(since, 100) if gen.step_end(e) - gen.step_end(since) >= span)  # noqa: E731
 
     def named_at(sign, agrees):
         det = Detector(tmp_path, DiagnosticsConfig(), live=False, dump_stacks=False)
@@ -148,7 +149,7 @@ def test_slow_collectives_with_nobody_late_is_slow_comm(tmp_path):
     write_run(tmp_path, world=3, comm=lambda s: 0.02 if s < 30 else 0.08)
     vs = verdicts(tmp_path)
     assert [v.kind for v in vs] == ["slow_comm"], [v.line() for v in vs]
-    # Named once it held at 5 window ends over confirm_s (2 s: 10 steps of 0.2 s), within 20 steps.
+    # Named once it held at 5 window ends over confirm_s (1.5 s: 8 steps of 0.2 s), within 20 steps.
     assert vs[0].suspects[0]["group"] == [0, 1, 2] and vs[0].evidence["steps"][1] <= 30 + 20
 
 
