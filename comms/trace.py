@@ -131,6 +131,7 @@ class Tracer:
         self.step = 0
         self.last_step_s = 0.0
         self._phase = ""
+        self._phase_since = 0.0  # wall time the current phase began
         self._phases: dict[str, float] = {}
         self._step_t0 = time.time()
         self._blocked = 0.0  # seconds spent inside blocking traced ops, ever
@@ -191,7 +192,8 @@ class Tracer:
         if not self.enabled:
             yield
             return
-        self._phase, t0 = name, time.perf_counter()
+        self._phase_since, t0 = time.time(), time.perf_counter()
+        self._phase = name
         try:
             yield
         finally:
@@ -475,9 +477,11 @@ class Tracer:
         ops = list(self._inflight.values())
         inflight = [json.loads(encode(r)) for r in ops]
         # An op in flight this long may be waiting on a network that stopped carrying its
-        # data: say which peers' connections are stalled (read only then: a few ms).
-        stuck = any(now - r.arrived > STALL_CHECK_S for r in ops)
-        state = {"time": now, "step": self.step, "phase": self._phase, "inflight": inflight,
+        # data: say which peers' connections are stalled (read only then: a few ms). So may a
+        # link probe (its transfers are untraced).
+        phase, since = self._phase, self._phase_since
+        stuck = any(now - r.arrived > STALL_CHECK_S for r in ops) or (phase == "probe" and now - since > STALL_CHECK_S)
+        state = {"time": now, "step": self.step, "phase": phase, "phase_since": since if phase else None, "inflight": inflight,
                  "stalled": sockets.stalled() if stuck else {}, "nics_down": sockets.nics_down() if stuck else {},
                  "seq": dict(self._seq), "groups": dict(self._members), "closed": self._closed,
                  "error": self._error, "records": self._appended,

@@ -321,7 +321,38 @@ class Detector:
             return [Verdict("hang_comm", [{"group": members, "nodes": sorted({gen.node_of(m)["node"] for m in members}),
                                            "hosts": sorted({gen.node_of(m)["host"] for m in members})}],
                             ev, 0.6, now, since=oldest, key=f"{gen.id}:hang_comm:{chan}")]
-        return []
+        return self._probe_hang(gen, now, typical, recent, stale, frozen)
+
+    def _probe_hang(self, gen: Generation, now: float, typical: float, recent: list, stale: set, frozen: set) -> list[Verdict]:
+        """Ranks stuck inside a link probe (its transfers are untraced, so no op is in flight):
+        past the hang limit, a frozen rank is the cause, or the host (or link) the ranks'
+        stalled connections lead to. A probe that is only slow (a slow link delivers late but
+        delivers) is left to finish: its join and leave have their own timeouts."""
+        since = [st["phase_since"] for st in gen.state.values()
+                 if st.get("phase") == "probe" and st.get("phase_since") and not st.get("closed")]
+        if not since or any(r in stale and r not in frozen for r in gen.state):
+            return []  # a dead rank is the crash rule's
+        limit = self._hang_limit(gen, [], typical, max(recent, default=0.0), bool(recent))
+        oldest = min(since)
+        if now - oldest < limit:
+            return []
+        step = max(st.get("step", 0) for st in gen.state.values())
+        ev = {"phase": "probe", "step": step, "waited_s": round(now - oldest, 2), "limit_s": round(limit, 2),
+              "typical_step_s": round(typical, 4), "step_multiple": round((now - oldest) / typical, 1) if typical else None}
+        if frozen:
+            ev["missing_state"] = {m: {"step": gen.state[m].get("step"), "phase": "probe", "process": _frozen_detail(gen, m)}
+                                   for m in sorted(frozen)}
+            ev["summary"] = (f"the ranks have been inside a link probe at step {step} for {now - oldest:.1f}s (limit "
+                             f"{limit:.1f}s); " + "; ".join(f"rank {m} {_frozen_detail(gen, m)}" for m in sorted(frozen)))
+            return [Verdict("hang_noncomm", [gen.node_of(m) for m in sorted(frozen)], ev, 0.9, now, since=oldest,
+                            key=f"{gen.id}:hang_noncomm:{sorted(frozen)}")]
+        cut = _cut_off(gen)
+        if not cut:
+            return []
+        suspects, ev["connections"] = cut
+        ev["summary"] = (f"the ranks have been inside a link probe at step {step} for {now - oldest:.1f}s (limit "
+                         f"{limit:.1f}s); {_cut_summary(suspects, ev['connections'])}")
+        return [Verdict("hang_comm", suspects, ev, 0.85, now, since=oldest, key=f"{gen.id}:hang_comm:probe")]
 
     def _hang_limit(self, gen: Generation, missing: list, typical: float, longest: float, started: bool) -> float:
         c = self.cfg

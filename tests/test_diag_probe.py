@@ -255,3 +255,22 @@ def test_a_repeat_probe_carries_enough_bytes_to_outweigh_waiting_for_a_cpu():
     assert repeat_bytes(first) == 20 << 20
     assert repeat_bytes({**first, "typical_ms": 40.0}) == 1 << 20
     assert repeat_bytes({**first, "typical_ms": 0.01}) == MAX_REPEAT_BYTES
+
+
+def test_a_rank_inside_a_probe_says_since_when(tmp_path):
+    # The probe's transfers are untraced: the state's phase and its start are what the hang
+    # rule has to go on (diagnostics.detect._probe_hang).
+    from comms.trace import Tracer
+
+    tracer = Tracer(tmp_path, 0, 1, flush_s=0.05)
+    try:
+        t0 = time.time()
+        with tracer.phase("probe"):
+            time.sleep(0.5)
+            state = json.loads(next((tmp_path / "diagnostics").glob("gen-*/state-r0.json")).read_text())
+        assert state["phase"] == "probe" and t0 <= state["phase_since"] <= t0 + 0.1
+        time.sleep(0.2)
+        state = json.loads(next((tmp_path / "diagnostics").glob("gen-*/state-r0.json")).read_text())
+        assert state["phase"] == "" and state["phase_since"] is None
+    finally:
+        tracer.close()

@@ -261,6 +261,44 @@ def test_hang_limit_scales_with_the_step_time(tmp_path, step_s, waited, hang):
         assert vs[0].evidence["limit_s"] == pytest.approx(max(5.0, 5 * step_s * 0.901), rel=0.1)
 
 
+def in_probe(run_dir, *, waited, stalled=None, frozen=None):
+    """A 3-host job (0.2 s steps) whose ranks have been inside a link probe for ``waited`` s:
+    ``stalled``: rank -> the ranks its stalled connections lead to; ``frozen``: a rank whose
+    heartbeat stopped when the probe began and whose process was found stopped."""
+    gen = write_run(run_dir, world=3, steps=30)
+    since = max(json.loads((gen / f"state-r{r}.json").read_text())["time"] for r in range(3)) + 0.01
+    for r in range(3):
+        meta = json.loads((gen / f"meta-r{r}.json").read_text())
+        (gen / f"meta-r{r}.json").write_text(json.dumps({**meta, "host": f"h{r}", "node": r, "addrs": [f"10.9.0.{r}"]}))
+        st = json.loads((gen / f"state-r{r}.json").read_text())
+        peers = (stalled or {}).get(r, [])
+        (gen / f"state-r{r}.json").write_text(json.dumps({
+            **st, "closed": False, "phase": "probe", "phase_since": since, "time": since + (0.1 if r == frozen else waited),
+            "stalled": {f"10.9.0.{q}": {"unacked": 4096, "retransmits": 4, "connections": 1} for q in peers}}))
+    if frozen is not None:
+        (gen / f"frozen-r{frozen}.json").write_text(json.dumps({"state": "stopped", "heartbeat": since + 0.1}))
+
+
+@pytest.mark.parametrize("waited,named", [(3.0, False), (8.0, True)])
+def test_a_host_cut_off_during_a_link_probe_is_a_hang(tmp_path, waited, named):
+    # The probe's transfers are untraced: no op is in flight, only the ranks' phase says where
+    # they wait; every stalled connection leads to host h1 (the benchmark's missed partition).
+    in_probe(tmp_path, waited=waited, stalled={0: [1], 1: [0, 2], 2: [1]})
+    vs = verdicts(tmp_path)
+    assert [(v.kind, [s.get("host") for s in v.suspects]) for v in vs] == ([("hang_comm", ["h1"])] if named else [])
+    if named:
+        assert vs[0].evidence["phase"] == "probe" and vs[0].evidence["limit_s"] == pytest.approx(5.0)
+
+
+def test_a_rank_stopped_during_a_link_probe_is_a_hang_and_a_slow_probe_is_not(tmp_path):
+    in_probe(tmp_path / "stopped", waited=8.0, frozen=2)
+    vs = verdicts(tmp_path / "stopped")
+    assert [(v.kind, v.suspects[0]["rank"]) for v in vs] == [("hang_noncomm", 2)], [v.line() for v in vs]
+    # A probe over a slow link: late, but its connections deliver; its own timeouts end it.
+    in_probe(tmp_path / "slow", waited=30.0)
+    assert verdicts(tmp_path / "slow") == []
+
+
 def test_rule_table_names_every_kind_and_what_silences_it():
     kinds = {k for rule in RULES for k in rule.emits}
     assert kinds == {"hang_noncomm", "hang_comm", "crash", "straggler", "slow_comm", "slow_link"}
