@@ -14,7 +14,9 @@ later rows too). In short:
   it had entered the op. When the ranks' stalled TCP connections (``comms.sockets``:
   unacknowledged data, retransmission timeouts) all lead to or from one host, that host is
   cut off the network and is the suspect (hang_comm); between just two hosts, their link.
-  Limit: max(``hang_min_s``, ``hang_factor`` x the median step, 2 x the longest recent step);
+  Limit: max(``hang_min_s``, ``hang_factor`` x the median step, 2 x the longest recent step).
+  Ranks stuck inside a link probe (untraced transfers: no op in flight, their state's phase
+  says where they are) past the limit: a frozen rank, or where their stalled connections lead;
 - crash: a rank's heartbeat stopped, its process is gone (or not visible from here) and it
   left no sign of being stopped by someone else (no SIGTERM stack, no collective error);
 - straggler: a rank the others keep waiting for. Per complete collective the rank that
@@ -23,8 +25,9 @@ later rows too). In short:
   step time. Named when, over the last ``straggler_window`` steps against the
   ``history_steps`` before them (``diagnostics.floor``), over windows in a row spanning
   ``confirm_s`` and at ``CONFIRM`` of their ends: its lateness rose beyond its own noise (and
-  by ``straggler_threshold``; in every window of the run), it was the latest rank in ``straggler_persistence`` of the
-  window, and the job's step time rose with it (else the wait only moved between ranks) by
+  by ``straggler_threshold``; in every window of the run), it was the latest rank in
+  ``straggler_persistence`` of the window, and the job's step time rose with it (else the
+  wait only moved between ranks) by
   at most 3 times its extra lateness (else the job slowed for another reason), and its
   extra lateness exceeds any channel's rise in collective time (a slow link also makes the
   ranks at its ends late: the larger rise is the cause). Or, where the others do not wait

@@ -11,8 +11,9 @@ outside, as it happens on a cluster:
 | `kill`      | SIGKILL the host's rank (a crash)                         | crash: that host                 |
 | `partition` | drop all the host's traffic (a hang in communication)     | hang_comm: that host             |
 | `cpu`       | cgroup cpu.max: the host gets 1/(1 + slower) of the CPU    | straggler: that host             |
-|             | it used over the last steps, then the quota is corrected  |                                  |
-|             | every 5 steps so its compute takes (1 + slower) x as long |                                  |
+|             | it used over the last steps (per 10 ms), then the quota   |                                  |
+|             | is corrected every 5 steps so its compute takes           |                                  |
+|             | (1 + slower) x as long                                    |                                  |
 | `link`      | tc: the link host-peer at `rate_mbit` both ways           | slow_link: host->peer, peer->host|
 | `port`      | tc: the host's own port at `rate_mbit` (a slow NIC)       | slow_link: that host             |
 
