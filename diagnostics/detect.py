@@ -298,10 +298,8 @@ class Detector:
             if now - oldest < limit or any(m in stale and m not in frozen for m in missing):
                 continue  # a dead rank is the crash rule's, not a hang
             op = next(iter(waiting.values())).op
-            ev = {"group": members, "channel": chan, "op": op, "seq": seq, "waited_s": round(now - oldest, 2),
-                  "limit_s": round(limit, 2), "arrived": {r: x.arrived for r, x in waiting.items()},
-                  "typical_step_s": round(typical, 4),
-                  "step_multiple": round((now - oldest) / typical, 1) if typical else None}
+            ev = {"group": members, "channel": chan, "op": op, "seq": seq,
+                  "arrived": {r: x.arrived for r, x in waiting.items()}, **_waited(now - oldest, limit, typical)}
             cut = None if any(m in frozen for m in culprits) else _cut_off(gen)
             if cut:  # the network stopped carrying data: the ranks missing here wait on it too
                 suspects, ev["connections"] = cut
@@ -340,13 +338,12 @@ class Detector:
         if now - oldest < limit:
             return []
         step = max(st.get("step", 0) for st in gen.state.values())
-        ev = {"phase": "probe", "step": step, "waited_s": round(now - oldest, 2), "limit_s": round(limit, 2),
-              "typical_step_s": round(typical, 4), "step_multiple": round((now - oldest) / typical, 1) if typical else None}
+        ev = {"phase": "probe", "step": step, **_waited(now - oldest, limit, typical)}
         if frozen:
             ev["missing_state"] = {m: {"step": gen.state[m].get("step"), "phase": "probe", "process": _frozen_detail(gen, m)}
                                    for m in sorted(frozen)}
             ev["summary"] = (f"the ranks have been inside a link probe at step {step} for {now - oldest:.1f}s (limit "
-                             f"{limit:.1f}s); " + "; ".join(f"rank {m} {_frozen_detail(gen, m)}" for m in sorted(frozen)))
+                             f"{limit:.1f}s); " + "; ".join(f"rank {m} {d['process']}" for m, d in ev["missing_state"].items()))
             return [Verdict("hang_noncomm", [gen.node_of(m) for m in sorted(frozen)], ev, 0.9, now, since=oldest,
                             key=f"{gen.id}:hang_noncomm:{sorted(frozen)}")]
         cut = _cut_off(gen)
@@ -835,6 +832,12 @@ def _beating(gen_dir: Path, since: float) -> bool:
         except OSError:
             continue
     return False
+
+
+def _waited(waited: float, limit: float, typical: float) -> dict:
+    """A hang's wait, its limit and the wait in typical steps (evidence keys)."""
+    return {"waited_s": round(waited, 2), "limit_s": round(limit, 2), "typical_step_s": round(typical, 4),
+            "step_multiple": round(waited / typical, 1) if typical else None}
 
 
 def _frozen_detail(gen: Generation, r: int) -> str:
