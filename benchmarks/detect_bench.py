@@ -364,7 +364,7 @@ def main():
     ap.add_argument("--pairs", type=int, default=5, help="on/off pairs of the default job (default 5)")
     ap.add_argument("--steps", type=int, default=60, help="steps per default-job run of the pairs (default 60)")
     ap.add_argument("--cost-runs", type=int, default=3, help="default-job runs that weigh the trace in the job (default 3)")
-    ap.add_argument("--cost-steps", type=int, default=150, help="steps per such run (default 150: 30 blocks of 5)")
+    ap.add_argument("--cost-steps", type=int, default=600, help="steps per such run (default 600: 120 blocks of 5)")
     ap.add_argument("--probe-every", type=float, default=0.0, metavar="S",
                     help="diagnostics.probe_every_s for every testbed job, faults and clean runs (default 0: off, the default)")
     ap.add_argument("--keep", type=Path, metavar="DIR",

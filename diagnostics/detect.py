@@ -37,7 +37,9 @@ later rows too). In short:
   first window that shows the rise, later windows keep the history from before it. A rank
   that is always a little late (rank 0 logging) has no rise and is not named; one that costs
   the job ``straggler_sustained`` of every step over a window and its history is (no onset
-  to see), unless it is a pipeline stage (they differ by design);
+  to see), unless it is a pipeline stage (they differ by design). A rank late only by
+  lateness (not its own work) at an end of a link a probe found slow is that link's echo:
+  the link is named, not the rank;
 - slow_comm: the job slowed, a group's collectives (or a point-to-point direction's
   transfers) take ``comm_factor`` x longer once every member is in (beyond the floor,
   explaining a third of the slowdown and more than any late rank, held like a straggler's
@@ -139,13 +141,14 @@ RULES = (
          "after a crash the survivors sit in their next collective until torchrun stops them: fallout, not a second fault"),
     Rule("crash", "_crash", ("crash",), HANGS,
          "ranks that die once a hang is named are someone ending it (an operator, the launcher)"),
-    Rule("straggler", "_straggler", ("straggler",), (), ""),
-    Rule("slow_comm", "_slow_comm", ("slow_comm",), (),
-         "needs no late rank in the same window: a straggler makes the others wait inside collectives"),
     Rule("periodic probe", "_periodic_probe", (), (), "asks for a probe only: the probe rule names what it finds"),
     Rule("probe", "_probe", ("slow_link", "straggler"), (),
          "a prober short of CPU is named as a straggler and its transfers are not judged"),
     Rule("p2p links", "_links", ("slow_link",), (), ""),
+    Rule("straggler", "_straggler", ("straggler",), (),
+         "runs after the link rules: a rank late at an end of a link found slow in the same poll is its echo"),
+    Rule("slow_comm", "_slow_comm", ("slow_comm",), (),
+         "needs no late rank in the same window: a straggler makes the others wait inside collectives"),
 )
 
 
@@ -175,6 +178,9 @@ class Detector:
         self._streak: dict[tuple, tuple] = {}
         self.probes: dict[int, dict[str, dict]] = {}  # generation -> probe id -> analysis
         self._probe_due: dict[int, float] = {}  # generation -> when its next periodic probe may be asked for
+        # generation -> source (a probe id, "p2p") -> ranks at an end of a link it found slow
+        # (named, or found once and being repeated)
+        self._slow_ends: dict[int, dict[str, set]] = {}
         self.verdicts: list[Verdict] = []
 
     def poll(self, now: float | None = None) -> list[Verdict]:
@@ -528,13 +534,25 @@ class Detector:
                     found = self._own_evidence(gen, r, st, win) if lr["by"] == "own" else self._late_evidence(r, st, win)
                 else:
                     found = None if r in stages else self._sustained_evidence(gen, r, st, hist + win)
-                if found is None:
+                if found is None or self._link_echo(gen, r, st, found[0]):
                     continue
                 ev, conf = found
                 since = min(gen.steps[q][ev["since_step"]].start for q in gen.steps)
                 out.append(Verdict("straggler", [gen.node_of(r)], ev, round(min(conf, 0.95), 2), t, since=since,
                                    key=f"{gen.id}:straggler:{r}"))
         return out
+
+    def _link_echo(self, gen: Generation, r: int, st: dict, ev: dict) -> bool:
+        """Rank ``r`` is late only by lateness, and its host is at an end of a link a probe
+        (or the job's own transfers) found slow: a ring that crosses a slow link finishes
+        last at its ends, so their ranks come late to the next collectives, by more than the
+        collectives themselves slowed where the link is a small part of each. That lateness
+        is the link's echo. Its own work slowing, or its thread waiting longer for a CPU, is
+        its own fault still."""
+        if ev["pattern"] == "own_work" or st["own"].get(r, {}).get("starved"):
+            return False
+        host = lambda q: gen.node_of(q)["host"] or q  # noqa: E731
+        return host(r) in {host(q) for ends in self._slow_ends.get(gen.id, {}).values() for q in ends}
 
     @staticmethod
     def _late_evidence(r: int, st: dict, win: list[int]) -> tuple[dict, float]:
@@ -687,18 +705,22 @@ class Detector:
                                   + ": its process is short of CPU (its transfers were not judged as links)"),
                       "pattern": "cpu", "probe": a}
                 out.append(Verdict("straggler", [gen.node_of(r)], ev, 0.7, t, since=since, key=f"{gen.id}:probe:{pid}:cpu:{r}"))
+            first = p["request"].get("confirms")
+            ends = self._slow_ends.setdefault(gen.id, {})
+            ends.pop(first, None)  # a repeat settles what its first probe found
             if a.get("slow"):
                 cells = [tuple(c) for c in a["cells"]]
                 slow = {tuple(c) for c in a["slow"]}
                 # On a busy machine one probe can catch a prober's transfers in a scheduling
                 # hiccup: a second probe repeats it, and a link is named only if slow in both.
-                first = p["request"].get("confirms")
                 if first is None:
+                    ends[pid] = {q for c in slow for q in c}
                     self._confirm_probe(gen, p, a)
                     continue
                 slow &= {tuple(c) for c in done.get(first, {}).get("slow", [])}
                 if not slow:
                     continue
+                ends[pid] = {q for c in slow for q in c}
                 a["confirms"] = first
                 since = probes[first]["request"]["requested"] if first in probes else since
                 worst = max(slow, key=lambda c: a["matrix_ms"][f"{c[0]}->{c[1]}"])
@@ -736,6 +758,7 @@ class Detector:
         recent = {cell: [ms for _s, ms in v[-c.link_window:]] for cell, v in gen.links.items()}
         slow, typical, limit = slow_cells(recent, factor=c.link_factor, min_ms=c.link_min_ms,
                                           persistence=c.straggler_persistence)
+        self._slow_ends.setdefault(gen.id, {})["p2p"] = {q for cell in slow for q in cell}
         if not slow:
             return []
         ev = {"summary": f"{len(slow)} of {len(recent)} src->dst pairs slower than {limit:.1f} ms (typical {typical:.2f} ms)",

@@ -103,6 +103,42 @@ def test_a_link_is_named_only_when_a_second_probe_repeats_it(tmp_path, again, li
         assert links == []
 
 
+def write_probes(gen, probes, world):
+    """Finished probes in ``gen``: (id, the probe it repeats, the direction it found slow or None)."""
+    for pid, confirms, slow in probes:
+        p = recorded({slow: 8.0} if slow else {}, world=world)
+        (gen / f"probe-request-{pid}.json").write_text(json.dumps({**p["request"], "id": pid, "confirms": confirms}))
+        for r, res in p["results"].items():
+            (gen / f"probe-{pid}-r{r}.json").write_text(json.dumps({**res, "id": pid}))
+
+
+@pytest.mark.parametrize("probes, echo", [
+    ([], False),
+    ([("1", None, (1, 2)), ("2", "1", (1, 2))], True),  # the link 1-2 named
+    ([("1", None, (2, 1))], True),  # found once, being repeated
+    ([("1", None, (1, 2)), ("2", "1", None)], False),  # the repeat cleared it
+    ([("1", None, (0, 1)), ("2", "1", (0, 1))], False),  # a slow link elsewhere
+])
+@pytest.mark.parametrize("starved", [False, True])
+def test_a_rank_late_at_the_end_of_a_slow_link_is_its_echo_not_a_straggler(tmp_path, probes, echo, starved):
+    """DeepSpeed on three testbed hosts, the link node1-node2 at half bandwidth: rank 2, at its
+    end, came to the next collectives 178 ms a step later while they slowed by 100 ms, and was
+    named a straggler beside the link (run E of 2026-12-07). Once a probe found the link slow,
+    lateness at its ends is its echo; a rank whose thread waits longer for a CPU is still named."""
+    from test_diag_rules import write_run
+
+    gen = write_run(tmp_path, world=3, compute=lambda r, s: 0.16 + (0.05 if r == 2 and s >= 30 else 0.0),
+                    comm=(lambda s: 0.02 if s < 30 else 0.065) if starved else None,
+                    cpu_wait=(lambda r, s: 0.01 + (0.06 if r == 2 and s >= 30 else 0.0)) if starved else None)
+    for r in range(3):
+        meta = gen / f"meta-r{r}.json"
+        meta.write_text(json.dumps({**json.loads(meta.read_text()), "host": f"h{r}", "node": r}))
+    write_probes(gen, probes, world=3)
+    vs = Detector(tmp_path, live=False, dump_stacks=False).poll()
+    stragglers = [v.suspects[0]["rank"] for v in vs if v.kind == "straggler"]
+    assert stragglers == ([] if echo and not starved else [2]), [v.line() for v in vs]
+
+
 # ---- on real ranks ------------------------------------------------------------------------
 @contextlib.contextmanager
 def cpu_throttled(pid: int, share: float):
