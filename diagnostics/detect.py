@@ -731,6 +731,12 @@ class Detector:
                                   f"(typical {a['typical_ms']:.2f} ms)"), "probe": a}
                 out.append(Verdict("slow_link", name_cells(slow, cells, gen.node_of), ev, 0.85, t, since=since,
                                    key=f"{gen.id}:probe:{pid}:link"))
+        # A repeat refused (another probe was pending, another monitor's claim) is asked for
+        # again: until it runs, the link is neither named nor cleared.
+        for pid in list(self._slow_ends.get(gen.id, {})):
+            p = probes.get(pid)
+            if p and p["request"].get("confirms") is None and not any(q["request"].get("confirms") == pid for q in probes.values()):
+                self._confirm_probe(gen, p, done[pid])
         return out
 
     def _confirm_probe(self, gen: Generation, first: dict, a: dict):

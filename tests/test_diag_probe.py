@@ -139,6 +139,32 @@ def test_a_rank_late_at_the_end_of_a_slow_link_is_its_echo_not_a_straggler(tmp_p
     assert stragglers == ([] if echo and not starved else [2]), [v.line() for v in vs]
 
 
+def test_a_repeat_refused_while_another_probe_is_pending_is_asked_for_again(tmp_path):
+    """A first probe found link 1-2 slow while another probe was pending: the job gets one
+    request at a time, so the repeat was refused. Until it runs the link is neither named
+    nor cleared (and lateness at its ends is held back), so the live monitor asks again
+    once the other probe is done."""
+    import time
+
+    from test_diag_rules import write_run
+
+    gen = write_run(tmp_path, world=3, now=time.time())
+    for r in range(3):
+        path = gen / f"state-r{r}.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), "closed": False}))
+    write_probes(gen, [("1", None, (1, 2))], world=3)
+    pending = {"id": "9", "step": 10_000, "ranks": [0, 1, 2], "bytes": 1 << 20, "requested": time.time()}
+    (gen / "probe-request.json").write_text(json.dumps(pending))
+    (gen / "probe-request-9.json").write_text(json.dumps(pending))
+    det = Detector(tmp_path, live=True, dump_stacks=False)
+    repeats = lambda: [q for q in Generation(gen).probes().values() if q["request"].get("confirms") == "1"]  # noqa: E731
+    det.poll()
+    assert repeats() == []  # refused: probe 9 is pending
+    (gen / "probe-request-9.json").write_text(json.dumps({**pending, "step": 0}))  # the job went past it
+    det.poll()
+    assert len(repeats()) == 1 and repeats()[0]["request"]["ranks"] == [0, 1, 2]
+
+
 # ---- on real ranks ------------------------------------------------------------------------
 @contextlib.contextmanager
 def cpu_throttled(pid: int, share: float):
