@@ -468,8 +468,10 @@ class Detector:
         """rank -> {"shift" of its own time per step (outside traced ops), "wait": the shift of
         its thread's wait for a CPU (None where not traced), "starved", "candidate"}; empty where the
         traces do not say how long each rank was blocked. A candidate's own time rose beyond
-        the floor, and the rise is its own: at least OWN_LEAD x any other rank's, or it waits
-        for a CPU by half that rise more and the others do not (OWN_LEAD x theirs): starved."""
+        the floor, and the rise is its own: at least OWN_LEAD x any other rank's, or at least
+        any other rank's while it waits for a CPU by half that rise more and the others do not
+        (OWN_LEAD x theirs): starved. Where another rank's own work rose as much, the machine
+        slowed everyone and this rank's longer wait for a CPU is its share of that."""
         c = self.cfg
         span, n = hist + win, len(hist)
         t = {r: [gen.own_time(r, s) for s in span] for r in ranks}
@@ -482,7 +484,7 @@ class Detector:
         out = {}
         for r, x in sh.items():
             others = max((y.rise for q, y in sh.items() if q != r), default=0.0)
-            starved = x.significant and r in wait and wait[r].significant and wait[r].rise >= 0.5 * x.rise and (
+            starved = x.significant and x.rise >= others and r in wait and wait[r].significant and wait[r].rise >= 0.5 * x.rise and (
                 wait[r].rise >= OWN_LEAD * max((y.rise for q, y in wait.items() if q != r), default=0.0))
             out[r] = {"shift": x, "wait": wait.get(r), "starved": starved,
                       "candidate": starved or (x.significant and x.rise >= OWN_LEAD * max(others, 0.0))}

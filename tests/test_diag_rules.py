@@ -247,6 +247,20 @@ def test_a_stage_short_of_cpu_is_named_by_its_wait_for_a_cpu(tmp_path, traced):
     assert (tmp_path / "diagnostics" / "report-files" / "verdict-0.png").stat().st_size > 10_000
 
 
+@pytest.mark.parametrize("others", [0.032, 0.0])
+def test_a_rank_waiting_for_a_cpu_is_named_only_if_its_own_work_rose_most(tmp_path, others):
+    # Tensor parallel on four testbed hosts sharing two cores, no fault (run F of 2026-12-07,
+    # a clean run): from step 30 every rank's own work rose about alike (+27 ms on rank 2,
+    # up to +29 ms on another), rank 2's thread also waited 22 ms more for a CPU, and it was
+    # named short of CPU. The machine slowed everyone: a rank is short of CPU only where its
+    # own work rose most (others = 0: only its own rose, the testbed's CPU fault).
+    write_run(tmp_path, world=4, step_s=0.25, noise=0.02,
+              compute=lambda r, s: 0.2 + (0.0 if s < 30 else 0.027 if r == 2 else others),
+              cpu_wait=lambda r, s: 0.06 + (0.022 if r == 2 and s >= 30 else 0.0))
+    vs = verdicts(tmp_path)
+    assert [(v.kind, v.suspects[0]["rank"]) for v in vs] == ([] if others else [("straggler", 2)]), [v.line() for v in vs]
+
+
 @pytest.mark.parametrize("step_s,waited,hang", [(0.02, 4.0, False), (0.02, 6.0, True), (2.0, 8.0, False), (2.0, 11.0, True)])
 def test_hang_limit_scales_with_the_step_time(tmp_path, step_s, waited, hang):
     # Rank 0 waits in one more all-reduce that rank 1 never issued; judged `waited` s later.
