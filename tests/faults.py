@@ -49,6 +49,7 @@ HOLD_STEPS = 5  # cpu: steps between corrections of the quota (see _hold)
 # every burst alike, as a slower CPU does.
 QUOTA_PERIOD_MS = 10
 GRACE_S = 3.0  # after the expected verdict: long enough for a wrong second one (a crash after a hang)
+PROBE_BYTES = 4 << 20  # in_probe: the largest first-probe payload (diagnostics.probe.MAX_BYTES)
 
 # Per layout: the overrides for a job on n hosts (one rank each). tests/job.toml's model is
 # small; the global batch of 12 divides by 1-4 data-parallel ranks and 4 microbatches.
@@ -77,6 +78,10 @@ class Fault:
     step: int = 10  # done once every rank has finished this step
     rate_mbit: float = BASE_MBIT / 2  # link, port
     slower: float = 0.2  # cpu
+    # Done while every rank is inside a link probe this harness asks for (its transfers are
+    # untraced: no op in flight for the hang rules to see), on links shaped at BASE_MBIT so
+    # that the probe's PROBE_BYTES transfers last seconds.
+    in_probe: bool = False
 
     def expected(self, tb: cluster.Testbed) -> tuple[str, set] | None:
         if self.kind is None:
@@ -92,7 +97,8 @@ class Fault:
             return "clean"
         what = {"link": f"link {self.host}-{self.peer} at {self.rate_mbit:g} Mbit", "port": f"port at {self.rate_mbit:g} Mbit",
                 "cpu": f"{self.slower:.0%} less CPU"}.get(self.kind, "")
-        return f"{self.kind} node{self.host}" + (f" ({what})" if what else "") + f" after step {self.step}"
+        return (f"{self.kind} node{self.host}" + (f" ({what})" if what else "") + f" after step {self.step}"
+                + (" inside a link probe" if self.in_probe else ""))
 
 
 @dataclass
@@ -147,7 +153,7 @@ def run(tb: cluster.Testbed, layout: str, fault: Fault, *, steps: int, watch_s: 
     ``watch_s`` after the fault. The caller tears the testbed down (that ends the job)."""
     run_dir = tb.shared / "run"
     n = len(tb.hosts)
-    if fault.kind in ("link", "port"):
+    if fault.kind in ("link", "port") or fault.in_probe:
         tb.link(list(range(n)), list(range(n)), rate_mbit=BASE_MBIT)
     args = ["--config", str(JOB), f"--train.run_dir={run_dir}", f"--train.steps={steps}", *COMMON, *LAYOUTS[layout](n), *extra]
     procs = tb.launch_job(rdzv, *args, env=env())
@@ -166,7 +172,7 @@ def run(tb: cluster.Testbed, layout: str, fault: Fault, *, steps: int, watch_s: 
             step = _finished(run_dir, n)
             if fault.kind == "cpu" and step is not None:
                 usage.append((time.time(), _cpu_seconds(tb, fault.host), step))
-            if step is not None and step >= fault.step:
+            if step is not None and step >= fault.step and (not fault.in_probe or _in_probe(run_dir)):
                 out.fault_step = step
                 out.detail.update(_inject(tb, fault, run_dir, usage))
                 out.fault_time = time.time()
@@ -201,6 +207,19 @@ def _finished(run_dir: Path, n: int) -> int | None:
         except (OSError, ValueError, KeyError):
             return None
     return min(steps)
+
+
+def _in_probe(run_dir: Path) -> bool:
+    """Ask the job (once) for a link probe among all its hosts; True once every rank is inside it."""
+    from diagnostics import DiagnosticsConfig, probe
+
+    gen = _generation(run_dir)
+    if not gen.probes():
+        step_s = statistics.median(gen.step_time(s) for s in gen.training_steps())
+        probe.request(gen, sorted(gen.meta), PROBE_BYTES, step_s, DiagnosticsConfig(), reason="test: a fault inside a probe",
+                      links_only=True)
+        return False
+    return all(st.get("phase") == "probe" for st in gen.state.values())
 
 
 def _rank_on(run_dir: Path, host: str) -> dict:

@@ -82,6 +82,18 @@ def test_partitioned_host_is_a_hang_in_communication(testbed):
     assert any(c.get("nics_down") == {"eth0": "down"} for c in conns), conns
 
 
+def test_host_cut_off_inside_a_link_probe_is_a_hang_in_communication(testbed):
+    """The partition the detection benchmark missed on 2026-12-07 (21:35): node1's traffic
+    dropped while every rank is inside a link probe, whose transfers are untraced, so no rank
+    has an op in flight. The probers' stalled connections lead to node1: named once the
+    ranks have been in the probe past the hang limit (before, nothing was named in 115 s)."""
+    tb = testbed(3)
+    fault = faults.Fault("partition", host=1, step=8, in_probe=True)
+    out = faults.run(tb, "fsdp2", fault, steps=1000)
+    v = _check(tb, out, fault)
+    assert v.evidence["phase"] == "probe" and "inside a link probe" in v.evidence["summary"], v.evidence
+
+
 def test_killed_rank_is_a_crash(testbed):
     """Under DDP the survivor's collective fails inside the reducer, where no traced call
     sees it: the trainer records the failure on its way out, so it reads as a victim."""
