@@ -178,9 +178,9 @@ class Detector:
         self._streak: dict[tuple, tuple] = {}
         self.probes: dict[int, dict[str, dict]] = {}  # generation -> probe id -> analysis
         self._probe_due: dict[int, float] = {}  # generation -> when its next periodic probe may be asked for
-        # generation -> source (a probe id, "p2p") -> ranks at an end of a link it found slow
-        # (named, or found once and being repeated)
-        self._slow_ends: dict[int, dict[str, set]] = {}
+        # generation -> source (a probe id, "p2p") -> the (src, dst) cells it found slow (named,
+        # or found once and being repeated)
+        self._slow_cells: dict[int, dict[str, set]] = {}
         self.verdicts: list[Verdict] = []
 
     def poll(self, now: float | None = None) -> list[Verdict]:
@@ -345,19 +345,18 @@ class Detector:
             return []
         step = max(st.get("step", 0) for st in gen.state.values())
         ev = {"phase": "probe", "step": step, **_waited(now - oldest, limit, typical)}
+        head = f"the ranks have been inside a link probe at step {step} for {now - oldest:.1f}s (limit {limit:.1f}s); "
         if frozen:
             ev["missing_state"] = {m: {"step": gen.state[m].get("step"), "phase": "probe", "process": _frozen_detail(gen, m)}
                                    for m in sorted(frozen)}
-            ev["summary"] = (f"the ranks have been inside a link probe at step {step} for {now - oldest:.1f}s (limit "
-                             f"{limit:.1f}s); " + "; ".join(f"rank {m} {d['process']}" for m, d in ev["missing_state"].items()))
+            ev["summary"] = head + "; ".join(f"rank {m} {d['process']}" for m, d in ev["missing_state"].items())
             return [Verdict("hang_noncomm", [gen.node_of(m) for m in sorted(frozen)], ev, 0.9, now, since=oldest,
                             key=f"{gen.id}:hang_noncomm:{sorted(frozen)}")]
         cut = _cut_off(gen)
         if not cut:
             return []
         suspects, ev["connections"] = cut
-        ev["summary"] = (f"the ranks have been inside a link probe at step {step} for {now - oldest:.1f}s (limit "
-                         f"{limit:.1f}s); {_cut_summary(suspects, ev['connections'])}")
+        ev["summary"] = head + _cut_summary(suspects, ev["connections"])
         return [Verdict("hang_comm", suspects, ev, 0.85, now, since=oldest, key=f"{gen.id}:hang_comm:probe")]
 
     def _hang_limit(self, gen: Generation, missing: list, typical: float, longest: float, started: bool) -> float:
@@ -554,7 +553,7 @@ class Detector:
         if ev["pattern"] == "own_work" or st["own"].get(r, {}).get("starved"):
             return False
         host = lambda q: gen.node_of(q)["host"] or q  # noqa: E731
-        return host(r) in {host(q) for ends in self._slow_ends.get(gen.id, {}).values() for q in ends}
+        return host(r) in {host(q) for cells in self._slow_cells.get(gen.id, {}).values() for cell in cells for q in cell}
 
     @staticmethod
     def _late_evidence(r: int, st: dict, win: list[int]) -> tuple[dict, float]:
@@ -708,21 +707,21 @@ class Detector:
                       "pattern": "cpu", "probe": a}
                 out.append(Verdict("straggler", [gen.node_of(r)], ev, 0.7, t, since=since, key=f"{gen.id}:probe:{pid}:cpu:{r}"))
             first = p["request"].get("confirms")
-            ends = self._slow_ends.setdefault(gen.id, {})
-            ends.pop(first, None)  # a repeat settles what its first probe found
+            slow_found = self._slow_cells.setdefault(gen.id, {})
+            slow_found.pop(first, None)  # a repeat settles what its first probe found
             if a.get("slow"):
                 cells = [tuple(c) for c in a["cells"]]
                 slow = {tuple(c) for c in a["slow"]}
                 # On a busy machine one probe can catch a prober's transfers in a scheduling
                 # hiccup: a second probe repeats it, and a link is named only if slow in both.
                 if first is None:
-                    ends[pid] = {q for c in slow for q in c}
+                    slow_found[pid] = slow
                     self._confirm_probe(gen, p, a)
                     continue
                 slow &= {tuple(c) for c in done.get(first, {}).get("slow", [])}
                 if not slow:
                     continue
-                ends[pid] = {q for c in slow for q in c}
+                slow_found[pid] = slow
                 a["confirms"] = first
                 since = probes[first]["request"]["requested"] if first in probes else since
                 worst = max(slow, key=lambda c: a["matrix_ms"][f"{c[0]}->{c[1]}"])
@@ -735,7 +734,7 @@ class Detector:
                                    key=f"{gen.id}:probe:{pid}:link"))
         # A repeat refused (another probe was pending, another monitor's claim) is asked for
         # again: until it runs, the link is neither named nor cleared.
-        for pid in list(self._slow_ends.get(gen.id, {})):
+        for pid in list(self._slow_cells.get(gen.id, {})):
             p = probes.get(pid)
             if p and p["request"].get("confirms") is None and not any(q["request"].get("confirms") == pid for q in probes.values()):
                 self._confirm_probe(gen, p, done[pid])
@@ -766,7 +765,7 @@ class Detector:
         recent = {cell: [ms for _s, ms in v[-c.link_window:]] for cell, v in gen.links.items()}
         slow, typical, limit = slow_cells(recent, factor=c.link_factor, min_ms=c.link_min_ms,
                                           persistence=c.straggler_persistence)
-        self._slow_ends.setdefault(gen.id, {})["p2p"] = {q for cell in slow for q in cell}
+        self._slow_cells.setdefault(gen.id, {})["p2p"] = slow
         if not slow:
             return []
         ev = {"summary": f"{len(slow)} of {len(recent)} src->dst pairs slower than {limit:.1f} ms (typical {typical:.2f} ms)",
