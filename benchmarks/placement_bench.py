@@ -243,7 +243,7 @@ def testbed(args) -> dict:
             "[parallel]\n", f"[parallel]\noverlap_optimizer = true\nbucket_mb = {args.bucket_mb}\n"))
         if args.cpu_per_host:
             for h in range(4):
-                tb.slow_cpu(h, args.cpu_per_host)
+                tb.slow_cpu(h, args.cpu_per_host, period_ms=args.cpu_period_ms)
         plans = {}
         for order, (fast, slow) in ORDERS.items():
             _shape(tb, fast, slow, args)
@@ -279,7 +279,7 @@ def testbed(args) -> dict:
                                       "topology": plan.topology, "topology_plain": plain.topology,
                                       "rates_mbit": {"fast": args.fast_mbit, "ethernet": args.eth_mbit,
                                                      "between": args.cross_mbit},
-                                      "cpu_per_host": args.cpu_per_host}}
+                                      "cpu_per_host": args.cpu_per_host, "cpu_period_ms": args.cpu_period_ms}}
     return out
 
 
@@ -323,6 +323,9 @@ def main(argv=None) -> int:
     ap.add_argument("--eth-mbit", type=float, default=1000.0, help="testbed: links inside the Ethernet fabric")
     ap.add_argument("--cross-mbit", type=float, default=200.0, help="testbed: links between the fabrics")
     ap.add_argument("--cpu-per-host", type=float, default=0.5, help="testbed: CPU cores per host (cgroup quota; 0 = none)")
+    ap.add_argument("--cpu-period-ms", type=float, default=2.0,
+                    help="testbed: the quota's period (short: a host computes at one speed, as a GPU does, whether or not "
+                         "it waited for the network before; at the kernel's 100 ms a burst after a wait runs unslowed)")
     ap.add_argument("--bucket-mb", type=float, default=2.0, help="testbed: the overlapped optimizer's bucket size")
     args = ap.parse_args(argv)
     if args.testbed:
