@@ -15,7 +15,8 @@ after it (ready before this layer's backward starts, as in a real model):
   the backward (what DeepSpeed's engine does at ZeRO stage 0-2 without overlap_comm);
 - d1 / d2 / d4: Kintsugi's layer with that many chunks, gradients after the backward;
 - auto: the chunk count the profile + model choose, settled on the layer's own timed calls
-  (comms/moe/tuner.py, during the warm-up rounds), and the gradient partition of the model
+  (comms/moe/tuner.py, ``moe.tune_calls`` per candidate, the trainer's default, after the
+  warm-up rounds and before the timed ones), and the gradient partition of the model
   calibrated by those calls, gradients reduced in the backward's link gaps; auto_after: d
   settled the same way, gradients after the backward (the chunking's share alone).
 
@@ -55,6 +56,7 @@ from torch import nn  # noqa: E402
 from comms.moe import LayerShape, Profile, choose, gpu_cluster_profile, sequential, simulate  # noqa: E402
 from diagnostics.drill import free_port  # noqa: E402
 from trainer.model import FeedForward  # noqa: E402  (DeepSpeed's expert: the same SwiGLU math)
+from trainer.moe_config import MoEConfig  # noqa: E402
 
 VARIANTS = ("deepspeed", "d1", "d2", "d4", "auto", "auto_after")
 CHUNKS = {"d1": "1", "d2": "2", "d4": "4", "auto": "auto", "auto_after": "auto"}
@@ -89,7 +91,6 @@ def worker(cfg: dict, out_path: str):
     from comms import dist_utils
     from comms.moe import build_ep_groups
     from trainer.moe import MoE, apply_expert_parallel, attach_grad_reducer, capacity
-    from trainer.moe_config import MoEConfig
 
     deepspeed.init_distributed(dist_backend="gloo", verbose=False, timeout=datetime.timedelta(seconds=600))
     world, rank = dist.get_world_size(), dist.get_rank()
@@ -146,21 +147,38 @@ def worker(cfg: dict, out_path: str):
     x = torch.randn(cfg["batch"], cfg["seq"], dim)
     times = {v: [] for v in VARIANTS}
     core = {v: [] for v in VARIANTS[1:]}  # what the model times: exchanges, experts, gradient reduction
+
+    def call(name, timed: bool):
+        dist.barrier()
+        t0 = time.perf_counter()
+        reduce_s = step(name, x)
+        dt = torch.tensor([time.perf_counter() - t0, 0.0])
+        if name != "deepspeed":
+            dt[1] = holders[name]["moe"].scheduler.last_call_s("moe") + reduce_s
+        dist.all_reduce(dt, op=dist.ReduceOp.MAX)
+        if timed:
+            times[name].append(dt[0].item())
+            if name != "deepspeed":
+                core[name].append(dt[1].item())
+
+    def tuning() -> list[str]:
+        """The auto variants whose d has not settled (the same on every rank: program order)."""
+        return [v for v in ("auto", "auto_after")
+                if not all(t.chosen is not None for t in holders[v]["moe"].scheduler.trials.values())]
+
     n = len(VARIANTS)
-    for r in range(cfg["warmup"] + cfg["rounds"]):
+    for r in range(cfg["warmup"]):
+        for name in VARIANTS:
+            call(name, timed=False)
+    # auto's timed calls (tune_calls per candidate) happen here, one layer call per step as
+    # in a model with one MoE layer; the other variants have nothing left to warm up.
+    while names := tuning():
+        for name in names:
+            call(name, timed=False)
+    for r in range(cfg["rounds"]):
         # Rotate the order every round so no variant always runs right after another.
         for name in VARIANTS[r % n:] + VARIANTS[:r % n]:
-            dist.barrier()
-            t0 = time.perf_counter()
-            reduce_s = step(name, x)
-            dt = torch.tensor([time.perf_counter() - t0, 0.0])
-            if name != "deepspeed":
-                dt[1] = holders[name]["moe"].scheduler.last_call_s("moe") + reduce_s
-            dist.all_reduce(dt, op=dist.ReduceOp.MAX)
-            if r >= cfg["warmup"]:
-                times[name].append(dt[0].item())
-                if name != "deepspeed":
-                    core[name].append(dt[1].item())
+            call(name, timed=True)
     # The d that auto chose, and the model's prediction of every variant from the profile
     # measured on these groups (the same numbers for every d).
     sched = holders["auto"]["moe"].scheduler
@@ -331,11 +349,9 @@ def main(argv=None):
         worker(json.loads(args.worker[0]), args.worker[1])
         return None
     cfg = {"dim": 256, "hidden": 512, "experts_per_rank": 2, "k": 2, "capacity_factor": 1.25, "batch": 8, "seq": 128,
-           "later_mb": 2.0, "tune_calls": 3, "rounds": args.rounds or 15}
+           "later_mb": 2.0, "tune_calls": MoEConfig.tune_calls, "rounds": args.rounds or 15, "warmup": 2}
     if args.quick:
         cfg.update(dim=64, hidden=128, batch=2, seq=64, later_mb=0.25, tune_calls=1, rounds=args.rounds or 4)
-    # auto settles d in its warm-up: tune_calls timed calls of each of at most 5 candidates.
-    cfg["warmup"] = 2 + 5 * cfg["tune_calls"]
     shape_line = (f"dim={cfg['dim']} hidden={cfg['hidden']} experts={cfg['experts_per_rank']}/rank k={cfg['k']} "
                   f"cf={cfg['capacity_factor']} tokens/rank={cfg['batch'] * cfg['seq']} later gradients {cfg['later_mb']} MB; "
                   f"{cfg['rounds']} interleaved rounds")

@@ -22,7 +22,7 @@ class MoEConfig:
     shared_experts: int = doc("Always-active shared experts (one SwiGLU of shared_experts x the expert hidden size) added to the routed output.", 0)
     chunks: str = doc("Co-scheduling chunks d: \"1\" (sequential), \"2\", \"4\", ... or \"auto\" (profile the groups, pick d with the performance model, settle it on measured calls: tune_calls). Write it as a string in TOML.", "1")
     hierarchical: str = doc("Two-phase (intra-node, then inter-node) all-to-all: `auto` (when the EP group spans nodes), `on` or `off`.", "auto")
-    tune_calls: int = doc("With chunks=\"auto\": timed layer calls per candidate d (1, 2, 4, the model's pick and its double) before d settles on the fastest measured (the model's pick unless another is over 5% faster); 0 = the model alone.", 3)
+    tune_calls: int = doc("With chunks=\"auto\": timed layer calls per candidate d (1, 2, 4, the model's pick and its double) before d settles on the fastest measured (the model's pick unless another is over 5% faster); 0 = the model alone. Few calls pick by chance where calls' times swing.", 10)
     reprofile_every: int = doc("With chunks=\"auto\": re-measure the groups every N forward calls of a layer; 0 = only at start.", 0)
     grad_overlap: bool = doc("Reduce data-parallel gradients in partitions inside the MoE backward's communication gaps (comms.moe.GradReducer) instead of DDP's buckets.", True)
 
