@@ -212,13 +212,18 @@ def run_loopback(world: int, cfg: dict) -> dict:
         return json.loads(out.read_text())
 
 
-def run_testbed(cfg: dict, hosts: int, per_host: int, rate_mbit: float) -> dict:
+def run_testbed(cfg: dict, hosts: int, per_host: int, rate_mbit: float, cpu_per_rank: float = 0.0,
+                period_ms: float = 2.0) -> dict:
     """The variants on ``hosts`` emulated hosts, ``per_host`` ranks each, every pair of hosts
-    linked at ``rate_mbit``; ranks numbered host by host."""
+    linked at ``rate_mbit``; ranks numbered host by host; each host capped at ``cpu_per_rank``
+    cores per rank over a ``period_ms`` quota period (0 = uncapped)."""
     sys.path.insert(0, str(ROOT / "tests"))
     import cluster
 
     with cluster.Testbed(hosts) as tb:
+        if cpu_per_rank:
+            for h in range(hosts):
+                tb.slow_cpu(h, cpu_per_rank * per_host, period_ms=period_ms)
         if hosts > 1:
             tb.link(list(range(hosts)), list(range(hosts)), rate_mbit=rate_mbit)
         link_mb_s = tb.measure(0, hosts - 1, 8) if hosts > 1 else None
@@ -339,6 +344,11 @@ def main(argv=None):
     ap.add_argument("--testbed", action="store_true", help="measure on emulated hosts with shaped links (tests/cluster.py)")
     ap.add_argument("--hosts", type=int, nargs="+", default=[2, 4], help="testbed: host counts to measure (1 rank each)")
     ap.add_argument("--rate-mbit", type=float, default=500.0, help="testbed: every link between hosts (Mbit/s)")
+    ap.add_argument("--cpu-per-rank", type=float, default=0.5,
+                    help="testbed: each host's CPU quota in cores per rank (a device of its own that computes at one "
+                         "speed, as a GPU does, and idles while its rank waits for the wire; 0 = uncapped, as runs 1-6)")
+    ap.add_argument("--cpu-period-ms", type=float, default=2.0,
+                    help="testbed: the quota's period (short: a burst after a wait is slowed alike)")
     ap.add_argument("--hierarchical", action="store_true", help="testbed: also 2 hosts x 2 ranks, flat vs hierarchical")
     ap.add_argument("--quick", action="store_true", help="small layer, few rounds (smoke run)")
     ap.add_argument("--ranks", type=int, nargs="+", default=[2, 4], help="loopback: rank counts")
@@ -357,15 +367,19 @@ def main(argv=None):
                   f"{cfg['rounds']} interleaved rounds")
     measured = {}
     if args.testbed:
+        cap = (args.cpu_per_rank, args.cpu_period_ms)
+        cpu_line = (f"{args.cpu_per_rank:g} core per rank over a {args.cpu_period_ms:g} ms quota period"
+                    if args.cpu_per_rank else "CPU uncapped")
         for hosts in args.hosts:
-            measured[f"{hosts}x1"] = summarize(run_testbed(cfg, hosts, 1, args.rate_mbit))
-            print_measured(f"MEASURED on the testbed: {hosts} hosts x 1 rank, links {args.rate_mbit:g} Mbit/s; {shape_line}",
-                           measured[f"{hosts}x1"])
+            measured[f"{hosts}x1"] = summarize(run_testbed(cfg, hosts, 1, args.rate_mbit, *cap))
+            print_measured(f"MEASURED on the testbed: {hosts} hosts x 1 rank, links {args.rate_mbit:g} Mbit/s, {cpu_line}; "
+                           f"{shape_line}", measured[f"{hosts}x1"])
         if args.hierarchical:
             for mode in ("off", "on"):
                 key = f"2x2 hierarchical={mode}"
-                measured[key] = summarize(run_testbed({**cfg, "hierarchical": mode}, 2, 2, args.rate_mbit))
-                print_measured(f"MEASURED on the testbed: 2 hosts x 2 ranks, hierarchical {mode}; {shape_line}", measured[key])
+                measured[key] = summarize(run_testbed({**cfg, "hierarchical": mode}, 2, 2, args.rate_mbit, *cap))
+                print_measured(f"MEASURED on the testbed: 2 hosts x 2 ranks, hierarchical {mode}, links {args.rate_mbit:g} "
+                               f"Mbit/s, {cpu_line}; {shape_line}", measured[key])
     else:
         for w in args.ranks:
             measured[f"loopback {w}"] = summarize(run_loopback(w, cfg))
@@ -384,7 +398,9 @@ def main(argv=None):
                            "auto_ms": head["auto"]["median"], "auto_d": head["auto_d"]},
               "modelled": {"auto_ms": head["modelled_auto_ms"], "auto_d": head["modelled_auto_d"],
                            "auto_ms_calibrated": head["auto"]["modelled_ms_calibrated"]},
-              "details": {"config": cfg, "rate_mbit": args.rate_mbit if args.testbed else None, "runs": measured,
+              "details": {"config": cfg, "rate_mbit": args.rate_mbit if args.testbed else None,
+                          "cpu_per_rank": args.cpu_per_rank if args.testbed else None,
+                          "cpu_period_ms": args.cpu_period_ms if args.testbed else None, "runs": measured,
                           "gpu_cluster": {"rows": rows, "speedup": geo, "speedup_chunking_only": geo_chunking,
                                           "profile": gpu_cluster_profile().to_dict()}}}
     if args.json:
