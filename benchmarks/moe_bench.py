@@ -344,9 +344,11 @@ def main(argv=None):
     ap.add_argument("--testbed", action="store_true", help="measure on emulated hosts with shaped links (tests/cluster.py)")
     ap.add_argument("--hosts", type=int, nargs="+", default=[2, 4], help="testbed: host counts to measure (1 rank each)")
     ap.add_argument("--rate-mbit", type=float, default=500.0, help="testbed: every link between hosts (Mbit/s)")
-    ap.add_argument("--cpu-per-rank", type=float, default=0.5,
+    ap.add_argument("--cpu-per-rank", type=float, default=0.4,
                     help="testbed: each host's CPU quota in cores per rank (a device of its own that computes at one "
-                         "speed, as a GPU does, and idles while its rank waits for the wire; 0 = uncapped, as runs 1-6)")
+                         "speed, as a GPU does, and idles while its rank waits for the wire; 0 = uncapped, as runs 1-6). "
+                         "4 ranks x 0.4 leave the box's 2 cores room for the links' shaping and the rest, which run "
+                         "outside the quotas; at 0.5 they took all of it and a rank got less than its quota")
     ap.add_argument("--cpu-period-ms", type=float, default=2.0,
                     help="testbed: the quota's period (short: a burst after a wait is slowed alike)")
     ap.add_argument("--hierarchical", action="store_true", help="testbed: also 2 hosts x 2 ranks, flat vs hierarchical")
