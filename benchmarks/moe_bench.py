@@ -4,7 +4,9 @@ emulated cluster (--testbed) or on loopback, and the model's prediction beside e
 --testbed (MEASURED, tests/cluster.py): 2-4 hosts, each a network namespace with its own
 address, ranks per host 1 (or 2, for the hierarchical all-to-all), links between hosts shaped
 to --rate-mbit with HTB, so that an exchange takes real time on the wire while the CPU is
-free, as on a GPU cluster's NICs. Loopback (no --testbed): every rank on 127.0.0.1 and the
+free, as on a GPU cluster's NICs; each host's CPU capped at --cpu-per-rank cores per rank
+over a 2 ms quota period, so that a rank computes at one speed and its core idles while it
+waits for the wire, as a GPU does. Loopback (no --testbed): every rank on 127.0.0.1 and the
 same cores, where communication is CPU copies (the earlier measurements; kept for reference).
 
 Each step is one MoE layer's forward + backward on the same tokens and configuration for
