@@ -5,9 +5,10 @@ emulated cluster (--testbed) or on loopback, and the model's prediction beside e
 address, ranks per host 1 (or 2, for the hierarchical all-to-all), links between hosts shaped
 to --rate-mbit with HTB, so that an exchange takes real time on the wire while the CPU is
 free, as on a GPU cluster's NICs; each host's CPU capped at --cpu-per-rank cores per rank
-over a 2 ms quota period, so that a rank computes at one speed and its core idles while it
-waits for the wire, as a GPU does. Loopback (no --testbed): every rank on 127.0.0.1 and the
-same cores, where communication is CPU copies (the earlier measurements; kept for reference).
+over a short quota period (--cpu-period-ms), so that a rank computes at one speed and its
+core idles while it waits for the wire, as a GPU does. Loopback (no --testbed): every rank
+on 127.0.0.1 and the same cores, where communication is CPU copies (the earlier
+measurements; kept for reference).
 
 Each step is one MoE layer's forward + backward on the same tokens and configuration for
 every variant, plus the data-parallel all-reduce of ``later_mb`` of gradients of the layers
@@ -348,7 +349,7 @@ def main(argv=None):
     ap.add_argument("--rate-mbit", type=float, default=500.0, help="testbed: every link between hosts (Mbit/s)")
     ap.add_argument("--cpu-per-rank", type=float, default=0.4,
                     help="testbed: each host's CPU quota in cores per rank (a device of its own that computes at one "
-                         "speed, as a GPU does, and idles while its rank waits for the wire; 0 = uncapped, as runs 1-6). "
+                         "speed, as a GPU does, and idles while its rank waits for the wire; 0 = uncapped). "
                          "4 ranks x 0.4 leave the box's 2 cores room for the links' shaping and the rest, which run "
                          "outside the quotas; at 0.5 they took all of it and a rank got less than its quota")
     ap.add_argument("--cpu-period-ms", type=float, default=2.0,
