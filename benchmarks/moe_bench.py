@@ -164,18 +164,13 @@ def worker(cfg: dict, out_path: str):
             if name != "deepspeed":
                 core[name].append(dt[1].item())
 
-    def tuning() -> list[str]:
-        """The auto variants whose d has not settled (the same on every rank: program order)."""
-        return [v for v in ("auto", "auto_after")
-                if not all(t.chosen is not None for t in holders[v]["moe"].scheduler.trials.values())]
-
     n = len(VARIANTS)
     for r in range(cfg["warmup"]):
         for name in VARIANTS:
             call(name, timed=False)
     # auto's timed calls (tune_calls per candidate) happen here, one layer call per step as
     # in a model with one MoE layer; the other variants have nothing left to warm up.
-    while names := tuning():
+    while names := [v for v in ("auto", "auto_after") if holders[v]["moe"].scheduler.tuning()]:
         for name in names:
             call(name, timed=False)
     for r in range(cfg["rounds"]):

@@ -49,7 +49,6 @@ HOLD_STEPS = 5  # cpu: steps between corrections of the quota (see _hold)
 # every burst alike, as a slower CPU does.
 QUOTA_PERIOD_MS = 10
 GRACE_S = 3.0  # after the expected verdict: long enough for a wrong second one (a crash after a hang)
-PROBE_BYTES = 4 << 20  # in_probe: the largest first-probe payload (diagnostics.probe.MAX_BYTES)
 
 # Per layout: the overrides for a job on n hosts (one rank each). tests/job.toml's model is
 # small; the global batch of 12 divides by 1-4 data-parallel ranks and 4 microbatches.
@@ -80,7 +79,7 @@ class Fault:
     slower: float = 0.2  # cpu
     # Done while every rank is inside a link probe this harness asks for (its transfers are
     # untraced: no op in flight for the hang rules to see), on links shaped at BASE_MBIT so
-    # that the probe's PROBE_BYTES transfers last seconds.
+    # that the probe's transfers (its largest, diagnostics.probe.MAX_BYTES) last seconds.
     in_probe: bool = False
 
     def expected(self, tb: cluster.Testbed) -> tuple[str, set] | None:
@@ -216,7 +215,7 @@ def _in_probe(run_dir: Path) -> bool:
     gen = _generation(run_dir)
     if not gen.probes():
         step_s = statistics.median(gen.step_time(s) for s in gen.training_steps())
-        probe.request(gen, sorted(gen.meta), PROBE_BYTES, step_s, DiagnosticsConfig(), reason="test: a fault inside a probe",
+        probe.request(gen, sorted(gen.meta), probe.MAX_BYTES, step_s, DiagnosticsConfig(), reason="test: a fault inside a probe",
                       links_only=True)
         return False
     return all(st.get("phase") == "probe" for st in gen.state.values())

@@ -130,6 +130,11 @@ class MoEScheduler:
                     sched.gap_bytes if self.chunks == "auto" else None, record, mine)
         return run(buf, weights, plan)
 
+    def tuning(self) -> bool:
+        """Whether a layer family's d is still being settled on its timed calls (the same on
+        every rank: the trials follow program order)."""
+        return any(t.chosen is None for t in self.trials.values())
+
     def last_call_s(self, name: str) -> float:
         """Seconds of the co-scheduled part (forward + backward) of layer ``name``'s last call."""
         t = self._times[name]
